@@ -1,0 +1,13 @@
+"""Tandem's edge agent: local TFLite inference with escalation to a cloud OIP endpoint.
+
+Importing ``agent`` loads NumPy, pydantic and httpx, nothing heavier: runtimes are imported
+when a model is loaded, web frameworks only by ``tandem-agent serve``.
+"""
+
+from agent.core import Agent
+from agent.result import InferenceResult, Latency
+from agent.settings import AgentSettings
+
+__version__ = "0.1.0"
+
+__all__ = ["Agent", "AgentSettings", "InferenceResult", "Latency", "__version__"]

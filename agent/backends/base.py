@@ -1,0 +1,48 @@
+"""The one interface every inference backend implements: ``load / infer / close``.
+
+A backend owns a runtime (TFLite interpreter, ONNX Runtime session) and its threads; it
+takes preprocessed float32 input and returns float32 output, doing any int8
+quantize/dequantize itself from the tensor's own scale and zero point, so that everything
+above it (confidence, routing) sees real values whatever the artifact's precision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from shared.manifest import Manifest
+
+
+class InferenceBackend(Protocol):
+    """What the agent needs of a runtime. Implementations must be safe to call from many
+    threads at once."""
+
+    #: Short name for logs and telemetry, e.g. ``tflite/tflite_runtime``.
+    name: str
+
+    def load(self, artifact: Path, manifest: Manifest) -> None:
+        """Load ``artifact`` and check it against the manifest's input/output contract.
+
+        Raises ``ModelLoadError`` (or ``RuntimeMissingError``) on failure."""
+        ...
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run float32 input of shape ``[batch, features]``; float32 ``[batch, classes]`` out."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime. Calls to ``infer`` after this are a bug."""
+        ...
+
+
+def check_shape(kind: str, have: list[int], manifest_shape: list[int], where: str) -> None:
+    """Raise ``ModelLoadError`` when a runtime tensor's shape contradicts the manifest."""
+    from agent.errors import ModelLoadError
+
+    if len(have) != len(manifest_shape) or any(
+        want not in (-1, got) and got != -1 for want, got in zip(manifest_shape, have, strict=False)
+    ):
+        raise ModelLoadError(f"{kind} {where} has shape {have}, the manifest says {manifest_shape}")

@@ -1,0 +1,35 @@
+"""A backend for unit tests: a function from input to output, no runtime at all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import BackendError
+from shared.manifest import Manifest
+
+
+class FakeBackend:
+    """``InferenceBackend`` that answers with ``fn(x)``; ``fail`` makes every call raise."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.name = "fake"
+        self.fn = fn
+        self.fail = False
+        self.calls = 0
+        self.loaded: Path | None = None
+        self.closed = False
+
+    def load(self, artifact: Path, manifest: Manifest) -> None:
+        self.loaded = artifact
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.fail:
+            raise BackendError("fake backend told to fail")
+        return np.asarray(self.fn(x), dtype=np.float32)
+
+    def close(self) -> None:
+        self.closed = True

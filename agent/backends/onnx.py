@@ -1,0 +1,77 @@
+"""ONNX Runtime backend, for devices that prefer it (Jetson with CUDA/TensorRT providers).
+
+onnxruntime is imported when a model is loaded, never when the agent is imported: an edge
+install without the ``onnx`` extra must not pay for it. An ``InferenceSession`` is safe to
+``run`` from many threads, so no pool is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.backends.base import check_shape
+from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
+from shared.manifest import Manifest
+
+
+class OnnxSettings(BaseModel):
+    """Settings of the ONNX Runtime backend (``backend.kind = "onnx"``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["onnx"] = "onnx"
+    intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime choose")
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class OnnxBackend:
+    """``InferenceBackend`` on an ONNX Runtime session."""
+
+    def __init__(self, settings: OnnxSettings) -> None:
+        self.settings = settings
+        self.name = "onnxruntime"
+        self._session: Any = None
+        self._input = self._output = ""
+
+    def load(self, artifact: Path, manifest: Manifest) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeMissingError(
+                "the onnx backend needs onnxruntime: `pip install 'tandem[onnx]'`"
+            ) from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.settings.providers if p in available] or [
+            "CPUExecutionProvider"
+        ]
+        try:
+            self._session = ort.InferenceSession(
+                str(artifact), sess_options=options, providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelLoadError(f"{artifact} is not a loadable ONNX model: {exc}") from exc
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelLoadError(f"{artifact} must have exactly one input and one output")
+        shape_in = [d if isinstance(d, int) else -1 for d in inputs[0].shape]
+        shape_out = [d if isinstance(d, int) else -1 for d in outputs[0].shape]
+        check_shape("ONNX input", shape_in, manifest.input.shape, "input")
+        check_shape("ONNX output", shape_out, manifest.output.shape, "output")
+        self._input, self._output = inputs[0].name, outputs[0].name
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        try:
+            (y,) = self._session.run([self._output], {self._input: x})
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"ONNX Runtime run failed: {exc}") from exc
+        return np.asarray(y, dtype=np.float32)
+
+    def close(self) -> None:
+        self._session = None

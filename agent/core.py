@@ -1,0 +1,298 @@
+"""``Agent``: the edge runtime's Python API. One request: preprocess, local invoke, confidence,
+routing decision, maybe a cloud call within the remaining deadline, result.
+
+Guarantees a caller can build on:
+
+- the cloud never causes an error: cloud down, slow, misconfigured or breaker-open all give
+  the local answer, with the reason;
+- a request never outlives its deadline by more than the local inference itself: a cloud
+  call's timeout is what remains of the deadline (minus a margin), and in ``cloud`` mode the
+  time a local answer takes is held back so the fallback still fits;
+- thread-safe: many threads may call ``infer`` at once; a model swap (``activate``) takes
+  effect for the next request while in-flight ones finish on the model they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.breaker import CircuitBreaker
+from agent.cloud_client import CloudAnswer, CloudClient
+from agent.confidence import confidence, to_probabilities
+from agent.errors import BackendError, CloudError
+from agent.latency import LatencyEstimator
+from agent.model import LoadedModel, load_model
+from agent.result import InferenceResult, Latency
+from agent.routing import ROUTE_MODES, Decision, Reason, RouteMode, Router, RoutingPolicy
+from agent.settings import AgentSettings
+from shared.errors import InvalidRequestError
+from shared.manifest import CloudTarget, ConfidenceMetric
+
+log = logging.getLogger(__name__)
+
+#: Extra reason for a request whose local inference failed and that the cloud answered.
+EDGE_ERROR = "edge_error"
+
+
+@dataclass(frozen=True, slots=True)
+class _Active:
+    """The serving model with its routing knobs resolved (settings override manifest)."""
+
+    model: LoadedModel
+    policy: RoutingPolicy
+    metric: ConfidenceMetric
+    temperature: float
+    cloud: CloudTarget | None
+    edge_ref: str
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        model: LoadedModel | None = None,
+        cloud: CloudClient | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.settings = settings
+        r = settings.routing
+        if cloud is None and settings.cloud.url:
+            token = settings.cloud.token.get_secret_value() if settings.cloud.token else None
+            cloud = CloudClient(
+                settings.cloud.url,
+                token=token,
+                binary=settings.cloud.binary,
+                connect_timeout_s=settings.cloud.connect_timeout_s,
+                max_connections=settings.cloud.max_connections,
+            )
+        self._cloud = cloud
+        self.router = Router(
+            CircuitBreaker(r.breaker_failures, r.breaker_reset_s),
+            LatencyEstimator(r.initial_cloud_estimate_ms, r.latency_window, r.latency_quantile),
+            cloud_configured=cloud is not None,
+        )
+        self._clock = clock
+        self._swap_lock = threading.Lock()
+        self._local_ms = 1.0  # running estimate, held back from cloud-first timeouts
+        self._active = self._resolve(
+            model if model is not None else load_model(settings.model_dir, settings.backend)
+        )
+
+    # ------------------------------------------------------------------------ model
+
+    def _resolve(self, model: LoadedModel) -> _Active:
+        r, m = self.settings.routing, model.manifest
+        cloud = m.cloud
+        if self.settings.cloud.model:
+            cloud = (cloud or CloudTarget(model=self.settings.cloud.model)).model_copy(
+                update={"model": self.settings.cloud.model}
+            )
+        if cloud is not None and self.settings.cloud.version:
+            cloud = cloud.model_copy(update={"version": self.settings.cloud.version})
+        return _Active(
+            model=model,
+            policy=RoutingPolicy(
+                threshold=r.threshold if r.threshold is not None else m.routing.threshold,
+                prefer_cloud_above_ms=r.prefer_cloud_above_ms,
+                safety_margin_ms=r.safety_margin_ms,
+            ),
+            metric=r.metric or m.routing.metric,
+            temperature=r.temperature or m.routing.temperature,
+            cloud=cloud,
+            edge_ref=m.ref,
+        )
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._active.model
+
+    @property
+    def threshold(self) -> float:
+        return self._active.policy.threshold
+
+    def activate(self, model: LoadedModel) -> LoadedModel:
+        """Serve ``model`` from the next request on; returns the model it replaced, which
+        the caller closes once in-flight requests are done with it."""
+        with self._swap_lock:
+            old = self._active.model
+            self._active = self._resolve(model)
+        log.info("activated %s (was %s)", model.manifest.ref, old.manifest.ref)
+        return old
+
+    # -------------------------------------------------------------------- inference
+
+    def infer(
+        self,
+        features: Any,
+        *,
+        deadline_ms: float | None = None,
+        mode: RouteMode | None = None,
+    ) -> InferenceResult:
+        """Classify one sample of raw features. Raises ``InvalidRequestError`` for input that
+        does not fit the model, ``BackendError`` only when the local model fails *and* the
+        cloud cannot stand in; never for a cloud failure."""
+        t0 = self._clock()
+        active = self._active
+        model = active.model
+        raw = np.asarray(features, dtype=np.float32)
+        if raw.size != model.features:
+            raise InvalidRequestError(
+                f"expected {model.features} features, got {raw.size} (shape {raw.shape})"
+            )
+        budget = self.settings.routing.deadline_ms if deadline_ms is None else deadline_ms
+        if not budget > 0:
+            raise InvalidRequestError(f"deadline_ms must be positive, got {budget}")
+        mode = mode or self.settings.routing.mode
+        if mode not in ROUTE_MODES:
+            raise InvalidRequestError(f"mode must be one of {ROUTE_MODES}, got {mode!r}")
+        x = model.preprocess(raw.reshape(1, model.features))
+        if mode == "cloud":
+            return self._cloud_first(active, x, t0, budget)
+
+        try:
+            out = model.backend.infer(x)[0]
+        except BackendError:
+            return self._edge_failed(active, x, t0, budget)
+        t1 = self._clock()
+        local_ms = (t1 - t0) * 1000.0
+        self._local_ms += 0.05 * (local_ms - self._local_ms)
+        probs = to_probabilities(out, model.manifest.output_kind, active.temperature)
+        conf = confidence(probs, active.metric)
+        decision = self.router.decide(mode, conf, budget - local_ms, active.policy)
+        if decision.escalate:
+            answer = self._call_cloud(active, x, budget - (self._clock() - t0) * 1000.0)
+            if isinstance(answer, CloudAnswer):
+                return self._from_cloud(active, answer, decision.reason, t0, local_ms)
+            decision = Decision(False, answer.reason)
+        index = int(probs.argmax())
+        return InferenceResult(
+            label=model.labels[index],
+            index=index,
+            probabilities=probs,
+            confidence=conf,
+            source="edge",
+            reason=decision.reason,
+            edge_model=active.edge_ref,
+            cloud_model=None,
+            latency=Latency((self._clock() - t0) * 1000.0, local_ms, None),
+        )
+
+    def _call_cloud(
+        self, active: _Active, x: np.ndarray, remaining_ms: float
+    ) -> CloudAnswer | CloudError:
+        """One cloud call, fed back to the router; a failure is returned, never raised."""
+        assert self._cloud is not None and active.cloud is not None
+        timeout_ms = remaining_ms - active.policy.safety_margin_ms
+        start = self._clock()
+        try:
+            answer = self._cloud.infer(x, active.cloud, timeout_ms / 1000.0)
+            if answer.output.shape[-1] != len(active.model.labels):
+                raise CloudError(
+                    f"cloud returned {answer.output.shape[-1]} classes, "
+                    f"the model has {len(active.model.labels)} labels"
+                )
+        except CloudError as exc:
+            elapsed = (self._clock() - start) * 1000.0
+            timed_out = exc.reason == Reason.CLOUD_TIMEOUT
+            self.router.record_cloud(False, elapsed if timed_out else None)
+            log.debug("cloud failed after %.1f ms: %s", elapsed, exc.message)
+            return exc
+        self.router.record_cloud(True, (self._clock() - start) * 1000.0)
+        return answer
+
+    def _from_cloud(
+        self,
+        active: _Active,
+        answer: CloudAnswer,
+        reason: str,
+        t0: float,
+        local_ms: float | None,
+    ) -> InferenceResult:
+        assert active.cloud is not None
+        probs = to_probabilities(answer.output[0], active.cloud.output_kind)
+        index = int(probs.argmax())
+        end = self._clock()
+        total_ms = (end - t0) * 1000.0
+        return InferenceResult(
+            label=active.model.labels[index],
+            index=index,
+            probabilities=probs,
+            confidence=confidence(probs, active.metric),
+            source="cloud",
+            reason=reason,
+            edge_model=active.edge_ref,
+            cloud_model=f"{answer.model}:{answer.version}" if answer.version else answer.model,
+            latency=Latency(total_ms, local_ms, total_ms - (local_ms or 0.0)),
+        )
+
+    def _cloud_first(
+        self, active: _Active, x: np.ndarray, t0: float, budget: float
+    ) -> InferenceResult:
+        decision = self.router.decide("cloud", 0.0, budget, active.policy)
+        if decision.escalate:
+            reserve = 2.0 * self._local_ms + active.policy.safety_margin_ms
+            elapsed = (self._clock() - t0) * 1000.0
+            answer = self._call_cloud(active, x, budget - elapsed - reserve)
+            if isinstance(answer, CloudAnswer):
+                return self._from_cloud(active, answer, decision.reason, t0, None)
+            decision = Decision(False, answer.reason)
+        return self._local_only(active, x, t0, decision.reason)
+
+    def _local_only(
+        self, active: _Active, x: np.ndarray, t0: float, reason: str
+    ) -> InferenceResult:
+        model = active.model
+        start = self._clock()
+        out = model.backend.infer(x)[0]
+        local_ms = (self._clock() - start) * 1000.0
+        probs = to_probabilities(out, model.manifest.output_kind, active.temperature)
+        index = int(probs.argmax())
+        return InferenceResult(
+            label=model.labels[index],
+            index=index,
+            probabilities=probs,
+            confidence=confidence(probs, active.metric),
+            source="edge",
+            reason=reason,
+            edge_model=active.edge_ref,
+            cloud_model=None,
+            latency=Latency((self._clock() - t0) * 1000.0, local_ms, None),
+        )
+
+    def _edge_failed(
+        self, active: _Active, x: np.ndarray, t0: float, budget: float
+    ) -> InferenceResult:
+        """The local model raised: let the cloud stand in if it can, else re-raise."""
+        log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
+        elapsed = (self._clock() - t0) * 1000.0
+        decision = self.router.decide("cloud", 0.0, budget - elapsed, active.policy)
+        if decision.escalate:
+            answer = self._call_cloud(active, x, budget - elapsed)
+            if isinstance(answer, CloudAnswer):
+                return self._from_cloud(active, answer, EDGE_ERROR, t0, None)
+        raise BackendError(f"local model {active.edge_ref} failed and the cloud cannot answer")
+
+    # ---------------------------------------------------------------------- lifecycle
+
+    @property
+    def cloud_configured(self) -> bool:
+        return self._cloud is not None
+
+    def close(self) -> None:
+        if self._cloud is not None:
+            self._cloud.close()
+        self._active.model.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

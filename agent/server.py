@@ -1,0 +1,173 @@
+"""The agent's local OIP endpoint (``tandem-agent serve``): the same protocol as the cloud, so
+one client (tritonclient, httpx, curl) talks to both.
+
+Input: the model's raw features as ``[batch, features]`` (or ``[features]``), any numeric
+datatype. Request parameters ``mode`` (edge|cloud|auto) and ``deadline_ms`` steer routing.
+Outputs: ``probabilities``, ``label``, ``confidence``, ``source`` and ``reason`` per row;
+for a single row the response parameters carry the same fields as the Python API's
+``InferenceResult`` (plus model versions and the latency breakdown).
+
+Imports FastAPI (the ``serve`` extra): ``import agent`` never loads this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from agent import __version__
+from agent.core import Agent
+from agent.result import InferenceResult
+from agent.routing import ROUTE_MODES
+from shared.errors import InvalidRequestError, ModelNotFoundError
+from shared.oip import (
+    SERVER_EXTENSIONS,
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    ModelMetadata,
+    ModelReadyDoc,
+    Param,
+    ServerMetadata,
+    TensorMetadata,
+)
+from shared.oip_http import install_error_handlers, oip_router
+
+OUTPUTS = ("probabilities", "label", "confidence", "source", "reason")
+
+
+class AgentDataPlane:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(
+            name="tandem-agent", version=__version__, extensions=list(SERVER_EXTENSIONS)
+        )
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return True  # an Agent exists only with a loaded, golden-checked model
+
+    def _check_model(self, name: str, version: str | None) -> None:
+        m = self.agent.model.manifest
+        if name != m.model:
+            raise ModelNotFoundError(f"unknown model {name!r}; this agent serves {m.model!r}")
+        if version is not None and version != str(m.version):
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r} here (serving {m.version})"
+            )
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        self._check_model(name, version)
+        m = self.agent.model.manifest
+        return ModelMetadata(
+            name=m.model,
+            versions=[str(m.version)],
+            platform=f"tandem_{m.edge.format}",
+            inputs=[
+                TensorMetadata(name=m.input.name, datatype="FP32", shape=[-1, m.input.shape[-1]])
+            ],
+            outputs=[
+                TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
+                TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+                TensorMetadata(name="confidence", datatype="FP32", shape=[-1]),
+                TensorMetadata(name="source", datatype="BYTES", shape=[-1]),
+                TensorMetadata(name="reason", datatype="BYTES", shape=[-1]),
+            ],
+        )
+
+    def model_ready(self, name: str, version: str | None) -> ModelReadyDoc:
+        self._check_model(name, version)
+        return ModelReadyDoc(name=name, version=str(self.agent.model.manifest.version), ready=True)
+
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        self._check_model(name, version)
+        rows = self._rows(request)
+        mode, deadline = _routing_params(request.parameters)
+        results = await run_in_threadpool(
+            lambda: [self.agent.infer(r, deadline_ms=deadline, mode=mode) for r in rows]
+        )
+        return _response(self.agent, request, results)
+
+    def _rows(self, request: InferRequest) -> np.ndarray:
+        if len(request.inputs) != 1:
+            raise InvalidRequestError("this model takes exactly one input")
+        tensor = request.inputs[0]
+        features = self.agent.model.features
+        if tensor.datatype in ("BYTES", "BOOL"):
+            raise InvalidRequestError(f"input must be numeric, got {tensor.datatype}")
+        data = tensor.data
+        if data.ndim == 1:
+            data = data.reshape(1, -1)
+        if data.ndim != 2 or data.shape[1] != features or data.shape[0] == 0:
+            raise InvalidRequestError(
+                f"input must have shape [batch, {features}], got {list(tensor.data.shape)}"
+            )
+        rows = data.astype(np.float32)
+        if not np.isfinite(rows).all():
+            raise InvalidRequestError("input holds NaN or infinite values")
+        return rows
+
+
+def _routing_params(params: dict[str, Param]) -> tuple[Any, float | None]:
+    mode = params.get("mode")
+    if mode is not None and mode not in ROUTE_MODES:
+        raise InvalidRequestError(f"parameter 'mode' must be one of {ROUTE_MODES}")
+    deadline = params.get("deadline_ms")
+    if deadline is not None and (isinstance(deadline, (bool, str)) or not float(deadline) > 0):
+        raise InvalidRequestError("parameter 'deadline_ms' must be a positive number")
+    return mode, None if deadline is None else float(deadline)
+
+
+def _response(agent: Agent, request: InferRequest, results: list[InferenceResult]) -> InferResponse:
+    wanted = OUTPUTS if request.outputs is None else [o.name for o in request.outputs]
+    unknown = set(wanted) - set(OUTPUTS)
+    if unknown:
+        raise InvalidRequestError(f"unknown outputs {sorted(unknown)}; outputs are {list(OUTPUTS)}")
+    columns: dict[str, np.ndarray] = {
+        "probabilities": np.stack([r.probabilities for r in results]).astype(np.float32),
+        "label": np.array([r.label.encode() for r in results], dtype=object),
+        "confidence": np.array([r.confidence for r in results], dtype=np.float32),
+        "source": np.array([r.source.encode() for r in results], dtype=object),
+        "reason": np.array([r.reason.encode() for r in results], dtype=object),
+    }
+    params: dict[str, Param] = {"edge_model": agent.model.manifest.ref}
+    if len(results) == 1:
+        r = results[0]
+        params.update(
+            label=r.label,
+            confidence=r.confidence,
+            source=r.source,
+            reason=r.reason,
+            edge_model=r.edge_model,
+            latency_total_ms=r.latency.total_ms,
+        )
+        if r.cloud_model:
+            params["cloud_model"] = r.cloud_model
+        if r.latency.local_ms is not None:
+            params["latency_local_ms"] = r.latency.local_ms
+        if r.latency.cloud_ms is not None:
+            params["latency_cloud_ms"] = r.latency.cloud_ms
+    else:
+        params["escalated"] = sum(r.source == "cloud" for r in results)
+    m = agent.model.manifest
+    return InferResponse(
+        model_name=m.model,
+        model_version=str(m.version),
+        outputs=[InferTensor.of(name, columns[name]) for name in wanted],
+        parameters=params,
+    )
+
+
+def create_app(agent: Agent) -> FastAPI:
+    app = FastAPI(title="tandem-agent", version=__version__)
+    install_error_handlers(app)
+    app.include_router(oip_router(AgentDataPlane(agent), agent.settings.server.max_body_bytes))
+    app.state.agent = agent
+    return app

@@ -1,0 +1,96 @@
+"""The agent's settings: one ``AgentSettings``, built once in ``main()`` and passed down.
+
+Sources, strongest first: explicit overrides (CLI flags), ``TANDEM_AGENT_*`` environment
+variables (nested with ``__``, e.g. ``TANDEM_AGENT_ROUTING__THRESHOLD=0.9``), then a TOML
+file (``--config agent.toml``), then the defaults below. Unknown keys in a file are errors:
+a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agent.backends import BackendSettings, TFLiteSettings
+from agent.routing import RouteMode
+from shared.manifest import ConfidenceMetric
+from shared.settings_files import load_settings
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoutingSettings(_Section):
+    mode: RouteMode = "auto"
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="None: the manifest's routing default"
+    )
+    metric: ConfidenceMetric | None = Field(default=None, description="None: the manifest's")
+    temperature: float | None = Field(default=None, gt=0.0, description="None: the manifest's")
+    deadline_ms: float = Field(default=150.0, gt=0, description="default per-request budget")
+    prefer_cloud_above_ms: float | None = Field(
+        default=None, gt=0, description="in auto mode, escalate whenever this much budget remains"
+    )
+    safety_margin_ms: float = Field(default=2.0, ge=0)
+    initial_cloud_estimate_ms: float = Field(default=50.0, gt=0)
+    latency_window: int = Field(default=50, ge=1)
+    latency_quantile: float = Field(default=0.9, gt=0, le=1)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_reset_s: float = Field(default=5.0, gt=0)
+
+
+class CloudSettings(_Section):
+    url: str | None = Field(default=None, description="OIP server base URL; None: edge only")
+    token: SecretStr | None = None
+    model: str | None = Field(default=None, description="None: the manifest's cloud target")
+    version: str | None = None
+    binary: bool = Field(default=True, description="Triton binary tensors instead of JSON")
+    connect_timeout_s: float = Field(default=1.0, gt=0)
+    max_connections: int = Field(default=16, ge=1)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_AGENT_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    model_dir: Path = Field(
+        default=Path("models/edge/digits-int8"),
+        description="folder with manifest.json and the edge artifact it names",
+    )
+    backend: BackendSettings = Field(default_factory=TFLiteSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    cloud: CloudSettings = Field(default_factory=CloudSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+        """Settings from the environment, ``config_file`` (TOML) and ``overrides``."""
+        return load_settings(cls, config_file, overrides)

@@ -1,0 +1,63 @@
+"""The cloud server's settings: one ``CloudSettings``, built in ``main()`` and passed down.
+
+Sources, strongest first: CLI flags, ``TANDEM_CLOUD_*`` environment variables (nested with
+``__``), a TOML file (``--config cloud.toml``), the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shared.settings_files import load_settings
+
+
+class OrtSettings(BaseModel):
+    """ONNX Runtime session options applied to every model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime choose")
+    inter_op_threads: int = Field(default=1, ge=0)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class CloudSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_CLOUD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    repo: Path = Field(
+        default=Path("models/cloud"), description="<repo>/<model>/<version>/model.onnx"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    simulated_delay_ms: float = Field(
+        default=0.0, ge=0, description="demo/test only: a wide-area round trip added to infer"
+    )
+    ort: OrtSettings = Field(default_factory=OrtSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> CloudSettings:
+        return load_settings(cls, config_file, overrides)

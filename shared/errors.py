@@ -1,0 +1,71 @@
+"""The typed errors every Tandem package raises, each with the HTTP status it maps to.
+
+One tree for the whole project: ``agent`` and ``cloud`` subclass these where they need more
+detail, and each transport (the two OIP endpoints) has one handler that turns any
+``TandemError`` into ``{"error": message}`` with ``http_status``. Anything that is not a
+``TandemError`` is a bug and becomes a 500.
+"""
+
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base of every error Tandem raises on purpose."""
+
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(TandemError):
+    """The caller sent something malformed: bad JSON, wrong shape, wrong datatype, ..."""
+
+    http_status = 400
+
+
+class UnauthorizedError(TandemError):
+    """Missing or wrong bearer token."""
+
+    http_status = 401
+
+
+class ModelNotFoundError(TandemError):
+    """The named model or version does not exist here."""
+
+    http_status = 404
+
+
+class PayloadTooLargeError(TandemError):
+    """The body is larger than the server accepts."""
+
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(TandemError):
+    """A content encoding the server cannot read."""
+
+    http_status = 415
+
+
+class ModelNotReadyError(TandemError):
+    """The model exists but cannot serve right now (failed to load, unloading)."""
+
+    http_status = 503
+
+
+class ServerBusyError(TandemError):
+    """The server refuses work it could not finish in time (full queue)."""
+
+    http_status = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ContractError(TandemError):
+    """A model file does not match the input/output contract it was shipped with."""
+
+    http_status = 500

@@ -1,0 +1,388 @@
+"""The one codec for OIP bodies: JSON, and Triton's binary tensor extension.
+
+Both servers decode requests and encode responses with it; the agent's cloud client encodes
+requests and decodes responses with it. A binary-extension body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw tensors, in the order of the
+tensors whose ``parameters.binary_data_size`` is set. Every malformed body raises
+``InvalidRequestError`` (a 400), never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from shared.errors import InvalidRequestError
+from shared.oip import (
+    HEADER_LENGTH,
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    Param,
+    RequestedOutput,
+    numpy_dtype,
+)
+
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+_LEN = struct.Struct("<I")
+
+
+# ---------------------------------------------------------------------------------- tensors
+
+
+def _bytes_elements(values: np.ndarray) -> list[bytes]:
+    out = []
+    for v in values.ravel():
+        if isinstance(v, bytes):
+            out.append(v)
+        elif isinstance(v, str):
+            out.append(v.encode())
+        else:
+            out.append(str(v).encode())
+    return out
+
+
+def serialize_bytes_tensor(values: np.ndarray) -> bytes:
+    """BYTES elements as Triton sends them: each a 4-byte little-endian length, then bytes."""
+    return b"".join(_LEN.pack(len(e)) + e for e in _bytes_elements(values))
+
+
+def deserialize_bytes_tensor(buf: bytes | memoryview, count: int) -> np.ndarray:
+    view = memoryview(buf)
+    items: list[bytes] = []
+    pos = 0
+    for _ in range(count):
+        if pos + 4 > len(view):
+            raise InvalidRequestError("BYTES tensor is truncated")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if pos + n > len(view):
+            raise InvalidRequestError("BYTES tensor element is truncated")
+        items.append(bytes(view[pos : pos + n]))
+        pos += n
+    if pos != len(view):
+        raise InvalidRequestError("BYTES tensor has trailing bytes")
+    arr = np.empty(count, dtype=object)
+    arr[:] = items
+    return arr
+
+
+def _tensor_binary(tensor: InferTensor) -> bytes:
+    if tensor.datatype == "BYTES":
+        return serialize_bytes_tensor(tensor.data)
+    dt = numpy_dtype(tensor.datatype).newbyteorder("<")
+    return np.ascontiguousarray(tensor.data, dtype=dt).tobytes()
+
+
+def _tensor_json_data(tensor: InferTensor) -> list[Any]:
+    if tensor.datatype == "BYTES":
+        return [e.decode("utf-8", errors="replace") for e in _bytes_elements(tensor.data)]
+    data: list[Any] = np.asarray(tensor.data).ravel().tolist()
+    return data
+
+
+def _encode_tensor(tensor: InferTensor, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": list(tensor.data.shape),
+    }
+    params: dict[str, Param] = dict(tensor.parameters)
+    if binary:
+        blob = _tensor_binary(tensor)
+        params["binary_data_size"] = len(blob)
+        blobs.append(blob)
+    else:
+        doc["data"] = _tensor_json_data(tensor)
+    if params:
+        doc["parameters"] = params
+    return doc
+
+
+def _check_shape(raw: Any, where: str) -> list[int]:
+    if not isinstance(raw, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
+    ):
+        raise InvalidRequestError(f"{where}: 'shape' must be a list of non-negative integers")
+    return raw
+
+
+def _json_to_array(data: Any, datatype: str, shape: list[int], where: str) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    if datatype == "BYTES":
+        flat = _flatten(data)
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidRequestError(f"{where}: BYTES data must be strings")
+        arr = np.empty(len(flat), dtype=object)
+        arr[:] = [v.encode() for v in flat]
+    else:
+        dt = numpy_dtype(datatype)
+        try:
+            raw = np.asarray(data)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{where}: 'data' is not a regular array: {exc}") from None
+        raw = raw.reshape(-1)
+        if raw.size and not _kind_fits(raw.dtype.kind, dt.kind):
+            raise InvalidRequestError(
+                f"{where}: 'data' holds {raw.dtype.kind!r}-kind values, not {datatype}"
+            )
+        if dt.kind in "iu" and raw.size:
+            info = np.iinfo(dt.type)  # type: ignore[type-var]
+            if raw.min() < info.min or raw.max() > info.max:
+                raise InvalidRequestError(f"{where}: a value is out of range for {datatype}")
+        arr = raw.astype(dt, copy=False)
+    if arr.size != count:
+        raise InvalidRequestError(
+            f"{where}: 'data' has {arr.size} elements but shape {shape} needs {count}"
+        )
+    return arr.reshape(shape)
+
+
+def _kind_fits(have: str, want: str) -> bool:
+    if want == "b":
+        return have == "b"
+    if want in "iu":
+        return have in "iu"
+    if want == "f":
+        return have in "iuf"
+    return False
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item))
+    return out
+
+
+class _BinaryReader:
+    """Hands out the binary part of a body in order, checking every size."""
+
+    def __init__(self, blob: memoryview) -> None:
+        self._blob = blob
+        self._pos = 0
+
+    def take(self, size: int, where: str) -> memoryview:
+        if size > len(self._blob) - self._pos:
+            raise InvalidRequestError(f"{where}: binary_data_size {size} exceeds the body")
+        part = self._blob[self._pos : self._pos + size]
+        self._pos += size
+        return part
+
+    def finish(self) -> None:
+        if self._pos != len(self._blob):
+            raise InvalidRequestError(
+                f"body has {len(self._blob) - self._pos} bytes of binary data no tensor claims"
+            )
+
+
+def _decode_tensor(doc: Any, reader: _BinaryReader, where: str) -> InferTensor:
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(f"{where} must be an object")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"{where}: 'name' must be a non-empty string")
+    where = f"{where} {name!r}"
+    datatype = doc.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidRequestError(f"{where}: 'datatype' must be a string")
+    dt = numpy_dtype(datatype)
+    shape = _check_shape(doc.get("shape"), where)
+    params = _decode_params(doc.get("parameters"), where)
+    size = params.pop("binary_data_size", None)
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidRequestError(f"{where}: binary_data_size must be a non-negative integer")
+        if "data" in doc:
+            raise InvalidRequestError(f"{where}: has both 'data' and binary_data_size")
+        buf = reader.take(size, where)
+        count = int(np.prod(shape, dtype=np.int64))
+        if datatype == "BYTES":
+            arr = deserialize_bytes_tensor(buf, count)
+        else:
+            if size != count * dt.itemsize:
+                raise InvalidRequestError(
+                    f"{where}: binary_data_size {size} does not match shape {shape} of {datatype}"
+                )
+            arr = np.frombuffer(buf, dtype=dt.newbyteorder("<"))
+        arr = arr.reshape(shape)
+    elif "data" in doc:
+        arr = _json_to_array(doc["data"], datatype, shape, where)
+    else:
+        raise InvalidRequestError(f"{where}: needs 'data' or parameters.binary_data_size")
+    return InferTensor(name=name, datatype=datatype, data=arr, parameters=params)
+
+
+def _decode_params(raw: Any, where: str) -> dict[str, Param]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"{where}: 'parameters' must be an object")
+    for key, value in raw.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise InvalidRequestError(f"{where}: parameter {key!r} must be a scalar")
+    return dict(raw)
+
+
+def _split_body(body: bytes, header_length: int | None) -> tuple[Any, _BinaryReader]:
+    view = memoryview(body)
+    if header_length is None:
+        header, blob = view, view[len(view) :]
+    else:
+        if header_length < 0 or header_length > len(view):
+            raise InvalidRequestError(f"{HEADER_LENGTH} {header_length} is outside the body")
+        header, blob = view[:header_length], view[header_length:]
+    try:
+        doc = json.loads(bytes(header))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError("body must be a JSON object")
+    return doc, _BinaryReader(blob)
+
+
+def parse_header_length(headers: Mapping[str, str]) -> int | None:
+    """``Inference-Header-Content-Length`` as an int, or None when the body is pure JSON."""
+    raw = headers.get(HEADER_LENGTH) or headers.get(HEADER_LENGTH.lower())
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
+
+
+def _optional_str(doc: dict[str, Any], key: str, where: str) -> str | None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequestError(f"{where}: {key!r} must be a string")
+    return value
+
+
+def _assemble(doc: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, {"Content-Type": JSON_CONTENT_TYPE}
+    return b"".join([header, *blobs]), {
+        "Content-Type": BINARY_CONTENT_TYPE,
+        HEADER_LENGTH: str(len(header)),
+    }
+
+
+# --------------------------------------------------------------------------------- requests
+
+
+def encode_request(
+    request: InferRequest, *, binary_inputs: bool = True
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for an infer request (the client side)."""
+    blobs: list[bytes] = []
+    doc: dict[str, Any] = {
+        "inputs": [_encode_tensor(t, binary_inputs, blobs) for t in request.inputs]
+    }
+    if request.id is not None:
+        doc["id"] = request.id
+    if request.parameters:
+        doc["parameters"] = dict(request.parameters)
+    if request.outputs is not None:
+        doc["outputs"] = [
+            {"name": o.name}
+            if o.binary_data is None
+            else {"name": o.name, "parameters": {"binary_data": o.binary_data}}
+            for o in request.outputs
+        ]
+    return _assemble(doc, blobs)
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """An ``InferRequest`` from a body (the server side). Raises ``InvalidRequestError``."""
+    doc, reader = _split_body(body, header_length)
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequestError("'inputs' must be a non-empty list")
+    tensors = [_decode_tensor(t, reader, f"input {i}") for i, t in enumerate(inputs)]
+    reader.finish()
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("input names must be unique")
+    outputs = None
+    if "outputs" in doc:
+        raw_outputs = doc["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise InvalidRequestError("'outputs' must be a list")
+        outputs = [_decode_requested_output(o, i) for i, o in enumerate(raw_outputs)]
+    return InferRequest(
+        inputs=tensors,
+        outputs=outputs,
+        id=_optional_str(doc, "id", "request"),
+        parameters=_decode_params(doc.get("parameters"), "request"),
+    )
+
+
+def _decode_requested_output(doc: Any, index: int) -> RequestedOutput:
+    where = f"output {index}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+        raise InvalidRequestError(f"{where} must be an object with a string 'name'")
+    params = _decode_params(doc.get("parameters"), where)
+    if "classification" in params:
+        raise InvalidRequestError(f"{where}: the classification extension is not supported")
+    binary = params.get("binary_data")
+    if binary is not None and not isinstance(binary, bool):
+        raise InvalidRequestError(f"{where}: binary_data must be a boolean")
+    return RequestedOutput(name=doc["name"], binary_data=binary)
+
+
+# -------------------------------------------------------------------------------- responses
+
+
+def encode_response(
+    response: InferResponse, request: InferRequest | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for a response, binary for the outputs the request asked that of."""
+    blobs: list[bytes] = []
+    outputs = [
+        _encode_tensor(t, request is not None and request.wants_binary(t.name), blobs)
+        for t in response.outputs
+    ]
+    doc: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version is not None:
+        doc["model_version"] = response.model_version
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = dict(response.parameters)
+    doc["outputs"] = outputs
+    return _assemble(doc, blobs)
+
+
+def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:
+    """An ``InferResponse`` from a body (the client side). Raises ``InvalidRequestError``."""
+    doc, reader = _split_body(body, header_length)
+    model_name = doc.get("model_name")
+    if not isinstance(model_name, str):
+        raise InvalidRequestError("response: 'model_name' must be a string")
+    outputs = doc.get("outputs")
+    if not isinstance(outputs, list):
+        raise InvalidRequestError("response: 'outputs' must be a list")
+    tensors = [_decode_tensor(t, reader, f"output {i}") for i, t in enumerate(outputs)]
+    reader.finish()
+    version = doc.get("model_version")
+    return InferResponse(
+        model_name=model_name,
+        outputs=tensors,
+        model_version=None if version is None else str(version),
+        id=_optional_str(doc, "id", "response"),
+        parameters=_decode_params(doc.get("parameters"), "response"),
+    )
+
+
+def error_body(message: str) -> bytes:
+    """The OIP error document, ``{"error": message}``."""
+    return json.dumps({"error": message}).encode()

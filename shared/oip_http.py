@@ -1,0 +1,250 @@
+"""The Open Inference Protocol's HTTP routes, once, for both Tandem servers.
+
+``tandem-cloud`` (ONNX Runtime) and the agent's local endpoint implement ``DataPlane``;
+``oip_router`` turns either into the KServe v2 REST routes, with the binary tensor extension,
+gzip/deflate bodies, a body size limit, and every ``TandemError`` mapped to its status as
+``{"error": message}``. Routes only convert and delegate.
+
+Imports FastAPI: only the servers import this module, never ``import agent``.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Protocol
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import (
+    PayloadTooLargeError,
+    ServerBusyError,
+    TandemError,
+    UnsupportedMediaTypeError,
+)
+from shared.oip import (
+    HEADER_LENGTH,
+    ErrorDoc,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReadyDoc,
+    ServerMetadata,
+)
+from shared.oip_codec import decode_request, encode_response, parse_header_length
+
+log = logging.getLogger(__name__)
+
+
+class DataPlane(Protocol):
+    """What a server must answer; the routes below do the HTTP."""
+
+    def server_metadata(self) -> ServerMetadata: ...
+
+    def live(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata: ...
+
+    def model_ready(self, name: str, version: str | None) -> ModelReadyDoc: ...
+
+    async def infer(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> InferResponse: ...
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDoc, "description": text}
+    for code, text in (
+        (400, "malformed request"),
+        (401, "missing or wrong bearer token"),
+        (404, "unknown model or version"),
+        (413, "body too large"),
+        (415, "unsupported content encoding"),
+        (503, "model not ready, or server busy (see Retry-After)"),
+    )
+}
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "shape", "datatype"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "shape": {"type": "array", "items": {"type": "integer"}},
+                                    "datatype": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                    "data": {"type": "array"},
+                                },
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"binary tensor extension: JSON header of {HEADER_LENGTH} bytes, "
+                "then tensor data",
+            },
+        },
+    }
+}
+
+
+def error_response(exc: TandemError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, ServerBusyError):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return JSONResponse({"error": exc.message}, status_code=exc.http_status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as ``{"error": ...}``: ours with their status, FastAPI's own
+    validation and routing errors as 4xx, and anything unexpected as a logged 500."""
+
+    async def tandem(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TandemError)
+        return error_response(exc)
+
+    async def validation(_: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"invalid request: {exc}"}, status_code=400)
+
+    async def http(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
+    app.add_exception_handler(TandemError, tandem)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(Exception, unexpected)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, decompressed, refusing anything over ``max_bytes`` early."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"body exceeds the limit of {max_bytes} bytes")
+        parts.append(chunk)
+    body = b"".join(parts)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaTypeError(f"content encoding {encoding!r} is not supported")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise UnsupportedMediaTypeError(f"body is not valid {encoding}: {exc}") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise PayloadTooLargeError(f"decompressed body exceeds the limit of {max_bytes} bytes")
+    return out
+
+
+def oip_router(plane: DataPlane, max_body_bytes: int) -> APIRouter:
+    """The KServe v2 routes over ``plane``."""
+    router = APIRouter()
+
+    @router.get("/v2/health/live", responses=_ERRORS)
+    def live() -> Response:
+        ok = plane.live()
+        return JSONResponse({"live": ok}, status_code=200 if ok else 503)
+
+    @router.get("/v2/health/ready", responses=_ERRORS)
+    def ready() -> Response:
+        ok = plane.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @router.get("/v2", response_model=ServerMetadata, responses=_ERRORS)
+    def server_metadata() -> ServerMetadata:
+        return plane.server_metadata()
+
+    @router.get("/v2/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
+    def model_metadata(name: str) -> ModelMetadata:
+        return plane.model_metadata(name, None)
+
+    @router.get(
+        "/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS
+    )
+    def version_metadata(name: str, version: str) -> ModelMetadata:
+        return plane.model_metadata(name, version)
+
+    def _ready_response(doc: ModelReadyDoc) -> Response:
+        return JSONResponse(
+            doc.model_dump(exclude_none=True), status_code=200 if doc.ready else 503
+        )
+
+    @router.get("/v2/models/{name}/ready", response_model=ModelReadyDoc, responses=_ERRORS)
+    def model_ready(name: str) -> Response:
+        return _ready_response(plane.model_ready(name, None))
+
+    @router.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        response_model=ModelReadyDoc,
+        responses=_ERRORS,
+    )
+    def version_ready(name: str, version: str) -> Response:
+        return _ready_response(plane.model_ready(name, version))
+
+    async def _infer(name: str, version: str | None, request: Request) -> Response:
+        body = await read_body(request, max_body_bytes)
+        infer_request = decode_request(body, parse_header_length(request.headers))
+        response = await plane.infer(name, version, infer_request)
+        if response.id is None:
+            response.id = infer_request.id
+        payload, headers = encode_response(response, infer_request)
+        return Response(payload, headers=headers)
+
+    @router.post("/v2/models/{name}/infer", openapi_extra=_INFER_BODY, responses=_ERRORS)
+    async def infer(name: str, request: Request) -> Response:
+        return await _infer(name, None, request)
+
+    @router.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        openapi_extra=_INFER_BODY,
+        responses=_ERRORS,
+    )
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        return await _infer(name, version, request)
+
+    return router
