@@ -1,0 +1,205 @@
+"""The Tandem demo: the held-out digits through the agent in edge, cloud and auto modes.
+
+Starts ``tandem-cloud serve`` as its own process with a simulated wide-area delay
+(``--wan-ms``), runs every held-out sample through an in-process ``Agent`` in each mode, and
+prints accuracy, share escalated and latency per mode. Then it sweeps the routing threshold
+(from the measured per-sample edge and cloud answers) and writes the accuracy-versus-
+escalation curve as ``curve.png`` and ``curve.json``. Last, it stops the cloud and shows that
+every request is still answered within its deadline. It stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dataset
+from procs import CloudProcess
+
+from agent import Agent, AgentSettings, InferenceResult
+
+
+@dataclass
+class ModeRun:
+    name: str
+    results: list[InferenceResult]
+    wall_ms: list[float]
+    y: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean([int(r.label) == y for r, y in zip(self.results, self.y)]))
+
+    @property
+    def escalated(self) -> float:
+        return float(np.mean([r.source == "cloud" for r in self.results]))
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.wall_ms, q))
+
+    def summary(self) -> dict[str, Any]:
+        reasons: dict[str, int] = {}
+        for r in self.results:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
+        return {
+            "mode": self.name,
+            "accuracy": self.accuracy,
+            "escalated": self.escalated,
+            "p50_ms": self.pct(50),
+            "p95_ms": self.pct(95),
+            "max_ms": max(self.wall_ms),
+            "mean_ms": float(np.mean(self.wall_ms)),
+            "reasons": reasons,
+        }
+
+
+def run_mode(
+    agent: Agent, name: str, mode: Any, split: dataset.Split, deadline_ms: float
+) -> ModeRun:
+    results, wall = [], []
+    for x in split.x:
+        t0 = time.perf_counter()
+        results.append(agent.infer(x, mode=mode, deadline_ms=deadline_ms))
+        wall.append((time.perf_counter() - t0) * 1000.0)
+    return ModeRun(name, results, wall, split.y)
+
+
+def sweep(edge: ModeRun, cloud: ModeRun) -> list[dict[str, float]]:
+    """Accuracy and escalation for thresholds 0..1, from the measured answers of each path:
+    a sample escalates when its edge confidence is below the threshold."""
+    conf = np.array([r.confidence for r in edge.results])
+    edge_ok = np.array([int(r.label) == y for r, y in zip(edge.results, edge.y)])
+    cloud_ok = np.array([int(r.label) == y for r, y in zip(cloud.results, cloud.y)])
+    edge_ms, cloud_ms = np.array(edge.wall_ms), np.array(cloud.wall_ms)
+    curve = []
+    for t in np.round(np.linspace(0.0, 1.0, 101), 2):
+        esc = conf < t
+        curve.append(
+            {
+                "threshold": float(t),
+                "escalated": float(esc.mean()),
+                "accuracy": float(np.where(esc, cloud_ok, edge_ok).mean()),
+                "mean_ms": float(np.where(esc, edge_ms + cloud_ms, edge_ms).mean()),
+            }
+        )
+    return curve
+
+
+def plot(
+    curve: list[dict[str, float]], runs: dict[str, ModeRun], threshold: float, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    esc = [100 * c["escalated"] for c in curve]
+    acc = [100 * c["accuracy"] for c in curve]
+    ax.plot(esc, acc, "-", color="#3465a4", label="hybrid (threshold swept 0 → 1)")
+    ax.axhline(100 * runs["cloud"].accuracy, color="#cc0000", ls="--", lw=1, label="cloud only")
+    ax.axhline(100 * runs["edge"].accuracy, color="#4e9a06", ls="--", lw=1, label="edge only")
+    auto = runs["auto"]
+    ax.plot(
+        [100 * auto.escalated],
+        [100 * auto.accuracy],
+        "o",
+        color="#f57900",
+        ms=8,
+        label=f"auto at threshold {threshold:.2f}",
+    )
+    ax.set_xlabel("share of requests escalated to the cloud (%)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Tandem on digits: accuracy vs escalation")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'mode':<18}{'accuracy':>10}{'escalated':>11}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['mode']:<18}{100 * r['accuracy']:>9.2f}%{100 * r['escalated']:>10.1f}%"
+            f"{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['max_ms']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wan-ms", type=float, default=40.0, help="simulated cloud round trip")
+    parser.add_argument("--deadline-ms", type=float, default=150.0, help="per-request budget")
+    parser.add_argument("--model-dir", type=Path, default=dataset.ROOT / "models/edge/digits-int8")
+    parser.add_argument("--repo", type=Path, default=dataset.ROOT / "models/cloud")
+    parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "demo")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    test = dataset.load().test
+
+    print(
+        f"Tandem demo: {len(test)} held-out digits, simulated WAN {args.wan_ms:.0f} ms, "
+        f"deadline {args.deadline_ms:.0f} ms"
+    )
+    with CloudProcess(args.repo, delay_ms=args.wan_ms, log=args.out / "cloud.log") as cloud:
+        print(f"cloud: tandem-cloud serving {args.repo} at {cloud.url}")
+        settings = AgentSettings.load(
+            model_dir=args.model_dir, cloud={"url": cloud.url, "binary": True}
+        )
+        with Agent(settings) as agent:
+            threshold = agent.threshold
+            print(
+                f"agent: {agent.model.manifest.ref} on {agent.model.backend.name}, "
+                f"threshold {threshold:.2f} (manifest default)\n"
+            )
+            runs = {
+                name: run_mode(agent, name, name, test, args.deadline_ms)
+                for name in ("edge", "cloud", "auto")
+            }
+            cloud.stop()
+            down = run_mode(agent, "auto, cloud down", "auto", test, args.deadline_ms)
+
+    rows = [runs[n].summary() for n in ("edge", "cloud", "auto")] + [down.summary()]
+    print(table(rows))
+    late = sum(ms > args.deadline_ms for ms in down.wall_ms)
+    print(
+        f"\ncloud down: {len(down.results)} answered, {late} over the deadline; "
+        f"reasons {down.summary()['reasons']}"
+    )
+
+    curve = sweep(runs["edge"], runs["cloud"])
+    plot(curve, runs, threshold, args.out / "curve.png")
+    (args.out / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "wan_ms": args.wan_ms,
+                "deadline_ms": args.deadline_ms,
+                "threshold": threshold,
+                "modes": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(
+        f"\nwrote {args.out / 'curve.png'}, {args.out / 'curve.json'}, {args.out / 'results.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Fakes for unit tests: a tiny manifest, a model on FakeBackend, and a scripted OIP cloud."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from agent.backends.fake import FakeBackend
+from agent.cloud_client import CloudClient
+from agent.model import LoadedModel
+from shared.manifest import (
+    CloudTarget,
+    EdgeArtifact,
+    Manifest,
+    RoutingDefaults,
+    TensorSpec,
+    utc_now,
+)
+from shared.oip import InferResponse, InferTensor
+from shared.oip_codec import decode_request, encode_response, parse_header_length
+
+LABELS = ["a", "b", "c"]
+
+
+def manifest(threshold: float = 0.8, version: int = 1) -> Manifest:
+    return Manifest(
+        model="toy",
+        version=version,
+        created=utc_now(),
+        edge=EdgeArtifact(
+            format="tflite", file="model.tflite", sha256=hashlib.sha256(b"x").hexdigest(), size=1
+        ),
+        cloud=CloudTarget(model="toy-cloud", version="7"),
+        input=TensorSpec(name="input", shape=[-1, 4], datatype="FP32"),
+        output=TensorSpec(name="logits", shape=[-1, 3], datatype="FP32"),
+        output_kind="logits",
+        labels=LABELS,
+        routing=RoutingDefaults(threshold=threshold),
+    )
+
+
+def confident_logits(x: np.ndarray) -> np.ndarray:
+    """Class 0 with a confidence set by the first feature: x0=10 → ~1.0, x0=0 → 1/3."""
+    return np.stack([x[:, 0], np.zeros(len(x)), np.zeros(len(x))], axis=1)
+
+
+def fake_model(
+    fn: Callable[[np.ndarray], np.ndarray] = confident_logits,
+    threshold: float = 0.8,
+    version: int = 1,
+) -> LoadedModel:
+    m = manifest(threshold, version)
+    backend = FakeBackend(fn)
+    backend.load(Path("model.tflite"), m)
+    return LoadedModel(
+        manifest=m, backend=backend, features=4, scale=1.0, offset=0.0, labels=tuple(LABELS)
+    )
+
+
+class ScriptedCloud:
+    """An OIP server in an httpx MockTransport: answers class 2, or what ``behaviour`` says."""
+
+    def __init__(self) -> None:
+        self.behaviour = "ok"  # ok | timeout | refuse | 503 | 400 | garbage
+        self.calls = 0
+        self.token_seen: str | None = None
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        self.token_seen = request.headers.get("authorization")
+        if self.behaviour == "timeout":
+            raise httpx.ReadTimeout("slow", request=request)
+        if self.behaviour == "refuse":
+            raise httpx.ConnectError("refused", request=request)
+        if self.behaviour in ("503", "400"):
+            return httpx.Response(int(self.behaviour), json={"error": "nope"})
+        if self.behaviour == "garbage":
+            return httpx.Response(200, content=b"{]")
+        req = decode_request(request.content, parse_header_length(request.headers))
+        n = req.inputs[0].data.shape[0]
+        probs = np.tile(np.array([[0.05, 0.05, 0.9]], np.float32), (n, 1))
+        resp = InferResponse(
+            model_name="toy-cloud",
+            model_version="7",
+            outputs=[InferTensor.of("probabilities", probs)],
+        )
+        body, headers = encode_response(resp, req)
+        return httpx.Response(200, content=body, headers=headers)
+
+    def client(self, token: str | None = None) -> CloudClient:
+        return CloudClient(
+            "http://cloud.test", token=token, transport=httpx.MockTransport(self.handler)
+        )

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from agent.confidence import confidence, to_probabilities
+
+
+def test_softmax_of_logits_with_temperature() -> None:
+    z = np.array([2.0, 1.0, 0.0], dtype=np.float32)
+    p = to_probabilities(z, "logits")
+    np.testing.assert_allclose(p, np.exp(z) / np.exp(z).sum(), rtol=1e-6)
+    hot = to_probabilities(z, "logits", temperature=2.0)
+    assert hot.sum() == pytest.approx(1.0) and hot.max() < p.max()  # flatter
+
+
+def test_probabilities_pass_through_and_rescale() -> None:
+    p = np.array([0.7, 0.2, 0.1], dtype=np.float32)
+    assert to_probabilities(p, "probabilities") is p
+    sharper = to_probabilities(p, "probabilities", temperature=0.5)
+    np.testing.assert_allclose(sharper, p**2 / (p**2).sum(), rtol=1e-5)
+
+
+def test_metrics() -> None:
+    p = np.array([0.6, 0.3, 0.1, 0.0])
+    assert confidence(p, "max_prob") == pytest.approx(0.6)
+    assert confidence(p, "margin") == pytest.approx(0.3)
+    uniform = np.full(4, 0.25)
+    assert confidence(uniform, "entropy") == pytest.approx(0.0, abs=1e-9)
+    assert confidence(np.array([1.0, 0, 0, 0]), "entropy") == pytest.approx(1.0)
+    h = -(0.6 * math.log(0.6) + 0.3 * math.log(0.3) + 0.1 * math.log(0.1))
+    assert confidence(p, "entropy") == pytest.approx(1 - h / math.log(4), rel=1e-6)
