@@ -1,0 +1,181 @@
+"""The cloud OIP server on a real uvicorn with real ONNX Runtime: protocol and errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dataset
+import httpx
+import numpy as np
+import pytest
+
+from cloud.app import create_app
+from cloud.settings import CloudSettings
+from shared.oip import HEADER_LENGTH, InferRequest, InferTensor, RequestedOutput
+from shared.oip_codec import decode_response, encode_request, parse_header_length
+from tests.helpers import CLOUD_MODEL, CLOUD_REPO, serve_in_thread
+
+INFER = f"/v2/models/{CLOUD_MODEL}/infer"
+
+
+@pytest.fixture
+def http(cloud_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cloud_url) as client:
+        yield client
+
+
+def _json_infer(x: np.ndarray, **extra: object) -> dict[str, object]:
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }
+
+
+def test_health_and_metadata(http: httpx.Client) -> None:
+    assert http.get("/v2/health/live").status_code == 200
+    assert http.get("/v2/health/ready").status_code == 200
+    meta = http.get("/v2").json()
+    assert meta["name"] == "tandem-cloud" and "binary_tensor_data" in meta["extensions"]
+    model = http.get(f"/v2/models/{CLOUD_MODEL}").json()
+    assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert model["versions"] == ["1"]
+    assert http.get(f"/v2/models/{CLOUD_MODEL}/versions/1").json() == model
+    ready = http.get(f"/v2/models/{CLOUD_MODEL}/versions/1/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_json_infer_is_correct(http: httpx.Client, digits: dataset.Digits) -> None:
+    x = (digits.test.x[:50] / 16).astype(np.float32)
+    r = http.post(f"/v2/models/{CLOUD_MODEL}/versions/1/infer", json=_json_infer(x, id="req-9"))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["id"] == "req-9" and doc["model_version"] == "1"
+    probs = np.array(doc["outputs"][0]["data"]).reshape(50, 10)
+    assert (probs.argmax(1) == digits.test.y[:50]).mean() > 0.95
+
+
+def test_binary_infer_both_ways(http: httpx.Client, digits: dataset.Digits) -> None:
+    x = (digits.test.x[:8] / 16).astype(np.float32)
+    req = InferRequest(
+        inputs=[InferTensor.of("input", x)],
+        outputs=[RequestedOutput("probabilities", binary_data=True)],
+    )
+    body, headers = encode_request(req)
+    r = http.post(INFER, content=body, headers=headers)
+    assert r.status_code == 200 and HEADER_LENGTH.lower() in r.headers
+    resp = decode_response(r.content, parse_header_length(r.headers))
+    assert resp.output("probabilities").data.shape == (8, 10)
+
+
+def test_gzip_body(http: httpx.Client) -> None:
+    body = gzip.compress(json.dumps(_json_infer(np.zeros((1, 64), np.float32))).encode())
+    r = http.post(INFER, content=body, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v2/models/nope/infer", _json_infer(np.zeros((1, 64))), 404, "unknown model"),
+        (
+            f"/v2/models/{CLOUD_MODEL}/versions/9/infer",
+            _json_infer(np.zeros((1, 64))),
+            404,
+            "no version",
+        ),
+        (INFER, _json_infer(np.zeros((1, 63))), 400, "shape"),
+        (
+            INFER,
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 64], "datatype": "FP64", "data": [0.0] * 64}
+                ]
+            },
+            400,
+            "must be FP32",
+        ),
+        (
+            INFER,
+            {
+                "inputs": [
+                    {"name": "other", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}
+                ]
+            },
+            400,
+            "no input",
+        ),
+        (
+            INFER,
+            _json_infer(np.zeros((1, 64)), outputs=[{"name": "logits"}]),
+            400,
+            "unknown outputs",
+        ),
+        (INFER, {"inputs": "x"}, 400, "inputs"),
+    ],
+)
+def test_client_mistakes_are_4xx_with_a_message(
+    http: httpx.Client, path: str, body: object, status: int, needle: str
+) -> None:
+    r = http.post(path, json=body)
+    assert r.status_code == status
+    assert needle in r.json()["error"]
+
+
+def test_raw_garbage_and_unknown_routes(http: httpx.Client) -> None:
+    r = http.post(INFER, content=b"\x00\xff garbage")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = http.post(INFER, content=b"{}", headers={"Content-Encoding": "br"})
+    assert r.status_code == 415
+    r = http.post(INFER, content=b"{}", headers={HEADER_LENGTH: "oops"})
+    assert r.status_code == 400
+    r = http.get("/v2/nothing/here")
+    assert r.status_code == 404 and "error" in r.json()
+    assert http.get("/v2/models/nope").status_code == 404
+    assert http.get("/v2/models/nope/ready").status_code == 404
+
+
+def test_oversized_bodies_are_413() -> None:
+    app = create_app(CloudSettings(repo=CLOUD_REPO, max_body_bytes=1000))
+    with serve_in_thread(app) as url:
+        big = _json_infer(np.zeros((20, 64), np.float32))
+        r = httpx.post(url + INFER, json=big)
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        bomb = gzip.compress(b" " * 100_000)
+        r = httpx.post(url + INFER, content=bomb, headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413
+
+
+def test_broken_model_beside_a_good_one(tmp_path: Path) -> None:
+    good = CLOUD_REPO / CLOUD_MODEL / "1" / "model.onnx"
+    (tmp_path / "good" / "1").mkdir(parents=True)
+    (tmp_path / "good" / "2").mkdir(parents=True)
+    shutil.copy(good, tmp_path / "good" / "1" / "model.onnx")
+    (tmp_path / "good" / "2" / "model.onnx").write_bytes(b"broken")
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "model.onnx").write_bytes(b"also broken")
+    with (
+        serve_in_thread(create_app(CloudSettings(repo=tmp_path))) as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        assert http.get("/v2/health/ready").status_code == 503  # "bad" has no loaded version
+        bad = http.get("/v2/models/bad/ready")
+        assert bad.status_code == 503 and "cannot load" in bad.json()["reason"]
+        assert (
+            http.post("/v2/models/bad/infer", json=_json_infer(np.zeros((1, 64)))).status_code
+            == 503
+        )
+        assert http.get("/v2/models/good/versions/2/ready").status_code == 503
+        # the unversioned route serves the newest version that loaded
+        r = http.post("/v2/models/good/infer", json=_json_infer(np.zeros((1, 64))))
+        assert r.status_code == 200 and r.json()["model_version"] == "1"

@@ -1,0 +1,85 @@
+"""The official tritonclient[http] against both servers, JSON and binary in every combination."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import dataset
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from agent import Agent, AgentSettings
+from agent.server import create_app
+from tests.helpers import CLOUD_MODEL, EDGE_INT8, serve_in_thread
+
+COMBOS = [(bi, bo) for bi in (False, True) for bo in (False, True)]
+
+
+def _client(url: str) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(urlparse(url).netloc)
+
+
+@pytest.fixture(scope="module")
+def agent_url() -> Iterator[str]:
+    with (
+        Agent(AgentSettings(model_dir=EDGE_INT8)) as agent,
+        serve_in_thread(create_app(agent)) as url,
+    ):
+        yield url
+
+
+@pytest.mark.parametrize(("binary_in", "binary_out"), COMBOS)
+def test_cloud_with_tritonclient(
+    cloud_url: str, digits: dataset.Digits, binary_in: bool, binary_out: bool
+) -> None:
+    client = _client(cloud_url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(CLOUD_MODEL)
+    meta = client.get_model_metadata(CLOUD_MODEL)
+    assert meta["inputs"][0]["name"] == "input"
+    x = (digits.test.x[:32] / 16).astype(np.float32)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    out = triton.InferRequestedOutput("probabilities", binary_data=binary_out)
+    result = client.infer(CLOUD_MODEL, [inp], outputs=[out], request_id="t-1", model_version="1")
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (32, 10) and result.get_response()["id"] == "t-1"
+    assert (probs.argmax(1) == digits.test.y[:32]).mean() > 0.95
+    client.close()
+
+
+@pytest.mark.parametrize(("binary_in", "binary_out"), COMBOS)
+def test_agent_with_tritonclient(
+    agent_url: str, digits: dataset.Digits, binary_in: bool, binary_out: bool
+) -> None:
+    client = _client(agent_url)
+    assert client.is_model_ready("digits")
+    x = digits.test.x[:4]
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    outs = [
+        triton.InferRequestedOutput(n, binary_data=binary_out)
+        for n in ("label", "source", "probabilities")
+    ]
+    result = client.infer("digits", [inp], outputs=outs)
+
+    def text(values: np.ndarray) -> list[str]:  # JSON BYTES come back as str, binary as bytes
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+    labels = text(result.as_numpy("label"))
+    assert len(labels) == 4 and set(text(result.as_numpy("source"))) == {"edge"}
+    assert result.as_numpy("probabilities").shape == (4, 10)
+    client.close()
+
+
+def test_tritonclient_sees_errors(cloud_url: str) -> None:
+    client = _client(cloud_url)
+    inp = triton.InferInput("input", [1, 5], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 5), np.float32))
+    with pytest.raises(InferenceServerException, match="shape"):
+        client.infer(CLOUD_MODEL, [inp])
+    assert not client.is_model_ready("nope")
+    client.close()
