@@ -30,7 +30,8 @@ class LoadedModel:
     labels: tuple[str, ...]
 
     def preprocess(self, raw: np.ndarray) -> np.ndarray:
-        """Raw features ``[batch, features]`` to the model's float32 input."""
+        """Raw features ``[batch, features]`` to the preprocessed float32 a cloud model takes
+        (backends preprocess for themselves, fused with quantization)."""
         x = raw if raw.dtype == np.float32 else raw.astype(np.float32)
         if self.scale != 1.0:
             x = x * np.float32(self.scale)
@@ -72,7 +73,7 @@ def check_golden(model: LoadedModel) -> None:
     ``GOLDEN_ATOL``) on this runtime, or the model must not serve."""
     m = model.manifest
     for i, sample in enumerate(m.golden):
-        x = model.preprocess(np.asarray([sample.input], dtype=np.float32))
+        x = np.asarray([sample.input], dtype=np.float32)
         probs = to_probabilities(model.backend.infer(x)[0], m.output_kind)
         expected = np.asarray(sample.expected, dtype=np.float32)
         drift = float(np.abs(probs - expected).max())

@@ -1,4 +1,8 @@
-"""What ``Agent.infer`` returns: the answer, where it came from, why, and what it cost."""
+"""What ``Agent.infer`` returns: the answer, where it came from, why, and what it cost.
+
+Built on every request, so these are plain slotted classes (a frozen dataclass pays for
+``object.__setattr__`` per field), and the probability array is made only when asked for.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import numpy as np
 Source = Literal["edge", "cloud"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Latency:
     """Milliseconds. ``local_ms``/``cloud_ms`` are None when that path did not run."""
 
@@ -19,11 +23,11 @@ class Latency:
     cloud_ms: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferenceResult:
     label: str
     index: int
-    probabilities: np.ndarray
+    probs: list[float]
     confidence: float
     source: Source
     reason: str
@@ -31,8 +35,14 @@ class InferenceResult:
     cloud_model: str | None
     latency: Latency
 
+    @property
+    def probabilities(self) -> np.ndarray:
+        """The class probabilities as a float32 array (made on access)."""
+        return np.asarray(self.probs, dtype=np.float32)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (for the CLI and logs)."""
+        lat = self.latency
         return {
             "label": self.label,
             "index": self.index,
@@ -42,9 +52,9 @@ class InferenceResult:
             "edge_model": self.edge_model,
             "cloud_model": self.cloud_model,
             "latency_ms": {
-                "total": round(self.latency.total_ms, 3),
-                "local": None if self.latency.local_ms is None else round(self.latency.local_ms, 3),
-                "cloud": None if self.latency.cloud_ms is None else round(self.latency.cloud_ms, 3),
+                "total": round(lat.total_ms, 3),
+                "local": None if lat.local_ms is None else round(lat.local_ms, 3),
+                "cloud": None if lat.cloud_ms is None else round(lat.cloud_ms, 3),
             },
-            "probabilities": [round(float(p), 6) for p in self.probabilities],
+            "probabilities": [round(p, 6) for p in self.probs],
         }

@@ -57,6 +57,10 @@ class RoutingPolicy:
     safety_margin_ms: float = 1.0
 
 
+_FORCED_EDGE = Decision(False, Reason.FORCED_EDGE)
+_CONFIDENT = Decision(False, Reason.CONFIDENT)
+
+
 class Router:
     """Makes decisions with the cloud's health (breaker, latency estimate) it tracks;
     thread-safe (the breaker and estimator lock themselves). The policy comes with each call
@@ -75,7 +79,7 @@ class Router:
         """Decide for a request whose local answer has ``confidence`` (ignored in ``cloud``
         mode) with ``remaining_ms`` of its deadline left."""
         if mode == "edge":
-            return Decision(False, Reason.FORCED_EDGE)
+            return _FORCED_EDGE
         if mode == "cloud":
             return self._gate(Reason.FORCED_CLOUD, remaining_ms, need=0.0)
         loose = (
@@ -83,7 +87,7 @@ class Router:
             and remaining_ms >= policy.prefer_cloud_above_ms
         )
         if confidence >= policy.threshold and not loose:
-            return Decision(False, Reason.CONFIDENT)
+            return _CONFIDENT
         want = Reason.LOW_CONFIDENCE if confidence < policy.threshold else Reason.LOOSE_BUDGET
         need = self.estimator.predicted_ms + policy.safety_margin_ms
         return self._gate(want, remaining_ms, need)

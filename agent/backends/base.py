@@ -1,9 +1,10 @@
 """The one interface every inference backend implements: ``load / infer / close``.
 
-A backend owns a runtime (TFLite interpreter, ONNX Runtime session) and its threads; it
-takes preprocessed float32 input and returns float32 output, doing any int8
-quantize/dequantize itself from the tensor's own scale and zero point, so that everything
-above it (confidence, routing) sees real values whatever the artifact's precision.
+A backend owns a runtime (TFLite interpreter, ONNX Runtime session) and its threads. It takes
+*raw* features and returns real-valued float32 output: it applies the manifest's
+preprocessing and any int8 quantize/dequantize (from the tensor's own scale and zero point)
+itself, because on the hot path one fused affine step is much cheaper than two, and
+everything above it (confidence, routing) then sees real values whatever the precision.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class InferenceBackend(Protocol):
         ...
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        """Run float32 input of shape ``[batch, features]``; float32 ``[batch, classes]`` out."""
+        """Raw features ``[batch, features]`` in; real-valued float32 ``[batch, classes]`` out."""
         ...
 
     def close(self) -> None:

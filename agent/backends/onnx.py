@@ -36,6 +36,7 @@ class OnnxBackend:
         self.name = "onnxruntime"
         self._session: Any = None
         self._input = self._output = ""
+        self._scale, self._offset = np.float32(1.0), np.float32(0.0)
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         try:
@@ -65,8 +66,11 @@ class OnnxBackend:
         check_shape("ONNX input", shape_in, manifest.input.shape, "input")
         check_shape("ONNX output", shape_out, manifest.output.shape, "output")
         self._input, self._output = inputs[0].name, outputs[0].name
+        self._scale = np.float32(manifest.preprocessing.scale)
+        self._offset = np.float32(manifest.preprocessing.offset)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        x = (x * self._scale + self._offset).astype(np.float32, copy=False)
         try:
             (y,) = self._session.run([self._output], {self._input: x})
         except Exception as exc:  # onnxruntime raises its own untyped errors

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import queue
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,40 +60,38 @@ def find_interpreter_class() -> tuple[str, Any]:
     raise RuntimeMissingError(_MISSING)
 
 
-@dataclass(frozen=True, slots=True)
-class _Affine:
-    """Quantization of one tensor, with the reciprocal precomputed for the hot path."""
+class _Slot:
+    """One interpreter and the scratch buffers only its holder may touch."""
 
-    scale: float
-    inv_scale: float
-    zero_point: int
-    dtype: Any
-    lo: int
-    hi: int
+    __slots__ = ("batch", "buf", "interp", "qbuf")
 
-
-def _affine(detail: dict[str, Any]) -> _Affine | None:
-    scale, zero = detail["quantization"]
-    dtype = detail["dtype"]
-    if not scale or dtype not in (np.int8, np.uint8, np.int16):
-        return None
-    info = np.iinfo(dtype)
-    return _Affine(float(scale), 1.0 / float(scale), int(zero), dtype, int(info.min), int(info.max))
+    def __init__(self, interp: Any, features: int, in_dtype: Any) -> None:
+        self.interp = interp
+        self.batch = 1
+        self.buf = np.empty((1, features), dtype=np.float32)
+        self.qbuf = np.empty((1, features), dtype=in_dtype)
 
 
 class TFLiteBackend:
-    """``InferenceBackend`` on the TFLite interpreter."""
+    """``InferenceBackend`` on the TFLite interpreter.
+
+    Input: ``raw * mul + add``, where ``mul``/``add`` fold the manifest's preprocessing into
+    the input tensor's quantization; then round and saturate for an integer input. Output:
+    ``(q - zero_point) * scale`` for an integer output. For one sample (the hot path) all of
+    it runs in the slot's preallocated buffers.
+    """
 
     def __init__(self, settings: TFLiteSettings) -> None:
         self.settings = settings
         self.name = "tflite"
-        self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._interpreters: list[Any] = []
+        self._pool: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._slots: list[_Slot] = []
         self._in_index = self._out_index = 0
-        self._in_q: _Affine | None = None
-        self._out_q: _Affine | None = None
-        self._in_dtype: Any = np.float32
-        self._batch: dict[int, int] = {}
+        self._quantized_in = False
+        self._identity = True
+        self._mul = self._add = self._lo = self._hi = np.ones(1, dtype=np.float32)
+        self._out_zero: np.ndarray | None = None
+        self._out_scale = np.ones(1, dtype=np.float32)
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         package, interpreter_cls = find_interpreter_class()
@@ -103,16 +100,15 @@ class TFLiteBackend:
             blob = artifact.read_bytes()
         except OSError as exc:
             raise ModelLoadError(f"cannot read {artifact}: {exc}") from exc
+        interpreters = []
         for _ in range(self.settings.pool_size):
             try:
                 interp = interpreter_cls(model_content=blob, num_threads=self.settings.num_threads)
                 interp.allocate_tensors()
             except (ValueError, RuntimeError) as exc:
                 raise ModelLoadError(f"{artifact} is not a loadable TFLite model: {exc}") from exc
-            self._interpreters.append(interp)
-            self._pool.put(interp)
-        first = self._interpreters[0]
-        inputs, outputs = first.get_input_details(), first.get_output_details()
+            interpreters.append(interp)
+        inputs, outputs = interpreters[0].get_input_details(), interpreters[0].get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelLoadError(
                 f"{artifact} has {len(inputs)} inputs and {len(outputs)} outputs; Tandem "
@@ -124,34 +120,72 @@ class TFLiteBackend:
             "TFLite output", out["shape_signature"].tolist(), manifest.output.shape, "output"
         )
         self._in_index, self._out_index = inp["index"], out["index"]
-        self._in_dtype = inp["dtype"]
-        self._in_q, self._out_q = _affine(inp), _affine(out)
-        self._batch = {id(i): 1 for i in self._interpreters}
+        features = int(inp["shape"][-1])
+        pre = manifest.preprocessing
+        mul, add = pre.scale, pre.offset
+        in_scale, in_zero = inp["quantization"]
+        self._quantized_in = bool(in_scale) and inp["dtype"] != np.float32
+        if self._quantized_in:
+            info = np.iinfo(inp["dtype"])
+            mul, add = mul / in_scale, add / in_scale + in_zero
+            # array-shaped constants: NumPy converts a Python scalar on every call
+            self._lo = np.full((1, features), info.min, dtype=np.float32)
+            self._hi = np.full((1, features), info.max, dtype=np.float32)
+        self._identity = not self._quantized_in and mul == 1.0 and add == 0.0
+        self._mul = np.full(features, mul, dtype=np.float32)
+        self._add = np.full(features, add, dtype=np.float32)
+        out_scale, out_zero = out["quantization"]
+        if out_scale and out["dtype"] != np.float32:
+            classes = int(out["shape"][-1])
+            self._out_zero = np.full(classes, out_zero, dtype=np.float32)
+            self._out_scale = np.full(classes, out_scale, dtype=np.float32)
+        for interp in interpreters:
+            slot = _Slot(interp, features, inp["dtype"])
+            self._slots.append(slot)
+            self._pool.put(slot)
+
+    def _input(self, raw: np.ndarray, slot: _Slot) -> np.ndarray:
+        if self._identity:
+            return raw
+        if raw.shape[0] == 1:  # the hot path: no allocation
+            buf = slot.buf
+            np.multiply(raw, self._mul, out=buf)
+            np.add(buf, self._add, out=buf)
+        else:
+            buf = raw * self._mul + self._add
+        if not self._quantized_in:
+            return buf
+        np.rint(buf, out=buf)
+        if raw.shape[0] == 1:
+            np.maximum(buf, self._lo, out=buf)
+            np.minimum(buf, self._hi, out=buf)
+            slot.qbuf[...] = buf
+            return slot.qbuf
+        return np.clip(buf, self._lo[0, 0], self._hi[0, 0]).astype(slot.qbuf.dtype)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        q = self._in_q
-        if q is not None:
-            x = np.clip(np.rint(x * q.inv_scale + q.zero_point), q.lo, q.hi).astype(q.dtype)
-        elif x.dtype != self._in_dtype:
-            x = x.astype(self._in_dtype)
-        interp = self._pool.get()
+        slot = self._pool.get()
         try:
-            if x.shape[0] != self._batch[id(interp)]:
-                interp.resize_tensor_input(self._in_index, list(x.shape))
+            interp = slot.interp
+            if x.shape[0] != slot.batch:
+                interp.resize_tensor_input(self._in_index, [x.shape[0], x.shape[1]])
                 interp.allocate_tensors()
-                self._batch[id(interp)] = x.shape[0]
-            interp.set_tensor(self._in_index, x)
+                slot.batch = x.shape[0]
+            interp.set_tensor(self._in_index, self._input(x, slot))
             interp.invoke()
             y = interp.get_tensor(self._out_index)
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"TFLite invoke failed: {exc}") from exc
         finally:
-            self._pool.put(interp)
-        o = self._out_q
-        out: np.ndarray = y if o is None else (y.astype(np.float32) - o.zero_point) * o.scale
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+            self._pool.put(slot)
+        if self._out_zero is None:
+            return y if y.dtype == np.float32 else y.astype(np.float32)
+        out: np.ndarray = y.astype(np.float32)
+        np.subtract(out, self._out_zero, out=out)
+        np.multiply(out, self._out_scale, out=out)
+        return out
 
     def close(self) -> None:
-        self._interpreters.clear()
+        self._slots.clear()
         while not self._pool.empty():
             self._pool.get_nowait()

@@ -15,7 +15,7 @@ from agent.backends import OnnxSettings, TFLiteSettings
 from agent.backends.tflite import find_interpreter_class
 from agent.errors import ModelLoadError
 from agent.model import load_model
-from shared.manifest import CloudTarget, EdgeArtifact, Manifest, TensorSpec
+from shared.manifest import CloudTarget, EdgeArtifact, Manifest, Preprocessing, TensorSpec
 from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8
 
 
@@ -29,7 +29,7 @@ def test_tflite_models_reach_their_documented_accuracy(
     model_dir: Path, digits: dataset.Digits
 ) -> None:
     model = load_model(model_dir, TFLiteSettings())  # runs the golden check too
-    x = model.preprocess(digits.test.x)
+    x = digits.test.x
     preds = np.array([model.backend.infer(row[None, :])[0].argmax() for row in x])
     accuracy = float((preds == digits.test.y).mean())
     assert accuracy > 0.9  # models/README.md states the exact figure (94.4% for int8)
@@ -43,7 +43,7 @@ def test_int8_quantization_follows_the_tensor_parameters(digits: dataset.Digits)
     """int8 and float32 artifacts of the same network agree on nearly every sample."""
     f32 = load_model(EDGE_F32, TFLiteSettings())
     i8 = load_model(EDGE_INT8, TFLiteSettings())
-    x = f32.preprocess(digits.test.x[:100])
+    x = digits.test.x[:100]
     a = np.array([f32.backend.infer(r[None])[0].argmax() for r in x])
     b = np.array([i8.backend.infer(r[None])[0].argmax() for r in x])
     assert (a == b).mean() >= 0.97
@@ -53,7 +53,7 @@ def test_int8_quantization_follows_the_tensor_parameters(digits: dataset.Digits)
 
 def test_concurrent_requests_get_their_own_answers(digits: dataset.Digits) -> None:
     model = load_model(EDGE_INT8, TFLiteSettings(pool_size=3))
-    x = model.preprocess(digits.test.x[:64])
+    x = digits.test.x[:64]
     expected = [model.backend.infer(r[None])[0] for r in x]
     errors: list[str] = []
 
@@ -114,7 +114,31 @@ def test_onnx_backend_runs_an_onnx_edge_artifact(tmp_path: Path, digits: dataset
     )
     (tmp_path / "manifest.json").write_text(manifest.to_json())
     model = load_model(tmp_path, OnnxSettings())
-    probs = model.backend.infer(model.preprocess(digits.test.x))
+    probs = model.backend.infer(digits.test.x)
     assert float((probs.argmax(1) == digits.test.y).mean()) > 0.97
     with pytest.raises(ModelLoadError, match="cannot run"):
         load_model(tmp_path, TFLiteSettings())
+
+
+@pytest.mark.parametrize("model_dir", [EDGE_F32, EDGE_INT8], ids=["f32", "int8"])
+def test_manifest_preprocessing_is_applied(
+    model_dir: Path, tmp_path: Path, digits: dataset.Digits
+) -> None:
+    """A manifest whose preprocessing is ``x * 2 + 1``, with golden inputs given before that
+    step: the golden check passes only if the backend applies it (fused with quantization)."""
+    shutil.copy(model_dir / "model.tflite", tmp_path / "model.tflite")
+    m = Manifest.load(model_dir)
+    shifted = m.model_copy(
+        update={
+            "preprocessing": Preprocessing(scale=2.0, offset=1.0),
+            "golden": [
+                g.model_copy(update={"input": [(v - 1.0) / 2.0 for v in g.input]}) for g in m.golden
+            ],
+        }
+    )
+    (tmp_path / "manifest.json").write_text(shifted.to_json())
+    model = load_model(tmp_path, TFLiteSettings())
+    plain = load_model(model_dir, TFLiteSettings())
+    x = digits.test.x[:20]
+    np.testing.assert_allclose(model.backend.infer((x - 1) / 2), plain.backend.infer(x), atol=1e-4)
+    np.testing.assert_allclose(model.preprocess(np.ones((1, 64), np.float32)), 3.0)

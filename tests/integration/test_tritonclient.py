@@ -40,7 +40,7 @@ def test_cloud_with_tritonclient(
     assert client.is_model_ready(CLOUD_MODEL)
     meta = client.get_model_metadata(CLOUD_MODEL)
     assert meta["inputs"][0]["name"] == "input"
-    x = (digits.test.x[:32] / 16).astype(np.float32)
+    x = digits.test.x[:32]
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary_in)
     out = triton.InferRequestedOutput("probabilities", binary_data=binary_out)

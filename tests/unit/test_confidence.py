@@ -32,3 +32,22 @@ def test_metrics() -> None:
     assert confidence(np.array([1.0, 0, 0, 0]), "entropy") == pytest.approx(1.0)
     h = -(0.6 * math.log(0.6) + 0.3 * math.log(0.3) + 0.1 * math.log(0.1))
     assert confidence(p, "entropy") == pytest.approx(1 - h / math.log(4), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+@pytest.mark.parametrize("metric", ["max_prob", "margin", "entropy"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("classes", [10, 100])  # the pure-Python and the NumPy path
+def test_score_matches_the_reference(
+    kind: str, metric: str, temperature: float, classes: int
+) -> None:
+    from agent.confidence import score
+
+    rng = np.random.default_rng(classes)
+    raw = rng.normal(size=classes).astype(np.float32)
+    out = raw if kind == "logits" else to_probabilities(raw, "logits")
+    probs, conf, index = score(out, kind, temperature, metric)  # type: ignore[arg-type]
+    ref = to_probabilities(out, kind, temperature)  # type: ignore[arg-type]
+    np.testing.assert_allclose(np.asarray(probs), ref, rtol=1e-4, atol=1e-6)
+    assert conf == pytest.approx(confidence(ref, metric), rel=1e-4, abs=1e-6)  # type: ignore[arg-type]
+    assert index == int(ref.argmax())
