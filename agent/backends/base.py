@@ -39,7 +39,7 @@ class InferenceBackend(Protocol):
         ...
 
 
-def check_shape(kind: str, have: list[int], manifest_shape: list[int], where: str) -> None:
+def check_shape(what: str, have: list[int], manifest_shape: list[int]) -> None:
     """Raise ``ModelLoadError`` when a runtime tensor's shape contradicts the manifest."""
     from agent.errors import ModelLoadError
 
