@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from agent.errors import ModelLoadError
 from shared.manifest import Manifest
 
 
@@ -41,9 +42,7 @@ class InferenceBackend(Protocol):
 
 def check_shape(what: str, have: list[int], manifest_shape: list[int]) -> None:
     """Raise ``ModelLoadError`` when a runtime tensor's shape contradicts the manifest."""
-    from agent.errors import ModelLoadError
-
     if len(have) != len(manifest_shape) or any(
-        want not in (-1, got) and got != -1 for want, got in zip(manifest_shape, have, strict=False)
+        want not in (-1, got) and got != -1 for want, got in zip(manifest_shape, have)
     ):
-        raise ModelLoadError(f"{kind} {where} has shape {have}, the manifest says {manifest_shape}")
+        raise ModelLoadError(f"{what} has shape {have}, the manifest says {manifest_shape}")
