@@ -115,10 +115,8 @@ class TFLiteBackend:
                 "serves single-input, single-output classifiers"
             )
         inp, out = inputs[0], outputs[0]
-        check_shape("TFLite input", inp["shape_signature"].tolist(), manifest.input.shape, "input")
-        check_shape(
-            "TFLite output", out["shape_signature"].tolist(), manifest.output.shape, "output"
-        )
+        check_shape("TFLite input", inp["shape_signature"].tolist(), manifest.input.shape)
+        check_shape("TFLite output", out["shape_signature"].tolist(), manifest.output.shape)
         self._in_index, self._out_index = inp["index"], out["index"]
         features = int(inp["shape"][-1])
         pre = manifest.preprocessing
@@ -161,7 +159,8 @@ class TFLiteBackend:
             np.minimum(buf, self._hi, out=buf)
             slot.qbuf[...] = buf
             return slot.qbuf
-        return np.clip(buf, self._lo[0, 0], self._hi[0, 0]).astype(slot.qbuf.dtype)
+        batch: np.ndarray = np.clip(buf, self._lo[0, 0], self._hi[0, 0])
+        return batch.astype(slot.qbuf.dtype)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         slot = self._pool.get()
