@@ -172,7 +172,7 @@ class TFLiteBackend:
                 slot.batch = x.shape[0]
             interp.set_tensor(self._in_index, self._input(x, slot))
             interp.invoke()
-            y = interp.get_tensor(self._out_index)
+            y: np.ndarray = interp.get_tensor(self._out_index)
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"TFLite invoke failed: {exc}") from exc
         finally:
