@@ -1,0 +1,46 @@
+"""The README's main job, end to end: cloud server process, agent, three modes, the curve."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo.py"),
+            "--wan-ms",
+            "15",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("edge", "cloud", "auto", "auto, cloud down"):
+        assert f"\n{mode} " in proc.stdout
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert len(curve) == 101 and curve[0]["escalated"] == 0.0 and curve[-1]["escalated"] == 1.0
+    results = json.loads((tmp_path / "results.json").read_text())
+    modes = {m["mode"]: m for m in results["modes"]}
+    cloud, auto, down = modes["cloud"], modes["auto"], modes["auto, cloud down"]
+    assert auto["accuracy"] >= cloud["accuracy"] - 0.005
+    assert auto["escalated"] <= 0.25 and modes["edge"]["escalated"] == 0.0
+    assert down["escalated"] == 0.0
+    assert set(down["reasons"]) <= {"confident", "cloud_unavailable", "breaker_open"}
+    # every request answered with the cloud gone; the slack allows for a loaded CI machine
+    assert down["max_ms"] < results["deadline_ms"] + 50
