@@ -49,22 +49,32 @@ def confidence(probs: np.ndarray, metric: ConfidenceMetric) -> float:
 
 
 def score(
-    output: np.ndarray, kind: OutputKind, temperature: float, metric: ConfidenceMetric
+    output: np.ndarray,
+    kind: OutputKind,
+    temperature: float,
+    metric: ConfidenceMetric,
+    scale: float = 1.0,
+    zero_point: float = 0.0,
 ) -> tuple[list[float], float, int]:
-    """Probabilities (a list), confidence and top-1 index of one output row, fast."""
-    if len(output) > SMALL_OUTPUT:
-        probs = to_probabilities(output, kind, temperature)
+    """Probabilities (a list), confidence and top-1 index of one output row, fast.
+
+    ``output`` may still be quantized (``real = scale * (q - zero_point)``): for logits the
+    zero point cancels in the softmax and the scale joins the temperature, so an int8
+    output row costs no dequantization step at all."""
+    if len(output) > SMALL_OUTPUT or (kind == "probabilities" and scale != 1.0):
+        real = output if scale == 1.0 else (output.astype(np.float32) - zero_point) * scale
+        probs = to_probabilities(real, kind, temperature)
         return probs.tolist(), confidence(probs, metric), int(probs.argmax())
     values: list[float] = output.tolist()
     if kind == "logits" or temperature != 1.0:
         if kind == "probabilities":
             values = [math.log(max(v, _TINY)) for v in values]
         top = max(values)
-        if temperature == 1.0:
+        factor = scale / temperature
+        if factor == 1.0:
             e = [math.exp(v - top) for v in values]
         else:
-            inv = 1.0 / temperature
-            e = [math.exp((v - top) * inv) for v in values]
+            e = [math.exp((v - top) * factor) for v in values]
         total = sum(e)
         values = [v / total for v in e]
     best = max(values)

@@ -166,12 +166,12 @@ class Agent:
             return self._cloud_first(active, raw, t0, budget)
 
         try:
-            out = model.backend.infer(raw)[0]
+            out, scale, zero = model.backend.infer_one(raw)
         except BackendError:
             return self._edge_failed(active, raw, t0, budget)
         local_ms = (clock() - t0) * 1000.0
         self._local_ms += 0.05 * (local_ms - self._local_ms)
-        probs, conf, index = score(out, active.kind, active.temperature, active.metric)
+        probs, conf, index = score(out, active.kind, active.temperature, active.metric, scale, zero)
         decision = self.router.decide(mode, conf, budget - local_ms, active.policy)
         if decision.escalate:
             answer = self._call_cloud(active, raw, budget - (clock() - t0) * 1000.0)
@@ -255,9 +255,9 @@ class Agent:
     ) -> InferenceResult:
         model = active.model
         start = self._clock()
-        out = model.backend.infer(x)[0]
+        out, scale, zero = model.backend.infer_one(x)
         local_ms = (self._clock() - start) * 1000.0
-        probs, conf, index = score(out, active.kind, active.temperature, active.metric)
+        probs, conf, index = score(out, active.kind, active.temperature, active.metric, scale, zero)
         return InferenceResult(
             label=model.labels[index],
             index=index,

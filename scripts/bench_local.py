@@ -1,11 +1,12 @@
 """Benchmark: the agent's in-process local path against the raw TFLite interpreter loop.
 
-Same model, same runtime, same held-out samples, same process, interleaved in blocks so
-that drift on the machine hits both alike. The raw loop is the floor:
+Same model, same runtime, same held-out samples, same process, interleaved in short blocks
+so that drift in the machine's speed hits both alike. The raw loop is the floor:
 ``set_tensor(pre-quantized input); invoke(); get_tensor()``. The agent path is
 ``Agent.infer(raw features)``: preprocessing, quantization, the same invoke, dequantization,
-softmax, confidence, the routing decision and the result object. The difference of the
-medians is what Tandem adds per request.
+softmax, confidence, the routing decision and the result object. What Tandem adds per
+request is reported as the median, over blocks, of (agent median - raw median) within each
+block: on a shared machine whose speed drifts, a difference taken seconds apart means little.
 
     python scripts/bench_local.py [--iterations 20000] [--out out/bench/bench_local.json]
 """
@@ -88,7 +89,7 @@ def stats(ns: list[int]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=20000)
-    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=40)
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out/bench/bench_local.json")
     args = parser.parse_args(argv)
     x = dataset.load().test.x
@@ -100,22 +101,27 @@ def main(argv: list[str] | None = None) -> int:
         settings = AgentSettings(model_dir=model_dir, backend={"kind": "tflite", "pool_size": 1})
         with Agent(settings) as agent:  # no cloud: the local path only
             samples: dict[str, list[int]] = {"raw": [], "edge": [], "auto": []}
+            block_overhead: dict[str, list[float]] = {"raw": [], "edge": [], "auto": []}
             time_raw(interp, qrows, i_in, i_out, 2000)  # warm-up
             time_agent(agent, x, "edge", 2000)
             for _ in range(args.blocks):
-                samples["raw"] += time_raw(interp, qrows, i_in, i_out, per_block)
-                samples["edge"] += time_agent(agent, x, "edge", per_block)
-                samples["auto"] += time_agent(agent, x, "auto", per_block)
+                raw_block = time_raw(interp, qrows, i_in, i_out, per_block)
+                samples["raw"] += raw_block
+                block_overhead["raw"].append(0.0)
+                for path in ("edge", "auto"):
+                    block = time_agent(agent, x, path, per_block)
+                    samples[path] += block
+                    block_overhead[path].append(
+                        (float(np.median(block)) - float(np.median(raw_block))) / 1000.0
+                    )
             runtime = agent.model.backend.name
-        raw = stats(samples["raw"])
         for path in ("raw", "edge", "auto"):
-            s = stats(samples[path])
             rows.append(
                 {
                     "model": precision,
                     "path": path,
-                    **s,
-                    "overhead_median_us": s["median_us"] - raw["median_us"],
+                    **stats(samples[path]),
+                    "overhead_median_us": float(np.median(block_overhead[path])),
                     "runtime": runtime,
                 }
             )

@@ -35,6 +35,12 @@ class InferenceBackend(Protocol):
         """Raw features ``[batch, features]`` in; real-valued float32 ``[batch, classes]`` out."""
         ...
 
+    def infer_one(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """One sample (``[1, features]``), the hot path: the output row as the runtime gave
+        it, with the ``(scale, zero_point)`` that make it real (``1.0, 0.0`` for float).
+        Dequantizing is left to the caller, which folds it into the softmax for free."""
+        ...
+
     def close(self) -> None:
         """Release the runtime. Calls to ``infer`` after this are a bug."""
         ...

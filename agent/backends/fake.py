@@ -31,5 +31,8 @@ class FakeBackend:
             raise BackendError("fake backend told to fail")
         return np.asarray(self.fn(x), dtype=np.float32)
 
+    def infer_one(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        return self.infer(x)[0], 1.0, 0.0
+
     def close(self) -> None:
         self.closed = True

@@ -77,5 +77,8 @@ class OnnxBackend:
             raise BackendError(f"ONNX Runtime run failed: {exc}") from exc
         return np.asarray(y, dtype=np.float32)
 
+    def infer_one(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        return self.infer(x)[0], 1.0, 0.0
+
     def close(self) -> None:
         self._session = None

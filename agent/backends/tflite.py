@@ -21,6 +21,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.backends.base import check_shape
+
+try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping itself
+    from numpy._core.umath import clip as _clip  # type: ignore[attr-defined]
+except ImportError:  # NumPy 1.x
+    from numpy.core.umath import clip as _clip  # type: ignore[attr-defined]
 from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
 from shared.manifest import Manifest
 
@@ -61,12 +66,23 @@ def find_interpreter_class() -> tuple[str, Any]:
 
 
 class _Slot:
-    """One interpreter and the scratch buffers only its holder may touch."""
+    """One interpreter and the scratch buffers only its holder may touch.
 
-    __slots__ = ("batch", "buf", "interp", "qbuf")
+    ``native`` says the runtime exposes its pybind wrapper (``_interpreter``), whose methods
+    the hot path calls directly, skipping the Python wrappers: those re-check on every
+    ``invoke`` that no NumPy view of an internal buffer is alive (about a microsecond), and
+    this backend never creates such views (``set_tensor``/``get_tensor`` copy). The wrapper
+    is looked up per call, never stored: the runtime's own check counts references to it."""
+
+    __slots__ = ("batch", "buf", "interp", "native", "qbuf")
 
     def __init__(self, interp: Any, features: int, in_dtype: Any) -> None:
         self.interp = interp
+        wrapper = getattr(interp, "_interpreter", None)
+        self.native = wrapper is not None and all(
+            hasattr(wrapper, m) for m in ("SetTensor", "Invoke", "GetTensor")
+        )
+        del wrapper
         self.batch = 1
         self.buf = np.empty((1, features), dtype=np.float32)
         self.qbuf = np.empty((1, features), dtype=in_dtype)
@@ -90,8 +106,9 @@ class TFLiteBackend:
         self._quantized_in = False
         self._identity = True
         self._mul = self._add = self._lo = self._hi = np.ones(1, dtype=np.float32)
-        self._out_zero: np.ndarray | None = None
+        self._out_offset: np.ndarray | None = None
         self._out_scale = np.ones(1, dtype=np.float32)
+        self._row_scale, self._row_zero = 1.0, 0.0
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         package, interpreter_cls = find_interpreter_class()
@@ -130,13 +147,14 @@ class TFLiteBackend:
             self._lo = np.full((1, features), info.min, dtype=np.float32)
             self._hi = np.full((1, features), info.max, dtype=np.float32)
         self._identity = not self._quantized_in and mul == 1.0 and add == 0.0
-        self._mul = np.full(features, mul, dtype=np.float32)
-        self._add = np.full(features, add, dtype=np.float32)
+        self._mul = np.full((1, features), mul, dtype=np.float32)
+        self._add = np.full((1, features), add, dtype=np.float32)
         out_scale, out_zero = out["quantization"]
         if out_scale and out["dtype"] != np.float32:
             classes = int(out["shape"][-1])
-            self._out_zero = np.full(classes, out_zero, dtype=np.float32)
             self._out_scale = np.full(classes, out_scale, dtype=np.float32)
+            self._row_scale, self._row_zero = float(out_scale), float(out_zero)
+            self._out_offset = np.full(classes, out_scale * out_zero, dtype=np.float32)
         for interp in interpreters:
             slot = _Slot(interp, features, inp["dtype"])
             self._slots.append(slot)
@@ -153,16 +171,26 @@ class TFLiteBackend:
             buf = raw * self._mul + self._add
         if not self._quantized_in:
             return buf
-        np.rint(buf, out=buf)
         if raw.shape[0] == 1:
-            np.maximum(buf, self._lo, out=buf)
-            np.minimum(buf, self._hi, out=buf)
-            slot.qbuf[...] = buf
+            _clip(buf, self._lo, self._hi, out=buf)
+            np.rint(buf, out=slot.qbuf, casting="unsafe")  # in range: the cast is exact
             return slot.qbuf
-        batch: np.ndarray = np.clip(buf, self._lo[0, 0], self._hi[0, 0])
+        batch: np.ndarray = np.rint(np.clip(buf, self._lo[0, 0], self._hi[0, 0]))
         return batch.astype(slot.qbuf.dtype)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        y = self._run(x)
+        if self._out_offset is None:
+            return y if y.dtype == np.float32 else y.astype(np.float32)
+        # scale * (q - zero) as scale * q - scale * zero: two ops, the cast inside the first
+        out: np.ndarray = np.multiply(y, self._out_scale, dtype=np.float32)
+        np.subtract(out, self._out_offset, out=out)
+        return out
+
+    def infer_one(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        return self._run(x)[0], self._row_scale, self._row_zero
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         slot = self._pool.get()
         try:
             interp = slot.interp
@@ -170,19 +198,21 @@ class TFLiteBackend:
                 interp.resize_tensor_input(self._in_index, [x.shape[0], x.shape[1]])
                 interp.allocate_tensors()
                 slot.batch = x.shape[0]
-            interp.set_tensor(self._in_index, self._input(x, slot))
-            interp.invoke()
-            y: np.ndarray = interp.get_tensor(self._out_index)
+            y: np.ndarray
+            if slot.native:
+                native = interp._interpreter
+                native.SetTensor(self._in_index, self._input(x, slot))
+                native.Invoke()
+                y = native.GetTensor(self._out_index)
+            else:
+                interp.set_tensor(self._in_index, self._input(x, slot))
+                interp.invoke()
+                y = interp.get_tensor(self._out_index)
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"TFLite invoke failed: {exc}") from exc
         finally:
             self._pool.put(slot)
-        if self._out_zero is None:
-            return y if y.dtype == np.float32 else y.astype(np.float32)
-        out: np.ndarray = y.astype(np.float32)
-        np.subtract(out, self._out_zero, out=out)
-        np.multiply(out, self._out_scale, out=out)
-        return out
+        return y
 
     def close(self) -> None:
         self._slots.clear()

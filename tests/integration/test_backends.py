@@ -142,3 +142,17 @@ def test_manifest_preprocessing_is_applied(
     x = digits.test.x[:20]
     np.testing.assert_allclose(model.backend.infer((x - 1) / 2), plain.backend.infer(x), atol=1e-4)
     np.testing.assert_allclose(model.preprocess(np.ones((1, 64), np.float32)), 3.0)
+
+
+def test_public_interpreter_api_gives_the_same_answers(digits: dataset.Digits) -> None:
+    """Runtimes without the native wrapper go through set_tensor/invoke/get_tensor."""
+    native = load_model(EDGE_INT8, TFLiteSettings(pool_size=1))
+    public = load_model(EDGE_INT8, TFLiteSettings(pool_size=1))
+    for slot in public.backend._slots:  # type: ignore[attr-defined]
+        slot.native = False
+    x = digits.test.x[:10]
+    for row in x:
+        np.testing.assert_array_equal(
+            native.backend.infer_one(row[None])[0], public.backend.infer_one(row[None])[0]
+        )
+    np.testing.assert_array_equal(native.backend.infer(x), public.backend.infer(x))

@@ -51,3 +51,22 @@ def test_score_matches_the_reference(
     np.testing.assert_allclose(np.asarray(probs), ref, rtol=1e-4, atol=1e-6)
     assert conf == pytest.approx(confidence(ref, metric), rel=1e-4, abs=1e-6)  # type: ignore[arg-type]
     assert index == int(ref.argmax())
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_score_of_a_quantized_row_equals_score_of_its_real_values(
+    kind: str, temperature: float
+) -> None:
+    from agent.confidence import score
+
+    q = np.array([-100, 20, 3, -128, 127, 0, 5, 9, -7, 44], dtype=np.int8)
+    scale, zero = 0.05, -25.0
+    real = ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+    if kind == "probabilities":
+        scale, zero = 1 / 256, -128.0
+        real = ((q.astype(np.float32) - zero) * scale).astype(np.float32)
+    a = score(q, kind, temperature, "margin", scale, zero)  # type: ignore[arg-type]
+    b = score(real, kind, temperature, "margin")  # type: ignore[arg-type]
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+    assert a[1] == pytest.approx(b[1], rel=1e-5, abs=1e-7) and a[2] == b[2]
