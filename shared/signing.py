@@ -1,0 +1,155 @@
+"""Ed25519 signing of manifests over their canonical JSON, keys, and the pinned trust store.
+
+Canonical JSON: the manifest as JSON values (``by_alias``, without ``signature``), keys
+sorted, no whitespace, UTF-8, no NaN. Operator and device compute the same bytes from the
+same document, whatever order or spacing it travelled in.
+
+A key id is the first 16 hex digits of the SHA-256 of the raw public key. The trust store is
+a JSON file of key ids and public keys that devices pin; a manifest is accepted only if its
+``key_id`` is in it and the signature verifies under that key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.errors import TandemError
+from shared.manifest import Manifest
+
+
+class SignatureError(TandemError):
+    """A manifest is unsigned, signed by a key not in the trust store, or tampered with."""
+
+    http_status = 400
+
+
+class KeyFileError(TandemError):
+    """A key or trust store file is missing or malformed."""
+
+
+def canonical_json(doc: Any) -> bytes:
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def manifest_signing_bytes(manifest: Manifest) -> bytes:
+    """What the signature covers: everything in the manifest but the signature."""
+    return canonical_json(manifest.model_dump(mode="json", by_alias=True, exclude={"signature"}))
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id_of(key: Ed25519PublicKey) -> str:
+    return hashlib.sha256(_raw_public(key)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private: Ed25519PrivateKey
+    key_id: str
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        private = Ed25519PrivateKey.generate()
+        return cls(private, key_id_of(private.public_key()))
+
+    @classmethod
+    def load(cls, path: Path) -> SigningKey:
+        try:
+            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise KeyFileError(f"cannot read private key {path}: {exc}") from None
+        if not isinstance(private, Ed25519PrivateKey):
+            raise KeyFileError(f"{path} is not an Ed25519 private key")
+        return cls(private, key_id_of(private.public_key()))
+
+    def save(self, path: Path) -> None:
+        """Write the private key as PKCS#8 PEM, readable by its owner only."""
+        pem = self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+
+    @property
+    def public_b64(self) -> str:
+        return base64.b64encode(_raw_public(self.private.public_key())).decode()
+
+    def sign(self, manifest: Manifest) -> Manifest:
+        """The manifest with ``key_id`` set and ``signature`` over its canonical JSON."""
+        unsigned = manifest.model_copy(update={"key_id": self.key_id, "signature": None})
+        sig = self.private.sign(manifest_signing_bytes(unsigned))
+        return unsigned.model_copy(update={"signature": base64.b64encode(sig).decode()})
+
+
+class TrustStore:
+    """Public keys a device accepts manifests from, by key id."""
+
+    def __init__(self, keys: dict[str, Ed25519PublicKey] | None = None) -> None:
+        self.keys = dict(keys or {})
+
+    def add(self, public_b64: str) -> str:
+        try:
+            key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64, validate=True))
+        except (ValueError, binascii.Error) as exc:
+            raise KeyFileError(f"not an Ed25519 public key: {exc}") from None
+        kid = key_id_of(key)
+        self.keys[kid] = key
+        return kid
+
+    @classmethod
+    def load(cls, path: Path) -> TrustStore:
+        try:
+            doc = json.loads(path.read_text())
+            entries = doc["keys"]
+            store = cls()
+            for entry in entries:
+                kid = store.add(entry["public_key"])
+                if entry.get("key_id", kid) != kid:
+                    raise KeyFileError(f"{path}: key id {entry['key_id']} does not match its key")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyFileError(f"cannot read trust store {path}: {exc}") from None
+        return store
+
+    def save(self, path: Path) -> None:
+        doc = {
+            "keys": [
+                {"key_id": kid, "public_key": base64.b64encode(_raw_public(k)).decode()}
+                for kid, k in sorted(self.keys.items())
+            ]
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    def verify(self, manifest: Manifest) -> None:
+        """Raise ``SignatureError`` unless a trusted key signed exactly this manifest."""
+        if not manifest.signature or not manifest.key_id:
+            raise SignatureError("manifest is not signed")
+        key = self.keys.get(manifest.key_id)
+        if key is None:
+            raise SignatureError(f"manifest signed by unknown key {manifest.key_id}")
+        try:
+            sig = base64.b64decode(manifest.signature, validate=True)
+            key.verify(sig, manifest_signing_bytes(manifest))
+        except (InvalidSignature, ValueError, binascii.Error):
+            raise SignatureError(
+                f"signature of {manifest.ref} does not verify under key {manifest.key_id}"
+            ) from None
