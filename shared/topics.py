@@ -64,7 +64,9 @@ def device_command(fleet: str, device: str, name: str) -> Topic:
     )
 
 
-def manifest(fleet: str, model: str, *, group: str | None = None, device: str | None = None) -> Topic:
+def manifest(
+    fleet: str, model: str, *, group: str | None = None, device: str | None = None
+) -> Topic:
     """The retained manifest topic for the whole fleet, one group, or one device."""
     if group is not None and device is not None:
         raise ValueError("a manifest targets a group or a device, not both")
@@ -83,7 +85,10 @@ def manifest(fleet: str, model: str, *, group: str | None = None, device: str | 
 def agent_manifest_filters(fleet: str, device: str, group: str | None) -> list[str]:
     """What an agent subscribes to: every model's manifest at fleet, group and device scope."""
     base = f"{PREFIX}/{_id(fleet, 'fleet')}"
-    filters = [f"{base}/models/+/manifest", f"{base}/devices/{_id(device, 'device')}/models/+/manifest"]
+    filters = [
+        f"{base}/models/+/manifest",
+        f"{base}/devices/{_id(device, 'device')}/models/+/manifest",
+    ]
     if group is not None:
         filters.append(f"{base}/groups/{_id(group, 'group')}/models/+/manifest")
     return filters

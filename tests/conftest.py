@@ -11,6 +11,12 @@ import pytest
 from cloud.app import create_app
 from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_REPO, serve_in_thread
+from tests.mosquitto import Mosquitto
+
+#: Accounts every test broker knows: the cloud's two, and devices dev-0 .. dev-9.
+BROKER_USERS = {"controller": "ctl-pw", "collector": "col-pw"} | {
+    f"dev-{i}": f"pw-{i}" for i in range(10)
+}
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +29,14 @@ def cloud_url() -> Iterator[str]:
     """The real cloud server on the demo repository, shared by the session (read-only)."""
     with serve_in_thread(create_app(CloudSettings(repo=CLOUD_REPO))) as url:
         yield url
+
+
+@pytest.fixture
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A fresh Mosquitto per test (unique topics for free), stopped afterwards."""
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), BROKER_USERS)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()

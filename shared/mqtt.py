@@ -1,0 +1,204 @@
+"""One MQTT client wrapper (paho-mqtt 2.x) for agent, controller and collector.
+
+paho's callbacks run on its network thread, and an exception there kills the thread: every
+callback here is wrapped, logs and counts what it catches, and never raises. Handlers must
+be quick (hand work to a queue). Subscriptions are remembered and re-made on every
+(re)connect; reconnects back off between ``reconnect_min_s`` and ``reconnect_max_s``.
+``publish`` takes a ``shared.topics.Topic``, so QoS and retain always follow the design.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from shared.errors import TandemError
+from shared.topics import Topic
+
+log = logging.getLogger(__name__)
+
+#: ``handler(topic, payload, retained)``
+Handler = Callable[[str, bytes, bool], None]
+
+
+class MqttError(TandemError):
+    """The broker refused, or could not be reached in time."""
+
+
+class MqttSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt:// or mqtts://")
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
+    keepalive_s: int = Field(default=30, ge=5)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @property
+    def host_port(self) -> tuple[str, int, bool]:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise MqttError(f"broker URL must be mqtt://host[:port] or mqtts://, got {self.url}")
+        tls = parsed.scheme == "mqtts"
+        return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+@dataclass
+class MqttCounters:
+    received: int = 0
+    handler_errors: int = 0
+    connects: int = 0
+    disconnects: int = 0
+
+
+class MqttClient:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        *,
+        will: tuple[Topic, bytes] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_ack: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.counters = MqttCounters()
+        self.connected = threading.Event()
+        self._on_connect_hook = on_connect
+        self._on_ack = on_ack
+        self._subs: dict[str, Handler] = {}
+        self._lock = threading.Lock()
+        self._client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        if settings.username:
+            password = settings.password.get_secret_value() if settings.password else None
+            self._client.username_pw_set(settings.username, password)
+        _, _, tls = settings.host_port
+        if tls:
+            self._client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if will is not None:
+            topic, payload = will
+            self._client.will_set(topic.name, payload, qos=topic.qos, retain=topic.retain)
+        self._client.reconnect_delay_set(
+            min_delay=max(1, round(settings.reconnect_min_s)),
+            max_delay=max(1, round(settings.reconnect_max_s)),
+        )
+        self._client.on_connect = self._safe(self._handle_connect)
+        self._client.on_disconnect = self._safe(self._handle_disconnect)
+        self._client.on_publish = self._safe(self._handle_publish)
+        self._client.on_message = self._safe(self._handle_unmatched)
+
+    # --------------------------------------------------------------- wrapped callbacks
+
+    def _safe(self, fn: Callable[..., None]) -> Callable[..., None]:
+        def wrapper(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception:  # paho's thread must survive anything
+                self.counters.handler_errors += 1
+                log.exception("MQTT callback %s failed", getattr(fn, "__name__", fn))
+
+        return wrapper
+
+    def _handle_connect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused %s: %s", self.client_id, reason)
+            return
+        self.counters.connects += 1
+        with self._lock:
+            filters = list(self._subs)
+        for f in filters:
+            self._client.subscribe(f, qos=1)
+        self.connected.set()
+        log.info("%s connected to %s", self.client_id, self.settings.url)
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
+
+    def _handle_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        self.counters.disconnects += 1
+        log.info("%s disconnected: %s", self.client_id, reason)
+
+    def _handle_publish(
+        self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        if self._on_ack is not None:
+            self._on_ack(mid)
+
+    def _handle_unmatched(self, client: Any, userdata: Any, msg: Any) -> None:
+        log.debug("message on %s matched no handler", msg.topic)
+
+    # ----------------------------------------------------------------------- public
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler`` (from the network
+        thread; keep it quick). Kept across reconnects."""
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            self.counters.received += 1
+            handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+
+        with self._lock:
+            self._subs[topic_filter] = handler
+        self._client.message_callback_add(topic_filter, self._safe(on_message))
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=1)
+
+    def publish(self, topic: Topic, payload: bytes) -> paho.MQTTMessageInfo:
+        """Queue a message (paho keeps QoS 1 messages in memory until PUBACK)."""
+        return self._client.publish(topic.name, payload, qos=topic.qos, retain=topic.retain)
+
+    def publish_wait(self, topic: Topic, payload: bytes, timeout_s: float = 5.0) -> bool:
+        """Publish and wait for the broker's acknowledgement; False on timeout."""
+        info = self.publish(topic, payload)
+        try:
+            info.wait_for_publish(timeout=timeout_s)
+        except (RuntimeError, ValueError):  # not connected / queue full
+            return False
+        return info.is_published()
+
+    def clear_retained(self, topic: Topic, timeout_s: float = 5.0) -> bool:
+        """Delete a retained message (an empty retained payload)."""
+        return self.publish_wait(Topic(topic.name, topic.qos, True), b"", timeout_s)
+
+    def start(self, wait_s: float | None = None) -> None:
+        """Connect in the background (retrying forever); optionally wait for the first
+        connection and raise ``MqttError`` if it does not come in ``wait_s``."""
+        host, port, _ = self.settings.host_port
+        self._client.connect_async(host, port, keepalive=self.settings.keepalive_s)
+        self._client.loop_start()
+        if wait_s is not None and not self.connected.wait(wait_s):
+            self.stop()
+            raise MqttError(f"{self.client_id}: no connection to {self.settings.url} in {wait_s}s")
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no Last Will) and stop the network thread."""
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self.connected.clear()

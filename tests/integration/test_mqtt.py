@@ -1,0 +1,126 @@
+"""The shared MQTT client against a real Mosquitto: auth, ACL, retained messages, reconnect."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pydantic import SecretStr
+
+from shared import topics
+from shared.mqtt import MqttClient, MqttError, MqttSettings
+from tests.mosquitto import Mosquitto
+
+
+def client(broker: Mosquitto, user: str, password: str | None = None) -> MqttClient:
+    pw = password if password is not None else broker.users[user]
+    settings = MqttSettings(
+        url=broker.url,
+        username=user,
+        password=SecretStr(pw),
+        reconnect_min_s=0.2,
+        reconnect_max_s=1,
+    )
+    return MqttClient(settings, f"{user}-{time.monotonic_ns()}")
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes, bool]] = []
+        self.event = threading.Event()
+
+    def __call__(self, topic: str, payload: bytes, retained: bool) -> None:
+        self.items.append((topic, payload, retained))
+        self.event.set()
+
+    def wait(self, n: int, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.items) >= n:
+                return True
+            time.sleep(0.01)
+        return False
+
+
+def test_wrong_password_is_refused(broker: Mosquitto) -> None:
+    with pytest.raises(MqttError, match="no connection"):
+        client(broker, "dev-0", "wrong").start(wait_s=1.5)
+
+
+def test_retained_manifest_reaches_a_device(broker: Mosquitto) -> None:
+    ctl = client(broker, "controller")
+    ctl.start(wait_s=5)
+    topic = topics.manifest("fleet1", "digits")
+    assert ctl.publish_wait(topic, b'{"x": 1}')
+    dev = client(broker, "dev-1")
+    inbox = Inbox()
+    for f in topics.agent_manifest_filters("fleet1", "dev-1", "g1"):
+        dev.subscribe(f, inbox)
+    dev.start(wait_s=5)
+    assert inbox.wait(1)
+    assert inbox.items[0] == (topic.name, b'{"x": 1}', True)
+    ctl.stop()
+    dev.stop()
+
+
+def test_acl_confines_devices_to_their_own_subtree(broker: Mosquitto) -> None:
+    """dev-1 cannot publish dev-2's telemetry, nor any manifest, nor its own manifest."""
+    watcher = client(broker, "collector")
+    inbox = Inbox()
+    watcher.subscribe("tandem/v1/#", inbox)
+    watcher.start(wait_s=5)
+    dev = client(broker, "dev-1")
+    dev.start(wait_s=5)
+    dev.publish_wait(topics.device_telemetry("f", "dev-2"), b"forged")
+    dev.publish_wait(topics.manifest("f", "digits"), b"forged")
+    dev.publish_wait(topics.manifest("f", "digits", device="dev-1"), b"forged")
+    dev.publish_wait(topics.manifest("f", "digits", group="g"), b"forged")
+    dev.publish_wait(topics.device_telemetry("f", "dev-1"), b"mine")
+    assert inbox.wait(1)
+    time.sleep(0.3)
+    assert [(t, p) for t, p, _ in inbox.items] == [
+        (topics.device_telemetry("f", "dev-1").name, b"mine")
+    ]
+    watcher.stop()
+    dev.stop()
+
+
+def test_last_will_marks_a_vanished_device_and_reconnect_resubscribes(broker: Mosquitto) -> None:
+    watcher = client(broker, "collector")
+    inbox = Inbox()
+    watcher.subscribe(topics.fleet_device_filter("f", "status"), inbox)
+    watcher.start(wait_s=5)
+    settings = MqttSettings(
+        url=broker.url, username="dev-3", password=SecretStr("pw-3"), keepalive_s=5
+    )
+    dev = MqttClient(settings, "dev-3", will=(topics.device_status("f", "dev-3"), b"offline"))
+    dev.start(wait_s=5)
+    broker.stop()  # the broker goes away and comes back: both clients reconnect
+    broker.start()
+    assert watcher.connected.wait(10) and dev.connected.wait(10)
+    dev._client._sock.close()  # type: ignore[union-attr]  # the device vanishes uncleanly
+    dev._client.loop_stop()
+    assert inbox.wait(1, timeout=15)
+    assert inbox.items[-1][1] == b"offline"
+    watcher.stop()
+
+
+def test_a_handler_that_raises_does_not_kill_the_client(broker: Mosquitto) -> None:
+    dev = client(broker, "collector")
+    calls = Inbox()
+
+    def bad(topic: str, payload: bytes, retained: bool) -> None:
+        calls(topic, payload, retained)
+        raise ValueError("boom")
+
+    dev.subscribe("tandem/v1/#", bad)
+    dev.start(wait_s=5)
+    ctl = client(broker, "controller")
+    ctl.start(wait_s=5)
+    ctl.publish_wait(topics.device_telemetry("f", "dev-1"), b"1")
+    ctl.publish_wait(topics.device_telemetry("f", "dev-1"), b"2")
+    assert calls.wait(2)
+    assert dev.counters.handler_errors == 2 and dev.connected.is_set()
+    ctl.stop()
+    dev.stop()
