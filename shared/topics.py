@@ -42,26 +42,24 @@ def _id(value: str, what: str) -> str:
     return check_identifier(value, what)
 
 
+def _device(fleet: str, device: str) -> str:
+    return f"{PREFIX}/{_id(fleet, 'fleet')}/devices/{_id(device, 'device')}"
+
+
 def device_status(fleet: str, device: str) -> Topic:
-    return Topic(f"{PREFIX}/{_id(fleet, 'fleet')}/devices/{_id(device, 'device')}/status", 1, True)
+    return Topic(f"{_device(fleet, device)}/status", 1, True)
 
 
 def device_telemetry(fleet: str, device: str) -> Topic:
-    return Topic(
-        f"{PREFIX}/{_id(fleet, 'fleet')}/devices/{_id(device, 'device')}/telemetry", 1, False
-    )
+    return Topic(f"{_device(fleet, device)}/telemetry", 1, False)
 
 
 def device_update(fleet: str, device: str) -> Topic:
-    return Topic(f"{PREFIX}/{_id(fleet, 'fleet')}/devices/{_id(device, 'device')}/update", 1, True)
+    return Topic(f"{_device(fleet, device)}/update", 1, True)
 
 
 def device_command(fleet: str, device: str, name: str) -> Topic:
-    return Topic(
-        f"{PREFIX}/{_id(fleet, 'fleet')}/devices/{_id(device, 'device')}/cmd/{_id(name, 'command')}",
-        1,
-        False,
-    )
+    return Topic(f"{_device(fleet, device)}/cmd/{_id(name, 'command')}", 1, False)
 
 
 def manifest(
@@ -73,7 +71,7 @@ def manifest(
     base = f"{PREFIX}/{_id(fleet, 'fleet')}"
     m = _id(model, "model")
     if device is not None:
-        return Topic(f"{base}/devices/{_id(device, 'device')}/models/{m}/manifest", 1, True)
+        return Topic(f"{_device(fleet, device)}/models/{m}/manifest", 1, True)
     if group is not None:
         return Topic(f"{base}/groups/{_id(group, 'group')}/models/{m}/manifest", 1, True)
     return Topic(f"{base}/models/{m}/manifest", 1, True)
@@ -85,17 +83,14 @@ def manifest(
 def agent_manifest_filters(fleet: str, device: str, group: str | None) -> list[str]:
     """What an agent subscribes to: every model's manifest at fleet, group and device scope."""
     base = f"{PREFIX}/{_id(fleet, 'fleet')}"
-    filters = [
-        f"{base}/models/+/manifest",
-        f"{base}/devices/{_id(device, 'device')}/models/+/manifest",
-    ]
+    filters = [f"{base}/models/+/manifest", f"{_device(fleet, device)}/models/+/manifest"]
     if group is not None:
         filters.append(f"{base}/groups/{_id(group, 'group')}/models/+/manifest")
     return filters
 
 
 def agent_command_filter(fleet: str, device: str) -> str:
-    return f"{PREFIX}/{_id(fleet, 'fleet')}/devices/{_id(device, 'device')}/cmd/+"
+    return f"{_device(fleet, device)}/cmd/+"
 
 
 def fleet_device_filter(fleet: str, leaf: Literal["status", "telemetry", "update"]) -> str:
