@@ -7,7 +7,6 @@ when a model is loaded, web frameworks only by ``tandem-agent serve``.
 from agent.core import Agent
 from agent.result import InferenceResult, Latency
 from agent.settings import AgentSettings
-
-__version__ = "0.1.0"
+from agent.version import __version__
 
 __all__ = ["Agent", "AgentSettings", "InferenceResult", "Latency", "__version__"]

@@ -69,6 +69,36 @@ def _serve(settings: AgentSettings) -> int:
     return 0
 
 
+def _run(settings: AgentSettings, serve: bool) -> int:
+    """The device's main job: store, updater, MQTT, and (unless told not to) the endpoint."""
+    import signal
+
+    from agent.service import AgentService
+
+    service = AgentService(settings)
+    service.start()
+    try:
+        if serve:
+            try:
+                import uvicorn
+
+                from agent.server import create_app
+            except ImportError:
+                raise SystemExit("the local endpoint needs: pip install 'tandem[serve]'") from None
+            uvicorn.run(
+                create_app(service.agent),
+                host=settings.server.host,
+                port=settings.server.port,
+                log_level=settings.log_level.lower(),
+                access_log=False,
+            )
+        else:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        service.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem-agent", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML settings file")
@@ -78,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the local OIP endpoint")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    run = sub.add_parser("run", help="run as a device: model store, MQTT updates, endpoint")
+    run.add_argument("--host")
+    run.add_argument("--port", type=int)
+    run.add_argument("--no-serve", action="store_true", help="no local OIP endpoint")
     infer = sub.add_parser("infer", help="classify the rows of a file")
     infer.add_argument("file", type=Path, help=".npy, .json or .csv/.txt rows of features")
     infer.add_argument("--mode", choices=["edge", "cloud", "auto"])
@@ -112,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "infer":
             return _infer(settings, args)
+        if args.command == "run":
+            if args.no_serve:
+                import signal
+
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            return _run(settings, serve=not args.no_serve)
         return _serve(settings)
     except TandemError as exc:
         print(f"tandem-agent: {exc.message}", file=sys.stderr)

@@ -41,6 +41,19 @@ log = logging.getLogger(__name__)
 EDGE_ERROR = "edge_error"
 
 
+class ModelHealth:
+    """Counters of one serving model since it was activated: what the updater's health watch
+    judges a new model by. Incremented without a lock: a lost increment under a race does
+    not change a rate."""
+
+    __slots__ = ("errors", "served", "unsure")
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.unsure = 0
+        self.errors = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Active:
     """The serving model with its routing knobs resolved (settings override manifest)."""
@@ -52,6 +65,7 @@ class _Active:
     temperature: float
     cloud: CloudTarget | None
     edge_ref: str
+    health: ModelHealth
 
 
 class Agent:
@@ -112,6 +126,7 @@ class Agent:
             temperature=r.temperature or m.routing.temperature,
             cloud=cloud,
             edge_ref=m.ref,
+            health=ModelHealth(),
         )
 
     @property
@@ -121,6 +136,11 @@ class Agent:
     @property
     def threshold(self) -> float:
         return self._active.policy.threshold
+
+    @property
+    def health(self) -> ModelHealth:
+        """Counters of the serving model since its activation."""
+        return self._active.health
 
     def activate(self, model: LoadedModel) -> LoadedModel:
         """Serve ``model`` from the next request on; returns the model it replaced, which
@@ -172,6 +192,10 @@ class Agent:
         local_ms = (clock() - t0) * 1000.0
         self._local_ms += 0.05 * (local_ms - self._local_ms)
         probs, conf, index = score(out, active.kind, active.temperature, active.metric, scale, zero)
+        health = active.health
+        health.served += 1
+        if conf < active.policy.threshold:
+            health.unsure += 1
         decision = self.router.decide(mode, conf, budget - local_ms, active.policy)
         if decision.escalate:
             answer = self._call_cloud(active, raw, budget - (clock() - t0) * 1000.0)
@@ -275,6 +299,7 @@ class Agent:
     ) -> InferenceResult:
         """The local model raised: let the cloud stand in if it can, else re-raise."""
         log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
+        active.health.errors += 1
         elapsed = (self._clock() - t0) * 1000.0
         decision = self.router.decide("cloud", 0.0, budget - elapsed, active.policy)
         if decision.escalate:

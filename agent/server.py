@@ -18,10 +18,10 @@ import numpy as np
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from agent import __version__
 from agent.core import Agent
 from agent.result import InferenceResult
 from agent.routing import ROUTE_MODES
+from agent.version import __version__
 from shared.errors import InvalidRequestError, ModelNotFoundError
 from shared.oip import (
     SERVER_EXTENSIONS,

@@ -21,8 +21,11 @@ from pydantic_settings import (
 
 from agent.backends import BackendSettings, TFLiteSettings
 from agent.routing import RouteMode
+from shared.identifiers import Identifier
 from shared.manifest import ConfidenceMetric
+from shared.mqtt import MqttSettings
 from shared.settings_files import load_settings
+from shared.update import UpdateState
 
 
 class _Section(BaseModel):
@@ -64,6 +67,34 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
 
 
+class DownloadSettings(_Section):
+    attempts: int = Field(default=5, ge=1, description="tries, each resuming the last")
+    backoff_s: float = Field(default=0.5, ge=0, description="first wait; doubles per try")
+    timeout_s: float = Field(default=30.0, gt=0, description="per read/connect")
+    disk_margin_bytes: int = Field(default=1024 * 1024, ge=0, description="left free after")
+
+
+class UpdateSettings(_Section):
+    trust_store: Path | None = Field(
+        default=None, description="pinned trust store (JSON); None: updates are refused"
+    )
+    registry_url: str | None = Field(
+        default=None, description="base for relative artifact URLs; None: cloud.url"
+    )
+    settle_s: float = Field(default=0.3, ge=0, description="collect retained manifests first")
+    health_watch_s: float = Field(default=30.0, ge=0)
+    health_min_requests: int = Field(default=20, ge=1, description="before rates are judged")
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_unsure_rate: float | None = Field(
+        default=0.9, ge=0, le=1, description="share of answers below the threshold"
+    )
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
+    test_hold_state: UpdateState | None = Field(
+        default=None, description="fault injection for tests: pause after entering this state"
+    )
+    test_hold_s: float = Field(default=0.0, ge=0)
+
+
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_AGENT_", env_nested_delimiter="__", extra="forbid"
@@ -71,8 +102,16 @@ class AgentSettings(BaseSettings):
 
     model_dir: Path = Field(
         default=Path("models/edge/digits-int8"),
-        description="folder with manifest.json and the edge artifact it names",
+        description="the factory model: manifest.json + artifact, imported into the store once",
     )
+    device: Identifier = Field(default="dev-0", description="this device's id (MQTT user)")
+    fleet: Identifier = "default"
+    group: Identifier | None = None
+    state_dir: Path = Field(
+        default=Path("state/agent"), description="model store, anti-rollback record, session"
+    )
+    mqtt: MqttSettings | None = Field(default=None, description="None: no broker, no updates")
+    update: UpdateSettings = Field(default_factory=UpdateSettings)
     backend: BackendSettings = Field(default_factory=TFLiteSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from cloud import __version__
 from cloud.dataplane import CloudDataPlane
+from cloud.registry import Registry, registry_router
 from cloud.repository import ModelRepository
 from cloud.settings import CloudSettings
 from shared.oip_http import install_error_handlers, oip_router
@@ -20,5 +21,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     app = FastAPI(title="tandem-cloud", version=__version__)
     install_error_handlers(app)
     app.include_router(oip_router(plane, settings.max_body_bytes))
+    if settings.registry is not None:
+        app.include_router(registry_router(Registry(settings.registry)))
     app.state.plane = plane
     return app

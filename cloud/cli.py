@@ -1,13 +1,22 @@
-"""``tandem-cloud``: the cloud's command line. Settings are built here and passed down."""
+"""``tandem-cloud``: the cloud's command line. Settings are built here and passed down.
+
+- ``serve``: the OIP server (and the registry, with ``--registry``);
+- ``keys generate``: an Ed25519 signing key and the trust store devices pin;
+- ``model package``: validate an edge model in the real interpreter, sign, publish;
+- ``fleet rollout | rollback | status``: see ``cloud/fleet_cli.py``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from cloud.settings import CloudSettings
+from shared.errors import TandemError
 
 
 def _serve(settings: CloudSettings) -> int:
@@ -26,17 +35,111 @@ def _serve(settings: CloudSettings) -> int:
     return 0
 
 
+def _keys_generate(args: argparse.Namespace) -> int:
+    from shared.signing import SigningKey, TrustStore
+
+    key = SigningKey.generate()
+    key_path = args.dir / f"{args.name}.key"
+    if key_path.exists():
+        raise SystemExit(f"tandem-cloud: {key_path} exists; refusing to overwrite a key")
+    key.save(key_path)
+    (args.dir / f"{args.name}.pub").write_text(key.public_b64 + "\n")
+    trust_path = args.dir / "trust.json"
+    trust = TrustStore.load(trust_path) if trust_path.exists() else TrustStore()
+    trust.add(key.public_b64)
+    trust.save(trust_path)
+    print(
+        json.dumps(
+            {"key_id": key.key_id, "private_key": str(key_path), "trust_store": str(trust_path)}
+        )
+    )
+    return 0
+
+
+def _model_package(args: argparse.Namespace) -> int:
+    from cloud.packaging import PackageRequest, package
+    from cloud.registry import Registry
+    from shared.manifest import CloudTarget, Manifest
+    from shared.signing import SigningKey
+
+    template = (
+        Manifest.load(args.template)
+        if args.template.is_dir()
+        else Manifest.from_json(args.template.read_text())
+    )
+    cloud = None
+    if args.cloud_model:
+        cloud = (template.cloud or CloudTarget(model=args.cloud_model)).model_copy(
+            update={"model": args.cloud_model, "version": args.cloud_version}
+        )
+    routing = None
+    if args.threshold is not None:
+        routing = template.routing.model_copy(update={"threshold": args.threshold})
+    request = PackageRequest(
+        edge=args.edge,
+        template=template,
+        version=args.version,
+        cloud=cloud,
+        routing=routing,
+        expires_days=args.expires_days,
+        min_agent_version=args.min_agent_version,
+    )
+    manifest = package(request, SigningKey.load(args.key), Registry(args.registry))
+    print(
+        json.dumps(
+            {
+                "model": manifest.model,
+                "version": manifest.version,
+                "sha256": manifest.edge.sha256,
+                "key_id": manifest.key_id,
+            }
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem-cloud", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML settings file")
     sub = parser.add_subparsers(dest="command", required=True)
+
     serve = sub.add_parser("serve", help="serve an ONNX model repository over OIP (KServe v2)")
     serve.add_argument("--repo", type=Path, help="<repo>/<model>/<version>/model.onnx")
+    serve.add_argument("--registry", type=Path, help="serve model bundles under /registry")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument(
         "--simulated-delay-ms", type=float, help="demo only: add a wide-area round trip"
     )
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="action", required=True)
+    gen = keys.add_parser("generate", help="a new Ed25519 key, added to DIR/trust.json")
+    gen.add_argument("--dir", type=Path, default=Path("keys"))
+    gen.add_argument("--name", default="operator")
+
+    model = sub.add_parser("model", help="model releases").add_subparsers(
+        dest="action", required=True
+    )
+    pkg = model.add_parser("package", help="validate, sign and publish an edge model")
+    pkg.add_argument("--edge", type=Path, required=True, help="the .tflite artifact")
+    pkg.add_argument(
+        "--template",
+        type=Path,
+        required=True,
+        help="a manifest (or its folder): labels, names, golden inputs and labels",
+    )
+    pkg.add_argument("--registry", type=Path, required=True)
+    pkg.add_argument("--key", type=Path, required=True, help="private key (keys generate)")
+    pkg.add_argument("--version", type=int, help="default: latest release + 1")
+    pkg.add_argument("--cloud-model", help="OIP model to escalate to (default: template's)")
+    pkg.add_argument("--cloud-version")
+    pkg.add_argument("--threshold", type=float, help="routing threshold (default: template's)")
+    pkg.add_argument("--expires-days", type=float, default=365.0)
+    pkg.add_argument("--min-agent-version")
+
+    from cloud.fleet_cli import add_fleet_parser
+
+    add_fleet_parser(sub)
     return parser
 
 
@@ -44,16 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {
         key: value
-        for key in ("repo", "host", "port", "simulated_delay_ms")
+        for key in ("repo", "host", "port", "simulated_delay_ms", "registry")
         if (value := getattr(args, key, None)) is not None
     }
     settings = CloudSettings.load(args.config, **overrides)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command == "serve":
-        return _serve(settings)
-    return 2
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "keys":
+            return _keys_generate(args)
+        if args.command == "model":
+            return _model_package(args)
+        from cloud.fleet_cli import run_fleet
+
+        return run_fleet(args, settings)
+    except TandemError as exc:
+        print(f"tandem-cloud: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

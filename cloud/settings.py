@@ -17,6 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from shared.identifiers import Identifier
+from shared.mqtt import MqttSettings
 from shared.settings_files import load_settings
 
 
@@ -40,11 +42,20 @@ class CloudSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    registry: Path | None = Field(
+        default=None, description="model bundles served under /registry; None: not served"
+    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     simulated_delay_ms: float = Field(
         default=0.0, ge=0, description="demo/test only: a wide-area round trip added to infer"
     )
     ort: OrtSettings = Field(default_factory=OrtSettings)
+    fleet: Identifier = "default"
+    state_dir: Path = Field(default=Path("state/cloud"), description="fleet.db (SQLite)")
+    mqtt: MqttSettings | None = Field(
+        default=None, description="broker for the controller (user: controller)"
+    )
+    signing_key: Path | None = Field(default=None, description="for rollback releases")
     log_level: str = "INFO"
 
     @classmethod

@@ -42,7 +42,8 @@ class InferenceBackend(Protocol):
         ...
 
     def close(self) -> None:
-        """Release the runtime. Calls to ``infer`` after this are a bug."""
+        """The model is no longer served. Must stay safe for requests already under way
+        (they picked the model before a swap): free what they cannot be using."""
         ...
 
 

@@ -81,4 +81,5 @@ class OnnxBackend:
         return self.infer(x)[0], 1.0, 0.0
 
     def close(self) -> None:
-        self._session = None
+        """Nothing to do eagerly: a request that picked this model before a swap may still
+        run it; the session is freed with the backend."""

@@ -215,6 +215,7 @@ class TFLiteBackend:
         return y
 
     def close(self) -> None:
+        """Forget the interpreters. A request that picked this model before a swap may
+        still be about to take one from the pool, so the pool stays: the interpreters are
+        freed with the backend, when the last request lets go of it."""
         self._slots.clear()
-        while not self._pool.empty():
-            self._pool.get_nowait()

@@ -25,13 +25,16 @@ def test_identifiers_cannot_break_out(bad: str) -> None:
 
 def test_parsing_round_trips() -> None:
     assert topics.parse_manifest(topics.manifest("f", "m", group="g").name) == topics.ManifestTopic(
-        "f", "m", "group", "g")
+        "f", "m", "group", "g"
+    )
     assert topics.parse_manifest(topics.manifest("f", "m").name) == topics.ManifestTopic(
-        "f", "m", "fleet", None)
+        "f", "m", "fleet", None
+    )
     assert topics.parse_manifest("tandem/v1/f/devices/d/status") is None
     assert topics.parse_manifest("other/v1/f/models/m/manifest") is None
     assert topics.parse_device("tandem/v1/f/devices/d/telemetry") == topics.DeviceTopic(
-        "f", "d", "telemetry")
+        "f", "d", "telemetry"
+    )
     assert topics.parse_device("tandem/v1/f/devices/d/x/telemetry") is None
     assert topics.SCOPE_RANK["device"] > topics.SCOPE_RANK["group"] > topics.SCOPE_RANK["fleet"]
     with pytest.raises(ValueError):

@@ -1,0 +1,179 @@
+"""``AgentService``: the agent as a device runs it. Boots the last-known-good model from the
+store with no network, then connects to the broker (birth, Last Will, manifests) and keeps
+the updater fed. ``Agent`` stays usable on its own (tests, embedding); this wires it up.
+
+Boot order, all offline: the store's current slot; failing that, its previous slot; failing
+that, the factory model (``model_dir``), which is imported into the store on first boot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from agent.core import Agent
+from agent.errors import ModelLoadError
+from agent.model import LoadedModel, load_model
+from agent.settings import AgentSettings
+from agent.store import ModelStore, atomic_write
+from agent.updater import Updater
+from agent.version import __version__
+from shared import topics
+from shared.errors import ContractError
+from shared.manifest import Manifest
+from shared.mqtt import MqttClient
+from shared.signing import TrustStore
+from shared.status import DeviceStatus, ModelVersion
+from shared.update import UpdateReport
+
+log = logging.getLogger(__name__)
+
+
+def next_session(state_dir: Path) -> int:
+    """A counter that increases at every start, persisted (births carry it)."""
+    path = state_dir / "session.json"
+    try:
+        current = int(json.loads(path.read_text())["session"])
+    except (OSError, ValueError, KeyError, TypeError):
+        current = 0
+    atomic_write(path, json.dumps({"session": current + 1}).encode())
+    return current + 1
+
+
+class AgentService:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.store = ModelStore(settings.state_dir)
+        self.session = next_session(settings.state_dir)
+        self.agent = Agent(settings, model=self._boot())
+        trust = (
+            TrustStore.load(settings.update.trust_store) if settings.update.trust_store else None
+        )
+        token = settings.cloud.token.get_secret_value() if settings.cloud.token else None
+        self.http = httpx.Client(headers={"Authorization": f"Bearer {token}"} if token else {})
+        self._lock = threading.Lock()
+        self.mqtt: MqttClient | None = None
+        self.updater = Updater(
+            self.agent,
+            self.store,
+            trust,
+            settings.update,
+            device=settings.device,
+            backend=settings.backend,
+            report=self._publish_report,
+            http=self.http,
+            registry_url=settings.cloud.url,
+        )
+        if settings.mqtt is not None:
+            offline = self._status("offline").model_dump_json().encode()
+            self.mqtt = MqttClient(
+                settings.mqtt,
+                client_id=settings.device,
+                will=(topics.device_status(settings.fleet, settings.device), offline),
+                on_connect=self._on_connect,
+            )
+            for f in topics.agent_manifest_filters(settings.fleet, settings.device, settings.group):
+                self.mqtt.subscribe(f, self._on_manifest)
+
+    # ------------------------------------------------------------------------- boot
+
+    def _served_model(self) -> str:
+        s = self.settings
+        if (s.model_dir / "manifest.json").is_file():
+            return Manifest.load(s.model_dir).model
+        models = self.store.models()
+        if len(models) == 1:
+            return models[0]
+        raise ModelLoadError(
+            f"no factory model at {s.model_dir} and the store holds {len(models)} models"
+        )
+
+    def _boot(self) -> LoadedModel:
+        name = self._served_model()
+        if self.store.pointer(name) is None:
+            slot = self.store.import_dir(self.settings.model_dir)
+            self.store.activate(name, slot)
+            self.store.accept(name, Manifest.load(slot).version)
+        for slot in self.store.bootable_slots(name):
+            try:
+                model = load_model(slot, self.settings.backend)
+            except (ModelLoadError, ContractError) as exc:
+                log.error("slot %s does not boot: %s", slot.name, exc.message)
+                continue
+            log.info("booted %s from %s", model.manifest.ref, slot)
+            return model
+        log.error("no slot boots; falling back to the factory model %s", self.settings.model_dir)
+        return load_model(self.settings.model_dir, self.settings.backend)
+
+    # ------------------------------------------------------------------------ MQTT
+
+    def _status(self, state: str) -> DeviceStatus:
+        m = self.agent.model.manifest if hasattr(self, "agent") else None
+        return DeviceStatus(
+            device=self.settings.device,
+            state=state,  # type: ignore[arg-type]
+            group=self.settings.group,
+            agent_version=__version__,
+            session=self.session,
+            models=[ModelVersion(model=m.model, version=m.version)] if m else [],
+            capabilities=["oip", "update", self.settings.backend.kind],
+            ts=datetime.now(timezone.utc),
+        )
+
+    def _on_connect(self) -> None:
+        """Birth (retained), and the last job state again in case it was lost offline."""
+        assert self.mqtt is not None
+        s = self.settings
+        self.mqtt.publish(
+            topics.device_status(s.fleet, s.device),
+            self._status("online").model_dump_json().encode(),
+        )
+        if self.updater.last_report is not None:
+            self._publish_report(self.updater.last_report)
+
+    def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_manifest(topic)
+        if parsed is None:
+            log.warning("ignoring message on unexpected topic %s", topic)
+            return
+        self.updater.offer(parsed.scope, parsed.model, payload)
+
+    def _publish_report(self, report: UpdateReport) -> None:
+        if self.mqtt is None:
+            return
+        s = self.settings
+        self.mqtt.publish(
+            topics.device_update(s.fleet, s.device), report.model_dump_json().encode()
+        )
+        if report.state.terminal:  # the birth's model list changed, or may have
+            self.mqtt.publish(
+                topics.device_status(s.fleet, s.device),
+                self._status("online").model_dump_json().encode(),
+            )
+
+    # ------------------------------------------------------------------- lifecycle
+
+    def start(self, wait_s: float | None = None) -> None:
+        self.updater.start()
+        if self.mqtt is not None:
+            self.mqtt.start(wait_s=wait_s)
+
+    def stop(self) -> None:
+        """Graceful: say offline ourselves (no Last Will), stop threads, release models."""
+        if self.mqtt is not None:
+            s = self.settings
+            if self.mqtt.connected.is_set():
+                self.mqtt.publish_wait(
+                    topics.device_status(s.fleet, s.device),
+                    self._status("offline").model_dump_json().encode(),
+                    timeout_s=2.0,
+                )
+            self.mqtt.stop()
+        self.updater.stop()
+        self.http.close()
+        self.agent.close()

@@ -1,0 +1,222 @@
+"""The agent's on-disk model store: slots, an atomic pointer, anti-rollback, the job record.
+
+Layout under ``state_dir``::
+
+    models/<model>/slots/v<version>-<sha12>/   manifest.json + the artifact (immutable)
+    models/<model>/pointer.json                {"current": slot, "previous": slot|null}
+    models/<model>/staging/                    partial downloads (resumable)
+    models/<model>/job.json                    the update in progress (survives kill -9)
+    accepted.json                              highest version ever accepted, per model
+
+Every file that matters is written by temp file + fsync + rename + fsync of the folder, so a
+``kill -9`` or power cut leaves either the old or the new content, never a torn one. The
+pointer names both the current and the previous slot in one file: activation and rollback
+are one rename each. Only those two slots are kept; ``prune`` removes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.identifiers import check_identifier
+from shared.manifest import MANIFEST_FILE, Manifest
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+@dataclass(frozen=True)
+class Pointer:
+    current: str
+    previous: str | None
+
+
+class ModelStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._clean_temp_files()
+
+    # ------------------------------------------------------------------------ paths
+
+    def model_dir(self, model: str) -> Path:
+        return self.root / "models" / check_identifier(model, "model")
+
+    def slot_name(self, manifest: Manifest) -> str:
+        return f"v{manifest.version}-{manifest.edge.sha256[:12]}"
+
+    def slot_path(self, model: str, slot: str) -> Path:
+        return self.model_dir(model) / "slots" / slot
+
+    def staging_file(self, manifest: Manifest) -> Path:
+        folder = self.model_dir(manifest.model) / "staging"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{self.slot_name(manifest)}.part"
+
+    def _clean_temp_files(self) -> None:
+        for tmp in self.root.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for partial_slot in self.root.glob("models/*/slots/.*"):
+            shutil.rmtree(partial_slot, ignore_errors=True)
+
+    # ---------------------------------------------------------------------- pointer
+
+    def pointer(self, model: str) -> Pointer | None:
+        doc = _read_json(self.model_dir(model) / "pointer.json")
+        if not isinstance(doc, dict) or not isinstance(doc.get("current"), str):
+            return None
+        return Pointer(doc["current"], doc.get("previous"))
+
+    def _write_pointer(self, model: str, pointer: Pointer) -> None:
+        doc = {"current": pointer.current, "previous": pointer.previous}
+        atomic_write(self.model_dir(model) / "pointer.json", json.dumps(doc).encode())
+
+    def models(self) -> list[str]:
+        base = self.root / "models"
+        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+
+    def bootable_slots(self, model: str) -> list[Path]:
+        """Slots to try at boot, best first: current, then previous."""
+        pointer = self.pointer(model)
+        if pointer is None:
+            return []
+        names = [pointer.current] + ([pointer.previous] if pointer.previous else [])
+        return [
+            p for p in (self.slot_path(model, n) for n in names) if (p / MANIFEST_FILE).is_file()
+        ]
+
+    # ------------------------------------------------------------------------ slots
+
+    def install(self, manifest: Manifest, artifact: Path) -> Path:
+        """Make a slot from a verified artifact (moved in) and its manifest. The slot is
+        written under a hidden name and renamed into place, so it exists whole or not."""
+        final = self.slot_path(manifest.model, self.slot_name(manifest))
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shutil.move(str(artifact), tmp / manifest.edge.file)
+        with (tmp / manifest.edge.file).open("rb") as f:
+            os.fsync(f.fileno())
+        atomic_write(tmp / MANIFEST_FILE, manifest.to_json().encode())
+        tmp.replace(final)
+        fsync_dir(final.parent)
+        return final
+
+    def import_dir(self, source: Path) -> Path:
+        """Copy a model folder (manifest + artifact) into a slot: the factory model."""
+        manifest = Manifest.load(source)
+        staged = self.staging_file(manifest)
+        shutil.copyfile(source / manifest.edge.file, staged)
+        return self.install(manifest, staged)
+
+    def activate(self, model: str, slot: Path) -> None:
+        """Make ``slot`` current; what was current becomes previous. One atomic rename."""
+        old = self.pointer(model)
+        previous = (
+            old.current if old and old.current != slot.name else (old.previous if old else None)
+        )
+        self._write_pointer(model, Pointer(slot.name, previous))
+
+    def rollback(self, model: str) -> Path | None:
+        """Make the previous slot current again; returns it, or None if there is none."""
+        old = self.pointer(model)
+        if old is None or old.previous is None:
+            return None
+        self._write_pointer(model, Pointer(old.previous, None))
+        return self.slot_path(model, old.previous)
+
+    def prune(self, model: str) -> None:
+        """Delete every slot but current and previous, and stale partial downloads."""
+        pointer = self.pointer(model)
+        keep = {pointer.current, pointer.previous} if pointer else set()
+        slots = self.model_dir(model) / "slots"
+        for slot in slots.iterdir() if slots.is_dir() else []:
+            if slot.name not in keep:
+                shutil.rmtree(slot, ignore_errors=True)
+        job = self.job(model)
+        staging = self.model_dir(model) / "staging"
+        for part in staging.iterdir() if staging.is_dir() else []:
+            if job is None or part.name != f"{self.slot_name(job.manifest)}.part":
+                part.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ anti-rollback
+
+    def highest_accepted(self, model: str) -> int:
+        doc = _read_json(self.root / "accepted.json") or {}
+        value = doc.get(model, 0) if isinstance(doc, dict) else 0
+        return int(value) if isinstance(value, int) else 0
+
+    def accept(self, model: str, version: int) -> None:
+        """Record ``version`` as accepted; never lowers the recorded value."""
+        doc = _read_json(self.root / "accepted.json")
+        doc = doc if isinstance(doc, dict) else {}
+        doc[model] = max(version, int(doc.get(model, 0) or 0))
+        atomic_write(self.root / "accepted.json", json.dumps(doc, sort_keys=True).encode())
+
+    # ----------------------------------------------------------------------- jobs
+
+    def job(self, model: str) -> Job | None:
+        doc = _read_json(self.model_dir(model) / "job.json")
+        if not isinstance(doc, dict):
+            return None
+        try:
+            return Job(Manifest.model_validate(doc["manifest"]), str(doc["state"]))
+        except (KeyError, ValueError):
+            return None
+
+    def save_job(self, manifest: Manifest, state: str) -> None:
+        doc = {"manifest": manifest.model_dump(mode="json", by_alias=True), "state": state}
+        atomic_write(self.model_dir(manifest.model) / "job.json", json.dumps(doc).encode())
+
+    def clear_job(self, model: str) -> None:
+        (self.model_dir(model) / "job.json").unlink(missing_ok=True)
+        fsync_dir(self.model_dir(model))
+
+
+@dataclass(frozen=True)
+class Job:
+    manifest: Manifest
+    state: str

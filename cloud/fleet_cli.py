@@ -1,0 +1,153 @@
+"""``tandem-cloud fleet``: roll out, roll back, and see where every device stands.
+
+    tandem-cloud fleet rollout digits@5 [--group G | --devices a,b] [--canary 1|10%]
+                                        [--waves 2] [--max-failure-rate 0] [--wave-timeout 300]
+    tandem-cloud fleet resume ID
+    tandem-cloud fleet rollback digits [--to 4]
+    tandem-cloud fleet status
+
+Broker and fleet come from the cloud settings (``TANDEM_CLOUD_MQTT__URL``,
+``..._USERNAME``/``_PASSWORD``, ``TANDEM_CLOUD_FLEET``) or ``--broker``/``--fleet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from cloud.fleet_store import FleetStore
+from cloud.registry import Registry
+from cloud.rollout import FleetListener, RolloutController, RolloutError
+from cloud.settings import CloudSettings
+from shared.mqtt import MqttClient, MqttSettings
+from shared.signing import SigningKey
+
+
+def add_fleet_parser(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="rollouts and fleet status").add_subparsers(
+        dest="action", required=True
+    )
+    for p in (
+        fleet.add_parser("rollout", help="canary, then waves, then the whole target"),
+        fleet.add_parser("resume", help="carry on an interrupted rollout"),
+        fleet.add_parser("rollback", help="a new release with the previous artifact"),
+        fleet.add_parser("status", help="each device's model version and job state"),
+    ):
+        p.add_argument("--fleet")
+        p.add_argument("--broker", help="mqtt://host:port (default: settings)")
+        p.add_argument("--username")
+        p.add_argument("--password")
+        p.add_argument("--registry", type=Path)
+        p.add_argument("--state-dir", type=Path)
+        if p.prog.endswith("rollout"):
+            p.add_argument("release", help="MODEL@VERSION")
+            target = p.add_mutually_exclusive_group()
+            target.add_argument("--group")
+            target.add_argument("--devices", help="comma-separated device ids")
+            p.add_argument("--canary", default="1", help="a count, or a percentage like 10%%")
+            p.add_argument("--waves", type=int, default=2)
+            p.add_argument("--max-failure-rate", type=float, default=0.0)
+            p.add_argument("--wave-timeout", type=float, default=300.0)
+        elif p.prog.endswith("resume"):
+            p.add_argument("id", type=int)
+        elif p.prog.endswith("rollback"):
+            p.add_argument("model")
+            p.add_argument("--to", type=int, help="the release whose artifact to go back to")
+            p.add_argument("--key", type=Path, help="signing key (default: settings)")
+
+
+def _settings(args: argparse.Namespace, settings: CloudSettings) -> CloudSettings:
+    updates: dict[str, Any] = {}
+    if args.fleet:
+        updates["fleet"] = args.fleet
+    if args.registry:
+        updates["registry"] = args.registry
+    if args.state_dir:
+        updates["state_dir"] = args.state_dir
+    mqtt = settings.mqtt or MqttSettings()
+    if args.broker:
+        mqtt = mqtt.model_copy(update={"url": args.broker})
+    if args.username:
+        mqtt = mqtt.model_copy(update={"username": args.username})
+    if args.password:
+        from pydantic import SecretStr
+
+        mqtt = mqtt.model_copy(update={"password": SecretStr(args.password)})
+    updates["mqtt"] = mqtt
+    return settings.model_copy(update=updates)
+
+
+def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
+    assert settings.mqtt is not None
+    mqtt = MqttClient(settings.mqtt, client_id=f"controller-{time.time_ns()}")
+    FleetListener(store, settings.fleet).attach(mqtt)
+    mqtt.start(wait_s=10.0)
+    time.sleep(0.5)  # retained status and update messages arrive
+    return mqtt
+
+
+def run_fleet(args: argparse.Namespace, base: CloudSettings) -> int:
+    settings = _settings(args, base)
+    store = FleetStore(settings.state_dir / "fleet.db")
+    mqtt = _connect(settings, store)
+    try:
+        if args.action == "status":
+            print_status(store, settings.fleet)
+            return 0
+        if settings.registry is None:
+            raise RolloutError("a registry folder is needed (--registry or TANDEM_CLOUD_REGISTRY)")
+        controller = RolloutController(
+            store, mqtt, Registry(settings.registry), settings.fleet, progress=print
+        )
+        if args.action == "rollback":
+            key_path = args.key or settings.signing_key
+            if key_path is None:
+                raise RolloutError("rollback signs a release: --key or TANDEM_CLOUD_SIGNING_KEY")
+            release = controller.rollback(args.model, SigningKey.load(key_path), args.to)
+            print(f"published {release.model}@{release.version} (artifact {release.edge.url})")
+            return 0
+        if args.action == "rollout":
+            model, _, version = args.release.partition("@")
+            if not version.isdigit():
+                raise RolloutError("the release is MODEL@VERSION, e.g. digits@5")
+            rollout_id = controller.create(
+                model,
+                int(version),
+                group=args.group,
+                devices=args.devices.split(",") if args.devices else None,
+                canary=args.canary,
+                waves=args.waves,
+                max_failure_rate=args.max_failure_rate,
+                wave_timeout_s=args.wave_timeout,
+            )
+        else:
+            rollout_id = args.id
+        print(f"rollout {rollout_id}")
+        result = controller.run(rollout_id)
+        print(f"rollout {result.id}: {result.state} {result.detail}".rstrip())
+        return 0 if result.state == "COMPLETED" else 3
+    finally:
+        mqtt.stop()
+        store.close()
+
+
+def print_status(store: FleetStore, fleet: str) -> None:
+    jobs = store.latest_jobs(fleet)
+    rows = []
+    for d in store.devices(fleet):
+        models = ", ".join(f"{m['model']}:{m['version']}" for m in d["models"]) or "-"
+        job = jobs.get(d["device"])
+        job_text = f"{job['model']}@{job['version']} {job['state']}" if job else "-"
+        reason = job["reason"] if job else ""
+        rows.append((d["device"], d["group"] or "-", d["state"], models, job_text, reason))
+    head = ("device", "group", "status", "serving", "last job", "reason")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    for ro in store.rollouts(fleet)[-5:]:
+        print(
+            f"rollout {ro.id}: {ro.model}@{ro.version} -> {ro.target_kind} {ro.target or ''} "
+            f"{ro.state} wave {ro.current_wave} {ro.detail}".rstrip()
+        )

@@ -1,0 +1,250 @@
+"""Rollouts: canary first, then waves, each waiting for the devices' job states; abort when a
+wave fails too often; promote to the target scope and clear the device-specific manifests
+the rollout used. Rollback is a new release pointing at older artifacts.
+
+Everything the controller decides is written to the fleet store before it acts, and every
+publish is idempotent (retained manifests), so a controller killed mid-rollout and started
+again carries on: it re-reads the plan, re-publishes what a wave needs, and waits for the
+states devices report (retained too, so none is missed while it was down).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from pydantic import ValidationError
+
+from cloud.fleet_store import FleetStore, Rollout
+from cloud.packaging import rollback_release
+from cloud.registry import Registry
+from shared import topics
+from shared.errors import TandemError
+from shared.manifest import Manifest
+from shared.mqtt import MqttClient
+from shared.signing import SigningKey
+from shared.status import DeviceStatus
+from shared.update import UpdateReport, UpdateState
+
+log = logging.getLogger(__name__)
+
+
+class RolloutError(TandemError):
+    """The rollout cannot be planned or run (no devices, unknown release, ...)."""
+
+
+class FleetListener:
+    """Keeps the fleet store current from the retained ``status`` and ``update`` topics.
+    Malformed payloads are counted and logged, never raised into paho's thread."""
+
+    def __init__(self, store: FleetStore, fleet: str) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.malformed = 0
+
+    def attach(self, mqtt: MqttClient) -> None:
+        mqtt.subscribe(topics.fleet_device_filter(self.fleet, "status"), self._on_status)
+        mqtt.subscribe(topics.fleet_device_filter(self.fleet, "update"), self._on_update)
+
+    def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not payload:
+            return
+        try:
+            status = DeviceStatus.model_validate_json(payload)
+        except ValidationError as exc:
+            self.malformed += 1
+            log.warning("malformed status on %s: %s", topic, exc.errors()[:1])
+            return
+        self.store.record_status(self.fleet, status)
+
+    def _on_update(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not payload:
+            return
+        try:
+            report = UpdateReport.model_validate_json(payload)
+        except ValidationError as exc:
+            self.malformed += 1
+            log.warning("malformed update report on %s: %s", topic, exc.errors()[:1])
+            return
+        self.store.record_job(self.fleet, report)
+
+
+def plan(devices: list[str], canary: str, waves: int) -> list[list[str]]:
+    """Canary (a count, or a percentage of the devices) first, then ``waves`` equal parts."""
+    devices = sorted(devices)
+    if canary.endswith("%"):
+        n = math.ceil(len(devices) * float(canary[:-1]) / 100.0)
+    else:
+        n = int(canary)
+    n = max(0, min(n, len(devices)))
+    out = [devices[:n]] if n else []
+    rest = devices[n:]
+    if rest:
+        size = math.ceil(len(rest) / max(1, waves))
+        out += [rest[i : i + size] for i in range(0, len(rest), size)]
+    return out
+
+
+@dataclass(frozen=True)
+class WaveOutcome:
+    active: list[str]
+    failed: dict[str, str]  # device -> state: reason
+    timed_out: list[str]
+
+
+class RolloutController:
+    def __init__(
+        self,
+        store: FleetStore,
+        mqtt: MqttClient,
+        registry: Registry,
+        fleet: str,
+        *,
+        poll_s: float = 0.2,
+        progress: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.store = store
+        self.mqtt = mqtt
+        self.registry = registry
+        self.fleet = fleet
+        self.poll_s = poll_s
+        self.progress = progress
+
+    def create(
+        self,
+        model: str,
+        version: int,
+        *,
+        group: str | None = None,
+        devices: list[str] | None = None,
+        canary: str = "1",
+        waves: int = 2,
+        max_failure_rate: float = 0.0,
+        wave_timeout_s: float = 300.0,
+    ) -> int:
+        """Record a rollout (or return the unfinished one for the same release)."""
+        self.registry.manifest(model, version)  # must exist
+        existing = self.store.unfinished_rollout(self.fleet, model, version)
+        if existing is not None:
+            return existing.id
+        kind, target = (
+            ("devices", ",".join(devices))
+            if devices
+            else (("group", group) if group else ("fleet", None))
+        )
+        return self.store.create_rollout(
+            self.fleet,
+            model,
+            version,
+            kind,
+            target,
+            canary,
+            waves,
+            max_failure_rate,
+            wave_timeout_s,
+        )
+
+    def _targets(self, r: Rollout) -> list[str]:
+        if r.target_kind == "devices":
+            return [d for d in (r.target or "").split(",") if d]
+        group = r.target if r.target_kind == "group" else None
+        return [d["device"] for d in self.store.devices(self.fleet, group)]
+
+    def run(self, rollout_id: int) -> Rollout:
+        r = self.store.rollout(rollout_id)
+        if r.state in ("COMPLETED", "ABORTED"):
+            return r
+        manifest = self.registry.manifest(r.model, r.version)
+        planned = self.store.waves(r.id)
+        if not planned:
+            targets = self._targets(r)
+            if not targets:
+                raise RolloutError(f"no devices to roll {r.model}@{r.version} out to")
+            self.store.plan_waves(r.id, plan(targets, r.canary, r.waves))
+            planned = self.store.waves(r.id)
+            self.store.update_rollout(r.id, state="RUNNING")
+        for index in range(r.current_wave, len(planned)):
+            outcome = self._run_wave(r, index, planned[index], manifest)
+            devices = len(planned[index])
+            bad = len(outcome.failed) + len(outcome.timed_out)
+            rate = bad / devices
+            label = "canary" if index == 0 and len(planned) > 1 else f"wave {index}"
+            self.progress(
+                f"{label}: {len(outcome.active)}/{devices} ACTIVE, {len(outcome.failed)} failed, "
+                f"{len(outcome.timed_out)} timed out"
+            )
+            if rate > r.max_failure_rate:
+                detail = (
+                    f"{label} failure rate {rate:.0%} > {r.max_failure_rate:.0%}: "
+                    + "; ".join(f"{d} {why}" for d, why in sorted(outcome.failed.items()))
+                    + ("; timed out: " + ", ".join(outcome.timed_out) if outcome.timed_out else "")
+                )
+                for device in list(outcome.failed) + outcome.timed_out:
+                    self.mqtt.clear_retained(topics.manifest(self.fleet, r.model, device=device))
+                self.store.update_rollout(r.id, state="ABORTED", detail=detail)
+                self.progress(f"aborted: {detail}")
+                return self.store.rollout(r.id)
+            self.store.update_rollout(r.id, current_wave=index + 1, wave_started=None)
+        self._promote(r, manifest, [d for wave in planned for d, _ in wave])
+        self.store.update_rollout(r.id, state="COMPLETED", detail="")
+        self.progress(f"completed: {r.model}@{r.version}")
+        return self.store.rollout(r.id)
+
+    def _run_wave(
+        self, r: Rollout, index: int, wave: list[tuple[str, bool]], manifest: Manifest
+    ) -> WaveOutcome:
+        current = self.store.rollout(r.id)
+        started = current.wave_started if current.current_wave == index else None
+        if started is None:
+            started = datetime.now(timezone.utc).isoformat()
+            self.store.update_rollout(r.id, wave_started=started)
+        payload = manifest.to_json().encode()
+        for device, published in wave:
+            if not published:
+                topic = topics.manifest(self.fleet, r.model, device=device)
+                if not self.mqtt.publish_wait(topic, payload, timeout_s=10.0):
+                    raise RolloutError(f"broker did not acknowledge the manifest for {device}")
+                self.store.mark_published(r.id, device)
+        deadline = datetime.fromisoformat(started).timestamp() + r.wave_timeout_s
+        names = [d for d, _ in wave]
+        while True:
+            states = self.store.job_states(self.fleet, r.model, r.version)
+            done = {d: states[d] for d in names if d in states and states[d][0].terminal}
+            if len(done) == len(names) or time.time() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        return WaveOutcome(
+            active=[d for d, (s, _) in done.items() if s == UpdateState.ACTIVE],
+            failed={d: f"{s.value}: {why}" for d, (s, why) in done.items() if s.failure},
+            timed_out=[d for d in names if d not in done],
+        )
+
+    def _promote(self, r: Rollout, manifest: Manifest, devices: list[str]) -> None:
+        """Publish at the target scope, then clear the per-device manifests used to get
+        there (a device never sees a gap: the same version is present at both scopes)."""
+        if r.target_kind == "devices":
+            return
+        group = r.target if r.target_kind == "group" else None
+        topic = topics.manifest(self.fleet, r.model, group=group)
+        if not self.mqtt.publish_wait(topic, manifest.to_json().encode(), timeout_s=10.0):
+            raise RolloutError("broker did not acknowledge the promoted manifest")
+        for device in devices:
+            self.mqtt.clear_retained(topics.manifest(self.fleet, r.model, device=device))
+
+    def rollback(self, model: str, key: SigningKey, to_version: int | None = None) -> Manifest:
+        """Publish a new release pointing at an earlier artifact to the whole fleet, and
+        clear group and device manifests of the model so that it reaches every device."""
+        release = rollback_release(self.registry, model, key, to_version)
+        if not self.mqtt.publish_wait(
+            topics.manifest(self.fleet, model), release.to_json().encode(), timeout_s=10.0
+        ):
+            raise RolloutError("broker did not acknowledge the rollback manifest")
+        for group in self.store.groups(self.fleet):
+            self.mqtt.clear_retained(topics.manifest(self.fleet, model, group=group))
+        for device in self.store.devices(self.fleet):
+            self.mqtt.clear_retained(topics.manifest(self.fleet, model, device=device["device"]))
+        return release
