@@ -22,7 +22,6 @@ from agent.errors import AgentError
 from agent.settings import DownloadSettings
 
 log = logging.getLogger(__name__)
-CHUNK = 64 * 1024
 
 
 class DownloadError(AgentError):
@@ -52,12 +51,13 @@ class Downloader:
         self.settings = settings
         self._sleep = sleep
         self.resumed = 0  # how many attempts continued a partial file (for tests/telemetry)
+        self._etag: str | None = None
 
     def fetch(self, url: str, part: Path, size: int, sha256: str) -> Path:
         """Download ``url`` to ``part`` (resuming it) and return it, verified."""
         self._check_space(part, size)
-        etag: str | None = None
         last_error = ""
+        self._etag = None  # learnt from the first response, sent as If-Range
         for attempt in range(self.settings.attempts):
             have = part.stat().st_size if part.exists() else 0
             if have > size:
@@ -65,7 +65,7 @@ class Downloader:
                 have = 0
             if have < size:
                 try:
-                    etag = self._attempt(url, part, have, size, etag)
+                    self._attempt(url, part, have, size)
                 except (httpx.TransportError, httpx.HTTPStatusError, _IncompleteError) as exc:
                     last_error = f"{type(exc).__name__}: {exc}"
                     log.info("download of %s broke (%s); attempt %d", url, last_error, attempt + 1)
@@ -80,18 +80,19 @@ class Downloader:
             f"download of {url} failed after {self.settings.attempts} tries: {last_error}"
         )
 
-    def _attempt(self, url: str, part: Path, have: int, size: int, etag: str | None) -> str | None:
+    def _attempt(self, url: str, part: Path, have: int, size: int) -> None:
         headers = {}
         if have:
             headers["Range"] = f"bytes={have}-"
-            if etag:
-                headers["If-Range"] = etag
+            if self._etag:
+                headers["If-Range"] = self._etag
         with self.http.stream("GET", url, headers=headers, timeout=self.settings.timeout_s) as r:
             if r.status_code == 416 and have:  # nothing left to send: let the size check decide
-                return etag
+                return
             if r.status_code not in (200, 206):
                 r.raise_for_status()
                 raise DownloadError(f"{url} answered {r.status_code}")
+            self._etag = r.headers.get("etag", self._etag)
             if r.status_code == 200 and have:  # the server ignored Range, or the file changed
                 have = 0
             elif have:
@@ -100,7 +101,7 @@ class Downloader:
             with part.open("r+b" if have else "wb") as f:
                 f.seek(have)
                 f.truncate()
-                for chunk in r.iter_bytes(CHUNK):
+                for chunk in r.iter_bytes():  # no chunk size: a break keeps what arrived
                     got += len(chunk)
                     if got > size:
                         f.truncate(have)
@@ -110,8 +111,6 @@ class Downloader:
                 os.fsync(f.fileno())
             if got < size:
                 raise _IncompleteError(f"connection ended at {got} of {size} bytes")
-            new_etag: str | None = r.headers.get("etag", etag)
-            return new_etag
 
     def _check_space(self, part: Path, size: int) -> None:
         have = part.stat().st_size if part.exists() else 0

@@ -1,0 +1,237 @@
+"""A small real fleet for update tests: Mosquitto, the cloud server with its registry, signing
+keys, a controller connection, and agents (``AgentService``) that log in as dev-0, dev-1...
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from agent.service import AgentService
+from agent.settings import AgentSettings
+from cloud.app import create_app
+from cloud.fleet_store import FleetStore
+from cloud.packaging import PackageRequest, package
+from cloud.registry import Registry
+from cloud.rollout import FleetListener, RolloutController
+from cloud.settings import CloudSettings
+from shared import topics
+from shared.manifest import Manifest
+from shared.mqtt import MqttClient, MqttSettings
+from shared.signing import SigningKey, TrustStore
+from shared.update import UpdateReport
+from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8, serve_in_thread
+from tests.mosquitto import Mosquitto
+
+FLEET = "testfleet"
+
+
+class Asgi:
+    """Wraps the cloud app to watch (and optionally break) registry traffic."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.artifact_requests: list[dict[str, str]] = []
+        self.cut_next_download_at: int | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/registry/")
+            and scope["path"].endswith(".tflite")
+        ):
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            self.artifact_requests.append(headers)
+            if self.cut_next_download_at is not None:
+                cut, self.cut_next_download_at = self.cut_next_download_at, None
+                await self._cut(scope, receive, send, cut)
+                return
+        await self.app(scope, receive, send)
+
+    async def _cut(self, scope: Any, receive: Any, send: Any, cut: int) -> None:
+        """Send the headers and ``cut`` bytes of the body, then drop the connection."""
+        sent = 0
+
+        async def partial(message: Any) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if sent + len(body) >= cut:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": body[: cut - sent],
+                            "more_body": True,
+                        }
+                    )
+                    raise ConnectionResetError("test cut the download")
+                sent += len(body)
+            await send(message)
+
+        await self.app(scope, receive, partial)
+
+
+@dataclass
+class Fleet:
+    tmp: Path
+    broker: Mosquitto
+    url: str
+    server: Asgi
+    registry: Registry
+    key: SigningKey
+    trust_path: Path
+    controller: MqttClient
+    store: FleetStore
+    agents: dict[str, AgentService] = field(default_factory=dict)
+    reports: dict[str, list[UpdateReport]] = field(default_factory=dict)
+
+    def agent_settings(self, device: str, group: str | None = None, **update: Any) -> AgentSettings:
+        n = int(device.split("-")[1])
+        return AgentSettings(
+            model_dir=EDGE_INT8,
+            device=device,
+            fleet=FLEET,
+            group=group,
+            state_dir=self.tmp / "agents" / device,
+            cloud={"url": self.url},
+            mqtt=MqttSettings(
+                url=self.broker.url,
+                username=device,
+                password=SecretStr(f"pw-{n}"),
+                reconnect_min_s=0.2,
+                reconnect_max_s=1,
+                keepalive_s=5,
+            ),
+            update={
+                "trust_store": self.trust_path,
+                "health_watch_s": 0.3,
+                "settle_s": 0.2,
+                "download": {"backoff_s": 0.05},
+                **update,
+            },
+        )
+
+    def start_agent(self, device: str, group: str | None = None, **update: Any) -> AgentService:
+        service = AgentService(self.agent_settings(device, group, **update))
+        service.start(wait_s=10)
+        self.agents[device] = service
+        return service
+
+    def release(self, edge_dir: Path = EDGE_F32, **kw: Any) -> Manifest:
+        """Package an edge model folder (artifact + template) as the next release."""
+        return package(
+            PackageRequest(edge=edge_dir / "model.tflite", template=Manifest.load(edge_dir), **kw),
+            self.key,
+            self.registry,
+        )
+
+    def publish(
+        self,
+        manifest: Manifest,
+        *,
+        group: str | None = None,
+        device: str | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        topic = topics.manifest(FLEET, manifest.model, group=group, device=device)
+        payload = raw if raw is not None else manifest.to_json().encode()
+        assert self.controller.publish_wait(topic, payload)
+
+    def rollout_controller(self, **kw: Any) -> RolloutController:
+        return RolloutController(self.store, self.controller, self.registry, FLEET, **kw)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def last_state(fleet: Fleet, device: str, version: int) -> tuple[str, str] | None:
+    states = fleet.store.job_states(FLEET, "digits", version)
+    if device not in states:
+        return None
+    state, reason = states[device]
+    return state.value, reason
+
+
+@contextmanager
+def running_fleet(tmp: Path, broker: Mosquitto) -> Iterator[Fleet]:
+    key = SigningKey.generate()
+    trust = TrustStore()
+    trust.add(key.public_b64)
+    trust_path = tmp / "trust.json"
+    trust.save(trust_path)
+    registry_dir = tmp / "registry"
+    registry = Registry(registry_dir)
+    # v1 is what every agent boots with (the factory model): the registry starts there too
+    factory = Manifest.load(EDGE_INT8)
+    registry.publish(
+        key.sign(
+            factory.model_copy(
+                update={
+                    "edge": factory.edge.model_copy(
+                        update={"url": "/registry/digits/1/model.tflite"}
+                    )
+                }
+            )
+        ),
+        (EDGE_INT8 / "model.tflite").read_bytes(),
+    )
+    server = Asgi(create_app(CloudSettings(repo=CLOUD_REPO, registry=registry_dir)))
+    store = FleetStore(tmp / "fleet.db")
+    controller = MqttClient(
+        MqttSettings(url=broker.url, username="controller", password=SecretStr("ctl-pw")),
+        client_id="controller-test",
+    )
+    FleetListener(store, FLEET).attach(controller)
+    controller.start(wait_s=10)
+    with serve_in_thread(server) as url:
+        fleet = Fleet(tmp, broker, url, server, registry, key, trust_path, controller, store)
+        try:
+            yield fleet
+        finally:
+            for service in fleet.agents.values():
+                stop_quietly(service)
+            controller.stop()
+            store.close()
+
+
+def stop_quietly(service: AgentService) -> None:
+    try:
+        service.stop()
+    except Exception:  # a test may have stopped it already
+        pass
+
+
+def retained_json(
+    topic: str, broker: Mosquitto, user: str = "controller", password: str = "ctl-pw"
+) -> Any:
+    """The retained message on ``topic`` (None if there is none)."""
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def on(t: str, payload: bytes, retained: bool) -> None:
+        got.append(payload)
+        done.set()
+
+    c = MqttClient(
+        MqttSettings(url=broker.url, username=user, password=SecretStr(password)),
+        client_id=f"peek-{time.monotonic_ns()}",
+    )
+    c.subscribe(topic, on)
+    c.start(wait_s=10)
+    done.wait(1.0)
+    c.stop()
+    return json.loads(got[-1]) if got and got[-1] else None

@@ -1,0 +1,204 @@
+"""Signed updates end to end against real Mosquitto, the real cloud server and registry, and
+real TFLite: installs, every refusal, resumed downloads, failed validation, health-watch
+rollback. Agents run in-process (``AgentService``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import dataset
+import numpy as np
+import pytest
+
+from shared import topics
+from shared.manifest import Manifest, RoutingDefaults, utc_now
+from shared.signing import SigningKey
+from tests.fleet import FLEET, Fleet, last_state, retained_json, running_fleet, wait_for
+from tests.helpers import EDGE_INT8
+from tests.mosquitto import Mosquitto
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
+    with running_fleet(tmp_path, broker) as f:
+        yield f
+
+
+def serving(fleet: Fleet, device: str) -> int:
+    return fleet.agents[device].agent.model.manifest.version
+
+
+def test_signed_update_installs_on_several_agents(fleet: Fleet, digits: dataset.Digits) -> None:
+    for i in range(3):
+        fleet.start_agent(f"dev-{i}")
+    release = fleet.release()
+    fleet.publish(release)
+    for i in range(3):
+        wait_for(lambda i=i: last_state(fleet, f"dev-{i}", 2) == ("ACTIVE", ""), what="ACTIVE")
+        service = fleet.agents[f"dev-{i}"]
+        assert serving(fleet, f"dev-{i}") == 2
+        assert service.agent.infer(digits.test.x[0]).edge_model == "digits:2"
+        pointer = service.store.pointer("digits")
+        assert pointer is not None and pointer.current.startswith("v2-")
+        assert pointer.previous is not None and pointer.previous.startswith("v1-")
+        assert service.store.highest_accepted("digits") == 2
+    # the births were refreshed with the new version
+    wait_for(
+        lambda: all(
+            d["models"] == [{"model": "digits", "version": 2}] for d in fleet.store.devices(FLEET)
+        ),
+        what="births",
+    )
+    status = retained_json(topics.device_status(FLEET, "dev-0").name, fleet.broker)
+    assert status["state"] == "online" and status["models"][0]["version"] == 2
+
+
+def _forged(fleet: Fleet, key: SigningKey, **update: object) -> Manifest:
+    base = fleet.registry.manifest("digits", 1)
+    return key.sign(base.model_copy(update={"version": 2, "created": utc_now(), **update}))
+
+
+def test_refusals_name_their_reason_and_keep_the_old_model(fleet: Fleet) -> None:
+    service = fleet.start_agent("dev-0")
+    before = len(fleet.server.artifact_requests)
+
+    unknown = _forged(fleet, SigningKey.generate())
+    fleet.publish(unknown)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) is not None, what="report")
+    assert last_state(fleet, "dev-0", 2) == (
+        "REJECTED",
+        f"signature: manifest signed by unknown key {unknown.key_id}",
+    )
+
+    expired = _forged(fleet, fleet.key, version=3, expires=utc_now() - timedelta(minutes=1))
+    fleet.publish(expired)
+    wait_for(lambda: last_state(fleet, "dev-0", 3) is not None, what="report")
+    state, reason = last_state(fleet, "dev-0", 3)  # type: ignore[misc]
+    assert state == "REJECTED" and reason.startswith("expired at")
+
+    tampered = _forged(fleet, fleet.key, version=4)
+    body = tampered.to_json().replace('"version": 4', '"version": 40')
+    fleet.publish(tampered, raw=body.encode())
+    wait_for(lambda: last_state(fleet, "dev-0", 40) is not None, what="report")
+    assert last_state(fleet, "dev-0", 40)[0] == "REJECTED"  # type: ignore[index]
+    assert "does not verify" in last_state(fleet, "dev-0", 40)[1]  # type: ignore[index]
+
+    assert len(fleet.server.artifact_requests) == before  # nothing was downloaded
+    assert serving(fleet, "dev-0") == 1
+    assert service.agent.infer(np.zeros(64)).edge_model == "digits:1"
+
+    # a release, then a replay of the older one (still validly signed)
+    fleet.publish(fleet.release(version=5))
+    wait_for(lambda: last_state(fleet, "dev-0", 5) == ("ACTIVE", ""), what="v5")
+    fleet.publish(fleet.registry.manifest("digits", 1), device="dev-0")
+    wait_for(lambda: last_state(fleet, "dev-0", 1) is not None, what="replay")
+    assert last_state(fleet, "dev-0", 1) == (
+        "REJECTED",
+        "version 1 is not newer than 5: replayed or old",
+    )
+    assert serving(fleet, "dev-0") == 5
+
+
+def test_replay_is_refused_after_a_restart(fleet: Fleet) -> None:
+    service = fleet.start_agent("dev-0")
+    fleet.publish(fleet.release())
+    wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="v2")
+    service.stop()
+    del fleet.agents["dev-0"]
+    # the old release is published again while the device is away
+    fleet.publish(fleet.registry.manifest("digits", 1))
+    again = fleet.start_agent("dev-0")
+    assert serving(fleet, "dev-0") == 2  # booted v2 from its store
+    wait_for(lambda: last_state(fleet, "dev-0", 1) is not None, what="replay report")
+    assert last_state(fleet, "dev-0", 1)[0] == "REJECTED"  # type: ignore[index]
+    assert again.store.highest_accepted("digits") == 2
+
+
+def test_tampered_artifact_fails_its_digest(fleet: Fleet) -> None:
+    fleet.start_agent("dev-0")
+    release = fleet.release()
+    artifact = fleet.registry.release_dir("digits", 2) / "model.tflite"
+    blob = bytearray(artifact.read_bytes())
+    blob[-10] ^= 0xFF  # same size, different bytes
+    artifact.write_bytes(bytes(blob))
+    fleet.publish(release)
+    wait_for(lambda: (last_state(fleet, "dev-0", 2) or ("",))[0] == "FAILED", what="FAILED")
+    assert last_state(fleet, "dev-0", 2)[1].startswith("digest:")  # type: ignore[index]
+    assert serving(fleet, "dev-0") == 1
+
+
+def test_download_cut_in_the_middle_resumes(fleet: Fleet) -> None:
+    service = fleet.start_agent("dev-0")
+    release = fleet.release()
+    fleet.server.cut_next_download_at = release.edge.size // 2
+    fleet.publish(release)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="ACTIVE")
+    requests = fleet.server.artifact_requests
+    assert len(requests) == 2
+    assert "range" not in requests[0]
+    assert requests[1]["range"].startswith("bytes=") and requests[1]["range"] != "bytes=0-"
+    assert requests[1]["if-range"] == f'"{release.edge.sha256}"'
+    assert service.updater.downloader.resumed == 1
+
+
+def test_failed_validation_keeps_the_previous_model(fleet: Fleet) -> None:
+    fleet.start_agent("dev-0")
+    good = fleet.release()
+    # a release whose golden samples the artifact does not reproduce (signed and trusted)
+    bad_golden = [g.model_copy(update={"label": (g.label + 1) % 10}) for g in good.golden]
+    bad = fleet.key.sign(good.model_copy(update={"golden": bad_golden}))
+    fleet.publish(bad)
+    wait_for(lambda: (last_state(fleet, "dev-0", 2) or ("",))[0] == "FAILED", what="FAILED")
+    assert last_state(fleet, "dev-0", 2)[1].startswith("validation:")  # type: ignore[index]
+    assert serving(fleet, "dev-0") == 1
+    pointer = fleet.agents["dev-0"].store.pointer("digits")
+    assert pointer is not None and pointer.current.startswith("v1-")
+
+
+def test_failed_health_watch_rolls_back(fleet: Fleet, digits: dataset.Digits) -> None:
+    service = fleet.start_agent("dev-0", health_watch_s=3.0, health_min_requests=20)
+    # a release whose routing temperature makes every answer unsure: it would escalate
+    # everything. Validation (golden samples at T=1) passes; traffic shows the problem.
+    release = fleet.release(routing=RoutingDefaults(threshold=0.85, temperature=100.0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                service.agent.infer(digits.test.x[0], mode="edge")
+            except BaseException as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        fleet.publish(release)
+        wait_for(
+            lambda: (last_state(fleet, "dev-0", 2) or ("",))[0] == "ROLLED_BACK", what="ROLLED_BACK"
+        )
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert "below the threshold" in last_state(fleet, "dev-0", 2)[1]  # type: ignore[index]
+    assert serving(fleet, "dev-0") == 1
+    pointer = service.store.pointer("digits")
+    assert pointer is not None and pointer.current.startswith("v1-")
+    # and it is not installed again when redelivered after a restart
+    assert service.store.highest_accepted("digits") == 2
+
+
+def test_most_specific_manifest_wins(fleet: Fleet) -> None:
+    fleet.start_agent("dev-0", group="lab")
+    fleet.start_agent("dev-1", group="field")
+    v2 = fleet.release()
+    v3 = fleet.release(edge_dir=EDGE_INT8)
+    fleet.publish(v2)  # fleet scope
+    fleet.publish(v3, group="lab")  # the lab group gets v3
+    wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="lab on v3")
+    wait_for(lambda: last_state(fleet, "dev-1", 2) == ("ACTIVE", ""), what="field on v2")
+    assert last_state(fleet, "dev-0", 2) is None  # never took the fleet's v2
