@@ -4,6 +4,7 @@ keys, a controller connection, and agents (``AgentService``) that log in as dev-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -209,10 +210,8 @@ def running_fleet(tmp: Path, broker: Mosquitto) -> Iterator[Fleet]:
 
 
 def stop_quietly(service: AgentService) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a test may have stopped it already
         service.stop()
-    except Exception:  # a test may have stopped it already
-        pass
 
 
 def retained_json(

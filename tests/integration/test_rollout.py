@@ -1,0 +1,107 @@
+"""Rollouts against real agents: canary and waves, abort, promotion, rollback, a controller
+restarted mid-rollout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared import topics
+from tests.fleet import FLEET, Fleet, last_state, retained_json, running_fleet, wait_for
+from tests.mosquitto import Mosquitto
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
+    with running_fleet(tmp_path, broker) as f:
+        for i in range(4):
+            f.start_agent(f"dev-{i}", group="lab" if i < 3 else "field")
+        wait_for(lambda: len(f.store.devices(FLEET)) == 4, what="births")
+        yield f
+
+
+def test_failing_canary_stops_the_rollout(fleet: Fleet) -> None:
+    good = fleet.release()
+    bad = fleet.key.sign(
+        good.model_copy(
+            update={
+                "golden": [g.model_copy(update={"label": (g.label + 1) % 10}) for g in good.golden]
+            }
+        )
+    )
+    # replace the registry's v2 manifest with the broken one (same artifact)
+    (fleet.registry.release_dir("digits", 2) / "manifest.json").write_text(bad.to_json())
+    controller = fleet.rollout_controller(poll_s=0.05)
+    rid = controller.create("digits", 2, canary="1", waves=2, wave_timeout_s=30)
+    result = controller.run(rid)
+    assert result.state == "ABORTED" and "canary failure rate 100%" in result.detail
+    canary = fleet.store.waves(rid)[0][0][0]
+    assert last_state(fleet, canary, 2)[0] == "FAILED"  # type: ignore[index]
+    others = [d for d in fleet.agents if d != canary]
+    for d in others:  # the next wave never got the manifest
+        assert last_state(fleet, d, 2) is None
+        assert fleet.agents[d].agent.model.manifest.version == 1
+    # the failed canary's device manifest was withdrawn
+    assert retained_json(topics.manifest(FLEET, "digits", device=canary).name, fleet.broker) is None
+
+
+def test_rollout_completes_promotes_and_rolls_back(fleet: Fleet) -> None:
+    fleet.release()
+    lines: list[str] = []
+    controller = fleet.rollout_controller(poll_s=0.05, progress=lines.append)
+    rid = controller.create("digits", 2, canary="25%", waves=2, wave_timeout_s=30)
+    result = controller.run(rid)
+    assert result.state == "COMPLETED", result.detail
+    assert [len(w) for w in fleet.store.waves(rid)] == [1, 2, 1]
+    assert lines[0].startswith("canary: 1/1 ACTIVE")
+    for d, service in fleet.agents.items():
+        assert service.agent.model.manifest.version == 2, d
+    promoted = retained_json(topics.manifest(FLEET, "digits").name, fleet.broker)
+    assert promoted["version"] == 2
+    for d in fleet.agents:  # the per-device manifests are gone
+        assert retained_json(topics.manifest(FLEET, "digits", device=d).name, fleet.broker) is None
+
+    release = controller.rollback("digits", fleet.key)
+    assert release.version == 3 and release.edge.url == "/registry/digits/1/model.tflite"
+    for d in fleet.agents:
+        wait_for(lambda d=d: last_state(fleet, d, 3) == ("ACTIVE", ""), what=f"{d} on v3")
+        m = fleet.agents[d].agent.model.manifest
+        assert m.version == 3 and m.edge.sha256 == fleet.registry.manifest("digits", 1).edge.sha256
+
+
+def test_group_rollout_leaves_other_groups_alone(fleet: Fleet) -> None:
+    fleet.release()
+    controller = fleet.rollout_controller(poll_s=0.05)
+    result = controller.run(controller.create("digits", 2, group="lab", canary="1", waves=1))
+    assert result.state == "COMPLETED"
+    assert (
+        retained_json(topics.manifest(FLEET, "digits", group="lab").name, fleet.broker)["version"]
+        == 2
+    )
+    assert fleet.agents["dev-3"].agent.model.manifest.version == 1
+
+
+def test_controller_restarted_mid_rollout_carries_on(fleet: Fleet) -> None:
+    fleet.release()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_canary(line: str) -> None:
+        if line.startswith("canary"):
+            raise Crash(line)
+
+    first = fleet.rollout_controller(poll_s=0.05, progress=crash_after_canary)
+    rid = first.create("digits", 2, canary="1", waves=3, wave_timeout_s=30)
+    with pytest.raises(Crash):
+        first.run(rid)
+    mid = fleet.store.rollout(rid)
+    assert mid.state == "RUNNING" and mid.current_wave == 0
+    # a new controller (same store) picks the same rollout up by its release
+    second = fleet.rollout_controller(poll_s=0.05)
+    assert second.create("digits", 2) == rid
+    result = second.run(rid)
+    assert result.state == "COMPLETED"
+    assert all(s.agent.model.manifest.version == 2 for s in fleet.agents.values())
