@@ -86,16 +86,16 @@ def test_group_rollout_leaves_other_groups_alone(fleet: Fleet) -> None:
 def test_controller_restarted_mid_rollout_carries_on(fleet: Fleet) -> None:
     fleet.release()
 
-    class Crash(Exception):
+    class CrashError(Exception):
         pass
 
     def crash_after_canary(line: str) -> None:
         if line.startswith("canary"):
-            raise Crash(line)
+            raise CrashError(line)
 
     first = fleet.rollout_controller(poll_s=0.05, progress=crash_after_canary)
     rid = first.create("digits", 2, canary="1", waves=3, wave_timeout_s=30)
-    with pytest.raises(Crash):
+    with pytest.raises(CrashError):
         first.run(rid)
     mid = fleet.store.rollout(rid)
     assert mid.state == "RUNNING" and mid.current_wave == 0
