@@ -1,9 +1,9 @@
 """TFLite backend: a small pool of interpreters, int8 quantize/dequantize done here.
 
 A TFLite interpreter is not safe to call from two threads at once, and one interpreter
-serialises every request. The backend keeps ``pool_size`` interpreters on a lock-free
-``SimpleQueue``: a request takes one, runs it, puts it back, so concurrent requests run in
-parallel up to the pool size and wait (never fail) beyond it.
+serialises every request. The backend keeps ``pool_size`` interpreters in a fair pool: a
+request takes one, runs it, puts it back, so concurrent requests run in parallel up to the
+pool size and queue (first come, first served; never fail) beyond it.
 
 The runtime is found at load time, never at import: ``ai_edge_litert`` (Python 3.12+ and
 the maintained successor), then ``tflite_runtime`` (2.14, Python <= 3.11, NumPy 1.x), then
@@ -13,7 +13,8 @@ full TensorFlow's ``tf.lite``.
 from __future__ import annotations
 
 import importlib
-import queue
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,45 @@ def find_interpreter_class() -> tuple[str, Any]:
     raise RuntimeMissingError(_MISSING)
 
 
+class _FairPool:
+    """Interpreters handed out first come, first served. A plain queue lets the thread that
+    just returned an interpreter take it straight back, so under load one caller (say the
+    updater's golden check) can wait forever; here a returned interpreter goes to the
+    longest waiter directly."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[_Slot] = []
+        self._waiters: deque[_Waiter] = deque()
+
+    def get(self) -> _Slot:
+        with self._lock:
+            if self._free:  # free interpreters exist only while nobody waits
+                return self._free.pop()
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        waiter.ready.wait()
+        assert waiter.slot is not None
+        return waiter.slot
+
+    def put(self, slot: _Slot) -> None:
+        with self._lock:
+            if self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.slot = slot
+                waiter.ready.set()
+            else:
+                self._free.append(slot)
+
+
+class _Waiter:
+    __slots__ = ("ready", "slot")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.slot: _Slot | None = None
+
+
 class _Slot:
     """One interpreter and the scratch buffers only its holder may touch.
 
@@ -100,7 +140,7 @@ class TFLiteBackend:
     def __init__(self, settings: TFLiteSettings) -> None:
         self.settings = settings
         self.name = "tflite"
-        self._pool: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._pool = _FairPool()
         self._slots: list[_Slot] = []
         self._in_index = self._out_index = 0
         self._quantized_in = False
