@@ -8,16 +8,17 @@ that, the factory model (``model_dir``), which is imported into the store on fir
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-import threading
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
 from agent.core import Agent
-from agent.errors import ModelLoadError
+from agent.errors import AgentError, ModelLoadError
 from agent.model import LoadedModel, load_model
 from agent.settings import AgentSettings
 from agent.store import ModelStore, atomic_write
@@ -34,6 +35,20 @@ from shared.update import UpdateReport
 log = logging.getLogger(__name__)
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state folder for the life of the process: two agents
+    sharing one store would clean up each other's downloads. Released by the kernel on exit,
+    ``kill -9`` included."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AgentError(f"another agent is running on {state_dir}") from None
+    return fd
+
+
 def next_session(state_dir: Path) -> int:
     """A counter that increases at every start, persisted (births carry it)."""
     path = state_dir / "session.json"
@@ -48,6 +63,7 @@ def next_session(state_dir: Path) -> int:
 class AgentService:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
+        self._lock_fd = lock_state_dir(settings.state_dir)
         self.store = ModelStore(settings.state_dir)
         self.session = next_session(settings.state_dir)
         self.agent = Agent(settings, model=self._boot())
@@ -56,7 +72,6 @@ class AgentService:
         )
         token = settings.cloud.token.get_secret_value() if settings.cloud.token else None
         self.http = httpx.Client(headers={"Authorization": f"Bearer {token}"} if token else {})
-        self._lock = threading.Lock()
         self.mqtt: MqttClient | None = None
         self.updater = Updater(
             self.agent,
@@ -177,3 +192,4 @@ class AgentService:
         self.updater.stop()
         self.http.close()
         self.agent.close()
+        os.close(self._lock_fd)

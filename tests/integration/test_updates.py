@@ -202,3 +202,12 @@ def test_most_specific_manifest_wins(fleet: Fleet) -> None:
     wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="lab on v3")
     wait_for(lambda: last_state(fleet, "dev-1", 2) == ("ACTIVE", ""), what="field on v2")
     assert last_state(fleet, "dev-0", 2) is None  # never took the fleet's v2
+
+
+def test_two_agents_cannot_share_a_store(fleet: Fleet) -> None:
+    from agent.errors import AgentError
+    from agent.service import AgentService
+
+    fleet.start_agent("dev-0")
+    with pytest.raises(AgentError, match="another agent"):
+        AgentService(fleet.agent_settings("dev-0"))
