@@ -55,3 +55,79 @@ def test_cloud_cli_parses_serve() -> None:
         ["serve", "--repo", "r", "--port", "9", "--simulated-delay-ms", "5"]
     )
     assert (args.command, args.port, args.simulated_delay_ms) == ("serve", 9, 5.0)
+
+
+def test_keys_and_package_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud.cli import main as cloud_main
+    from cloud.registry import Registry
+    from shared.signing import TrustStore
+    from tests.helpers import EDGE_F32
+
+    assert cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")]) == 0
+    key_id = json.loads(capsys.readouterr().out)["key_id"]
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")])
+    trust = TrustStore.load(tmp_path / "keys" / "trust.json")
+    assert key_id in trust.keys
+    args = [
+        "model",
+        "package",
+        "--edge",
+        str(EDGE_F32 / "model.tflite"),
+        "--template",
+        str(EDGE_F32),
+        "--registry",
+        str(tmp_path / "reg"),
+        "--key",
+        str(tmp_path / "keys" / "operator.key"),
+        "--cloud-model",
+        "digits-cloud",
+        "--cloud-version",
+        "1",
+        "--threshold",
+        "0.9",
+    ]
+    assert cloud_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == 1 and out["key_id"] == key_id
+    manifest = Registry(tmp_path / "reg").manifest("digits", 1)
+    trust.verify(manifest)
+    assert (
+        manifest.routing.threshold == 0.9 and manifest.edge.url == "/registry/digits/1/model.tflite"
+    )
+    # the same version again is refused: releases only go up
+    assert cloud_main([*args, "--version", "1"]) == 1
+    assert "must be higher" in capsys.readouterr().err
+
+
+def test_package_refuses_a_model_that_does_not_match_its_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud.cli import main as cloud_main
+    from shared.manifest import Manifest
+    from tests.helpers import EDGE_F32
+
+    cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")])
+    m = Manifest.load(EDGE_F32)
+    wrong = m.model_copy(
+        update={"golden": [g.model_copy(update={"label": (g.label + 1) % 10}) for g in m.golden]}
+    )
+    (tmp_path / "t.json").write_text(wrong.to_json())
+    code = cloud_main(
+        [
+            "model",
+            "package",
+            "--edge",
+            str(EDGE_F32 / "model.tflite"),
+            "--template",
+            str(tmp_path / "t.json"),
+            "--registry",
+            str(tmp_path / "reg"),
+            "--key",
+            str(tmp_path / "keys" / "operator.key"),
+        ]
+    )
+    assert code == 1 and "golden sample 0" in capsys.readouterr().err
+    assert not (tmp_path / "reg" / "digits").exists()

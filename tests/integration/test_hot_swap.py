@@ -17,8 +17,13 @@ from tests.helpers import EDGE_F32, EDGE_INT8
 from tests.mosquitto import Mosquitto
 
 
-def _drive(agent: Agent, digits: dataset.Digits, stop: threading.Event,
-           seen: set[str], errors: list[BaseException]) -> None:
+def _drive(
+    agent: Agent,
+    digits: dataset.Digits,
+    stop: threading.Event,
+    seen: set[str],
+    errors: list[BaseException],
+) -> None:
     i = 0
     while not stop.is_set():
         try:
@@ -34,8 +39,9 @@ def test_many_swaps_under_concurrent_load(digits: dataset.Digits) -> None:
     agent = Agent(AgentSettings(model_dir=EDGE_INT8, backend={"kind": "tflite", "pool_size": 2}))
     v2 = load_model(EDGE_F32, TFLiteSettings(pool_size=2))
     stop, seen, errors = threading.Event(), set[str](), list[BaseException]()
-    threads = [threading.Thread(target=_drive, args=(agent, digits, stop, seen, errors))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=_drive, args=(agent, digits, stop, seen, errors)) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     try:
@@ -62,8 +68,10 @@ def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
 def test_update_under_load_drops_nothing(fleet: Fleet, digits: dataset.Digits) -> None:
     service = fleet.start_agent("dev-0")
     stop, seen, errors = threading.Event(), set[str](), list[BaseException]()
-    threads = [threading.Thread(target=_drive, args=(service.agent, digits, stop, seen, errors))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=_drive, args=(service.agent, digits, stop, seen, errors))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     try:

@@ -31,12 +31,22 @@ def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
 def _config(fleet: Fleet, path: Path, **update: object) -> Path:
     state = fleet.tmp / "agents" / "dev-5"
     lines = [
-        f'model_dir = "{EDGE_INT8}"', 'device = "dev-5"', f'fleet = "{FLEET}"',
-        f'state_dir = "{state}"', 'log_level = "WARNING"',
-        "[cloud]", f'url = "{fleet.url}"',
-        "[mqtt]", f'url = "{fleet.broker.url}"', 'username = "dev-5"', 'password = "pw-5"',
-        "reconnect_min_s = 0.2", "reconnect_max_s = 1",
-        "[update]", f'trust_store = "{fleet.trust_path}"', "settle_s = 0.2",
+        f'model_dir = "{EDGE_INT8}"',
+        'device = "dev-5"',
+        f'fleet = "{FLEET}"',
+        f'state_dir = "{state}"',
+        'log_level = "WARNING"',
+        "[cloud]",
+        f'url = "{fleet.url}"',
+        "[mqtt]",
+        f'url = "{fleet.broker.url}"',
+        'username = "dev-5"',
+        'password = "pw-5"',
+        "reconnect_min_s = 0.2",
+        "reconnect_max_s = 1",
+        "[update]",
+        f'trust_store = "{fleet.trust_path}"',
+        "settle_s = 0.2",
     ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in update.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -46,7 +56,9 @@ def _config(fleet: Fleet, path: Path, **update: object) -> Path:
 def _start(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--config", str(config), "run", "--no-serve"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
@@ -70,8 +82,13 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
     if kill_at == "HEALTH_WATCH":  # after the pointer moved, before ACTIVE
         hold = _config(fleet, tmp_path / "hold.toml", health_watch_s=60.0)
     else:
-        hold = _config(fleet, tmp_path / "hold.toml", health_watch_s=0.3,
-                       test_hold_state=kill_at, test_hold_s=60.0)
+        hold = _config(
+            fleet,
+            tmp_path / "hold.toml",
+            health_watch_s=0.3,
+            test_hold_state=kill_at,
+            test_hold_s=60.0,
+        )
     proc = _start(hold)
     try:
         wait_for(lambda: len(fleet.store.devices(FLEET)) == 1, what="birth")
@@ -79,8 +96,7 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
         if kill_at == "HEALTH_WATCH":
             wait_for(lambda: (_pointer(fleet) or "").startswith("v2-"), what="pointer moved")
         else:
-            wait_for(lambda: (last_state(fleet, "dev-5", 2) or ("",))[0] == kill_at,
-                     what=kill_at)
+            wait_for(lambda: (last_state(fleet, "dev-5", 2) or ("",))[0] == kill_at, what=kill_at)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -97,8 +113,11 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
 
     again = _start(_config(fleet, tmp_path / "again.toml", health_watch_s=0.3))
     try:
-        wait_for(lambda: last_state(fleet, "dev-5", 2) == ("ACTIVE", ""), timeout=30,
-                 what="ACTIVE after restart")
+        wait_for(
+            lambda: last_state(fleet, "dev-5", 2) == ("ACTIVE", ""),
+            timeout=30,
+            what="ACTIVE after restart",
+        )
         assert (_pointer(fleet) or "").startswith("v2-")
         status = fleet.store.devices(FLEET)[0]
         wait_for(lambda: fleet.store.devices(FLEET)[0]["session"] == 2, what="second session")
