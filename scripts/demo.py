@@ -2,10 +2,12 @@
 
 Starts ``tandem-cloud serve`` as its own process with a simulated wide-area delay
 (``--wan-ms``), runs every held-out sample through an in-process ``Agent`` in each mode, and
-prints accuracy, share escalated and latency per mode. Then it sweeps the routing threshold
-(from the measured per-sample edge and cloud answers) and writes the accuracy-versus-
-escalation curve as ``curve.png`` and ``curve.json``. Last, it stops the cloud and shows that
-every request is still answered within its deadline. It stops everything it started.
+prints accuracy, share escalated and latency per mode. Then a fleet of agents on a broker
+(an embedded one unless ``--broker`` names one) receives a signed model update while they
+serve traffic (``demo_fleet.py``). It sweeps the routing threshold (from the measured
+per-sample edge and cloud answers) and writes the accuracy-versus-escalation curve as
+``curve.png`` and ``curve.json``. Last, it stops the cloud and shows that every request is
+still answered within its deadline. It stops everything it started.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
+from demo_fleet import run_fleet_demo
+from embedded_broker import EmbeddedBroker
 from procs import CloudProcess
 
 from agent import Agent, AgentSettings, InferenceResult
@@ -139,6 +143,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _fleet(args: argparse.Namespace, cloud_url: str) -> dict[str, Any]:
+    if args.broker:
+        return run_fleet_demo(
+            args.out, args.model_dir, args.update_dir, cloud_url, args.broker, args.agents
+        )
+    with EmbeddedBroker() as broker:
+        print(f"\nbroker: embedded (amqtt) at {broker.url}")
+        return run_fleet_demo(
+            args.out, args.model_dir, args.update_dir, cloud_url, broker.url, args.agents
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wan-ms", type=float, default=40.0, help="simulated cloud round trip")
@@ -146,15 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=dataset.ROOT / "models/edge/digits-int8")
     parser.add_argument("--repo", type=Path, default=dataset.ROOT / "models/cloud")
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "demo")
+    parser.add_argument("--broker", help="mqtt://host:port; default: an embedded broker")
+    parser.add_argument("--agents", type=int, default=3, help="agents in the fleet part")
+    parser.add_argument(
+        "--update-dir",
+        type=Path,
+        default=dataset.ROOT / "models/edge/digits-f32",
+        help="the edge model released as the update",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     test = dataset.load().test
+    registry = args.out / "registry"
+    registry.mkdir(parents=True, exist_ok=True)
 
     print(
         f"Tandem demo: {len(test)} held-out digits, simulated WAN {args.wan_ms:.0f} ms, "
         f"deadline {args.deadline_ms:.0f} ms"
     )
-    with CloudProcess(args.repo, delay_ms=args.wan_ms, log=args.out / "cloud.log") as cloud:
+    with CloudProcess(
+        args.repo,
+        delay_ms=args.wan_ms,
+        log=args.out / "cloud.log",
+        extra=["--registry", str(registry)],
+    ) as cloud:
         print(f"cloud: tandem-cloud serving {args.repo} at {cloud.url}")
         settings = AgentSettings.load(
             model_dir=args.model_dir, cloud={"url": cloud.url, "binary": True}
@@ -169,14 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                 name: run_mode(agent, name, name, test, args.deadline_ms)
                 for name in ("edge", "cloud", "auto")
             }
+            print(table([runs[n].summary() for n in ("edge", "cloud", "auto")]))
+            fleet = _fleet(args, cloud.url)
             cloud.stop()
             down = run_mode(agent, "auto, cloud down", "auto", test, args.deadline_ms)
 
     rows = [runs[n].summary() for n in ("edge", "cloud", "auto")] + [down.summary()]
-    print(table(rows))
+    print("\nwith the cloud stopped:")
+    print(table([down.summary()]))
     late = sum(ms > args.deadline_ms for ms in down.wall_ms)
     print(
-        f"\ncloud down: {len(down.results)} answered, {late} over the deadline; "
+        f"{len(down.results)} answered, {late} over the deadline; "
         f"reasons {down.summary()['reasons']}"
     )
 
@@ -190,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 "deadline_ms": args.deadline_ms,
                 "threshold": threshold,
                 "modes": rows,
+                "fleet": fleet,
             },
             indent=2,
         )

@@ -32,6 +32,7 @@ def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("edge", "cloud", "auto", "auto, cloud down"):
         assert f"\n{mode} " in proc.stdout
+    assert "broker: embedded (amqtt)" in proc.stdout
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert len(curve) == 101 and curve[0]["escalated"] == 0.0 and curve[-1]["escalated"] == 1.0
@@ -44,3 +45,6 @@ def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
     assert set(down["reasons"]) <= {"confident", "cloud_unavailable", "breaker_open"}
     # every request answered with the cloud gone; the slack allows for a loaded CI machine
     assert down["max_ms"] < results["deadline_ms"] + 50
+    fleet = results["fleet"]  # the signed update reached every agent under traffic
+    assert fleet["rollout"] == "COMPLETED" and fleet["serving"] == ["digits:2"]
+    assert fleet["failed_during_update"] == 0 and fleet["requests_during_update"] > 0
