@@ -105,3 +105,49 @@ def test_controller_restarted_mid_rollout_carries_on(fleet: Fleet) -> None:
     result = second.run(rid)
     assert result.state == "COMPLETED"
     assert all(s.agent.model.manifest.version == 2 for s in fleet.agents.values())
+
+
+def test_fleet_commands(fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cloud.cli import main as cloud_main
+
+    fleet.release()
+    common = [
+        "--fleet",
+        FLEET,
+        "--broker",
+        fleet.broker.url,
+        "--username",
+        "controller",
+        "--password",
+        "ctl-pw",
+        "--registry",
+        str(fleet.registry.root),
+        "--state-dir",
+        str(tmp_path / "ctl"),
+    ]
+    code = cloud_main(
+        [
+            "fleet",
+            "rollout",
+            "digits@2",
+            *common,
+            "--canary",
+            "1",
+            "--waves",
+            "1",
+            "--wave-timeout",
+            "30",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "COMPLETED" in out and "canary: 1/1 ACTIVE" in out
+    assert cloud_main(["fleet", "status", *common]) == 0
+    out = capsys.readouterr().out
+    for d in fleet.agents:
+        assert d in out
+    assert "digits:2" in out and "digits@2 ACTIVE" in out
+    key = tmp_path / "op.key"
+    fleet.key.save(key)
+    assert cloud_main(["fleet", "rollback", "digits", *common, "--key", str(key)]) == 0
+    assert "published digits@3" in capsys.readouterr().out
+    assert cloud_main(["fleet", "rollout", "digits@x", *common]) == 1

@@ -211,3 +211,17 @@ def test_two_agents_cannot_share_a_store(fleet: Fleet) -> None:
     fleet.start_agent("dev-0")
     with pytest.raises(AgentError, match="another agent"):
         AgentService(fleet.agent_settings("dev-0"))
+
+
+def test_garbage_on_manifest_topics_is_counted_not_fatal(fleet: Fleet) -> None:
+    service = fleet.start_agent("dev-0")
+    release = fleet.release()
+    fleet.publish(release, raw=b"\x00\xffnot json")
+    fleet.publish(release, raw=b'{"schema": "tandem.manifest/v1", "model": "digits"}')
+    wait_for(lambda: service.updater.malformed == 2, what="malformed counted")
+    newer = fleet.release(min_agent_version="99.0")
+    fleet.publish(newer)
+    wait_for(lambda: last_state(fleet, "dev-0", 3) is not None, what="report")
+    assert last_state(fleet, "dev-0", 3) == ("REJECTED", "needs agent 99.0, this is 0.1.0")
+    fleet.publish(fleet.release())  # and a good one still goes through
+    wait_for(lambda: last_state(fleet, "dev-0", 4) == ("ACTIVE", ""), what="v4")
