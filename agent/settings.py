@@ -9,22 +9,16 @@ a typo must not silently fall back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
 from agent.backends import BackendSettings, TFLiteSettings
 from agent.routing import RouteMode
 from shared.identifiers import Identifier
 from shared.manifest import ConfidenceMetric
 from shared.mqtt import MqttSettings
-from shared.settings_files import load_settings
+from shared.settings_files import FileSettings
 from shared.update import UpdateState
 
 
@@ -95,7 +89,7 @@ class UpdateSettings(_Section):
     test_hold_s: float = Field(default=0.0, ge=0)
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_AGENT_", env_nested_delimiter="__", extra="forbid"
     )
@@ -117,19 +111,3 @@ class AgentSettings(BaseSettings):
     cloud: CloudSettings = Field(default_factory=CloudSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log_level: str = "INFO"
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-    @classmethod
-    def load(cls, config_file: Path | None = None, **overrides: Any) -> AgentSettings:
-        """Settings from the environment, ``config_file`` (TOML) and ``overrides``."""
-        return load_settings(cls, config_file, overrides)

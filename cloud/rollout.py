@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cloud.fleet_store import FleetStore, Rollout
 from cloud.packaging import rollback_release
@@ -31,6 +32,7 @@ from shared.status import DeviceStatus
 from shared.update import UpdateReport, UpdateState
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 class RolloutError(TandemError):
@@ -47,30 +49,27 @@ class FleetListener:
         self.malformed = 0
 
     def attach(self, mqtt: MqttClient) -> None:
-        mqtt.subscribe(topics.fleet_device_filter(self.fleet, "status"), self._on_status)
-        mqtt.subscribe(topics.fleet_device_filter(self.fleet, "update"), self._on_update)
+        mqtt.subscribe(
+            topics.fleet_device_filter(self.fleet, "status"),
+            lambda t, p, r: self._take(t, p, DeviceStatus, self.store.record_status),
+        )
+        mqtt.subscribe(
+            topics.fleet_device_filter(self.fleet, "update"),
+            lambda t, p, r: self._take(t, p, UpdateReport, self.store.record_job),
+        )
 
-    def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not payload:
+    def _take(
+        self, topic: str, payload: bytes, kind: type[M], record: Callable[[str, M], None]
+    ) -> None:
+        if not payload:  # a cleared retained message
             return
         try:
-            status = DeviceStatus.model_validate_json(payload)
+            message = kind.model_validate_json(payload)
         except ValidationError as exc:
             self.malformed += 1
-            log.warning("malformed status on %s: %s", topic, exc.errors()[:1])
+            log.warning("malformed %s on %s: %s", kind.__name__, topic, exc.errors()[:1])
             return
-        self.store.record_status(self.fleet, status)
-
-    def _on_update(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not payload:
-            return
-        try:
-            report = UpdateReport.model_validate_json(payload)
-        except ValidationError as exc:
-            self.malformed += 1
-            log.warning("malformed update report on %s: %s", topic, exc.errors()[:1])
-            return
-        self.store.record_job(self.fleet, report)
+        record(self.fleet, message)
 
 
 def plan(devices: list[str], canary: str, waves: int) -> list[list[str]]:

@@ -7,19 +7,13 @@ Sources, strongest first: CLI flags, ``TANDEM_CLOUD_*`` environment variables (n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
 from shared.identifiers import Identifier
 from shared.mqtt import MqttSettings
-from shared.settings_files import load_settings
+from shared.settings_files import FileSettings
 
 
 class OrtSettings(BaseModel):
@@ -32,7 +26,7 @@ class OrtSettings(BaseModel):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
-class CloudSettings(BaseSettings):
+class CloudSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_CLOUD_", env_nested_delimiter="__", extra="forbid"
     )
@@ -57,18 +51,3 @@ class CloudSettings(BaseSettings):
     )
     signing_key: Path | None = Field(default=None, description="for rollback releases")
     log_level: str = "INFO"
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-    @classmethod
-    def load(cls, config_file: Path | None = None, **overrides: Any) -> CloudSettings:
-        return load_settings(cls, config_file, overrides)

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from procs import free_port
+
 ACL = """\
 user controller
 topic readwrite tandem/v1/#
@@ -31,13 +33,6 @@ pattern read tandem/v1/+/groups/+/models/+/manifest
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Mosquitto:
     def __init__(self, workdir: Path, users: dict[str, str]) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -45,7 +40,7 @@ class Mosquitto:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.binary = binary
         self.dir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.users = dict(users)
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
