@@ -32,6 +32,7 @@ from agent.model import LoadedModel, load_model
 from agent.result import InferenceResult, Latency
 from agent.routing import ROUTE_MODES, Decision, Reason, RouteMode, Router, RoutingPolicy
 from agent.settings import AgentSettings
+from agent.stats import RequestStats
 from shared.errors import InvalidRequestError
 from shared.manifest import CloudTarget, ConfidenceMetric, OutputKind
 
@@ -99,6 +100,7 @@ class Agent:
         self._mode: RouteMode = r.mode
         self._swap_lock = threading.Lock()
         self._local_ms = 1.0  # running estimate, held back from cloud-first timeouts
+        self._stats = RequestStats()
         self._active = self._resolve(
             model if model is not None else load_model(settings.model_dir, settings.backend)
         )
@@ -136,6 +138,11 @@ class Agent:
     @property
     def threshold(self) -> float:
         return self._active.policy.threshold
+
+    def swap_stats(self) -> RequestStats:
+        """Start a new statistics interval; returns the one that just ended."""
+        old, self._stats = self._stats, RequestStats()
+        return old
 
     @property
     def health(self) -> ModelHealth:
@@ -202,6 +209,8 @@ class Agent:
             if isinstance(answer, CloudAnswer):
                 return self._from_cloud(active, answer, decision.reason, t0, local_ms)
             decision = Decision(False, answer.reason)
+        total_ms = (clock() - t0) * 1000.0
+        self._stats.add("edge", decision.reason, total_ms, local_ms, None, conf)
         return InferenceResult(
             model.labels[index],
             index,
@@ -211,7 +220,7 @@ class Agent:
             decision.reason,
             active.edge_ref,
             None,
-            Latency((clock() - t0) * 1000.0, local_ms, None),
+            Latency(total_ms, local_ms, None),
         )
 
     def _call_cloud(
@@ -249,6 +258,8 @@ class Agent:
         assert active.cloud is not None
         probs, conf, index = score(answer.output[0], active.cloud.output_kind, 1.0, active.metric)
         total_ms = (self._clock() - t0) * 1000.0
+        cloud_ms = total_ms - (local_ms or 0.0)
+        self._stats.add("cloud", reason, total_ms, local_ms, cloud_ms, conf)
         return InferenceResult(
             label=active.model.labels[index],
             index=index,
@@ -258,7 +269,7 @@ class Agent:
             reason=reason,
             edge_model=active.edge_ref,
             cloud_model=f"{answer.model}:{answer.version}" if answer.version else answer.model,
-            latency=Latency(total_ms, local_ms, total_ms - (local_ms or 0.0)),
+            latency=Latency(total_ms, local_ms, cloud_ms),
         )
 
     def _cloud_first(
@@ -282,6 +293,8 @@ class Agent:
         out, scale, zero = model.backend.infer_one(x)
         local_ms = (self._clock() - start) * 1000.0
         probs, conf, index = score(out, active.kind, active.temperature, active.metric, scale, zero)
+        total_ms = (self._clock() - t0) * 1000.0
+        self._stats.add("edge", reason, total_ms, local_ms, None, conf)
         return InferenceResult(
             label=model.labels[index],
             index=index,
@@ -291,7 +304,7 @@ class Agent:
             reason=reason,
             edge_model=active.edge_ref,
             cloud_model=None,
-            latency=Latency((self._clock() - t0) * 1000.0, local_ms, None),
+            latency=Latency(total_ms, local_ms, None),
         )
 
     def _edge_failed(
@@ -300,6 +313,7 @@ class Agent:
         """The local model raised: let the cloud stand in if it can, else re-raise."""
         log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
         active.health.errors += 1
+        self._stats.errors += 1
         elapsed = (self._clock() - t0) * 1000.0
         decision = self.router.decide("cloud", 0.0, budget - elapsed, active.policy)
         if decision.escalate:

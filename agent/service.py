@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import httpx
 from agent.core import Agent
 from agent.errors import AgentError, ModelLoadError
 from agent.model import LoadedModel, load_model
+from agent.outbox import Outbox, OutboxSender
 from agent.settings import AgentSettings
 from agent.store import ModelStore, atomic_write
+from agent.telemetry import TelemetryReporter
 from agent.updater import Updater
 from agent.version import __version__
 from shared import topics
@@ -84,6 +87,12 @@ class AgentService:
             http=self.http,
             registry_url=settings.cloud.url,
         )
+        t = settings.telemetry
+        self.outbox = Outbox(
+            settings.state_dir / "outbox.db", t.outbox_max_rows, t.outbox_max_bytes
+        )
+        self.sender: OutboxSender | None = None
+        self.telemetry: TelemetryReporter | None = None
         if settings.mqtt is not None:
             offline = self._status("offline").model_dump_json().encode()
             self.mqtt = MqttClient(
@@ -91,6 +100,18 @@ class AgentService:
                 client_id=settings.device,
                 will=(topics.device_status(settings.fleet, settings.device), offline),
                 on_connect=self._on_connect,
+                on_ack=self._on_ack,
+                on_disconnect=self._on_disconnect,
+            )
+            self.sender = OutboxSender(self.outbox, self.mqtt, t.window, t.replay_per_s)
+            self.telemetry = TelemetryReporter(
+                self.agent,
+                self.outbox,
+                topics.device_telemetry(settings.fleet, settings.device).name,
+                settings.device,
+                self.session,
+                t.interval_s,
+                on_put=self.sender.notify,
             )
             for f in topics.agent_manifest_filters(settings.fleet, settings.device, settings.group):
                 self.mqtt.subscribe(f, self._on_manifest)
@@ -150,6 +171,16 @@ class AgentService:
         )
         if self.updater.last_report is not None:
             self._publish_report(self.updater.last_report)
+        if self.sender is not None:
+            self.sender.notify()  # replay the backlog
+
+    def _on_ack(self, mid: int) -> None:
+        if self.sender is not None:
+            self.sender.on_ack(mid)
+
+    def _on_disconnect(self) -> None:
+        if self.sender is not None:
+            self.sender.on_disconnect()
 
     def _on_manifest(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_manifest(topic)
@@ -176,10 +207,22 @@ class AgentService:
     def start(self, wait_s: float | None = None) -> None:
         self.updater.start()
         if self.mqtt is not None:
+            assert self.sender is not None and self.telemetry is not None
+            self.sender.start()
+            self.telemetry.start()
             self.mqtt.start(wait_s=wait_s)
 
     def stop(self) -> None:
-        """Graceful: say offline ourselves (no Last Will), stop threads, release models."""
+        """Graceful: last telemetry out (briefly waiting for its ack), say offline ourselves
+        (no Last Will), stop threads, release models."""
+        if self.telemetry is not None and self.sender is not None:
+            self.telemetry.stop(flush=True)
+            deadline = time.monotonic() + 2.0
+            while self.outbox.pending and self.mqtt and self.mqtt.connected.is_set():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            self.sender.stop()
         if self.mqtt is not None:
             s = self.settings
             if self.mqtt.connected.is_set():
@@ -192,4 +235,5 @@ class AgentService:
         self.updater.stop()
         self.http.close()
         self.agent.close()
+        self.outbox.close()
         os.close(self._lock_fd)

@@ -89,6 +89,14 @@ class UpdateSettings(_Section):
     test_hold_s: float = Field(default=0.0, ge=0)
 
 
+class TelemetrySettings(_Section):
+    interval_s: float = Field(default=10.0, gt=0, description="one message per interval")
+    outbox_max_rows: int = Field(default=10_000, ge=1)
+    outbox_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    replay_per_s: float = Field(default=50.0, gt=0, description="backlog sent after reconnect")
+    window: int = Field(default=32, ge=1, description="unacknowledged messages at most")
+
+
 class AgentSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_AGENT_", env_nested_delimiter="__", extra="forbid"
@@ -106,6 +114,7 @@ class AgentSettings(FileSettings):
     )
     mqtt: MqttSettings | None = Field(default=None, description="None: no broker, no updates")
     update: UpdateSettings = Field(default_factory=UpdateSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     backend: BackendSettings = Field(default_factory=TFLiteSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.status import DeviceStatus
+from shared.telemetry import Telemetry
 from shared.update import UpdateReport, UpdateState
 
 SCHEMA = """
@@ -34,6 +35,14 @@ CREATE TABLE IF NOT EXISTS rollouts (
     wave_timeout_s REAL NOT NULL, state TEXT NOT NULL, current_wave INTEGER NOT NULL DEFAULT 0,
     wave_started TEXT, detail TEXT NOT NULL DEFAULT '', created TEXT NOT NULL,
     updated TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS telemetry (
+    fleet TEXT NOT NULL, device TEXT NOT NULL, session INTEGER NOT NULL, seq INTEGER NOT NULL,
+    ts TEXT NOT NULL, received TEXT NOT NULL, requests INTEGER NOT NULL, edge INTEGER NOT NULL,
+    cloud INTEGER NOT NULL, errors INTEGER NOT NULL, offload_rate REAL NOT NULL,
+    p50_ms REAL, p95_ms REAL, p99_ms REAL, local_p50_ms REAL, cloud_p50_ms REAL,
+    rss_bytes INTEGER, cpu_temp_c REAL, dropped INTEGER, body TEXT NOT NULL,
+    PRIMARY KEY (fleet, device, session, seq));
+CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (fleet, ts);
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout INTEGER NOT NULL, wave INTEGER NOT NULL, device TEXT NOT NULL,
     published INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout, device));
@@ -42,6 +51,10 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or value == float("inf") else value
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,87 @@ class FleetStore:
         """Each device's most recent job report (any model)."""
         rows = self._rows("SELECT * FROM jobs WHERE fleet=? ORDER BY ts", (fleet,))
         return {r["device"]: dict(r) for r in rows}
+
+    # ------------------------------------------------------------------- telemetry
+
+    def record_telemetry(self, fleet: str, t: Telemetry) -> bool:
+        """Store one message; False if (device, session, seq) was already stored."""
+        total = t.latency_total
+        cur = self._exec(
+            "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                fleet,
+                t.device,
+                t.session,
+                t.seq,
+                t.ts.isoformat(),
+                _now(),
+                t.requests,
+                t.routes.get("edge", 0),
+                t.routes.get("cloud", 0),
+                t.errors,
+                t.offload_rate,
+                _finite(total.quantile(0.5)),
+                _finite(total.quantile(0.95)),
+                _finite(total.quantile(0.99)),
+                _finite(t.latency_local.quantile(0.5)),
+                _finite(t.latency_cloud.quantile(0.5)),
+                t.rss_bytes,
+                t.cpu_temp_c,
+                t.outbox.dropped if t.outbox else None,
+                t.model_dump_json(),
+            ),
+        )
+        if cur.rowcount:
+            self._exec(
+                "UPDATE devices SET last_seen=? WHERE fleet=? AND device=?",
+                (_now(), fleet, t.device),
+            )
+        return bool(cur.rowcount)
+
+    def telemetry_seqs(self, fleet: str, device: str, session: int) -> list[int]:
+        rows = self._rows(
+            "SELECT seq FROM telemetry WHERE fleet=? AND device=? AND session=? ORDER BY seq",
+            (fleet, device, session),
+        )
+        return [int(r["seq"]) for r in rows]
+
+    def series(
+        self, fleet: str, device: str | None = None, since: str | None = None, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        """Telemetry rows (without the body), oldest first."""
+        sql = (
+            "SELECT device, session, seq, ts, requests, edge, cloud, errors, offload_rate,"
+            " p50_ms, p95_ms, p99_ms, local_p50_ms, cloud_p50_ms, rss_bytes, cpu_temp_c,"
+            " dropped FROM telemetry WHERE fleet=?"
+        )
+        args: tuple[Any, ...] = (fleet,)
+        if device is not None:
+            sql += " AND device=?"
+            args += (device,)
+        if since is not None:
+            sql += " AND ts>=?"
+            args += (since,)
+        rows = self._rows(sql + " ORDER BY ts DESC LIMIT ?", (*args, limit))
+        return [dict(r) for r in reversed(rows)]
+
+    def latest_telemetry(self, fleet: str) -> dict[str, dict[str, Any]]:
+        rows = self._rows(
+            "SELECT t.* FROM telemetry t JOIN (SELECT device, MAX(ts) AS ts FROM telemetry"
+            " WHERE fleet=? GROUP BY device) m ON t.device=m.device AND t.ts=m.ts"
+            " WHERE t.fleet=?",
+            (fleet, fleet),
+        )
+        out = {}
+        for r in rows:
+            d = dict(r)
+            d.pop("body")
+            out[d["device"]] = d
+        return out
+
+    def expire_telemetry(self, older_than: str) -> int:
+        """Retention: delete telemetry with ``ts`` before ``older_than`` (ISO time)."""
+        return self._exec("DELETE FROM telemetry WHERE ts < ?", (older_than,)).rowcount
 
     # -------------------------------------------------------------------- rollouts
 

@@ -50,4 +50,5 @@ class CloudSettings(FileSettings):
         default=None, description="broker for the controller (user: controller)"
     )
     signing_key: Path | None = Field(default=None, description="for rollback releases")
+    retention_days: float = Field(default=30.0, gt=0, description="telemetry kept this long")
     log_level: str = "INFO"

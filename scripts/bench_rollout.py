@@ -1,8 +1,9 @@
 """Benchmark: time from publishing a signed manifest to every device ``ACTIVE``.
 
-For each fleet size N (default 10, 100, 500) it starts N agents in this process (each a
+For each fleet size N (default 10, 100, 500) it starts N agents in worker processes of at
+most 100 agents each (paho's ``select()`` loop cannot take descriptors above 1024), each a
 real ``AgentService``: its own MQTT connection, updater thread, model store and TFLite
-interpreter), one broker (Mosquitto when installed, else the embedded amqtt) and the cloud
+interpreter; one broker (Mosquitto when installed, else the embedded amqtt) and the cloud
 server with the registry (a child process), waits for every birth, publishes release 2 at
 fleet scope and records when each device's ``ACTIVE`` report reaches the controller. The
 health watch is set to 0 s so the figure is the delivery pipeline itself: MQTT fan-out,
@@ -100,25 +101,28 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
     controller.subscribe(topics.fleet_device_filter(FLEET, "update"), on_update)
     controller.subscribe(topics.fleet_device_filter(FLEET, "status"), on_status)
     controller.start(wait_s=10)
-    services: list[AgentService] = []
     with CloudProcess(
         dataset.ROOT / "models/cloud", extra=["--registry", str(registry_dir)]
     ) as cloud:
         t_boot = time.monotonic()
-        for i in range(n):
-            settings = AgentSettings(
-                model_dir=FACTORY,
-                device=f"d{i}",
-                fleet=FLEET,
-                state_dir=out / "agents" / f"d{i}",
-                cloud={"url": cloud.url},
-                backend={"kind": "tflite", "pool_size": 1},
-                mqtt=MqttSettings(url=broker_url, reconnect_min_s=0.5, reconnect_max_s=5),
-                update={"trust_store": trust_path, "health_watch_s": 0.0, "settle_s": 0.1},
+        workers = []
+        for start in range(0, n, PER_WORKER):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(start),
+                str(min(PER_WORKER, n - start)),
+                broker_url,
+                cloud.url,
+                str(trust_path),
+                str(out / "agents"),
+            ]
+            workers.append(
+                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             )
-            service = AgentService(settings)
-            service.start()
-            services.append(service)
+        for w in workers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "READY"
         deadline = time.monotonic() + 120
         while len(online) < n and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -128,8 +132,12 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
         deadline = time.monotonic() + 300
         while len(active_at) < n and time.monotonic() < deadline:
             time.sleep(0.02)
-        for service in services:
-            service.stop()
+        for w in workers:
+            assert w.stdin is not None
+            w.stdin.write("STOP\n")
+            w.stdin.flush()
+        for w in workers:
+            w.wait(timeout=60)
     controller.stop()
     times = np.array(sorted(v - t0 for v in active_at.values()))
     return {
@@ -142,7 +150,38 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
     }
 
 
+PER_WORKER = 100
+
+
+def worker(start: int, count: int, broker_url: str, cloud_url: str, trust: str, state: str) -> int:
+    """Host ``count`` agents until told to stop (one line on stdin)."""
+    services = []
+    for i in range(start, start + count):
+        settings = AgentSettings(
+            model_dir=FACTORY,
+            device=f"d{i}",
+            fleet=FLEET,
+            state_dir=Path(state) / f"d{i}",
+            cloud={"url": cloud_url},
+            backend={"kind": "tflite", "pool_size": 1},
+            mqtt=MqttSettings(url=broker_url, reconnect_min_s=0.5, reconnect_max_s=5),
+            update={"trust_store": Path(trust), "health_watch_s": 0.0, "settle_s": 0.1},
+        )
+        service = AgentService(settings)
+        service.start()
+        services.append(service)
+    print("READY", flush=True)
+    sys.stdin.readline()
+    for service in services:
+        service.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        start, count, broker_url, cloud_url, trust, state = argv[1:7]
+        return worker(int(start), int(count), broker_url, cloud_url, trust, state)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500])
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out/bench/bench_rollout.json")

@@ -45,6 +45,11 @@ class MqttSettings(BaseModel):
     keepalive_s: int = Field(default=30, ge=5)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    persistent_session: bool = Field(
+        default=False,
+        description="keep the session (subscriptions, queued QoS 1 messages) while offline: "
+        "for collectors, which must not miss telemetry; needs a stable client id",
+    )
 
     @property
     def host_port(self) -> tuple[str, int, bool]:
@@ -72,6 +77,7 @@ class MqttClient:
         will: tuple[Topic, bytes] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_ack: Callable[[int], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -79,13 +85,14 @@ class MqttClient:
         self.connected = threading.Event()
         self._on_connect_hook = on_connect
         self._on_ack = on_ack
+        self._on_disconnect_hook = on_disconnect
         self._subs: dict[str, Handler] = {}
         self._lock = threading.Lock()
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv311,
-            clean_session=True,
+            clean_session=not settings.persistent_session,
         )
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
@@ -142,6 +149,8 @@ class MqttClient:
         self.connected.clear()
         self.counters.disconnects += 1
         log.info("%s disconnected: %s", self.client_id, reason)
+        if self._on_disconnect_hook is not None:
+            self._on_disconnect_hook()
 
     def _handle_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any

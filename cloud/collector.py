@@ -1,0 +1,100 @@
+"""The telemetry collector: every device topic of a fleet into the fleet store.
+
+It validates every payload with the shared schemas. A malformed, oversized or unexpected
+message is counted (per kind of problem) and logged at most once per device per
+``log_interval_s``; it never stops the collector. Telemetry is stored once per
+(device, session, seq): at-least-once delivery from the agents' outboxes becomes
+exactly-once here. Old telemetry is deleted after ``retention_days``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+from pydantic import ValidationError
+
+from cloud.fleet_store import FleetStore
+from cloud.rollout import FleetListener
+from shared import topics
+from shared.mqtt import MqttClient
+from shared.telemetry import MAX_TELEMETRY_BYTES, Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    def __init__(
+        self,
+        store: FleetStore,
+        fleet: str,
+        *,
+        retention_days: float = 30.0,
+        log_interval_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.retention_days = retention_days
+        self.log_interval_s = log_interval_s
+        self.listener = FleetListener(store, fleet)
+        self.counts: Counter[str] = Counter()  # stored, duplicate, malformed, oversized, ...
+        self._logged: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._last_expiry = 0.0
+
+    def attach(self, mqtt: MqttClient) -> None:
+        self.listener.attach(mqtt)
+        mqtt.subscribe(topics.fleet_device_filter(self.fleet, "telemetry"), self._on_telemetry)
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+    def _complain(self, device: str, what: str, detail: str) -> None:
+        self._count(what)
+        now = time.monotonic()
+        key = f"{device}:{what}"
+        if now - self._logged.get(key, -1e9) >= self.log_interval_s:
+            self._logged[key] = now
+            log.warning(
+                "%s telemetry from %s: %s (further ones counted, not logged)", what, device, detail
+            )
+
+    def _on_telemetry(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_device(topic)
+        if parsed is None or parsed.leaf != "telemetry":
+            self._complain("?", "unexpected", topic)
+            return
+        if len(payload) > MAX_TELEMETRY_BYTES:
+            self._complain(parsed.device, "oversized", f"{len(payload)} bytes")
+            return
+        try:
+            message = Telemetry.model_validate_json(payload)
+        except ValidationError as exc:
+            self._complain(parsed.device, "malformed", str(exc.errors()[:1]))
+            return
+        if message.device != parsed.device:
+            self._complain(parsed.device, "unexpected", f"claims to be {message.device}")
+            return
+        stored = self.store.record_telemetry(self.fleet, message)
+        self._count("stored" if stored else "duplicate")
+        self._expire()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry < 60.0:
+            return
+        self._last_expiry = now
+        cutoff = datetime.now(timezone.utc) - timedelta(days=self.retention_days)
+        removed = self.store.expire_telemetry(cutoff.isoformat())
+        if removed:
+            log.info("retention: removed %d telemetry rows older than %s", removed, cutoff)
+
+    @property
+    def malformed_total(self) -> int:
+        return self.listener.malformed + sum(
+            self.counts[k] for k in ("malformed", "oversized", "unexpected")
+        )

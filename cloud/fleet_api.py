@@ -1,0 +1,188 @@
+"""The fleet API and Prometheus ``/metrics`` of the cloud server, read from the fleet store.
+
+- ``GET /fleet/devices``: every device with its online state, last seen, model versions, last
+  job, and key figures of its latest telemetry;
+- ``GET /fleet/devices/{device}``: one device, with its time series (``?since=`` ISO time);
+- ``GET /fleet/summary``: online/offline counts, model version distribution, fleet offload
+  rate and latency over time, rollouts with per-wave progress;
+- ``GET /metrics``: fleet figures in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from cloud.collector import Collector
+from cloud.fleet_store import FleetStore
+from shared.errors import ModelNotFoundError
+
+
+def _device_view(store: FleetStore, fleet: str) -> list[dict[str, Any]]:
+    jobs = store.latest_jobs(fleet)
+    latest = store.latest_telemetry(fleet)
+    out = []
+    for d in store.devices(fleet):
+        t = latest.get(d["device"], {})
+        job = jobs.get(d["device"])
+        out.append(
+            {
+                "device": d["device"],
+                "group": d["group"],
+                "online": d["state"] == "online",
+                "last_seen": d["last_seen"],
+                "agent_version": d["agent_version"],
+                "session": d["session"],
+                "models": d["models"],
+                "job": None
+                if job is None
+                else {k: job[k] for k in ("model", "version", "state", "reason", "ts")},
+                "requests": t.get("requests"),
+                "offload_rate": t.get("offload_rate"),
+                "p50_ms": t.get("p50_ms"),
+                "p95_ms": t.get("p95_ms"),
+                "rss_bytes": t.get("rss_bytes"),
+                "cpu_temp_c": t.get("cpu_temp_c"),
+                "dropped": t.get("dropped"),
+            }
+        )
+    return out
+
+
+def _buckets(rows: list[dict[str, Any]], width_s: float) -> list[dict[str, Any]]:
+    """Fleet aggregates per time bucket: requests, offload rate, worst p95."""
+    agg: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        ts = datetime.fromisoformat(r["ts"]).timestamp()
+        key = datetime.fromtimestamp(ts - ts % width_s, timezone.utc).isoformat()
+        a = agg.setdefault(key, {"ts": key, "requests": 0, "cloud": 0, "p95_ms": None})
+        a["requests"] += r["requests"]
+        a["cloud"] += r["cloud"]
+        if r["p95_ms"] is not None:
+            a["p95_ms"] = max(a["p95_ms"] or 0.0, r["p95_ms"])
+    for a in agg.values():
+        a["offload_rate"] = a["cloud"] / a["requests"] if a["requests"] else 0.0
+    return [agg[k] for k in sorted(agg)]
+
+
+def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> APIRouter:
+    router = APIRouter(tags=["fleet"])
+
+    @router.get("/fleet/devices")
+    def devices() -> list[dict[str, Any]]:
+        return _device_view(store, fleet)
+
+    @router.get("/fleet/devices/{device}")
+    def device(device: str, since: str | None = None) -> dict[str, Any]:
+        view = [d for d in _device_view(store, fleet) if d["device"] == device]
+        if not view:
+            raise ModelNotFoundError(f"unknown device {device!r}")
+        return {**view[0], "series": store.series(fleet, device, since)}
+
+    @router.get("/fleet/summary")
+    def summary(minutes: float = 30.0, bucket_s: float = 10.0) -> dict[str, Any]:
+        view = _device_view(store, fleet)
+        versions: Counter[str] = Counter()
+        for d in view:
+            for m in d["models"]:
+                versions[f"{m['model']}:{m['version']}"] += 1
+        since = (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat()
+        rows = store.series(fleet, since=since, limit=100_000)
+        rollouts = []
+        for r in store.rollouts(fleet)[-5:]:
+            states = store.job_states(fleet, r.model, r.version)
+            waves = [
+                {
+                    "devices": len(w),
+                    "active": sum(
+                        1 for d, _ in w if d in states and states[d][0].value == "ACTIVE"
+                    ),
+                    "failed": sum(1 for d, _ in w if d in states and states[d][0].failure),
+                }
+                for w in store.waves(r.id)
+            ]
+            rollouts.append(
+                {
+                    "id": r.id,
+                    "release": f"{r.model}@{r.version}",
+                    "state": r.state,
+                    "target": r.target_kind,
+                    "current_wave": r.current_wave,
+                    "detail": r.detail,
+                    "waves": waves,
+                }
+            )
+        return {
+            "fleet": fleet,
+            "devices": len(view),
+            "online": sum(d["online"] for d in view),
+            "versions": dict(versions),
+            "series": _buckets(rows, bucket_s),
+            "per_device": {
+                d["device"]: [
+                    {
+                        "ts": r["ts"],
+                        "offload_rate": r["offload_rate"],
+                        "p95_ms": r["p95_ms"],
+                        "requests": r["requests"],
+                    }
+                    for r in rows
+                    if r["device"] == d["device"]
+                ]
+                for d in view
+            },
+            "rollouts": rollouts,
+            "collector": dict(collector.counts) if collector else {},
+        }
+
+    @router.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(
+            prometheus_text(store, fleet, collector), media_type="text/plain; version=0.0.4"
+        )
+
+    return router
+
+
+def prometheus_text(store: FleetStore, fleet: str, collector: Collector | None) -> str:
+    view = _device_view(store, fleet)
+    lines = [
+        "# HELP tandem_fleet_devices Devices by online state.",
+        "# TYPE tandem_fleet_devices gauge",
+        f'tandem_fleet_devices{{fleet="{fleet}",state="online"}} {sum(d["online"] for d in view)}',
+        f'tandem_fleet_devices{{fleet="{fleet}",state="offline"}} '
+        f"{sum(not d['online'] for d in view)}",
+        "# HELP tandem_fleet_model_devices Devices serving each model version.",
+        "# TYPE tandem_fleet_model_devices gauge",
+    ]
+    versions: Counter[tuple[str, int]] = Counter()
+    for d in view:
+        for m in d["models"]:
+            versions[(m["model"], m["version"])] += 1
+    for (model, version), n in sorted(versions.items()):
+        lines.append(
+            f'tandem_fleet_model_devices{{fleet="{fleet}",model="{model}",version="{version}"}} {n}'
+        )
+    lines += [
+        "# HELP tandem_device_offload_rate Share of requests escalated, last interval.",
+        "# TYPE tandem_device_offload_rate gauge",
+    ]
+    for d in view:
+        if d["offload_rate"] is not None:
+            lines.append(
+                f'tandem_device_offload_rate{{fleet="{fleet}",device="{d["device"]}"}} '
+                f"{d['offload_rate']}"
+            )
+    if collector is not None:
+        lines += [
+            "# HELP tandem_collector_messages_total Telemetry messages by outcome.",
+            "# TYPE tandem_collector_messages_total counter",
+        ]
+        for outcome, n in sorted(collector.counts.items()):
+            lines.append(
+                f'tandem_collector_messages_total{{fleet="{fleet}",outcome="{outcome}"}} {n}'
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,111 @@
+"""The telemetry message an agent publishes every interval, and its histograms.
+
+Each message carries the device, its session (the birth's counter, which increases at every
+start) and a sequence number that increases within the session: consumers deduplicate on
+(device, session, seq), which makes at-least-once delivery exactly-once in storage.
+
+Latency histograms use fixed bucket bounds (milliseconds), so that histograms from many
+devices and intervals add up; percentiles are estimated from the buckets.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.identifiers import Identifier
+from shared.status import ModelVersion
+
+#: Upper bounds (ms) of the latency buckets; a last bucket catches everything above.
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
+)
+#: Confidence histogram: ten buckets of width 0.1 over [0, 1].
+CONFIDENCE_BUCKETS = 10
+#: Largest telemetry payload a collector accepts.
+MAX_TELEMETRY_BYTES = 64 * 1024
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Histogram(_Msg):
+    """Counts per bucket of ``LATENCY_BOUNDS_MS`` (plus one overflow bucket)."""
+
+    counts: list[int] = Field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+
+    @model_validator(mode="after")
+    def _check(self) -> Histogram:
+        if len(self.counts) != len(LATENCY_BOUNDS_MS) + 1 or min(self.counts, default=0) < 0:
+            raise ValueError("histogram must have one non-negative count per bucket")
+        return self
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding the ``q`` quantile (None if empty)."""
+        total = self.total
+        if not total:
+            return None
+        rank = q * total
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank and n:
+                return LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else float("inf")
+        return float("inf")
+
+    def merged(self, other: Histogram) -> Histogram:
+        return Histogram(counts=[a + b for a, b in zip(self.counts, other.counts)])
+
+
+class CloudHealth(_Msg):
+    breaker: str
+    predicted_ms: float
+    last_ms: float | None = None
+
+
+class OutboxState(_Msg):
+    pending: int = Field(ge=0)
+    dropped: int = Field(ge=0, description="telemetry dropped because the outbox was full")
+
+
+class Telemetry(_Msg):
+    device: Identifier
+    session: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    ts: datetime
+    interval_s: float = Field(ge=0)
+    requests: int = Field(ge=0)
+    routes: dict[str, int] = Field(description="answers by source: edge, cloud")
+    reasons: dict[str, int] = Field(description="answers by reason (confident, low_confidence...)")
+    errors: int = Field(ge=0)
+    latency_local: Histogram
+    latency_cloud: Histogram
+    latency_total: Histogram
+    confidence: list[int] = Field(min_length=CONFIDENCE_BUCKETS, max_length=CONFIDENCE_BUCKETS)
+    offload_rate: float = Field(ge=0, le=1)
+    cloud: CloudHealth | None = None
+    models: list[ModelVersion] = []
+    rss_bytes: int | None = None
+    cpu_temp_c: float | None = None
+    outbox: OutboxState | None = None
