@@ -13,7 +13,9 @@ still answered within its deadline. It stops everything it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
-from demo_fleet import run_fleet_demo
+from demo_fleet import FLEET, fresh, run_fleet_demo
 from embedded_broker import EmbeddedBroker
 from procs import CloudProcess
 
@@ -143,18 +145,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _fleet(args: argparse.Namespace, cloud_url: str) -> dict[str, Any]:
-    if args.broker:
-        return run_fleet_demo(
-            args.out, args.model_dir, args.update_dir, cloud_url, args.broker, args.agents
-        )
-    with EmbeddedBroker() as broker:
-        print(f"\nbroker: embedded (amqtt) at {broker.url}")
-        return run_fleet_demo(
-            args.out, args.model_dir, args.update_dir, cloud_url, broker.url, args.agents
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wan-ms", type=float, default=40.0, help="simulated cloud round trip")
@@ -170,8 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         default=dataset.ROOT / "models/edge/digits-f32",
         help="the edge model released as the update",
     )
+    parser.add_argument(
+        "--hold-s",
+        type=float,
+        default=15.0,
+        help="keep the fleet serving this long after the update, to watch the dashboard",
+    )
     args = parser.parse_args(argv)
+    # a SIGTERM stops the demo like Ctrl-C: every `with` below stops what it started
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     args.out.mkdir(parents=True, exist_ok=True)
+    fresh(args.out)
     test = dataset.load().test
     registry = args.out / "registry"
     registry.mkdir(parents=True, exist_ok=True)
@@ -180,30 +179,54 @@ def main(argv: list[str] | None = None) -> int:
         f"Tandem demo: {len(test)} held-out digits, simulated WAN {args.wan_ms:.0f} ms, "
         f"deadline {args.deadline_ms:.0f} ms"
     )
-    with CloudProcess(
-        args.repo,
-        delay_ms=args.wan_ms,
-        log=args.out / "cloud.log",
-        extra=["--registry", str(registry)],
-    ) as cloud:
+    with contextlib.ExitStack() as stack:
+        if args.broker:
+            broker_url = args.broker
+            print(f"broker: {broker_url}")
+        else:
+            broker_url = stack.enter_context(EmbeddedBroker()).url
+            print(f"broker: embedded (amqtt) at {broker_url}")
+        cloud = stack.enter_context(
+            CloudProcess(
+                args.repo,
+                delay_ms=args.wan_ms,
+                log=args.out / "cloud.log",
+                extra=["--registry", str(registry)],
+                env={
+                    "TANDEM_CLOUD_MQTT__URL": broker_url,
+                    "TANDEM_CLOUD_FLEET": FLEET,
+                    "TANDEM_CLOUD_STATE_DIR": str(args.out / "cloud"),
+                },
+            )
+        )
         print(f"cloud: tandem-cloud serving {args.repo} at {cloud.url}")
+        print(f"dashboard: {cloud.url}/dashboard/", flush=True)
         settings = AgentSettings.load(
             model_dir=args.model_dir, cloud={"url": cloud.url, "binary": True}
         )
-        with Agent(settings) as agent:
-            threshold = agent.threshold
-            print(
-                f"agent: {agent.model.manifest.ref} on {agent.model.backend.name}, "
-                f"threshold {threshold:.2f} (manifest default)\n"
-            )
-            runs = {
-                name: run_mode(agent, name, name, test, args.deadline_ms)
-                for name in ("edge", "cloud", "auto")
-            }
-            print(table([runs[n].summary() for n in ("edge", "cloud", "auto")]))
-            fleet = _fleet(args, cloud.url)
-            cloud.stop()
-            down = run_mode(agent, "auto, cloud down", "auto", test, args.deadline_ms)
+        agent = stack.enter_context(Agent(settings))
+        threshold = agent.threshold
+        print(
+            f"agent: {agent.model.manifest.ref} on {agent.model.backend.name}, "
+            f"threshold {threshold:.2f} (manifest default)\n"
+        )
+        runs = {
+            name: run_mode(agent, name, name, test, args.deadline_ms)
+            for name in ("edge", "cloud", "auto")
+        }
+        print(table([runs[n].summary() for n in ("edge", "cloud", "auto")]), flush=True)
+        fleet = run_fleet_demo(
+            args.out,
+            args.model_dir,
+            args.update_dir,
+            cloud.url,
+            broker_url,
+            args.agents,
+            args.out / "cloud" / "fleet.db",
+            args.hold_s,
+        )
+        cloud.stop()
+        down = run_mode(agent, "auto, cloud down", "auto", test, args.deadline_ms)
 
     rows = [runs[n].summary() for n in ("edge", "cloud", "auto")] + [down.summary()]
     print("\nwith the cloud stopped:")

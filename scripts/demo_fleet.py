@@ -9,6 +9,7 @@ job states as they arrive and checks that no request failed during the swap.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -32,13 +33,7 @@ FLEET = "demo"
 
 
 def prepare_registry(out: Path, factory: Path) -> tuple[SigningKey, Path, Path]:
-    """Fresh keys, trust store and registry with the factory model as release 1."""
-    for sub in ("keys", "registry", "agents", "fleet.db", "fleet.db-wal", "fleet.db-shm"):
-        target = out / sub
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+    """Keys, trust store and registry with the factory model as release 1 (``out`` fresh)."""
     key = SigningKey.generate()
     key.save(out / "keys" / "demo.key")
     trust = TrustStore()
@@ -78,8 +73,21 @@ class Traffic:
             time.sleep(0.001)
 
 
+def fresh(out: Path) -> None:
+    """Remove what an earlier run left (keys, registry, agent stores, fleet database)."""
+    for sub in ("keys", "registry", "agents", "cloud"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
 def run_fleet_demo(
-    out: Path, factory: Path, update_dir: Path, cloud_url: str, broker_url: str, agents: int
+    out: Path,
+    factory: Path,
+    update_dir: Path,
+    cloud_url: str,
+    broker_url: str,
+    agents: int,
+    fleet_db: Path,
+    hold_s: float = 0.0,
 ) -> dict[str, Any]:
     key, trust_path, registry_dir = prepare_registry(out, factory)
     registry = Registry(registry_dir)
@@ -94,11 +102,12 @@ def run_fleet_demo(
             cloud={"url": cloud_url},
             mqtt=MqttSettings(url=broker_url, reconnect_min_s=0.2, reconnect_max_s=2),
             update={"trust_store": trust_path, "health_watch_s": 1.0, "settle_s": 0.2},
+            telemetry={"interval_s": 1.0},
         )
         service = AgentService(settings)
         service.start(wait_s=10)
         services.append(service)
-    store = FleetStore(out / "fleet.db")
+    store = FleetStore(fleet_db)  # the cloud server's: the dashboard shows the rollout
     controller_mqtt = MqttClient(MqttSettings(url=broker_url), client_id="demo-controller")
     FleetListener(store, FLEET).attach(controller_mqtt)
     controller_mqtt.start(wait_s=10)
@@ -134,6 +143,15 @@ def run_fleet_demo(
         )
         elapsed = time.monotonic() - start
         time.sleep(0.3)
+        answered, failed = traffic.answered, traffic.failed
+        if hold_s:
+            print(
+                f"  agents keep serving for {hold_s:.0f}s: watch the dashboard "
+                "(Ctrl-C ends the wait)",
+                flush=True,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(hold_s)
     finally:
         traffic.stop.set()
         thread.join()
@@ -144,13 +162,14 @@ def run_fleet_demo(
     serving = sorted({s.agent.model.manifest.ref for s in services})
     print(
         f"  rollout {result.state} in {elapsed:.2f}s; agents now serve {', '.join(serving)}; "
-        f"{traffic.answered} requests answered during the update, {traffic.failed} failed"
+        f"{answered} requests answered during the update, {failed} failed"
     )
     return {
         "rollout": result.state,
         "seconds": elapsed,
         "serving": serving,
-        "requests_during_update": traffic.answered,
-        "failed_during_update": traffic.failed,
+        "requests_during_update": answered,
+        "failed_during_update": failed,
+        "failed_total": traffic.failed,
         "versions_seen": sorted(traffic.versions),
     }

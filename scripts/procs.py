@@ -6,6 +6,7 @@ and is stopped (terminate, then kill) when the ``with`` block ends, whatever hap
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class CloudProcess:
         delay_ms: float = 0.0,
         extra: list[str] | None = None,
         log: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,10 +56,13 @@ class CloudProcess:
         ]
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = log
+        self._env = env or {}
 
     def start(self, timeout_s: float = 30.0) -> None:
         out = self._log.open("ab") if self._log else subprocess.DEVNULL
-        self._proc = subprocess.Popen(self._cmd, cwd=ROOT, stdout=out, stderr=out)
+        self._proc = subprocess.Popen(
+            self._cmd, cwd=ROOT, stdout=out, stderr=out, env={**os.environ, **self._env}
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -1,0 +1,75 @@
+"""The cloud server as collector: fleet API, /metrics and the dashboard's files, fed by a
+real agent over a real Mosquitto."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dataset
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from agent.service import AgentService
+from agent.settings import AgentSettings
+from cloud.app import create_app
+from cloud.settings import CloudSettings
+from shared.mqtt import MqttSettings
+from tests.fleet import wait_for
+from tests.helpers import CLOUD_REPO, EDGE_INT8, serve_in_thread
+from tests.mosquitto import Mosquitto
+
+FLEET = "apifleet"
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, broker: Mosquitto) -> Iterator[httpx.Client]:
+    settings = CloudSettings(
+        repo=CLOUD_REPO, fleet=FLEET, state_dir=tmp_path / "cloud",
+        mqtt=MqttSettings(url=broker.url, username="collector", password=SecretStr("col-pw")),
+    )
+    with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url) as http:
+        yield http
+
+
+def test_agent_telemetry_reaches_the_fleet_api(cloud: httpx.Client, broker: Mosquitto,
+                                               tmp_path: Path, digits: dataset.Digits) -> None:
+    service = AgentService(AgentSettings(
+        model_dir=EDGE_INT8, device="dev-1", fleet=FLEET, group="lab",
+        state_dir=tmp_path / "dev-1", cloud={"url": str(cloud.base_url)},
+        mqtt=MqttSettings(url=broker.url, username="dev-1", password=SecretStr("pw-1")),
+        telemetry={"interval_s": 0.2},
+    ))
+    service.start(wait_s=10)
+    try:
+        for x in digits.test.x[:200]:
+            service.agent.infer(x, deadline_ms=2000)
+        wait_for(lambda: sum(r["requests"] for r in cloud.get("/fleet/devices/dev-1").json()
+                             .get("series", [])) == 200 if cloud.get("/fleet/devices").json()
+                 else False, what="all requests counted in the API")
+        devices = cloud.get("/fleet/devices").json()
+        d = devices[0]
+        assert (d["device"], d["group"], d["online"]) == ("dev-1", "lab", True)
+        assert d["models"] == [{"model": "digits", "version": 1}]
+        assert 0 < d["offload_rate"] < 1 and d["p95_ms"] is not None
+        one = cloud.get("/fleet/devices/dev-1").json()
+        assert sum(r["requests"] for r in one["series"]) == 200
+        summary = cloud.get("/fleet/summary").json()
+        assert summary["online"] == 1 and summary["versions"] == {"digits:1": 1}
+        assert sum(b["requests"] for b in summary["series"]) == 200
+        metrics = cloud.get("/metrics").text
+        assert f'tandem_fleet_devices{{fleet="{FLEET}",state="online"}} 1' in metrics
+        assert 'tandem_collector_messages_total{fleet="apifleet",outcome="stored"}' in metrics
+        assert cloud.get("/fleet/devices/nobody").status_code == 404
+    finally:
+        service.stop()
+    wait_for(lambda: not cloud.get("/fleet/devices").json()[0]["online"], what="offline")
+
+
+def test_dashboard_files_are_served(cloud: httpx.Client) -> None:
+    r = cloud.get("/", follow_redirects=True)
+    assert r.status_code == 200 and "<canvas" in r.text and 'src="app.js"' in r.text
+    assert "https://" not in r.text  # no CDN
+    js = cloud.get("/dashboard/app.js")
+    assert js.status_code == 200 and "fetch(\"/fleet/summary\")" in js.text
