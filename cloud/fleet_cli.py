@@ -134,15 +134,46 @@ def run_fleet(args: argparse.Namespace, base: CloudSettings) -> int:
 
 
 def print_status(store: FleetStore, fleet: str) -> None:
+    """The fleet at a glance: devices, what they serve, their last job and, where the
+    collector's database is at hand (same ``--state-dir``), their latest key figures."""
     jobs = store.latest_jobs(fleet)
+    figures = store.latest_telemetry(fleet)
     rows = []
-    for d in store.devices(fleet):
+    devices = store.devices(fleet)
+    for d in devices:
         models = ", ".join(f"{m['model']}:{m['version']}" for m in d["models"]) or "-"
         job = jobs.get(d["device"])
         job_text = f"{job['model']}@{job['version']} {job['state']}" if job else "-"
         reason = job["reason"] if job else ""
-        rows.append((d["device"], d["group"] or "-", d["state"], models, job_text, reason))
-    head = ("device", "group", "status", "serving", "last job", "reason")
+        t = figures.get(d["device"], {})
+        offload = f"{100 * t['offload_rate']:.1f}%" if t else "-"
+        p95 = f"{t['p95_ms']:.1f}" if t.get("p95_ms") is not None else "-"
+        rows.append(
+            (
+                d["device"],
+                d["group"] or "-",
+                d["state"],
+                models,
+                job_text,
+                offload,
+                p95,
+                d["last_seen"][11:19],
+                reason,
+            )
+        )
+    online = sum(d["state"] == "online" for d in devices)
+    print(f"fleet {fleet}: {len(devices)} devices, {online} online")
+    head = (
+        "device",
+        "group",
+        "status",
+        "serving",
+        "last job",
+        "offload",
+        "p95 ms",
+        "seen",
+        "reason",
+    )
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())

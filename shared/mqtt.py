@@ -66,6 +66,7 @@ class MqttCounters:
     handler_errors: int = 0
     connects: int = 0
     disconnects: int = 0
+    watchdog_restarts: int = 0
 
 
 class MqttClient:
@@ -194,18 +195,46 @@ class MqttClient:
         """Delete a retained message (an empty retained payload)."""
         return self.publish_wait(Topic(topic.name, topic.qos, True), b"", timeout_s)
 
-    def start(self, wait_s: float | None = None) -> None:
+    def start(self, wait_s: float | None = None, watchdog_s: float = 5.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first
-        connection and raise ``MqttError`` if it does not come in ``wait_s``."""
+        connection and raise ``MqttError`` if it does not come in ``wait_s``. A watchdog
+        restarts paho's network thread should it ever die."""
         host, port, _ = self.settings.host_port
         self._client.connect_async(host, port, keepalive=self.settings.keepalive_s)
         self._client.loop_start()
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch,
+            args=(watchdog_s,),
+            name=f"mqtt-watchdog-{self.client_id}",
+            daemon=True,
+        )
+        self._watchdog.start()
         if wait_s is not None and not self.connected.wait(wait_s):
             self.stop()
             raise MqttError(f"{self.client_id}: no connection to {self.settings.url} in {wait_s}s")
 
+    def _loop_alive(self) -> bool:
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+    def _watch(self, every_s: float) -> None:
+        while not self._stopping.wait(every_s):
+            if not self._loop_alive():
+                self.counters.watchdog_restarts += 1
+                log.error("%s: the MQTT network thread died; restarting it", self.client_id)
+                self.connected.clear()
+                try:
+                    self._client.loop_start()
+                    self._client.reconnect()
+                except Exception:  # the next round tries again
+                    log.exception("%s: watchdog restart failed", self.client_id)
+
     def stop(self) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
+        stopping = getattr(self, "_stopping", None)
+        if stopping is not None:
+            stopping.set()
         try:
             self._client.disconnect()
         finally:

@@ -41,9 +41,21 @@ def test_dashboard_shows_the_running_demo(tmp_path: Path) -> None:
 
     assert Path(CHROMIUM).exists(), "chromium is not installed (scripts/test installs it)"
     demo = subprocess.Popen(
-        [sys.executable, "-u", str(ROOT / "scripts" / "demo.py"), "--wan-ms", "5",
-         "--hold-s", "120", "--out", str(tmp_path / "demo")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-u",
+            str(ROOT / "scripts" / "demo.py"),
+            "--wan-ms",
+            "5",
+            "--hold-s",
+            "120",
+            "--out",
+            str(tmp_path / "demo"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         url = _read_until(demo, r"dashboard: (\S+)", 60).group(1)
@@ -52,8 +64,14 @@ def test_dashboard_shows_the_running_demo(tmp_path: Path) -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=CHROMIUM,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"],
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
             )
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -62,7 +80,8 @@ def test_dashboard_shows_the_running_demo(tmp_path: Path) -> None:
             for device in ("dev-0", "dev-1", "dev-2"):
                 page.wait_for_selector(f'tr[data-device="{device}"]', timeout=20_000)
             page.wait_for_function(
-                "document.querySelector('#online').textContent === '3'", timeout=20_000)
+                "document.querySelector('#online').textContent === '3'", timeout=20_000
+            )
             page.wait_for_timeout(2500)  # a refresh with telemetry on the charts
             assert "digits:2" in page.inner_text("#devices")
             assert "COMPLETED" in page.inner_text("#rollouts")

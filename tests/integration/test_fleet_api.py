@@ -26,28 +26,46 @@ FLEET = "apifleet"
 @pytest.fixture
 def cloud(tmp_path: Path, broker: Mosquitto) -> Iterator[httpx.Client]:
     settings = CloudSettings(
-        repo=CLOUD_REPO, fleet=FLEET, state_dir=tmp_path / "cloud",
+        repo=CLOUD_REPO,
+        fleet=FLEET,
+        state_dir=tmp_path / "cloud",
         mqtt=MqttSettings(url=broker.url, username="collector", password=SecretStr("col-pw")),
     )
     with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url) as http:
         yield http
 
 
-def test_agent_telemetry_reaches_the_fleet_api(cloud: httpx.Client, broker: Mosquitto,
-                                               tmp_path: Path, digits: dataset.Digits) -> None:
-    service = AgentService(AgentSettings(
-        model_dir=EDGE_INT8, device="dev-1", fleet=FLEET, group="lab",
-        state_dir=tmp_path / "dev-1", cloud={"url": str(cloud.base_url)},
-        mqtt=MqttSettings(url=broker.url, username="dev-1", password=SecretStr("pw-1")),
-        telemetry={"interval_s": 0.2},
-    ))
+def test_agent_telemetry_reaches_the_fleet_api(
+    cloud: httpx.Client, broker: Mosquitto, tmp_path: Path, digits: dataset.Digits
+) -> None:
+    service = AgentService(
+        AgentSettings(
+            model_dir=EDGE_INT8,
+            device="dev-1",
+            fleet=FLEET,
+            group="lab",
+            state_dir=tmp_path / "dev-1",
+            cloud={"url": str(cloud.base_url)},
+            mqtt=MqttSettings(url=broker.url, username="dev-1", password=SecretStr("pw-1")),
+            telemetry={"interval_s": 0.2},
+        )
+    )
     service.start(wait_s=10)
     try:
         for x in digits.test.x[:200]:
             service.agent.infer(x, deadline_ms=2000)
-        wait_for(lambda: sum(r["requests"] for r in cloud.get("/fleet/devices/dev-1").json()
-                             .get("series", [])) == 200 if cloud.get("/fleet/devices").json()
-                 else False, what="all requests counted in the API")
+        wait_for(
+            lambda: (
+                sum(
+                    r["requests"]
+                    for r in cloud.get("/fleet/devices/dev-1").json().get("series", [])
+                )
+                == 200
+                if cloud.get("/fleet/devices").json()
+                else False
+            ),
+            what="all requests counted in the API",
+        )
         devices = cloud.get("/fleet/devices").json()
         d = devices[0]
         assert (d["device"], d["group"], d["online"]) == ("dev-1", "lab", True)
@@ -72,4 +90,4 @@ def test_dashboard_files_are_served(cloud: httpx.Client) -> None:
     assert r.status_code == 200 and "<canvas" in r.text and 'src="app.js"' in r.text
     assert "https://" not in r.text  # no CDN
     js = cloud.get("/dashboard/app.js")
-    assert js.status_code == 200 and "fetch(\"/fleet/summary\")" in js.text
+    assert js.status_code == 200 and 'fetch("/fleet/summary")' in js.text

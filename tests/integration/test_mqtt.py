@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -99,11 +100,13 @@ def test_last_will_marks_a_vanished_device_and_reconnect_resubscribes(broker: Mo
     broker.stop()  # the broker goes away and comes back: both clients reconnect
     broker.start()
     assert watcher.connected.wait(10) and dev.connected.wait(10)
-    dev._client._sock.close()  # type: ignore[union-attr]  # the device vanishes uncleanly
+    dev._stopping.set()  # the whole process vanishes: no watchdog either
+    dev._client._sock.close()  # type: ignore[union-attr]  # ... and no goodbye
     dev._client.loop_stop()
     assert inbox.wait(1, timeout=15)
     assert inbox.items[-1][1] == b"offline"
     watcher.stop()
+    dev.stop()
 
 
 def test_a_handler_that_raises_does_not_kill_the_client(broker: Mosquitto) -> None:
@@ -124,3 +127,19 @@ def test_a_handler_that_raises_does_not_kill_the_client(broker: Mosquitto) -> No
     assert dev.counters.handler_errors == 2 and dev.connected.is_set()
     ctl.stop()
     dev.stop()
+
+
+# the killed loop's socket pair is left to the garbage collector, as after a real crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_watchdog_restarts_a_dead_network_thread(broker: Mosquitto) -> None:
+    c = client(broker, "collector")
+    c.start(wait_s=5, watchdog_s=0.2)
+    c._client.loop_stop()  # what an escaped exception would do to paho's thread
+    deadline = time.monotonic() + 10
+    while c.counters.watchdog_restarts == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert c.counters.watchdog_restarts >= 1
+    assert c.connected.wait(10)
+    assert c.publish_wait(topics.device_telemetry("f", "dev-1"), b"alive")
+    c.stop()
+    gc.collect()  # the dead loop's sockets are reclaimed here, under this test's filter
