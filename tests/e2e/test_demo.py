@@ -21,6 +21,8 @@ def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
             str(ROOT / "scripts" / "demo.py"),
             "--wan-ms",
             "15",
+            "--hold-s",
+            "0",
             "--out",
             str(tmp_path),
         ],
