@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -52,3 +55,15 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 def closed_port_url() -> str:
     """A URL on which nothing listens (connection refused at once)."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+def agent_process(config: Path) -> subprocess.Popen[bytes]:
+    """``tandem-agent run --no-serve`` as a child process (for kill -9 tests); stderr is
+    discarded so a test never blocks on a full pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), "run", "--no-serve"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )

@@ -5,10 +5,7 @@ update completes (or never started twice)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from agent.backends import TFLiteSettings
 from agent.model import load_model
 from agent.store import ModelStore
 from tests.fleet import FLEET, Fleet, last_state, running_fleet, wait_for
-from tests.helpers import EDGE_INT8, ROOT
+from tests.helpers import EDGE_INT8, agent_process
 from tests.mosquitto import Mosquitto
 
 
@@ -53,16 +50,6 @@ def _config(fleet: Fleet, path: Path, **update: object) -> Path:
     return path
 
 
-def _start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--config", str(config), "run", "--no-serve"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
 def _pointer(fleet: Fleet) -> str | None:
     """Read the pointer file directly: opening a ModelStore cleans up crash debris, which
     must not happen under a running agent."""
@@ -89,7 +76,7 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
             test_hold_state=kill_at,
             test_hold_s=60.0,
         )
-    proc = _start(hold)
+    proc = agent_process(hold)
     try:
         wait_for(lambda: len(fleet.store.devices(FLEET)) == 1, what="birth")
         fleet.publish(release)
@@ -103,15 +90,13 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
     # the store is consistent and bootable with no network at all
     store = ModelStore(fleet.tmp / "agents" / "dev-5")
     slot = store.bootable_slots("digits")[0]
     load_model(slot, TFLiteSettings()).close()
 
-    again = _start(_config(fleet, tmp_path / "again.toml", health_watch_s=0.3))
+    again = agent_process(_config(fleet, tmp_path / "again.toml", health_watch_s=0.3))
     try:
         wait_for(
             lambda: last_state(fleet, "dev-5", 2) == ("ACTIVE", ""),
@@ -124,11 +109,7 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
         assert status["device"] == "dev-5"
     finally:
         again.send_signal(signal.SIGTERM)
-        try:
-            again.wait(timeout=10)
-        finally:
-            if again.stderr:
-                again.stderr.close()
+        again.wait(timeout=10)
     assert again.returncode == 0
     store = ModelStore(fleet.tmp / "agents" / "dev-5")
     assert store.job("digits") is None and store.highest_accepted("digits") == 2

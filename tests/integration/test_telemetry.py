@@ -5,10 +5,7 @@ production, so the broker keeps its messages while it is away."""
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +22,7 @@ from cloud.fleet_store import FleetStore
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
 from tests.fleet import wait_for
-from tests.helpers import EDGE_INT8, ROOT
+from tests.helpers import EDGE_INT8, agent_process
 from tests.mosquitto import Mosquitto
 
 FLEET = "tele"
@@ -119,16 +116,6 @@ def test_broker_restarts_lose_and_duplicate_nothing(harness: Harness) -> None:
     assert harness.collector.counts["malformed"] == 0
 
 
-def _agent_process(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--config", str(config), "run", "--no-serve"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
 def test_kill_9_loses_nothing_acknowledged_and_the_session_moves_on(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -139,7 +126,7 @@ def test_kill_9_loses_nothing_acknowledged_and_the_session_moves_on(
         f'[mqtt]\nurl = "{harness.broker.url}"\nusername = "dev-2"\npassword = "pw-2"\n'
         "[telemetry]\ninterval_s = 0.1\n"
     )
-    proc = _agent_process(config)
+    proc = agent_process(config)
     try:
         wait_for(lambda: len(harness.seqs("dev-2", 1)) >= 10, what="first session")
         proc.send_signal(signal.SIGKILL)
@@ -149,7 +136,7 @@ def test_kill_9_loses_nothing_acknowledged_and_the_session_moves_on(
             proc.kill()
             proc.wait()
     first = harness.seqs("dev-2", 1)
-    again = _agent_process(config)
+    again = agent_process(config)
     try:
         wait_for(lambda: len(harness.seqs("dev-2", 2)) >= 5, what="second session")
     finally:
