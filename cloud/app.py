@@ -3,22 +3,25 @@ set; the collector, fleet API, ``/metrics`` and the dashboard when a broker is s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from cloud import __version__
+from cloud.auth import install_bearer_auth
 from cloud.collector import Collector
 from cloud.dataplane import CloudDataPlane
-from cloud.fleet_api import fleet_router
+from cloud.fleet_api import fleet_router, prometheus_text
 from cloud.fleet_store import FleetStore
 from cloud.registry import Registry, registry_router
-from cloud.repository import ModelRepository
+from cloud.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
 from shared.oip_http import install_error_handlers, oip_router
@@ -32,6 +35,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     if repository is None:
         repository = ModelRepository(settings.repo, settings.ort)
         repository.scan()
+    metrics = repository.metrics
     plane = CloudDataPlane(settings, repository)
     store: FleetStore | None = None
     collector: Collector | None = None
@@ -43,13 +47,24 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         mqtt = MqttClient(mqtt_settings, client_id=f"collector-{settings.fleet}")
         collector.attach(mqtt)
 
+    async def poll_repository() -> None:
+        while True:
+            await asyncio.sleep(settings.repo_poll_s)
+            try:
+                await run_in_threadpool(repository.scan)
+            except Exception:  # a bad scan is logged; serving goes on with what is loaded
+                log.exception("repository scan failed")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if mqtt is not None:
             mqtt.start()  # connects in the background, retrying: the server never waits on it
+        poller = asyncio.create_task(poll_repository()) if settings.repo_poll_s else None
         try:
             yield
         finally:
+            if poller is not None:
+                poller.cancel()
             if mqtt is not None:
                 mqtt.stop()
             if store is not None:
@@ -57,7 +72,26 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
 
     app = FastAPI(title="tandem-cloud", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    if settings.tokens:
+        install_bearer_auth(app, [t.get_secret_value() for t in settings.tokens])
     app.include_router(oip_router(plane, settings.max_body_bytes))
+    app.include_router(repository_router(repository))
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        text = metrics.render()
+        if store is not None:
+            text += prometheus_text(store, settings.fleet, collector)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    if settings.bare_route:
+
+        @app.post("/bench/bare", include_in_schema=False)
+        async def bare(request: Request) -> Response:
+            """The HTTP stack alone (body read, a fixed answer): a benchmark's ceiling."""
+            await request.body()
+            return Response(b'{"model_name":"bare","outputs":[]}', media_type="application/json")
+
     if settings.registry is not None:
         app.include_router(registry_router(Registry(settings.registry)))
     if store is not None:

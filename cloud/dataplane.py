@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.concurrency import run_in_threadpool
-
 from cloud import __version__
 from cloud.repository import ModelRepository
 from cloud.settings import CloudSettings
+from shared.errors import TandemError
 from shared.oip import (
     SERVER_EXTENSIONS,
     InferRequest,
@@ -27,7 +26,9 @@ class CloudDataPlane:
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(
-            name="tandem-cloud", version=__version__, extensions=list(SERVER_EXTENSIONS)
+            name="tandem-cloud",
+            version=__version__,
+            extensions=[*SERVER_EXTENSIONS, "model_repository"],
         )
 
     def live(self) -> bool:
@@ -57,7 +58,16 @@ class CloudDataPlane:
         )
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        model = self.repository.get(name, version)
-        if self.settings.simulated_delay_ms:
-            await asyncio.sleep(self.settings.simulated_delay_ms / 1000.0)
-        return await run_in_threadpool(model.run, request)
+        metrics = self.repository.metrics
+        label = version or "latest"
+        try:
+            batcher = self.repository.batcher(name, version)
+            label = batcher.model.version
+            if self.settings.simulated_delay_ms:
+                await asyncio.sleep(self.settings.simulated_delay_ms / 1000.0)
+            response = await batcher.infer(request)
+        except TandemError as exc:
+            metrics.requests.inc(name, label, str(exc.http_status))
+            raise
+        metrics.requests.inc(name, label, "200")
+        return response

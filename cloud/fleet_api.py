@@ -14,7 +14,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
 from cloud.collector import Collector
 from cloud.fleet_store import FleetStore
@@ -137,12 +137,6 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
             "rollouts": rollouts,
             "collector": dict(collector.counts) if collector else {},
         }
-
-    @router.get("/metrics", response_class=Response)
-    def metrics() -> Response:
-        return Response(
-            prometheus_text(store, fleet, collector), media_type="text/plain; version=0.0.4"
-        )
 
     return router
 

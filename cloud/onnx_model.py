@@ -7,6 +7,7 @@ onnxruntime exception turned into a 500.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +46,40 @@ def _tensor_meta(node: Any) -> TensorMetadata:
 class OnnxModel:
     """A loaded version. ``run`` is safe from many threads (ONNX Runtime sessions are)."""
 
-    def __init__(self, name: str, version: str, path: Path, ort_settings: OrtSettings) -> None:
+    def __init__(
+        self, name: str, version: str, path: Path, ort_settings: OrtSettings, instances: int = 1
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = ort_settings.intra_op_threads
         options.inter_op_num_threads = ort_settings.inter_op_threads
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[ort_settings.graph_optimization]
         available = set(ort.get_available_providers())
         providers = [p for p in ort_settings.providers if p in available] or [
             "CPUExecutionProvider"
         ]
         self.name, self.version, self.path = name, version, path
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=providers)
+            self._sessions = [
+                ort.InferenceSession(str(path), options, providers=providers)
+                for _ in range(max(1, instances))
+            ]
         except Exception as exc:  # onnxruntime raises untyped errors
             raise ContractError(f"cannot load {path}: {exc}") from exc
+        self._session = self._sessions[0]
+        self._next = itertools.count()
         self.inputs = [_tensor_meta(n) for n in self._session.get_inputs()]
         self.outputs = [_tensor_meta(n) for n in self._session.get_outputs()]
         self._input_names = {t.name: t for t in self.inputs}
         self._output_names = [t.name for t in self.outputs]
+        #: Dynamic batching applies when every input and output has a free first dimension.
+        self.batchable = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
 
     def _check(self, tensor: InferTensor) -> np.ndarray:
         spec = self._input_names.get(tensor.name)
@@ -91,6 +107,11 @@ class OnnxModel:
         return tensor.data
 
     def run(self, request: InferRequest) -> InferResponse:
+        feeds, wanted = self.prepare(request)
+        return self.response(wanted, self.compute(feeds, wanted))
+
+    def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Checked feeds and the output names to compute; ``InvalidRequestError`` if not."""
         feeds = {t.name: self._check(t) for t in request.inputs}
         missing = set(self._input_names) - set(feeds)
         if missing:
@@ -103,10 +124,17 @@ class OnnxModel:
                 raise InvalidRequestError(
                     f"unknown outputs {sorted(unknown)}; outputs are {self._output_names}"
                 )
+        return feeds, wanted
+
+    def compute(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
+        """One ONNX Runtime call (thread-safe; sessions taken in turn)."""
+        session = self._sessions[next(self._next) % len(self._sessions)]
         try:
-            values = self._session.run(wanted, feeds)
+            return [np.asarray(v) for v in session.run(wanted, feeds)]
         except Exception as exc:  # a shape the graph rejects at run time (e.g. fixed dims)
             raise InvalidRequestError(f"model rejected the input: {exc}") from exc
+
+    def response(self, wanted: list[str], values: list[np.ndarray]) -> InferResponse:
         outputs = [
             InferTensor(name=n, datatype=oip_datatype(np.asarray(v).dtype), data=np.asarray(v))
             for n, v in zip(wanted, values, strict=False)

@@ -1,8 +1,13 @@
-"""A Triton-layout model repository: ``<root>/<model>/<version>/model.onnx``.
+"""A Triton-layout model repository, live: ``<root>/<model>/<version>/model.onnx``.
 
-Version folders are positive integers; a request without a version gets the highest version
-that loaded. A version that fails to load is kept with its error, reported by its readiness
-route and logged, and never stops the others from serving.
+Version folders are positive integers; an optional ``<root>/<model>/config.toml`` sets the
+model's batching, queue and version policy (``cloud/model_config.py``). ``scan`` compares
+the folders with what is loaded: new versions load, removed ones unload (requests already
+holding them finish), unchanged ones stay as they are. The server rescans every
+``repo_poll_s`` and on ``POST /v2/repository/...`` (Triton's repository extension). A
+version that fails to load is kept with its error, reported by its readiness route and
+logged, and never stops the others from serving; a request without a version gets the
+highest version that loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from cloud.batcher import Batcher
+from cloud.metrics import ServerMetrics
+from cloud.model_config import ModelConfig
 from cloud.onnx_model import OnnxModel
 from cloud.settings import OrtSettings
 from shared.errors import ContractError, ModelNotFoundError, ModelNotReadyError
@@ -26,41 +37,115 @@ class VersionState:
     version: str
     model: OnnxModel | None
     error: str | None
+    batcher: Batcher | None = None
+    mtime: float = 0.0
 
 
 class ModelRepository:
-    def __init__(self, root: Path, ort_settings: OrtSettings) -> None:
+    def __init__(
+        self, root: Path, ort_settings: OrtSettings, metrics: ServerMetrics | None = None
+    ) -> None:
         self.root = root
         self._ort = ort_settings
+        self.metrics = metrics or ServerMetrics()
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
         self._models: dict[str, dict[str, VersionState]] = {}
+        self.unloaded: set[str] = set()  # models unloaded through the API stay unloaded
 
     def scan(self) -> None:
-        """Load every version folder under the root (at start-up)."""
+        """Bring what is loaded in line with the folders (and the unload list)."""
         if not self.root.is_dir():
             raise ContractError(f"model repository {self.root} is not a directory")
-        found: dict[str, dict[str, VersionState]] = {}
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if not IDENTIFIER_RE.match(model_dir.name):
-                log.warning("skipping %s: not a valid model name", model_dir)
-                continue
-            versions = {}
-            for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-                if vdir.name.isdigit() and int(vdir.name) > 0:
-                    versions[vdir.name] = self._load(model_dir.name, vdir)
-            if versions:
-                found[model_dir.name] = versions
-        with self._lock:
-            self._models = found
+        with self._scan_lock:
+            found: dict[str, dict[str, VersionState]] = {}
+            for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                name = model_dir.name
+                if not IDENTIFIER_RE.match(name) or name in self.unloaded:
+                    continue
+                versions = self._scan_model(model_dir)
+                if versions:
+                    found[name] = versions
+            with self._lock:
+                gone = {
+                    f"{m}/{v}"
+                    for m, vs in self._models.items()
+                    for v in vs
+                    if v not in found.get(m, {})
+                }
+                self._models = found
+            for key in sorted(gone):
+                log.info("unloaded %s", key)
 
-    def _load(self, name: str, vdir: Path) -> VersionState:
+    def _scan_model(self, model_dir: Path) -> dict[str, VersionState]:
+        name = model_dir.name
+        current = self._models.get(name, {})
         try:
-            model = OnnxModel(name, vdir.name, vdir / MODEL_FILE, self._ort)
+            config = ModelConfig.load(model_dir)
+        except ContractError as exc:
+            log.error("model %s: %s", name, exc.message)
+            return {"1": VersionState("1", None, exc.message)}
+        on_disk = {
+            int(p.name): p
+            for p in model_dir.iterdir()
+            if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        }
+        out = {}
+        for number in config.selects(sorted(on_disk)):
+            vdir = on_disk[number]
+            path = vdir / MODEL_FILE
+            mtime = path.stat().st_mtime if path.exists() else 0.0
+            old = current.get(vdir.name)
+            if old is not None and old.mtime == mtime and old.model is not None:
+                out[vdir.name] = old
+                continue
+            out[vdir.name] = self._load(name, vdir, config, mtime)
+        return out
+
+    def _load(self, name: str, vdir: Path, config: ModelConfig, mtime: float) -> VersionState:
+        try:
+            model = OnnxModel(name, vdir.name, vdir / MODEL_FILE, self._ort, config.instances)
         except ContractError as exc:
             log.error("model %s version %s failed to load: %s", name, vdir.name, exc.message)
-            return VersionState(vdir.name, None, exc.message)
-        log.info("loaded model %s version %s", name, vdir.name)
-        return VersionState(vdir.name, model, None)
+            return VersionState(vdir.name, None, exc.message, None, mtime)
+        log.info(
+            "loaded model %s version %s (batching %s)",
+            name,
+            vdir.name,
+            "on" if model.batchable and config.max_batch_size > 1 else "off",
+        )
+        return VersionState(vdir.name, model, None, Batcher(model, config, self.metrics), mtime)
+
+    def load(self, name: str) -> None:
+        """Triton's repository ``load``: (re)load one model from its folder."""
+        if not (self.root / name).is_dir():
+            raise ModelNotFoundError(f"no model {name!r} in the repository")
+        self.unloaded.discard(name)
+        self.scan()
+
+    def unload(self, name: str) -> None:
+        self.versions(name)  # 404 if unknown
+        self.unloaded.add(name)
+        self.scan()
+
+    def index(self) -> list[dict[str, str]]:
+        out = []
+        for p in sorted(q for q in self.root.iterdir() if q.is_dir()) if self.root.is_dir() else []:
+            if not IDENTIFIER_RE.match(p.name):
+                continue
+            versions = self._models.get(p.name, {})
+            if not versions:
+                out.append({"name": p.name, "state": "UNAVAILABLE", "reason": "unloaded"})
+            for v in versions.values():
+                out.append(
+                    {
+                        "name": p.name,
+                        "version": v.version,
+                        "state": "READY" if v.model else "UNAVAILABLE",
+                        "reason": v.error or "",
+                    }
+                )
+        return out
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -83,9 +168,36 @@ class ModelRepository:
         raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
 
     def get(self, name: str, version: str | None) -> OnnxModel:
+        return self._ready(name, version).model  # type: ignore[return-value]
+
+    def batcher(self, name: str, version: str | None) -> Batcher:
+        return self._ready(name, version).batcher  # type: ignore[return-value]
+
+    def _ready(self, name: str, version: str | None) -> VersionState:
         state = self.state(name, version)
-        if state.model is None:
+        if state.model is None or state.batcher is None:
             raise ModelNotReadyError(
                 f"model {name!r} version {state.version} is not ready: {state.error}"
             )
-        return state.model
+        return state
+
+
+def repository_router(repository: ModelRepository) -> APIRouter:
+    """Triton's model repository extension: index, load, unload."""
+    router = APIRouter(prefix="/v2/repository", tags=["repository"])
+
+    @router.post("/index")
+    async def index() -> list[dict[str, str]]:
+        return await run_in_threadpool(repository.index)
+
+    @router.post("/models/{name}/load")
+    async def load(name: str) -> dict[str, str]:
+        await run_in_threadpool(repository.load, name)
+        return {"name": name, "state": "loaded"}
+
+    @router.post("/models/{name}/unload")
+    async def unload(name: str) -> dict[str, str]:
+        await run_in_threadpool(repository.unload, name)
+        return {"name": name, "state": "unloaded"}
+
+    return router

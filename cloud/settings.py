@@ -7,8 +7,9 @@ Sources, strongest first: CLI flags, ``TANDEM_CLOUD_*`` environment variables (n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shared.identifiers import Identifier
@@ -24,6 +25,7 @@ class OrtSettings(BaseModel):
     intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime choose")
     inter_op_threads: int = Field(default=1, ge=0)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
 class CloudSettings(FileSettings):
@@ -51,4 +53,11 @@ class CloudSettings(FileSettings):
     )
     signing_key: Path | None = Field(default=None, description="for rollback releases")
     retention_days: float = Field(default=30.0, gt=0, description="telemetry kept this long")
+    tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description="bearer tokens accepted on inference, repository, registry and fleet "
+        "routes; empty: no auth. Revoke by restarting with a new list",
+    )
+    repo_poll_s: float = Field(default=2.0, ge=0, description="rescan the repository; 0: never")
+    bare_route: bool = Field(default=False, description="benchmark only: POST /bench/bare")
     log_level: str = "INFO"

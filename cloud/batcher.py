@@ -1,0 +1,181 @@
+"""Dynamic batching with backpressure, per model version, on the server's event loop.
+
+Concurrent requests for one version wait in a bounded queue; a worker merges them into one
+ONNX Runtime call of up to ``max_batch_size`` rows, waiting at most ``max_queue_delay_us``
+after the first one arrived, runs it in a worker thread (at most ``instances`` batches at
+once) and hands each request its own rows back, in order. Only requests with the same
+requested outputs and the same non-batch shapes are merged. A full queue answers 503 with
+``Retry-After`` at once, and a request that waits longer than ``timeout_ms`` gets a 503:
+memory stays bounded however many clients pile on. Models without a free first dimension
+are run one request at a time, still bounded by the same queue size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from cloud.metrics import ServerMetrics
+from cloud.model_config import ModelConfig
+from cloud.onnx_model import OnnxModel
+from shared.errors import ServerBusyError
+from shared.oip import InferRequest, InferResponse
+
+
+@dataclass
+class _Item:
+    feeds: dict[str, np.ndarray]
+    wanted: list[str]
+    rows: int
+    key: tuple[object, ...]
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(self, model: OnnxModel, config: ModelConfig, metrics: ServerMetrics) -> None:
+        self.model = model
+        self.config = config
+        self.metrics = metrics
+        self.labels = (model.name, model.version)
+        self.batching = model.batchable and config.max_batch_size > 1
+        self._queue: deque[_Item] = deque()
+        self._waiting = 0  # requests admitted and not yet answered (unbatched path)
+        self._more: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + self._waiting
+
+    def _admit(self) -> None:
+        if self.depth >= self.config.max_queue_size:
+            raise ServerBusyError(
+                f"model {self.model.name!r} version {self.model.version} has "
+                f"{self.depth} requests waiting (limit {self.config.max_queue_size})",
+                retry_after_s=1.0,
+            )
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        feeds, wanted = self.model.prepare(request)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.instances)
+            self._more = asyncio.Event()
+        rows = next(iter(feeds.values())).shape[0] if feeds else 0
+        if not self.batching or rows > self.config.max_batch_size or rows == 0:
+            return self.model.response(wanted, await self._alone(feeds, wanted))
+        self._admit()
+        key = (
+            tuple(wanted),
+            tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
+        )
+        item = _Item(feeds, wanted, rows, key, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        self.metrics.queue_depth.set(*self.labels, to=self.depth)
+        assert self._more is not None
+        self._more.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run())
+        try:
+            values = await asyncio.wait_for(
+                asyncio.shield(item.future), self.config.timeout_ms / 1000.0
+            )
+        except asyncio.TimeoutError:
+            item.future.cancel()
+            raise ServerBusyError(
+                f"request waited more than {self.config.timeout_ms:g} ms", retry_after_s=1.0
+            ) from None
+        return self.model.response(wanted, values)
+
+    async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
+        self._admit()
+        self._waiting += 1
+        assert self._slots is not None
+        try:
+            async with self._slots:
+                start = time.monotonic()
+                values = await run_in_threadpool(self.model.compute, feeds, wanted)
+                self.metrics.compute_seconds.observe(time.monotonic() - start, *self.labels)
+                self.metrics.batch_size.observe(1, *self.labels)
+                return values
+        finally:
+            self._waiting -= 1
+
+    async def _run(self) -> None:
+        assert self._more is not None and self._slots is not None
+        delay = self.config.max_queue_delay_us / 1e6
+        while self._queue:
+            first = self._queue[0]
+            # wait for company until the batch is full or the first request's delay is over
+            while sum(i.rows for i in self._queue) < self.config.max_batch_size:
+                remaining = first.enqueued + delay - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._more.clear()
+                try:
+                    await asyncio.wait_for(self._more.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take(first.key)
+            self.metrics.queue_depth.set(*self.labels, to=self.depth)
+            if not batch:
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._execute(batch))
+            self._tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self, key: tuple[object, ...]) -> list[_Item]:
+        batch: list[_Item] = []
+        rows = 0
+        keep: deque[_Item] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():  # timed out meanwhile
+                continue
+            if item.key == key and rows + item.rows <= self.config.max_batch_size:
+                batch.append(item)
+                rows += item.rows
+            else:
+                keep.append(item)
+        self._queue = keep
+        return batch
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        assert self._slots is not None
+        try:
+            now = time.monotonic()
+            for item in batch:
+                self.metrics.queue_seconds.observe(now - item.enqueued, *self.labels)
+            names = list(batch[0].feeds)
+            feeds = {
+                n: np.concatenate([i.feeds[n] for i in batch])
+                if len(batch) > 1
+                else batch[0].feeds[n]
+                for n in names
+            }
+            start = time.monotonic()
+            try:
+                values = await run_in_threadpool(self.model.compute, feeds, batch[0].wanted)
+            except Exception as exc:  # every waiting request gets the error, none hangs
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                return
+            self.metrics.compute_seconds.observe(time.monotonic() - start, *self.labels)
+            self.metrics.batch_size.observe(len(batch), *self.labels)
+            offset = 0
+            for item in batch:
+                part = [v[offset : offset + item.rows] for v in values]
+                offset += item.rows
+                if not item.future.done():
+                    item.future.set_result(part)
+        finally:
+            self._slots.release()
