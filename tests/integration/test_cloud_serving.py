@@ -1,0 +1,282 @@
+"""The cloud server under a fleet's load, on real uvicorn and ONNX Runtime: dynamic batching,
+backpressure, live versions, unbatched models, auth, fuzzed requests."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dataset
+import httpx
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from pydantic import SecretStr
+
+from cloud.app import create_app
+from cloud.settings import CloudSettings
+from tests.helpers import CLOUD_MODEL, CLOUD_REPO, serve_in_thread
+
+MODEL = CLOUD_REPO / CLOUD_MODEL / "1" / "model.onnx"
+
+
+def repo_with(tmp: Path, config: str = "", versions: tuple[int, ...] = (1,)) -> Path:
+    repo = tmp / "repo"
+    for v in versions:
+        (repo / "m" / str(v)).mkdir(parents=True)
+        shutil.copy(MODEL, repo / "m" / str(v) / "model.onnx")
+    if config:
+        (repo / "m" / "config.toml").write_text(config)
+    return repo
+
+
+def body(x: np.ndarray, **extra: object) -> dict[str, object]:
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }
+
+
+def test_concurrent_requests_are_merged_and_answered_in_order(
+    tmp_path: Path, digits: dataset.Digits
+) -> None:
+    import onnxruntime as ort
+
+    repo = repo_with(tmp_path, "max_batch_size = 16\nmax_queue_delay_us = 50000\n")
+    reference = ort.InferenceSession(str(MODEL)).run(None, {"input": digits.test.x[:24]})[0]
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+
+        def one(i: int) -> np.ndarray:
+            x = digits.test.x[i : i + 1 + i % 2]  # batches of 1 and 2 rows
+            r = httpx.post(f"{url}/v2/models/m/infer", json=body(x), timeout=10)
+            assert r.status_code == 200, r.text
+            return np.array(r.json()["outputs"][0]["data"]).reshape(len(x), 10)
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(12)))
+        metrics = httpx.get(f"{url}/metrics").text
+    for i, probs in enumerate(results):
+        np.testing.assert_allclose(probs, reference[i : i + 1 + i % 2], rtol=1e-5, atol=1e-6)
+    # fewer runs than requests: they were merged
+    runs = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('tandem_batch_size_count{model="m",version="1"}')
+    ]
+    assert runs and int(float(runs[0].split()[-1])) < 12
+    assert 'tandem_inference_requests_total{model="m",version="1",status="200"} 12' in metrics
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset.Digits) -> None:
+    repo = repo_with(
+        tmp_path,
+        "max_batch_size = 2\nmax_queue_delay_us = 300000\nmax_queue_size = 3\ninstances = 1\n",
+    )
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(f"{url}/v2/models/m/infer", json=body(digits.test.x[:1]), timeout=20)
+
+        with ThreadPoolExecutor(24) as pool:
+            replies = list(pool.map(one, range(24)))
+    codes = sorted(r.status_code for r in replies)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    busy = next(r for r in replies if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "waiting" in busy.json()["error"]
+
+
+def test_versions_added_and_removed_while_requests_run(
+    tmp_path: Path, digits: dataset.Digits
+) -> None:
+    repo = repo_with(tmp_path)
+    failures: list[str] = []
+    versions_seen: set[str] = set()
+    stop = threading.Event()
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0.1))) as url:
+
+        def drive() -> None:
+            with httpx.Client(base_url=url) as http:
+                while not stop.is_set():
+                    r = http.post("/v2/models/m/infer", json=body(digits.test.x[:1]))
+                    if r.status_code != 200:
+                        failures.append(r.text)
+                    else:
+                        versions_seen.add(r.json()["model_version"])
+
+        threads = [threading.Thread(target=drive) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            (repo / "m" / "2").mkdir()
+            shutil.copy(MODEL, repo / "m" / "2" / "model.onnx")
+            deadline = time.monotonic() + 10
+            while "2" not in versions_seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            shutil.rmtree(repo / "m" / "1")
+            time.sleep(0.5)
+            meta = httpx.get(f"{url}/v2/models/m").json()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert meta["versions"] == ["2"]
+        assert httpx.get(f"{url}/v2/models/m/versions/1/ready").status_code == 404
+        # the repository extension: unload and load again
+        assert httpx.post(f"{url}/v2/repository/models/m/unload").status_code == 200
+        assert httpx.get(f"{url}/v2/models/m/ready").status_code == 404
+        index = httpx.post(f"{url}/v2/repository/index").json()
+        assert index == [{"name": "m", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert httpx.post(f"{url}/v2/repository/models/m/load").status_code == 200
+        assert httpx.get(f"{url}/v2/models/m/ready").status_code == 200
+    assert failures == [] and versions_seen == {"1", "2"}
+
+
+def test_version_policy_latest(tmp_path: Path) -> None:
+    repo = repo_with(tmp_path, "versions = {latest = 1}\n", versions=(1, 2, 3))
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+        assert httpx.get(f"{url}/v2/models/m").json()["versions"] == ["3"]
+    bad = repo_with(tmp_path / "b", "max_batch_size = -1\n")
+    with serve_in_thread(create_app(CloudSettings(repo=bad, repo_poll_s=0))) as url:
+        ready = httpx.get(f"{url}/v2/models/m/ready")
+        assert ready.status_code == 503 and "config.toml" in ready.json()["reason"]
+
+
+def test_model_without_a_batch_dimension_is_served_unbatched(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    (tmp_path / "repo" / "fixed" / "1").mkdir(parents=True)
+    onnx.save(proto, str(tmp_path / "repo" / "fixed" / "1" / "model.onnx"))
+    with serve_in_thread(create_app(CloudSettings(repo=tmp_path / "repo", repo_poll_s=0))) as url:
+        doc = {
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [-1, 2, -3, 4]}]
+        }
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(
+                pool.map(lambda _: httpx.post(f"{url}/v2/models/fixed/infer", json=doc), range(6))
+            )
+        assert all(r.json()["outputs"][0]["data"] == [0, 2, 0, 4] for r in replies)
+        wrong = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [0] * 8}]}
+        assert httpx.post(f"{url}/v2/models/fixed/infer", json=wrong).status_code == 400
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[str]:
+    settings = CloudSettings(
+        repo=repo_with(tmp_path), repo_poll_s=0, tokens=[SecretStr("alpha"), SecretStr("beta")]
+    )
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+def test_bearer_tokens(
+    secured: str, digits: dataset.Digits, caplog: pytest.LogCaptureFixture
+) -> None:
+    infer = f"{secured}/v2/models/m/infer"
+    assert httpx.get(f"{secured}/v2/health/ready").status_code == 200  # open
+    assert httpx.get(f"{secured}/metrics").status_code == 200  # open
+    r = httpx.post(infer, json=body(digits.test.x[:1]))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert (
+        httpx.post(
+            infer, json=body(digits.test.x[:1]), headers={"Authorization": "Bearer gamma"}
+        ).status_code
+        == 401
+    )
+    for token in ("alpha", "beta"):
+        assert (
+            httpx.post(
+                infer, json=body(digits.test.x[:1]), headers={"Authorization": f"Bearer {token}"}
+            ).status_code
+            == 200
+        )
+    assert httpx.get(f"{secured}/v2/models/m").status_code == 401
+    assert "alpha" not in caplog.text and "beta" not in caplog.text
+
+
+def test_agent_uses_its_token(secured: str, digits: dataset.Digits) -> None:
+    from agent import Agent, AgentSettings
+    from tests.helpers import EDGE_INT8
+
+    good = AgentSettings(
+        model_dir=EDGE_INT8, cloud={"url": secured, "token": "beta", "model": "m", "version": "1"}
+    )
+    with Agent(good) as agent:
+        assert agent.infer(digits.test.x[0], mode="cloud").source == "cloud"
+    bad = good.model_copy(
+        update={"cloud": good.cloud.model_copy(update={"token": SecretStr("wrong")})}
+    )
+    with Agent(bad) as agent:
+        r = agent.infer(digits.test.x[0], mode="cloud")
+        assert (r.source, r.reason) == ("edge", "cloud_error")
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["input", "x", ""]) | JSON,
+        "shape": st.lists(st.integers(-2, 70), max_size=3) | JSON,
+        "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "BOOL", "FP16", "nope"]) | JSON,
+        "data": st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), max_size=70)
+        | JSON,
+        "parameters": JSON,
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def plain_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    repo = repo_with(tmp_path_factory.mktemp("fuzz"))
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+        yield url
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    doc=st.fixed_dictionaries(
+        {},
+        optional={
+            "inputs": st.lists(FIELDS, max_size=2) | JSON,
+            "outputs": JSON,
+            "id": JSON,
+            "parameters": JSON,
+        },
+    )
+)
+def test_fuzzed_requests_never_get_a_5xx(plain_url: str, doc: dict[str, object]) -> None:
+    r = httpx.post(f"{plain_url}/v2/models/m/infer", json=doc, timeout=10)
+    assert r.status_code < 500, r.text
+    assert "error" in r.json() if r.status_code != 200 else True
