@@ -27,6 +27,10 @@ from shared.errors import ServerBusyError
 from shared.oip import InferRequest, InferResponse
 
 
+#: Batches whose compute takes less than this (running estimate) run on the event loop.
+INLINE_BELOW_S = 0.0003
+
+
 @dataclass
 class _Item:
     feeds: dict[str, np.ndarray]
@@ -50,6 +54,7 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._compute_s = 1.0  # running estimate; starts in a thread until measured
 
     @property
     def depth(self) -> int:
@@ -83,15 +88,20 @@ class Batcher:
         self._more.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run())
+        # a timer, not asyncio.wait_for: that would start one more task per request
+        timer = asyncio.get_running_loop().call_later(
+            self.config.timeout_ms / 1000.0, item.future.cancel
+        )
         try:
-            values = await asyncio.wait_for(
-                asyncio.shield(item.future), self.config.timeout_ms / 1000.0
-            )
-        except asyncio.TimeoutError:
-            item.future.cancel()
+            values = await item.future
+        except asyncio.CancelledError:
+            if not item.future.cancelled():
+                raise
             raise ServerBusyError(
                 f"request waited more than {self.config.timeout_ms:g} ms", retry_after_s=1.0
             ) from None
+        finally:
+            timer.cancel()
         return self.model.response(wanted, values)
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
@@ -119,10 +129,10 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._more.clear()
-                try:
-                    await asyncio.wait_for(self._more.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                # woken by a new request or by the delay running out (a timer, not a task)
+                timer = asyncio.get_running_loop().call_later(remaining, self._more.set)
+                await self._more.wait()
+                timer.cancel()
             batch = self._take(first.key)
             self.metrics.queue_depth.set(*self.labels, to=self.depth)
             if not batch:
@@ -163,13 +173,19 @@ class Batcher:
             }
             start = time.monotonic()
             try:
-                values = await run_in_threadpool(self.model.compute, feeds, batch[0].wanted)
+                if self._compute_s < INLINE_BELOW_S:
+                    # tiny models: handing the call to a thread costs more than running it
+                    values = self.model.compute(feeds, batch[0].wanted)
+                else:
+                    values = await run_in_threadpool(self.model.compute, feeds, batch[0].wanted)
             except Exception as exc:  # every waiting request gets the error, none hangs
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 return
-            self.metrics.compute_seconds.observe(time.monotonic() - start, *self.labels)
+            took = time.monotonic() - start
+            self._compute_s += 0.2 * (took - self._compute_s)
+            self.metrics.compute_seconds.observe(took, *self.labels)
             self.metrics.batch_size.observe(len(batch), *self.labels)
             offset = 0
             for item in batch:

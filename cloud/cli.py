@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--simulated-delay-ms", type=float, help="demo only: add a wide-area round trip"
     )
+    serve.add_argument("--repo-poll-s", type=float, help="rescan the repository (0: never)")
+    serve.add_argument(
+        "--bare-route",
+        action="store_true",
+        default=None,
+        help="benchmark only: POST /bench/bare, the HTTP stack without inference",
+    )
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="action", required=True)
     gen = keys.add_parser("generate", help="a new Ed25519 key, added to DIR/trust.json")
@@ -147,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {
         key: value
-        for key in ("repo", "host", "port", "simulated_delay_ms", "registry")
+        for key in (
+            "repo",
+            "host",
+            "port",
+            "simulated_delay_ms",
+            "registry",
+            "repo_poll_s",
+            "bare_route",
+        )
         if (value := getattr(args, key, None)) is not None
     }
     settings = CloudSettings.load(args.config, **overrides)
