@@ -26,7 +26,6 @@ from cloud.onnx_model import OnnxModel
 from shared.errors import ServerBusyError
 from shared.oip import InferRequest, InferResponse
 
-
 #: Batches whose compute takes less than this (running estimate) run on the event loop.
 INLINE_BELOW_S = 0.0003
 

@@ -10,6 +10,7 @@ tensors whose ``parameters.binary_data_size`` is set. Every malformed body raise
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -113,7 +114,7 @@ def _check_shape(raw: Any, where: str) -> list[int]:
 
 
 def _json_to_array(data: Any, datatype: str, shape: list[int], where: str) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if datatype == "BYTES":
         flat = _flatten(data)
         if not all(isinstance(v, str) for v in flat):
@@ -203,7 +204,7 @@ def _decode_tensor(doc: Any, reader: _BinaryReader, where: str) -> InferTensor:
         if "data" in doc:
             raise InvalidRequestError(f"{where}: has both 'data' and binary_data_size")
         buf = reader.take(size, where)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         if datatype == "BYTES":
             arr = deserialize_bytes_tensor(buf, count)
         else:
