@@ -67,3 +67,18 @@ def agent_process(config: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def infer_body(x: Any, **extra: object) -> dict[str, object]:
+    """A JSON OIP request for the digits models' ``input`` tensor."""
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }

@@ -17,7 +17,7 @@ from cloud.app import create_app
 from cloud.settings import CloudSettings
 from shared.oip import HEADER_LENGTH, InferRequest, InferTensor, RequestedOutput
 from shared.oip_codec import decode_response, encode_request, parse_header_length
-from tests.helpers import CLOUD_MODEL, CLOUD_REPO, serve_in_thread
+from tests.helpers import CLOUD_MODEL, CLOUD_REPO, infer_body, serve_in_thread
 
 INFER = f"/v2/models/{CLOUD_MODEL}/infer"
 
@@ -26,20 +26,6 @@ INFER = f"/v2/models/{CLOUD_MODEL}/infer"
 def http(cloud_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=cloud_url) as client:
         yield client
-
-
-def _json_infer(x: np.ndarray, **extra: object) -> dict[str, object]:
-    return {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ],
-        **extra,
-    }
 
 
 def test_health_and_metadata(http: httpx.Client) -> None:
@@ -57,7 +43,7 @@ def test_health_and_metadata(http: httpx.Client) -> None:
 
 def test_json_infer_is_correct(http: httpx.Client, digits: dataset.Digits) -> None:
     x = digits.test.x[:50]
-    r = http.post(f"/v2/models/{CLOUD_MODEL}/versions/1/infer", json=_json_infer(x, id="req-9"))
+    r = http.post(f"/v2/models/{CLOUD_MODEL}/versions/1/infer", json=infer_body(x, id="req-9"))
     assert r.status_code == 200, r.text
     doc = r.json()
     assert doc["id"] == "req-9" and doc["model_version"] == "1"
@@ -79,7 +65,7 @@ def test_binary_infer_both_ways(http: httpx.Client, digits: dataset.Digits) -> N
 
 
 def test_gzip_body(http: httpx.Client) -> None:
-    body = gzip.compress(json.dumps(_json_infer(np.zeros((1, 64), np.float32))).encode())
+    body = gzip.compress(json.dumps(infer_body(np.zeros((1, 64), np.float32))).encode())
     r = http.post(INFER, content=body, headers={"Content-Encoding": "gzip"})
     assert r.status_code == 200, r.text
 
@@ -87,14 +73,14 @@ def test_gzip_body(http: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "status", "needle"),
     [
-        ("/v2/models/nope/infer", _json_infer(np.zeros((1, 64))), 404, "unknown model"),
+        ("/v2/models/nope/infer", infer_body(np.zeros((1, 64))), 404, "unknown model"),
         (
             f"/v2/models/{CLOUD_MODEL}/versions/9/infer",
-            _json_infer(np.zeros((1, 64))),
+            infer_body(np.zeros((1, 64))),
             404,
             "no version",
         ),
-        (INFER, _json_infer(np.zeros((1, 63))), 400, "shape"),
+        (INFER, infer_body(np.zeros((1, 63))), 400, "shape"),
         (
             INFER,
             {
@@ -117,7 +103,7 @@ def test_gzip_body(http: httpx.Client) -> None:
         ),
         (
             INFER,
-            _json_infer(np.zeros((1, 64)), outputs=[{"name": "logits"}]),
+            infer_body(np.zeros((1, 64)), outputs=[{"name": "logits"}]),
             400,
             "unknown outputs",
         ),
@@ -148,7 +134,7 @@ def test_raw_garbage_and_unknown_routes(http: httpx.Client) -> None:
 def test_oversized_bodies_are_413() -> None:
     app = create_app(CloudSettings(repo=CLOUD_REPO, max_body_bytes=1000))
     with serve_in_thread(app) as url:
-        big = _json_infer(np.zeros((20, 64), np.float32))
+        big = infer_body(np.zeros((20, 64), np.float32))
         r = httpx.post(url + INFER, json=big)
         assert r.status_code == 413 and "limit" in r.json()["error"]
         bomb = gzip.compress(b" " * 100_000)
@@ -172,10 +158,9 @@ def test_broken_model_beside_a_good_one(tmp_path: Path) -> None:
         bad = http.get("/v2/models/bad/ready")
         assert bad.status_code == 503 and "cannot load" in bad.json()["reason"]
         assert (
-            http.post("/v2/models/bad/infer", json=_json_infer(np.zeros((1, 64)))).status_code
-            == 503
+            http.post("/v2/models/bad/infer", json=infer_body(np.zeros((1, 64)))).status_code == 503
         )
         assert http.get("/v2/models/good/versions/2/ready").status_code == 503
         # the unversioned route serves the newest version that loaded
-        r = http.post("/v2/models/good/infer", json=_json_infer(np.zeros((1, 64))))
+        r = http.post("/v2/models/good/infer", json=infer_body(np.zeros((1, 64))))
         assert r.status_code == 200 and r.json()["model_version"] == "1"

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from cloud.app import create_app
 from cloud.settings import CloudSettings
-from tests.helpers import CLOUD_MODEL, CLOUD_REPO, serve_in_thread
+from tests.helpers import CLOUD_MODEL, CLOUD_REPO, infer_body, serve_in_thread
 
 MODEL = CLOUD_REPO / CLOUD_MODEL / "1" / "model.onnx"
 
@@ -37,20 +37,6 @@ def repo_with(tmp: Path, config: str = "", versions: tuple[int, ...] = (1,)) -> 
     return repo
 
 
-def body(x: np.ndarray, **extra: object) -> dict[str, object]:
-    return {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ],
-        **extra,
-    }
-
-
 def test_concurrent_requests_are_merged_and_answered_in_order(
     tmp_path: Path, digits: dataset.Digits
 ) -> None:
@@ -62,7 +48,7 @@ def test_concurrent_requests_are_merged_and_answered_in_order(
 
         def one(i: int) -> np.ndarray:
             x = digits.test.x[i : i + 1 + i % 2]  # batches of 1 and 2 rows
-            r = httpx.post(f"{url}/v2/models/m/infer", json=body(x), timeout=10)
+            r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(x), timeout=10)
             assert r.status_code == 200, r.text
             return np.array(r.json()["outputs"][0]["data"]).reshape(len(x), 10)
 
@@ -89,7 +75,9 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
 
         def one(_: int) -> httpx.Response:
-            return httpx.post(f"{url}/v2/models/m/infer", json=body(digits.test.x[:1]), timeout=20)
+            return httpx.post(
+                f"{url}/v2/models/m/infer", json=infer_body(digits.test.x[:1]), timeout=20
+            )
 
         with ThreadPoolExecutor(24) as pool:
             replies = list(pool.map(one, range(24)))
@@ -111,7 +99,7 @@ def test_versions_added_and_removed_while_requests_run(
         def drive() -> None:
             with httpx.Client(base_url=url) as http:
                 while not stop.is_set():
-                    r = http.post("/v2/models/m/infer", json=body(digits.test.x[:1]))
+                    r = http.post("/v2/models/m/infer", json=infer_body(digits.test.x[:1]))
                     if r.status_code != 200:
                         failures.append(r.text)
                     else:
@@ -195,18 +183,20 @@ def test_bearer_tokens(
     infer = f"{secured}/v2/models/m/infer"
     assert httpx.get(f"{secured}/v2/health/ready").status_code == 200  # open
     assert httpx.get(f"{secured}/metrics").status_code == 200  # open
-    r = httpx.post(infer, json=body(digits.test.x[:1]))
+    r = httpx.post(infer, json=infer_body(digits.test.x[:1]))
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert (
         httpx.post(
-            infer, json=body(digits.test.x[:1]), headers={"Authorization": "Bearer gamma"}
+            infer, json=infer_body(digits.test.x[:1]), headers={"Authorization": "Bearer gamma"}
         ).status_code
         == 401
     )
     for token in ("alpha", "beta"):
         assert (
             httpx.post(
-                infer, json=body(digits.test.x[:1]), headers={"Authorization": f"Bearer {token}"}
+                infer,
+                json=infer_body(digits.test.x[:1]),
+                headers={"Authorization": f"Bearer {token}"},
             ).status_code
             == 200
         )
