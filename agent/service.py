@@ -149,14 +149,14 @@ class AgentService:
     # ------------------------------------------------------------------------ MQTT
 
     def _status(self, state: str) -> DeviceStatus:
-        m = self.agent.model.manifest if hasattr(self, "agent") else None
+        m = self.agent.model.manifest
         return DeviceStatus(
             device=self.settings.device,
             state=state,  # type: ignore[arg-type]
             group=self.settings.group,
             agent_version=__version__,
             session=self.session,
-            models=[ModelVersion(model=m.model, version=m.version)] if m else [],
+            models=[ModelVersion(model=m.model, version=m.version)],
             capabilities=["oip", "update", self.settings.backend.kind],
             ts=datetime.now(timezone.utc),
         )

@@ -44,7 +44,8 @@ def _tensor_meta(node: Any) -> TensorMetadata:
 
 
 class OnnxModel:
-    """A loaded version. ``run`` is safe from many threads (ONNX Runtime sessions are)."""
+    """A loaded version: ``prepare`` checks a request, ``compute`` runs it (safe from many
+    threads: ONNX Runtime sessions are), ``response`` wraps the outputs."""
 
     def __init__(
         self, name: str, version: str, path: Path, ort_settings: OrtSettings, instances: int = 1
@@ -105,10 +106,6 @@ class OnnxModel:
                 dtype=object,
             ).reshape(shape)
         return tensor.data
-
-    def run(self, request: InferRequest) -> InferResponse:
-        feeds, wanted = self.prepare(request)
-        return self.response(wanted, self.compute(feeds, wanted))
 
     def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
         """Checked feeds and the output names to compute; ``InvalidRequestError`` if not."""

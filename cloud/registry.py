@@ -59,10 +59,6 @@ class Registry:
             raise ModelNotFoundError(f"model {model!r} has no release {version}")
         return Manifest.load(path)
 
-    def latest(self, model: str) -> Manifest | None:
-        versions = self.versions(model)
-        return self.manifest(model, versions[-1]) if versions else None
-
     def release_dir(self, model: str, version: int) -> Path:
         return self._model_dir(model) / str(version)
 

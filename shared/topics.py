@@ -89,18 +89,9 @@ def agent_manifest_filters(fleet: str, device: str, group: str | None) -> list[s
     return filters
 
 
-def agent_command_filter(fleet: str, device: str) -> str:
-    return f"{_device(fleet, device)}/cmd/+"
-
-
 def fleet_device_filter(fleet: str, leaf: Literal["status", "telemetry", "update"]) -> str:
     """All devices' ``leaf`` topics of a fleet (collector, controller)."""
     return f"{PREFIX}/{_id(fleet, 'fleet')}/devices/+/{leaf}"
-
-
-def fleet_manifest_filter(fleet: str) -> str:
-    """Every retained manifest of a fleet, at any scope (the controller's view)."""
-    return f"{PREFIX}/{_id(fleet, 'fleet')}/#"
 
 
 # ------------------------------------------------------------------------------ parsing
