@@ -34,7 +34,7 @@ from shared.oip import (
     ServerMetadata,
     TensorMetadata,
 )
-from shared.oip_http import install_error_handlers, oip_router
+from shared.oip_http import add_oip_routes, install_error_handlers
 
 OUTPUTS = ("probabilities", "label", "confidence", "source", "reason")
 
@@ -168,6 +168,6 @@ def _response(agent: Agent, request: InferRequest, results: list[InferenceResult
 def create_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="tandem-agent", version=__version__)
     install_error_handlers(app)
-    app.include_router(oip_router(AgentDataPlane(agent), agent.settings.server.max_body_bytes))
+    add_oip_routes(app.router, AgentDataPlane(agent), agent.settings.server.max_body_bytes)
     app.state.agent = agent
     return app

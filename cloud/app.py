@@ -24,7 +24,7 @@ from cloud.registry import Registry, registry_router
 from cloud.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
-from shared.oip_http import install_error_handlers, oip_router
+from shared.oip_http import LeanRoute, add_oip_routes, install_error_handlers
 
 log = logging.getLogger(__name__)
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -74,7 +74,24 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     install_error_handlers(app)
     if settings.tokens:
         install_bearer_auth(app, [t.get_secret_value() for t in settings.tokens])
-    app.include_router(oip_router(plane, settings.max_body_bytes))
+    if settings.bare_route:
+
+        async def bare(request: Request) -> Response:
+            """The HTTP stack alone (body read, a fixed answer): a benchmark's ceiling. The
+            same route class as infer, matched just before it: the stack infer runs on, with
+            the ceiling never understated."""
+            await request.body()
+            return Response(b'{"model_name":"bare","outputs":[]}', media_type="application/json")
+
+        app.router.add_api_route(
+            "/bench/bare",
+            bare,
+            methods=["POST"],
+            include_in_schema=False,
+            route_class_override=LeanRoute,
+        )
+
+    add_oip_routes(app.router, plane, settings.max_body_bytes)
     app.include_router(repository_router(repository))
 
     @app.get("/metrics", include_in_schema=False)
@@ -83,14 +100,6 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         if store is not None:
             text += prometheus_text(store, settings.fleet, collector)
         return Response(text, media_type="text/plain; version=0.0.4")
-
-    if settings.bare_route:
-
-        @app.post("/bench/bare", include_in_schema=False)
-        async def bare(request: Request) -> Response:
-            """The HTTP stack alone (body read, a fixed answer): a benchmark's ceiling."""
-            await request.body()
-            return Response(b'{"model_name":"bare","outputs":[]}', media_type="application/json")
 
     if settings.registry is not None:
         app.include_router(registry_router(Registry(settings.registry)))

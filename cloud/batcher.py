@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -27,17 +27,20 @@ from shared.errors import ServerBusyError
 from shared.oip import InferRequest, InferResponse
 
 #: Batches whose compute takes less than this (running estimate) run on the event loop.
-INLINE_BELOW_S = 0.0003
+INLINE_BELOW_S = 0.002
+#: In thread mode, one batch in this many runs inline to re-measure, if the model is not
+#: clearly slow: the estimate can come back down after a burst of large batches.
+PROBE_EVERY = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     feeds: dict[str, np.ndarray]
     wanted: list[str]
     rows: int
     key: tuple[object, ...]
     future: asyncio.Future[list[np.ndarray]]
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float
 
 
 class Batcher:
@@ -53,7 +56,11 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._compute_s = 1.0  # running estimate; starts in a thread until measured
+        # CPU seconds per batch when run inline: a running estimate, seeded by the load-time
+        # warm-up; moved only by inline runs (a thread's runs are slowed by the event loop
+        # beside it) and at most doubled by one run (a GC pause must not flip the mode)
+        self._inline_s = model.warm_s if model.warm_s is not None else INLINE_BELOW_S
+        self._batches = 0
 
     @property
     def depth(self) -> int:
@@ -76,21 +83,17 @@ class Batcher:
         if not self.batching or rows > self.config.max_batch_size or rows == 0:
             return self.model.response(wanted, await self._alone(feeds, wanted))
         self._admit()
-        key = (
-            tuple(wanted),
-            tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())),
-        )
-        item = _Item(feeds, wanted, rows, key, asyncio.get_running_loop().create_future())
+        # mergeable: same outputs, same inputs in the same order with the same row shape
+        key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
+        loop = asyncio.get_running_loop()
+        item = _Item(feeds, wanted, rows, key, loop.create_future(), time.monotonic())
         self._queue.append(item)
-        self.metrics.queue_depth.set(*self.labels, to=self.depth)
         assert self._more is not None
         self._more.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run())
         # a timer, not asyncio.wait_for: that would start one more task per request
-        timer = asyncio.get_running_loop().call_later(
-            self.config.timeout_ms / 1000.0, item.future.cancel
-        )
+        timer = loop.call_later(self.config.timeout_ms / 1000.0, item.future.cancel)
         try:
             values = await item.future
         except asyncio.CancelledError:
@@ -137,7 +140,11 @@ class Batcher:
             if not batch:
                 continue
             await self._slots.acquire()
-            task = asyncio.create_task(self._execute(batch))
+            if self._run_inline():
+                # tiny models: a task and a thread hop cost more than the call itself
+                self._execute(batch, None)
+                continue
+            task = asyncio.create_task(self._execute_in_thread(batch))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
 
@@ -157,33 +164,59 @@ class Batcher:
         self._queue = keep
         return batch
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    def _run_inline(self) -> bool:
+        self._batches += 1
+        if self._inline_s < INLINE_BELOW_S:
+            return True
+        return self._batches % PROBE_EVERY == 0 and self._inline_s < 10 * INLINE_BELOW_S
+
+    def _timed_compute(
+        self, feeds: dict[str, np.ndarray], wanted: list[str]
+    ) -> tuple[list[np.ndarray], float]:
+        """The call and its wall time, measured where it runs (a thread hop is not compute)."""
+        start = time.perf_counter()
+        values = self.model.compute(feeds, wanted)
+        return values, time.perf_counter() - start
+
+    async def _execute_in_thread(self, batch: list[_Item]) -> None:
+        feeds = self._merge(batch)
+        try:
+            done = await run_in_threadpool(self._timed_compute, feeds, batch[0].wanted)
+        except Exception as exc:
+            self._execute(batch, exc)
+            return
+        self._execute(batch, done)
+
+    def _merge(self, batch: list[_Item]) -> dict[str, np.ndarray]:
+        if len(batch) == 1:
+            return batch[0].feeds
+        return {n: np.concatenate([i.feeds[n] for i in batch]) for n in batch[0].feeds}
+
+    def _execute(
+        self, batch: list[_Item], done: tuple[list[np.ndarray], float] | Exception | None
+    ) -> None:
+        """Hands each request its rows (or the error); computes here first when ``done`` is
+        None (the inline path). Releases the batch's slot whatever happens."""
         assert self._slots is not None
         try:
             now = time.monotonic()
-            for item in batch:
-                self.metrics.queue_seconds.observe(now - item.enqueued, *self.labels)
-            names = list(batch[0].feeds)
-            feeds = {
-                n: np.concatenate([i.feeds[n] for i in batch])
-                if len(batch) > 1
-                else batch[0].feeds[n]
-                for n in names
-            }
-            start = time.monotonic()
-            try:
-                if self._compute_s < INLINE_BELOW_S:
-                    # tiny models: handing the call to a thread costs more than running it
-                    values = self.model.compute(feeds, batch[0].wanted)
-                else:
-                    values = await run_in_threadpool(self.model.compute, feeds, batch[0].wanted)
-            except Exception as exc:  # every waiting request gets the error, none hangs
+            self.metrics.queue_seconds.observe_many(
+                [now - item.enqueued for item in batch], *self.labels
+            )
+            if done is None:
+                try:
+                    cpu = time.thread_time()
+                    done = self._timed_compute(self._merge(batch), batch[0].wanted)
+                    cpu = time.thread_time() - cpu
+                    self._inline_s += 0.2 * (min(cpu, 2 * self._inline_s) - self._inline_s)
+                except Exception as exc:
+                    done = exc
+            if isinstance(done, Exception):  # every waiting request gets it, none hangs
                 for item in batch:
                     if not item.future.done():
-                        item.future.set_exception(exc)
+                        item.future.set_exception(done)
                 return
-            took = time.monotonic() - start
-            self._compute_s += 0.2 * (took - self._compute_s)
+            values, took = done
             self.metrics.compute_seconds.observe(took, *self.labels)
             self.metrics.batch_size.observe(len(batch), *self.labels)
             offset = 0

@@ -62,6 +62,14 @@ class Histogram:
             counts[bisect_left(self.buckets, value)] += 1
             self._sums[values] += value
 
+    def observe_many(self, observed: list[float], *values: str) -> None:
+        """Several observations under one lock (a batch's queue times)."""
+        with self._lock:
+            counts = self._counts.setdefault(values, [0] * (len(self.buckets) + 1))
+            for value in observed:
+                counts[bisect_left(self.buckets, value)] += 1
+            self._sums[values] += sum(observed)
+
     def count(self, *values: str) -> int:
         return sum(self._counts.get(values, []))
 
@@ -87,7 +95,9 @@ class ServerMetrics:
             "Inference requests by model, version and HTTP status.",
             ("model", "version", "status"),
         )
-        self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting to be batched.", mv)
+        self.queue_depth = Gauge(
+            "tandem_queue_depth", "Requests waiting, as of the last batch formed.", mv
+        )
         self.batch_size = Histogram(
             "tandem_batch_size", "Requests merged into one run.", mv, BATCH_BUCKETS
         )

@@ -51,6 +51,9 @@ class ModelRepository:
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self._models: dict[str, dict[str, VersionState]] = {}
+        # derived from _models at each scan, so a request does no sorting
+        self._sorted: dict[str, list[VersionState]] = {}
+        self._default: dict[str, VersionState] = {}
         self.unloaded: set[str] = set()  # models unloaded through the API stay unloaded
 
     def scan(self) -> None:
@@ -73,7 +76,14 @@ class ModelRepository:
                     for v in vs
                     if v not in found.get(m, {})
                 }
-                self._models = found
+                ordered = {
+                    m: sorted(vs.values(), key=lambda v: int(v.version)) for m, vs in found.items()
+                }
+                self._models, self._sorted = found, ordered
+                self._default = {
+                    m: ([v for v in vs if v.model is not None] or vs)[-1]
+                    for m, vs in ordered.items()
+                }
             for key in sorted(gone):
                 log.info("unloaded %s", key)
 
@@ -151,21 +161,23 @@ class ModelRepository:
         return sorted(self._models)
 
     def versions(self, name: str) -> list[VersionState]:
-        versions = self._models.get(name)
+        versions = self._sorted.get(name)
         if not versions:
             raise ModelNotFoundError(f"unknown model {name!r}")
-        return sorted(versions.values(), key=lambda v: int(v.version))
+        return list(versions)
 
     def state(self, name: str, version: str | None) -> VersionState:
         """The named version, or the highest version that loaded (else the highest)."""
-        versions = self.versions(name)
         if version is None:
-            ready = [v for v in versions if v.model is not None]
-            return (ready or versions)[-1]
-        for v in versions:
-            if v.version == version:
-                return v
-        raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
+            default = self._default.get(name)
+            if default is None:
+                raise ModelNotFoundError(f"unknown model {name!r}")
+            return default
+        found = self._models.get(name, {}).get(version)
+        if found is None:
+            self.versions(name)  # 404 for the model first
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
+        return found
 
     def get(self, name: str, version: str | None) -> OnnxModel:
         return self._ready(name, version).model  # type: ignore[return-value]

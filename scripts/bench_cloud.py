@@ -171,6 +171,7 @@ def bodies(model: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--pairs", type=int, default=5, help="back-to-back c=32 pairs")
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out/bench/bench_cloud.json")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     (repo / "digits" / "config.toml").write_text("max_queue_size = 1024\n")
     x = dataset.load().test.x
     rows: list[dict[str, Any]] = []
+    pairs: list[float] = []
     rows += [{"model": "digits", **r} for r in in_process(repo / "digits/1/model.onnx", x, 2)]
     rows += [{"model": "wide", **r} for r in in_process(repo / "wide/1/model.onnx", x, 2)]
     try:
@@ -213,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
                 r = wrk(f"{cloud.url}/bench/bare", script, c, args.duration)
                 rows.append({"model": "-", "path": "bare route", "concurrency": c, **r})
                 print(rows[-1], flush=True)
+            # the target ratio, from back-to-back pairs: this machine's speed drifts by
+            # half between minutes, which a ratio of rows measured far apart would carry
+            infer_url, binary_script = (
+                f"{cloud.url}/v2/models/digits/infer",
+                work / "digits-binary.lua",
+            )
+            for _ in range(args.pairs):
+                served = wrk(infer_url, binary_script, 32, args.duration)
+                ceiling = wrk(f"{cloud.url}/bench/bare", script, 32, args.duration)
+                pairs.append(served["rps"] / ceiling["rps"])
+                print(f"pair at c=32: {served['rps']:.0f} / {ceiling['rps']:.0f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -233,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             if r["model"] == model and r["path"] == path and r["concurrency"] == c
         )
 
-    ratio = rps("digits", "server binary", 32) / rps("-", "bare route", 32)
+    ratio = float(np.median(pairs))
     speedup = rps("wide", "server binary", 128) / rps("wide-nobatch", "server binary", 128)
-    print(f"\nbinary server / bare route at concurrency 32: {ratio:.0%}")
+    print(
+        f"\nbinary server / bare route at concurrency 32: {ratio:.0%} (median of "
+        f"{len(pairs)} back-to-back pairs: {', '.join(f'{p:.0%}' for p in pairs)})"
+    )
     print(f"wide MLP, batching on / off at concurrency 128: {speedup:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
@@ -244,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": platform.machine(),
                 "rows": rows,
                 "binary_vs_bare_c32": ratio,
+                "binary_vs_bare_c32_pairs": pairs,
                 "batching_speedup_c128": speedup,
             },
             indent=2,

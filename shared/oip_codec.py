@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 
 from shared.errors import InvalidRequestError
 from shared.oip import (
@@ -76,7 +77,7 @@ def deserialize_bytes_tensor(buf: bytes | memoryview, count: int) -> np.ndarray:
 def _tensor_binary(tensor: InferTensor) -> bytes:
     if tensor.datatype == "BYTES":
         return serialize_bytes_tensor(tensor.data)
-    dt = numpy_dtype(tensor.datatype).newbyteorder("<")
+    dt = _little_endian(numpy_dtype(tensor.datatype))
     return np.ascontiguousarray(tensor.data, dtype=dt).tobytes()
 
 
@@ -105,12 +106,15 @@ def _encode_tensor(tensor: InferTensor, binary: bool, blobs: list[bytes]) -> dic
     return doc
 
 
-def _check_shape(raw: Any, where: str) -> list[int]:
-    if not isinstance(raw, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
-    ):
-        raise InvalidRequestError(f"{where}: 'shape' must be a list of non-negative integers")
-    return raw
+def _check_shape(raw: Any, where: str, name: str | None = None) -> list[int]:
+    if isinstance(raw, list):
+        for d in raw:
+            if type(d) is not int or d < 0:  # bool is an int subclass: type() excludes it
+                break
+        else:
+            return raw
+    where = where if name is None else f"{where} {name!r}"
+    raise InvalidRequestError(f"{where}: 'shape' must be a list of non-negative integers")
 
 
 def _json_to_array(data: Any, datatype: str, shape: list[int], where: str) -> np.ndarray:
@@ -185,20 +189,22 @@ class _BinaryReader:
 
 
 def _decode_tensor(doc: Any, reader: _BinaryReader, where: str) -> InferTensor:
+    """One tensor of a body. Runs once per tensor of every request: the checks are plain
+    comparisons, and error texts are only built when there is an error."""
     if not isinstance(doc, dict):
         raise InvalidRequestError(f"{where} must be an object")
     name = doc.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidRequestError(f"{where}: 'name' must be a non-empty string")
-    where = f"{where} {name!r}"
     datatype = doc.get("datatype")
     if not isinstance(datatype, str):
-        raise InvalidRequestError(f"{where}: 'datatype' must be a string")
+        raise InvalidRequestError(f"{where} {name!r}: 'datatype' must be a string")
     dt = numpy_dtype(datatype)
-    shape = _check_shape(doc.get("shape"), where)
-    params = _decode_params(doc.get("parameters"), where)
+    shape = _check_shape(doc.get("shape"), where, name)
+    params = _decode_params(doc.get("parameters"), where, name)
     size = params.pop("binary_data_size", None)
     if size is not None:
+        where = f"{where} {name!r}"
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidRequestError(f"{where}: binary_data_size must be a non-negative integer")
         if "data" in doc:
@@ -212,22 +218,36 @@ def _decode_tensor(doc: Any, reader: _BinaryReader, where: str) -> InferTensor:
                 raise InvalidRequestError(
                     f"{where}: binary_data_size {size} does not match shape {shape} of {datatype}"
                 )
-            arr = np.frombuffer(buf, dtype=dt.newbyteorder("<"))
+            arr = np.frombuffer(buf, dtype=_little_endian(dt))
         arr = arr.reshape(shape)
     elif "data" in doc:
-        arr = _json_to_array(doc["data"], datatype, shape, where)
+        arr = _json_to_array(doc["data"], datatype, shape, f"{where} {name!r}")
     else:
-        raise InvalidRequestError(f"{where}: needs 'data' or parameters.binary_data_size")
+        raise InvalidRequestError(f"{where} {name!r}: needs 'data' or parameters.binary_data_size")
     return InferTensor(name=name, datatype=datatype, data=arr, parameters=params)
 
 
-def _decode_params(raw: Any, where: str) -> dict[str, Param]:
+_LITTLE_ENDIAN: dict[np.dtype[Any], np.dtype[Any]] = {}
+
+
+def _little_endian(dt: np.dtype[Any]) -> np.dtype[Any]:
+    """The little-endian form of ``dt`` (the wire's byte order), cached: making one per
+    tensor costs as much as reading the tensor."""
+    found = _LITTLE_ENDIAN.get(dt)
+    if found is None:
+        found = _LITTLE_ENDIAN[dt] = dt.newbyteorder("<")
+    return found
+
+
+def _decode_params(raw: Any, where: str, name: str | None = None) -> dict[str, Param]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
+        where = where if name is None else f"{where} {name!r}"
         raise InvalidRequestError(f"{where}: 'parameters' must be an object")
     for key, value in raw.items():
         if not isinstance(value, (str, int, float, bool)):
+            where = where if name is None else f"{where} {name!r}"
             raise InvalidRequestError(f"{where}: parameter {key!r} must be a scalar")
     return dict(raw)
 
@@ -241,9 +261,14 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[Any, _BinaryRea
             raise InvalidRequestError(f"{HEADER_LENGTH} {header_length} is outside the body")
         header, blob = view[:header_length], view[header_length:]
     try:
-        doc = json.loads(bytes(header))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"body is not valid JSON: {exc}") from None
+        doc = orjson.loads(header)
+    except ValueError:
+        # what orjson refuses (NaN literals, integers past 64 bits) the standard library
+        # reads as before, so later checks name the real problem; or it says what is wrong
+        try:
+            doc = json.loads(bytes(header))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequestError(f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidRequestError("body must be a JSON object")
     return doc, _BinaryReader(blob)
@@ -267,8 +292,16 @@ def _optional_str(doc: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _assemble(doc: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    header = json.dumps(doc, separators=(",", ":")).encode()
+def _assemble(
+    doc: dict[str, Any], blobs: list[bytes], tensors: list[InferTensor]
+) -> tuple[bytes, dict[str, str]]:
+    """Header then blobs. ``tensors``: those sent as JSON data. orjson writes NaN and
+    infinities as null, so a float tensor holding one goes through the standard library,
+    which writes them as the NaN/Infinity literals OIP servers and clients read."""
+    if any(t.data.dtype.kind == "f" and not np.isfinite(t.data).all() for t in tensors):
+        header = json.dumps(doc, separators=(",", ":")).encode()
+    else:
+        header = orjson.dumps(doc)
     if not blobs:
         return header, {"Content-Type": JSON_CONTENT_TYPE}
     return b"".join([header, *blobs]), {
@@ -299,7 +332,7 @@ def encode_request(
             else {"name": o.name, "parameters": {"binary_data": o.binary_data}}
             for o in request.outputs
         ]
-    return _assemble(doc, blobs)
+    return _assemble(doc, blobs, [] if binary_inputs else request.inputs)
 
 
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
@@ -348,10 +381,13 @@ def encode_response(
 ) -> tuple[bytes, dict[str, str]]:
     """Body and headers for a response, binary for the outputs the request asked that of."""
     blobs: list[bytes] = []
-    outputs = [
-        _encode_tensor(t, request is not None and request.wants_binary(t.name), blobs)
-        for t in response.outputs
-    ]
+    as_json: list[InferTensor] = []
+    outputs = []
+    for t in response.outputs:
+        binary = request is not None and request.wants_binary(t.name)
+        outputs.append(_encode_tensor(t, binary, blobs))
+        if not binary:
+            as_json.append(t)
     doc: dict[str, Any] = {"model_name": response.model_name}
     if response.model_version is not None:
         doc["model_version"] = response.model_version
@@ -360,7 +396,7 @@ def encode_response(
     if response.parameters:
         doc["parameters"] = dict(response.parameters)
     doc["outputs"] = outputs
-    return _assemble(doc, blobs)
+    return _assemble(doc, blobs, as_json)
 
 
 def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:

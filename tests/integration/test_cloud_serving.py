@@ -68,9 +68,11 @@ def test_concurrent_requests_are_merged_and_answered_in_order(
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset.Digits) -> None:
+    # a batch waits up to 1 s for company it can never get (the queue holds 3, a batch 8):
+    # the queue stays full for that second however fast the model is
     repo = repo_with(
         tmp_path,
-        "max_batch_size = 2\nmax_queue_delay_us = 300000\nmax_queue_size = 3\ninstances = 1\n",
+        "max_batch_size = 8\nmax_queue_delay_us = 1000000\nmax_queue_size = 3\n",
     )
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import dataset
@@ -13,6 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from agent import Agent, AgentSettings
 from agent.server import create_app
+from cloud.app import create_app as cloud_app
+from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_MODEL, EDGE_INT8, serve_in_thread
 
 COMBOS = [(bi, bo) for bi in (False, True) for bo in (False, True)]
@@ -83,3 +87,55 @@ def test_tritonclient_sees_errors(cloud_url: str) -> None:
         client.infer(CLOUD_MODEL, [inp])
     assert not client.is_model_ready("nope")
     client.close()
+
+
+def _string_model(path: Path) -> None:
+    """A model of strings: ``words`` (a batch of rows of two words), echoed as ``same`` and
+    with the words swapped as ``swapped``; batchable, so BYTES rows are merged too."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["words"], ["same"]),
+            helper.make_node("Gather", ["words", "order"], ["swapped"], axis=1),
+        ],
+        "strings",
+        [helper.make_tensor_value_info("words", TensorProto.STRING, ["b", 2])],
+        [
+            helper.make_tensor_value_info("same", TensorProto.STRING, ["b", 2]),
+            helper.make_tensor_value_info("swapped", TensorProto.STRING, ["b", 2]),
+        ],
+        [helper.make_tensor("order", TensorProto.INT64, [2], [1, 0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize(("binary_in", "binary_out"), COMBOS)
+def test_cloud_serves_bytes_tensors(tmp_path: Path, binary_in: bool, binary_out: bool) -> None:
+    _string_model(tmp_path / "repo" / "words" / "1" / "model.onnx")
+    (tmp_path / "repo" / "words" / "config.toml").write_text("max_queue_delay_us = 20000\n")
+    app = cloud_app(CloudSettings(repo=tmp_path / "repo", repo_poll_s=0))
+    with serve_in_thread(app) as url:
+        meta = _client(url).get_model_metadata("words")
+        assert meta["inputs"][0]["datatype"] == "BYTES"
+
+        def one(i: int) -> list[list[str]]:
+            client = _client(url)
+            words = np.array([[f"tandem-{i}", "héllo"]], dtype=object)
+            inp = triton.InferInput("words", [1, 2], "BYTES")
+            inp.set_data_from_numpy(words, binary_data=binary_in)
+            out = triton.InferRequestedOutput("swapped", binary_data=binary_out)
+            result = client.infer("words", [inp], outputs=[out])
+            swapped = result.as_numpy("swapped")
+            assert result.get_output("same") is None  # requested outputs only
+            client.close()
+            return [[v.decode() if isinstance(v, bytes) else v for v in row] for row in swapped]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(16)))
+    assert answers == [[["héllo", f"tandem-{i}"]] for i in range(16)]
+    assert app.state.plane.repository.metrics.batch_size.count("words", "1") < 16  # merged
