@@ -34,7 +34,7 @@ from shared.oip import (
     ServerMetadata,
     TensorMetadata,
 )
-from shared.oip_http import add_oip_routes, install_error_handlers
+from shared.oip_http import add_oip_routes, docs_routes_last, install_error_handlers
 
 OUTPUTS = ("probabilities", "label", "confidence", "source", "reason")
 
@@ -169,5 +169,6 @@ def create_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="tandem-agent", version=__version__)
     install_error_handlers(app)
     add_oip_routes(app.router, AgentDataPlane(agent), agent.settings.server.max_body_bytes)
+    docs_routes_last(app)
     app.state.agent = agent
     return app

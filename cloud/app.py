@@ -24,7 +24,7 @@ from cloud.registry import Registry, registry_router
 from cloud.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
-from shared.oip_http import LeanRoute, add_oip_routes, install_error_handlers
+from shared.oip_http import LeanRoute, add_oip_routes, docs_routes_last, install_error_handlers
 
 log = logging.getLogger(__name__)
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -111,6 +111,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         def root() -> RedirectResponse:
             return RedirectResponse("/dashboard/")
 
+    docs_routes_last(app)
     app.state.plane = plane
     app.state.collector = collector
     app.state.store = store

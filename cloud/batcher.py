@@ -2,12 +2,12 @@
 
 Concurrent requests for one version wait in a bounded queue; a worker merges them into one
 ONNX Runtime call of up to ``max_batch_size`` rows, waiting at most ``max_queue_delay_us``
-after the first one arrived, runs it in a worker thread (at most ``instances`` batches at
-once) and hands each request its own rows back, in order. Only requests with the same
-requested outputs and the same non-batch shapes are merged. A full queue answers 503 with
-``Retry-After`` at once, and a request that waits longer than ``timeout_ms`` gets a 503:
-memory stays bounded however many clients pile on. Models without a free first dimension
-are run one request at a time, still bounded by the same queue size.
+after the first one arrived, runs it (on the event loop when it is cheap, in a worker
+thread otherwise, at most ``instances`` batches at once) and hands each request its rows
+back. Only requests with the same requested outputs and the same non-batch shapes are
+merged. A full queue answers 503 with ``Retry-After`` at once, and a request still queued
+after ``timeout_ms`` gets a 503: memory stays bounded however many clients pile on. Models
+without a free first dimension are run one request at a time, bounded by the same queue.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class Batcher:
         self._more: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._timeout_s = config.timeout_ms / 1000.0
         self._tasks: set[asyncio.Task[None]] = set()
         # CPU seconds per batch when run inline: a running estimate, seeded by the load-time
         # warm-up; moved only by inline runs (a thread's runs are slowed by the event loop
@@ -92,18 +94,9 @@ class Batcher:
         self._more.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run())
-        # a timer, not asyncio.wait_for: that would start one more task per request
-        timer = loop.call_later(self.config.timeout_ms / 1000.0, item.future.cancel)
-        try:
-            values = await item.future
-        except asyncio.CancelledError:
-            if not item.future.cancelled():
-                raise
-            raise ServerBusyError(
-                f"request waited more than {self.config.timeout_ms:g} ms", retry_after_s=1.0
-            ) from None
-        finally:
-            timer.cancel()
+        if self._expiry is None:
+            self._arm_expiry()
+        values = await item.future
         return self.model.response(wanted, values)
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
@@ -147,6 +140,27 @@ class Batcher:
             task = asyncio.create_task(self._execute_in_thread(batch))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
+
+    def _arm_expiry(self) -> None:
+        """One timer per batcher, for the oldest queued request (the queue is in arrival
+        order): a timer per request cost more than batching saved on a small model."""
+        if self._queue:
+            wait = self._queue[0].enqueued + self._timeout_s - time.monotonic()
+            self._expiry = asyncio.get_running_loop().call_later(max(0.0, wait), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        now = time.monotonic()
+        while self._queue and now - self._queue[0].enqueued >= self._timeout_s:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(
+                    ServerBusyError(
+                        f"request waited more than {self.config.timeout_ms:g} ms in the queue",
+                        retry_after_s=1.0,
+                    )
+                )
+        self._arm_expiry()
 
     def _take(self, key: tuple[object, ...]) -> list[_Item]:
         batch: list[_Item] = []

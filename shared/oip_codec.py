@@ -13,6 +13,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -335,8 +336,50 @@ def encode_request(
     return _assemble(doc, blobs, [] if binary_inputs else request.inputs)
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """A binary-extension request header, parsed and checked: what a body with the same
+    header bytes decodes to, but for its tensor bytes."""
+
+    inputs: tuple[tuple[str, str, np.dtype[Any], tuple[int, ...], int, dict[str, Param]], ...]
+    blob_size: int
+    outputs: list[RequestedOutput] | None
+    id: str | None
+    parameters: dict[str, Param]
+
+    def decode(self, blob: memoryview) -> InferRequest:
+        tensors, pos = [], 0
+        for name, datatype, dt, shape, size, params in self.inputs:
+            part = blob[pos : pos + size]
+            pos += size
+            if datatype == "BYTES":
+                arr = deserialize_bytes_tensor(part, math.prod(shape))
+            else:
+                arr = np.frombuffer(part, dtype=dt)
+            tensors.append(InferTensor(name, datatype, arr.reshape(shape), dict(params)))
+        return InferRequest(
+            inputs=tensors,
+            outputs=None if self.outputs is None else list(self.outputs),
+            id=self.id,
+            parameters=dict(self.parameters),
+        )
+
+
+#: Headers seen lately. A client sends the same header for every request of one shape (only
+#: the tensor bytes after it change), so parsing and checking it once saves a third of the
+#: codec's cost per request. Bounded: emptied when full.
+_HEADERS: dict[bytes, _Header] = {}
+_HEADERS_MAX = 256
+_HEADER_MAX_BYTES = 4096
+
+
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """An ``InferRequest`` from a body (the server side). Raises ``InvalidRequestError``."""
+    if header_length is not None and 0 <= header_length <= _HEADER_MAX_BYTES:
+        view = memoryview(body)
+        known = _HEADERS.get(bytes(view[:header_length]))
+        if known is not None and len(view) - header_length == known.blob_size:
+            return known.decode(view[header_length:])
     doc, reader = _split_body(body, header_length)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -352,12 +395,51 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         if not isinstance(raw_outputs, list):
             raise InvalidRequestError("'outputs' must be a list")
         outputs = [_decode_requested_output(o, i) for i, o in enumerate(raw_outputs)]
-    return InferRequest(
+    request = InferRequest(
         inputs=tensors,
         outputs=outputs,
         id=_optional_str(doc, "id", "request"),
         parameters=_decode_params(doc.get("parameters"), "request"),
     )
+    if (
+        header_length is not None
+        and header_length <= _HEADER_MAX_BYTES
+        and request.id is None  # ids differ per request: such headers never repeat
+        and not any("data" in t for t in inputs)  # JSON data lives in the header
+    ):
+        _remember(body[:header_length], request)
+    return request
+
+
+def _remember(header: bytes, request: InferRequest) -> None:
+    entries = tuple(
+        (
+            t.name,
+            t.datatype,
+            _little_endian(numpy_dtype(t.datatype)),
+            tuple(t.data.shape),
+            size,
+            dict(t.parameters),
+        )
+        for t, size in zip(request.inputs, _binary_sizes(request), strict=True)
+    )
+    if len(_HEADERS) >= _HEADERS_MAX:
+        _HEADERS.clear()
+    _HEADERS[header] = _Header(
+        inputs=entries,
+        blob_size=sum(e[4] for e in entries),
+        outputs=None if request.outputs is None else list(request.outputs),
+        id=request.id,
+        parameters=dict(request.parameters),
+    )
+
+
+def _binary_sizes(request: InferRequest) -> list[int]:
+    """Each input's size in the binary part, as its header declared it."""
+    return [
+        len(serialize_bytes_tensor(t.data)) if t.datatype == "BYTES" else t.data.nbytes
+        for t in request.inputs
+    ]
 
 
 def _decode_requested_output(doc: Any, index: int) -> RequestedOutput:

@@ -214,6 +214,16 @@ async def read_body(request: Request, max_bytes: int) -> tuple[bytes, int | None
     return out, header_length
 
 
+def docs_routes_last(app: FastAPI) -> None:
+    """Moves FastAPI's own documentation routes (added first, at construction) to the end of
+    the route table: routes are tried in order, and every request paid for failing them.
+    Call once, after every route is added and before the first request."""
+    docs = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url}
+    routes = app.router.routes
+    moved = [r for r in routes if getattr(r, "path", None) in docs]
+    routes[:] = [r for r in routes if r not in moved] + moved
+
+
 def add_oip_routes(router: APIRouter, plane: DataPlane, max_body_bytes: int) -> None:
     """The KServe v2 routes over ``plane``, added to ``router`` itself (an app's
     ``app.router``): an included router is matched through one more layer on every request.

@@ -89,6 +89,19 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset
     assert busy.headers["retry-after"] == "1" and "waiting" in busy.json()["error"]
 
 
+def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: dataset.Digits) -> None:
+    # the batch would wait 3 s for company; the request may wait 0.2 s
+    repo = repo_with(
+        tmp_path, "max_batch_size = 8\nmax_queue_delay_us = 3000000\ntimeout_ms = 200\n"
+    )
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+        start = time.monotonic()
+        r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(digits.test.x[:1]), timeout=10)
+        took = time.monotonic() - start
+    assert r.status_code == 503 and "waited more than 200 ms" in r.json()["error"]
+    assert r.headers["retry-after"] == "1" and took < 2.0
+
+
 def test_versions_added_and_removed_while_requests_run(
     tmp_path: Path, digits: dataset.Digits
 ) -> None:
