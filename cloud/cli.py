@@ -3,6 +3,7 @@
 - ``serve``: the OIP server (and the registry, with ``--registry``);
 - ``keys generate``: an Ed25519 signing key and the trust store devices pin;
 - ``model package``: validate an edge model in the real interpreter, sign, publish;
+- ``model optimize``: the model pipeline (``cloud/pipeline/``), which needs the build extra;
 - ``fleet rollout | rollback | status``: see ``cloud/fleet_cli.py``.
 """
 
@@ -103,6 +104,56 @@ def _model_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_optimize(args: argparse.Namespace) -> int:
+    """Runs the model pipeline (needs the ``build`` extra) and prints its headline figures."""
+    import tomllib
+
+    from cloud.pipeline.run import optimize
+    from cloud.pipeline.settings import OptimizeSettings
+
+    values: dict[str, Any] = {}
+    if args.settings is not None:
+        try:
+            values = tomllib.loads(args.settings.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"tandem-cloud: cannot read {args.settings}: {exc}") from None
+    for key in (
+        "data",
+        "teacher",
+        "out",
+        "max_escalation",
+        "min_relative_accuracy",
+        "epochs",
+        "model",
+    ):
+        if (value := getattr(args, key, None)) is not None:
+            values[key] = value
+    for key in ("hidden", "sparsities"):
+        if (value := getattr(args, key, None)) is not None:
+            values[key] = [float(v) if key == "sparsities" else int(v) for v in value.split(",")]
+    try:
+        settings = OptimizeSettings.model_validate(values)
+    except ValueError as exc:
+        raise SystemExit(f"tandem-cloud: invalid pipeline settings: {exc}") from None
+    report = optimize(settings)
+    op = report["routing"]["operating_point"]
+    print(
+        json.dumps(
+            {
+                "report": str(settings.out / "report.html"),
+                "bundle": str(settings.out / report["bundle"]),
+                "threshold": op["threshold"],
+                "temperature": report["calibration"]["temperature"],
+                "test_accuracy": op["test"]["accuracy"],
+                "test_escalation": op["test"]["escalation"],
+                "relative_accuracy": report["routing"]["relative_accuracy"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem-cloud", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML settings file")
@@ -149,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     pkg.add_argument("--expires-days", type=float, default=365.0)
     pkg.add_argument("--min-agent-version")
 
+    opt = model.add_parser(
+        "optimize",
+        help="train, distill, quantize, prune, calibrate and measure edge variants (build extra)",
+    )
+    opt.add_argument("--settings", type=Path, help="TOML with OptimizeSettings fields")
+    opt.add_argument("--data", type=Path, help="split file (x, y, train, calib, test)")
+    opt.add_argument("--teacher", type=Path, help="the cloud ONNX model")
+    opt.add_argument("--out", type=Path, help="folder for this run")
+    opt.add_argument("--model", help="the edge model's name in the registry")
+    opt.add_argument("--hidden", help="edge hidden widths, e.g. 128,64")
+    opt.add_argument("--epochs", type=int)
+    opt.add_argument("--sparsities", help="pruning targets, e.g. 0.5,0.8")
+    opt.add_argument("--max-escalation", type=float, help="escalation budget (0.2: 20%%)")
+    opt.add_argument(
+        "--min-relative-accuracy", type=float, help="hybrid / cloud-only accuracy (0.995)"
+    )
+
     from cloud.fleet_cli import add_fleet_parser
 
     add_fleet_parser(sub)
@@ -180,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return _keys_generate(args)
         if args.command == "model":
-            return _model_package(args)
+            return _model_optimize(args) if args.action == "optimize" else _model_package(args)
         from cloud.fleet_cli import run_fleet
 
         return run_fleet(args, settings)

@@ -62,7 +62,7 @@ def _interpreter(blob: bytes) -> Any:
     return interp
 
 
-def _spec(detail: dict[str, Any], name: str) -> TensorSpec:
+def tensor_spec(detail: dict[str, Any], name: str) -> TensorSpec:
     dtype = np.dtype(detail["dtype"])
     if dtype not in _DTYPES:
         raise ContractError(f"tensor {name} has dtype {dtype}; Tandem serves FP32/INT8/UINT8")
@@ -122,8 +122,8 @@ def package(request: PackageRequest, key: SigningKey, registry: Registry) -> Man
     inputs, outputs = interp.get_input_details(), interp.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1:
         raise ContractError("the edge model must have exactly one input and one output")
-    in_spec = _spec(inputs[0], template.input.name)
-    out_spec = _spec(outputs[0], template.output.name)
+    in_spec = tensor_spec(inputs[0], template.input.name)
+    out_spec = tensor_spec(outputs[0], template.output.name)
     if in_spec.shape[-1] != template.input.shape[-1]:
         raise ContractError(
             f"the model takes {in_spec.shape[-1]} features, the template {template.input.shape[-1]}"

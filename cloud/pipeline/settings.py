@@ -1,0 +1,41 @@
+"""What ``tandem-cloud model optimize`` does, as settings: one ``OptimizeSettings``, built
+in ``main()`` from flags and an optional TOML file and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.identifiers import Identifier
+
+
+class OptimizeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="split file: x, y, train, calib, test (cloud/pipeline/data.py)")
+    teacher: Path = Field(description="the cloud model (ONNX, probabilities out): the teacher")
+    out: Path = Field(description="folder for this run: variants, report, bundle")
+    model: Identifier = "digits"
+    cloud_model: str = "digits-cloud"
+    cloud_version: str | None = "1"
+    labels: list[str] | None = Field(default=None, description="None: the class numbers")
+    hidden: list[int] = Field(
+        default_factory=lambda: [32], min_length=1, description="edge MLP hidden widths"
+    )
+    epochs: int = Field(default=60, ge=1)
+    seed: int = 7
+    distill_temperature: float = Field(default=4.0, gt=0)
+    distill_alpha: float = Field(default=0.7, ge=0, le=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.8])
+    prune_epochs: int = Field(default=30, ge=1)
+    int8_io: bool = True
+    max_escalation: float | None = Field(
+        default=0.20, gt=0, le=1, description="escalation budget; None: no budget"
+    )
+    min_relative_accuracy: float | None = Field(
+        default=0.995, gt=0, le=1, description="hybrid accuracy as a share of cloud-only"
+    )
+    latency_calls: int = Field(default=300, ge=10)
+    golden_count: int = Field(default=6, ge=1)
+    train_limit: int | None = Field(default=None, description="tests: train on the first N only")
