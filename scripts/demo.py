@@ -17,12 +17,8 @@ import contextlib
 import json
 import signal
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,75 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dataset
 from demo_fleet import FLEET, fresh, run_fleet_demo
 from embedded_broker import EmbeddedBroker
+from hybrid import ModeRun, run_mode, sweep
 from procs import CloudProcess
 
-from agent import Agent, AgentSettings, InferenceResult
-
-
-@dataclass
-class ModeRun:
-    name: str
-    results: list[InferenceResult]
-    wall_ms: list[float]
-    y: np.ndarray
-
-    @property
-    def accuracy(self) -> float:
-        return float(np.mean([int(r.label) == y for r, y in zip(self.results, self.y)]))
-
-    @property
-    def escalated(self) -> float:
-        return float(np.mean([r.source == "cloud" for r in self.results]))
-
-    def pct(self, q: float) -> float:
-        return float(np.percentile(self.wall_ms, q))
-
-    def summary(self) -> dict[str, Any]:
-        reasons: dict[str, int] = {}
-        for r in self.results:
-            reasons[r.reason] = reasons.get(r.reason, 0) + 1
-        return {
-            "mode": self.name,
-            "accuracy": self.accuracy,
-            "escalated": self.escalated,
-            "p50_ms": self.pct(50),
-            "p95_ms": self.pct(95),
-            "max_ms": max(self.wall_ms),
-            "mean_ms": float(np.mean(self.wall_ms)),
-            "reasons": reasons,
-        }
-
-
-def run_mode(
-    agent: Agent, name: str, mode: Any, split: dataset.Split, deadline_ms: float
-) -> ModeRun:
-    results, wall = [], []
-    for x in split.x:
-        t0 = time.perf_counter()
-        results.append(agent.infer(x, mode=mode, deadline_ms=deadline_ms))
-        wall.append((time.perf_counter() - t0) * 1000.0)
-    return ModeRun(name, results, wall, split.y)
-
-
-def sweep(edge: ModeRun, cloud: ModeRun) -> list[dict[str, float]]:
-    """Accuracy and escalation for thresholds 0..1, from the measured answers of each path:
-    a sample escalates when its edge confidence is below the threshold."""
-    conf = np.array([r.confidence for r in edge.results])
-    edge_ok = np.array([int(r.label) == y for r, y in zip(edge.results, edge.y)])
-    cloud_ok = np.array([int(r.label) == y for r, y in zip(cloud.results, cloud.y)])
-    edge_ms, cloud_ms = np.array(edge.wall_ms), np.array(cloud.wall_ms)
-    curve = []
-    for t in np.round(np.linspace(0.0, 1.0, 101), 2):
-        esc = conf < t
-        curve.append(
-            {
-                "threshold": float(t),
-                "escalated": float(esc.mean()),
-                "accuracy": float(np.where(esc, cloud_ok, edge_ok).mean()),
-                "mean_ms": float(np.where(esc, edge_ms + cloud_ms, edge_ms).mean()),
-            }
-        )
-    return curve
+from agent import Agent, AgentSettings
 
 
 def plot(

@@ -4,7 +4,10 @@
 - ``dynamic``: dynamic-range quantization, weights int8, activations float at run time;
 - ``float16``: weights stored as float16 (halves the size; dequantized on CPU);
 - ``int8``: full-integer post-training quantization, calibrated on a representative set
-  (the calibration split), with int8 input and output unless ``int8_io`` is off.
+  (the calibration split), with int8 input and output unless ``int8_io`` is off; weights
+  scaled per output channel (the converter's default);
+- ``int8-per-tensor``: the same with one scale per weight tensor: a little coarser, and
+  smaller, since per-channel parameters are a fixed cost a small model does not amortise.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-Variant = Literal["float32", "dynamic", "float16", "int8"]
-VARIANTS: tuple[Variant, ...] = ("float32", "dynamic", "float16", "int8")
+Variant = Literal["float32", "dynamic", "float16", "int8", "int8-per-tensor"]
+VARIANTS: tuple[Variant, ...] = ("float32", "dynamic", "float16", "int8", "int8-per-tensor")
 
 
 def to_tflite(
@@ -27,7 +30,7 @@ def to_tflite(
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if variant == "int8":
+    if variant in ("int8", "int8-per-tensor"):
 
         def samples() -> Any:
             for row in representative:
@@ -38,5 +41,8 @@ def to_tflite(
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
+        if variant == "int8-per-tensor":
+            # the converter's documented switch, still named experimental
+            converter._experimental_disable_per_channel = True
     blob: bytes = converter.convert()
     return blob

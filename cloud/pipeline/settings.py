@@ -21,9 +21,9 @@ class OptimizeSettings(BaseModel):
     cloud_version: str | None = "1"
     labels: list[str] | None = Field(default=None, description="None: the class numbers")
     hidden: list[int] = Field(
-        default_factory=lambda: [32], min_length=1, description="edge MLP hidden widths"
+        default_factory=lambda: [128, 64], min_length=1, description="edge MLP hidden widths"
     )
-    epochs: int = Field(default=60, ge=1)
+    epochs: int = Field(default=120, ge=1)
     seed: int = 7
     distill_temperature: float = Field(default=4.0, gt=0)
     distill_alpha: float = Field(default=0.7, ge=0, le=1)
