@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -44,5 +45,8 @@ def to_tflite(
         if variant == "int8-per-tensor":
             # the converter's documented switch, still named experimental
             converter._experimental_disable_per_channel = True
-    blob: bytes = converter.convert()
+    with warnings.catch_warnings():
+        # int8 I/O without input statistics: the representative set gives them; harmless
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
+        blob: bytes = converter.convert()
     return blob

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ class VariantResult:
 def _interpreter(blob: bytes) -> Any:
     import tensorflow as tf  # loaded by the pipeline already; tflite_runtime beside it clashes
 
-    interp = tf.lite.Interpreter(model_content=blob)
+    with warnings.catch_warnings():
+        # its deprecation in favour of ai_edge_litert: the same interpreter, still shipped
+        warnings.filterwarnings("ignore", "\\s*Warning: tf.lite.Interpreter is deprecated")
+        interp = tf.lite.Interpreter(model_content=blob)
     interp.allocate_tensors()
     return interp
 
