@@ -16,7 +16,6 @@ Needs the ``build`` extra (TensorFlow, scikit-learn, onnx). Nothing else in Tand
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -30,18 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
 
-from shared.manifest import (
-    MANIFEST_FILE,
-    CloudTarget,
-    EdgeArtifact,
-    GoldenSample,
-    Manifest,
-    Preprocessing,
-    Quantization,
-    RoutingDefaults,
-    TensorSpec,
-    utc_now,
-)
+from cloud.pipeline import convert
+from cloud.pipeline.bundle import template_manifest, write_bundle
+from cloud.pipeline.train import fold_scale
+from shared.manifest import CloudTarget, GoldenSample, Manifest, RoutingDefaults
 
 MODEL = "digits"
 CLOUD_MODEL = "digits-cloud"
@@ -79,36 +70,11 @@ def train(hidden: tuple[int, ...], dropout: float, data: dataset.Digits, epochs:
     tf.config.experimental.enable_op_determinism()
     model = _keras_mlp(hidden, dropout)
     model.fit(data.train.x * SCALE, data.train.y, epochs=epochs, batch_size=64, verbose=0)
-    return fold_input_scale(model)
-
-
-def fold_input_scale(model: Any) -> Any:
-    """Fold the input normalisation into the first layer (``W @ (s x) = (s W) @ x``), so the
-    shipped models take raw pixel intensities and the device does no preprocessing at all:
-    one NumPy step less on every request, and int8 input quantization absorbs it for free."""
-    first = next(layer for layer in model.layers if layer.get_weights())
-    kernel, bias = first.get_weights()
-    first.set_weights([kernel * SCALE, bias])
-    return model
+    return fold_scale(model, SCALE)  # the shipped models take raw pixel intensities
 
 
 def to_tflite(model: Any, int8: bool, representative: np.ndarray) -> bytes:
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if int8:
-
-        def samples() -> Any:
-            for row in representative:
-                yield [row[None, :].astype(np.float32)]
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = samples
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    blob: bytes = converter.convert()
-    return blob
+    return convert.to_tflite(model, "int8" if int8 else "float32", representative)
 
 
 def to_onnx(model: Any) -> bytes:
@@ -209,11 +175,6 @@ def choose_threshold(edge_p: np.ndarray, cloud_p: np.ndarray, y: np.ndarray) -> 
     return {"threshold": round(t, 2), "calib_accuracy": acc, "calib_escalation": float(esc.mean())}
 
 
-def _quant(detail: dict[str, Any]) -> Quantization | None:
-    scale, zero = detail["quantization"]
-    return Quantization(scale=float(scale), zero_point=int(zero)) if scale else None
-
-
 def write_edge(
     out: Path,
     name: str,
@@ -223,32 +184,14 @@ def write_edge(
     golden_y: np.ndarray,
     routing: RoutingDefaults,
 ) -> Manifest:
-    folder = out / "edge" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.tflite").write_bytes(blob)
     interp = _interpreter(blob)
-    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
-    dtype = {np.float32: "FP32", np.int8: "INT8"}
-    manifest = Manifest(
+    manifest = template_manifest(
         model=MODEL,
-        version=1,
-        created=utc_now(),
-        edge=EdgeArtifact(
-            format="tflite",
-            file="model.tflite",
-            sha256=hashlib.sha256(blob).hexdigest(),
-            size=len(blob),
-        ),
+        blob=blob,
+        input_detail=interp.get_input_details()[0],
+        output_detail=interp.get_output_details()[0],
         cloud=CloudTarget(model=CLOUD_MODEL, version="1"),
-        input=TensorSpec(
-            name="input", shape=[-1, 64], datatype=dtype[inp["dtype"]], quantization=_quant(inp)
-        ),
-        output=TensorSpec(
-            name="logits", shape=[-1, 10], datatype=dtype[outp["dtype"]], quantization=_quant(outp)
-        ),
-        output_kind="logits",
         labels=LABELS,
-        preprocessing=Preprocessing(),  # folded into the first layer
         routing=routing,
         golden=[
             GoldenSample(
@@ -259,7 +202,7 @@ def write_edge(
             for x, probs, label in zip(golden_x, probs_golden, golden_y, strict=False)
         ],
     )
-    (folder / MANIFEST_FILE).write_text(manifest.to_json())
+    write_bundle(out / "edge" / name, manifest, blob)
     return manifest
 
 

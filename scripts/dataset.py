@@ -11,10 +11,13 @@ held out for every reported figure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cloud.pipeline.data import Split, SplitData, load_split
+
+__all__ = ["DEFAULT_DATA", "ROOT", "Digits", "Split", "load", "make_split"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "models" / "data" / "digits.npz"
@@ -23,22 +26,8 @@ TEST_FRACTION = 0.2
 CALIB_SIZE = 270
 
 
-@dataclass(frozen=True)
-class Split:
-    """Raw features (pixel intensities 0..16, as float32) and labels of one split."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-@dataclass(frozen=True)
-class Digits:
-    train: Split
-    calib: Split
-    test: Split
+#: The split's types are the model pipeline's (``cloud/pipeline/data.py``, NumPy only).
+Digits = SplitData
 
 
 def make_split(path: Path) -> Digits:
@@ -64,7 +53,4 @@ def make_split(path: Path) -> Digits:
 
 def load(path: Path = DEFAULT_DATA) -> Digits:
     """The saved split; needs only NumPy."""
-    with np.load(path) as f:
-        x = f["x"].astype(np.float32)
-        y = f["y"]
-        return Digits(*(Split(x[f[name]], y[f[name]]) for name in ("train", "calib", "test")))
+    return load_split(path)

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from dataclasses import asdict
@@ -27,19 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from cloud.pipeline import calibrate, convert, measure, onnx_quant, train
+from cloud.pipeline import bundle, calibrate, convert, measure, onnx_quant, train
+from cloud.pipeline.bundle import template_manifest
 from cloud.pipeline.data import SplitData, load_split
 from cloud.pipeline.settings import OptimizeSettings
-from shared.manifest import (
-    MANIFEST_FILE,
-    CloudTarget,
-    EdgeArtifact,
-    GoldenSample,
-    Manifest,
-    Preprocessing,
-    RoutingDefaults,
-    utc_now,
-)
+from shared.manifest import CloudTarget, GoldenSample, RoutingDefaults
 
 log = logging.getLogger(__name__)
 #: A per-tensor int8 model ships instead of the per-channel one if it loses at most this much
@@ -197,7 +188,7 @@ def optimize(settings: OptimizeSettings) -> dict[str, Any]:
         test=calibrate.point_at(test_curve, threshold),
     )
     routing = RoutingDefaults(metric="max_prob", threshold=threshold, temperature=temperature)
-    bundle = write_bundle(settings, data, blobs[shipped][0], labels, routing)
+    bundle_dir = write_bundle(settings, data, blobs[shipped][0], labels, routing)
 
     edge_test_acc = float((measure.top1(logits["test"]) == data.test.y).mean())
     kernels = [layer.get_weights() for layer in reference.layers if layer.get_weights()]
@@ -240,7 +231,7 @@ def optimize(settings: OptimizeSettings) -> dict[str, Any]:
             "relative_accuracy": operating.test.accuracy / cloud_test_acc,
             "curve_test": [asdict(p) for p in test_curve],
         },
-        "bundle": str(bundle.relative_to(out)),
+        "bundle": str(bundle_dir.relative_to(out)),
     }
     from cloud.pipeline.report import write_report
 
@@ -258,15 +249,9 @@ def write_bundle(
     blob: bytes,
     labels: list[str],
     routing: RoutingDefaults,
-) -> Any:
-    """``bundle/``: the shipped artifact and its template manifest, as ``model package``
-    takes them: contract read from the artifact, golden samples (the first held-out sample
-    of each of the first classes, which the model must get right), routing defaults."""
-    from cloud.packaging import tensor_spec
-
-    folder = settings.out / "bundle"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.tflite").write_bytes(blob)
+) -> Path:
+    """``bundle/``: the shipped artifact and its template manifest, with golden samples (the
+    first held-out sample of each of the first classes that the model gets right)."""
     runner = measure.TfliteRunner(blob)
     golden = []
     for label in range(len(labels)):
@@ -283,24 +268,14 @@ def write_bundle(
                 break
         if len(golden) == settings.golden_count:
             break
-    manifest = Manifest(
+    manifest = template_manifest(
         model=settings.model,
-        version=1,
-        created=utc_now(),
-        edge=EdgeArtifact(
-            format="tflite",
-            file="model.tflite",
-            sha256=hashlib.sha256(blob).hexdigest(),
-            size=len(blob),
-        ),
+        blob=blob,
+        input_detail=runner.inp,
+        output_detail=runner.out,
         cloud=CloudTarget(model=settings.cloud_model, version=settings.cloud_version),
-        input=tensor_spec(runner.inp, "input"),
-        output=tensor_spec(runner.out, "logits"),
-        output_kind="logits",
         labels=labels,
-        preprocessing=Preprocessing(),  # the input scale is folded into the first layer
         routing=routing,
         golden=golden,
     )
-    (folder / MANIFEST_FILE).write_text(manifest.to_json())
-    return folder
+    return bundle.write_bundle(settings.out / "bundle", manifest, blob)
