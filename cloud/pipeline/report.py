@@ -67,6 +67,9 @@ def _charts(report: dict[str, Any]) -> dict[str, str]:
         mids = [(a + b) / 2 for a, b in pairwise(edges)]
         acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
         ax.bar(mids, acc, width=edges[1] - edges[0], edgecolor="black", alpha=0.7, label="accuracy")
+        for x, a, n in zip(mids, acc, rel["counts"], strict=True):
+            if n:  # how many samples each bar stands for: a bar of 3 says little
+                ax.annotate(f"n={n}", (x, a), ha="center", va="bottom", fontsize=7)
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         ax.set_title(f"{title}: ECE {100 * rel['ece']:.2f}%")
         ax.set_xlabel("confidence (max probability)")
@@ -79,13 +82,13 @@ def _charts(report: dict[str, Any]) -> dict[str, str]:
 
     edge = [v for v in report["variants"] if v["role"] == "edge"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for v in edge:
+    for i, v in enumerate(sorted(edge, key=lambda v: v["bytes"])):
         ax.scatter(v["bytes"] / 1024, 100 * v["accuracy"], s=40)
-        ax.annotate(
+        ax.annotate(  # staggered: variants of one size sit on top of each other
             v["name"].removeprefix("edge-"),
             (v["bytes"] / 1024, 100 * v["accuracy"]),
             fontsize=7,
-            xytext=(4, 2),
+            xytext=(4, -12 + 10 * (i % 4)),
             textcoords="offset points",
         )
     ax.set_xlabel("size on disk (KiB)")
