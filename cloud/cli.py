@@ -212,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--hidden", help="edge hidden widths, e.g. 128,64")
     opt.add_argument("--epochs", type=int)
     opt.add_argument("--sparsities", help="pruning targets, e.g. 0.5,0.8")
-    opt.add_argument("--max-escalation", type=float, help="escalation budget (0.2: 20%%)")
+    opt.add_argument("--max-escalation", help="escalation budget (0.2: 20%%; none: no budget)")
     opt.add_argument(
-        "--min-relative-accuracy", type=float, help="hybrid / cloud-only accuracy (0.995)"
+        "--min-relative-accuracy", help="hybrid / cloud-only accuracy (0.995; none: no target)"
     )
 
     from cloud.fleet_cli import add_fleet_parser

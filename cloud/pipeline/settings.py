@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.identifiers import Identifier
 
@@ -36,6 +36,13 @@ class OptimizeSettings(BaseModel):
     min_relative_accuracy: float | None = Field(
         default=0.995, gt=0, le=1, description="hybrid accuracy as a share of cloud-only"
     )
+
     latency_calls: int = Field(default=300, ge=10)
     golden_count: int = Field(default=6, ge=1)
     train_limit: int | None = Field(default=None, description="tests: train on the first N only")
+
+    @field_validator("max_escalation", "min_relative_accuracy", mode="before")
+    @classmethod
+    def _none(cls, value: object) -> object:
+        """``"none"`` (TOML and flags have no null): that side of the target is not set."""
+        return None if isinstance(value, str) and value.lower() == "none" else value

@@ -193,6 +193,10 @@ def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
         OptimizeSettings.model_validate(
             {"data": "d.npz", "teacher": "t.onnx", "out": str(tmp_path), "epochs": 0}
         )
+    either = OptimizeSettings.model_validate(
+        {"data": "d.npz", "teacher": "t.onnx", "out": str(tmp_path), "max_escalation": "none"}
+    )
+    assert either.max_escalation is None and either.min_relative_accuracy == 0.995
     with pytest.raises(SystemExit, match="invalid pipeline settings"):
         cloud_main(["model", "optimize", "--data", "d.npz", "--teacher", "t.onnx"])
 
