@@ -25,9 +25,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def head(self, n: int) -> Split:
-        return Split(self.x[:n], self.y[:n])
-
 
 @dataclass(frozen=True)
 class SplitData:

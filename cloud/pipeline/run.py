@@ -44,8 +44,6 @@ def optimize(settings: OptimizeSettings) -> dict[str, Any]:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     data = load_split(settings.data)
-    if settings.train_limit:
-        data = SplitData(data.train.head(settings.train_limit), data.calib, data.test)
     out = settings.out
     variants_dir = out / "variants"
     variants_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,6 @@ class OptimizeSettings(BaseModel):
 
     latency_calls: int = Field(default=300, ge=10)
     golden_count: int = Field(default=6, ge=1)
-    train_limit: int | None = Field(default=None, description="tests: train on the first N only")
 
     @field_validator("max_escalation", "min_relative_accuracy", mode="before")
     @classmethod
