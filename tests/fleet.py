@@ -95,7 +95,6 @@ class Fleet:
     reports: dict[str, list[UpdateReport]] = field(default_factory=dict)
 
     def agent_settings(self, device: str, group: str | None = None, **update: Any) -> AgentSettings:
-        n = int(device.split("-")[1])
         return AgentSettings(
             model_dir=EDGE_INT8,
             device=device,
@@ -103,14 +102,7 @@ class Fleet:
             group=group,
             state_dir=self.tmp / "agents" / device,
             cloud={"url": self.url},
-            mqtt=MqttSettings(
-                url=self.broker.url,
-                username=device,
-                password=SecretStr(f"pw-{n}"),
-                reconnect_min_s=0.2,
-                reconnect_max_s=1,
-                keepalive_s=5,
-            ),
+            mqtt=self.broker.settings_for(device, keepalive_s=5),
             update={
                 "trust_store": self.trust_path,
                 "health_watch_s": 0.3,

@@ -13,8 +13,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from procs import free_port
+from pydantic import SecretStr
+
+from shared.mqtt import MqttSettings
 
 ACL = """\
 user controller
@@ -68,6 +72,17 @@ class Mosquitto:
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
             "max_queued_messages 100000\n"
         )
+
+    def settings_for(self, user: str, **overrides: Any) -> MqttSettings:
+        """Client settings for one of its accounts, reconnecting fast (tests restart it)."""
+        values: dict[str, Any] = {
+            "url": self.url,
+            "username": user,
+            "password": SecretStr(self.users[user]),
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 1,
+        }
+        return MqttSettings(**(values | overrides))
 
     def add_user(self, user: str, password: str) -> None:
         """Takes effect at the next start (tests add users before starting)."""

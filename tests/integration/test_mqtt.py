@@ -15,14 +15,9 @@ from tests.mosquitto import Mosquitto
 
 
 def client(broker: Mosquitto, user: str, password: str | None = None) -> MqttClient:
-    pw = password if password is not None else broker.users[user]
-    settings = MqttSettings(
-        url=broker.url,
-        username=user,
-        password=SecretStr(pw),
-        reconnect_min_s=0.2,
-        reconnect_max_s=1,
-    )
+    settings = broker.settings_for(user)
+    if password is not None:
+        settings = settings.model_copy(update={"password": SecretStr(password)})
     return MqttClient(settings, f"{user}-{time.monotonic_ns()}")
 
 

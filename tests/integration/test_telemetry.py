@@ -35,34 +35,19 @@ class Harness:
         self.store = FleetStore(tmp / "fleet.db")
         self.collector = Collector(self.store, FLEET)
         self.mqtt = MqttClient(
-            MqttSettings(
-                url=broker.url,
-                username="collector",
-                password=SecretStr("col-pw"),
-                persistent_session=True,
-                reconnect_min_s=0.2,
-                reconnect_max_s=1,
-            ),
+            broker.settings_for("collector", persistent_session=True),
             client_id="collector-tele",
         )
         self.collector.attach(self.mqtt)
         self.mqtt.start(wait_s=10)
 
     def settings(self, device: str = "dev-1", **telemetry: object) -> AgentSettings:
-        n = int(device.split("-")[1])
         return AgentSettings(
             model_dir=EDGE_INT8,
             device=device,
             fleet=FLEET,
             state_dir=self.tmp / device,
-            mqtt=MqttSettings(
-                url=self.broker.url,
-                username=device,
-                password=SecretStr(f"pw-{n}"),
-                reconnect_min_s=0.2,
-                reconnect_max_s=1,
-                keepalive_s=5,
-            ),
+            mqtt=self.broker.settings_for(device, keepalive_s=5),
             telemetry={"interval_s": 0.1, **telemetry},
         )
 
