@@ -31,6 +31,9 @@ INLINE_BELOW_S = 0.002
 #: In thread mode, one batch in this many runs inline to re-measure, if the model is not
 #: clearly slow: the estimate can come back down after a burst of large batches.
 PROBE_EVERY = 64
+#: A forming batch also closes once the event loop has gone round this many times with no new
+#: request for it: nobody else is on the way, so a lone client does not wait the delay out.
+QUIET_TURNS = 8
 
 
 @dataclass(slots=True)
@@ -51,6 +54,9 @@ class Batcher:
         self.labels = (model.name, model.version)
         self.batching = model.batchable and config.max_batch_size > 1
         self._queue: deque[_Item] = deque()
+        self._queued_rows = 0  # rows in the queue: the worker is woken when a batch is full
+        self._arrivals = 0  # requests ever queued: the quiet watch compares it turn to turn
+        self._wait = 0  # which wait for company the quiet watch belongs to
         self._waiting = 0  # requests admitted and not yet answered (unbatched path)
         self._more: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -90,8 +96,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         item = _Item(feeds, wanted, rows, key, loop.create_future(), time.monotonic())
         self._queue.append(item)
+        self._queued_rows += rows
+        self._arrivals += 1
         assert self._more is not None
-        self._more.set()
+        if self._queued_rows >= self.config.max_batch_size:
+            self._more.set()  # otherwise the worker sleeps until the first one's delay is over
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run())
         if self._expiry is None:
@@ -117,22 +126,31 @@ class Batcher:
         assert self._more is not None and self._slots is not None
         delay = self.config.max_queue_delay_us / 1e6
         while self._queue:
+            # a free instance first: while the last batch runs, the next one gathers
+            await self._slots.acquire()
+            if not self._queue:  # timed out or cancelled meanwhile
+                self._slots.release()
+                break
             first = self._queue[0]
-            # wait for company until the batch is full or the first request's delay is over
-            while sum(i.rows for i in self._queue) < self.config.max_batch_size:
-                remaining = first.enqueued + delay - time.monotonic()
-                if remaining <= 0:
-                    break
+            # wait for company until the batch is full, the first request's delay is over, or
+            # (close_when_quiet) requests stop coming; woken once, by whichever comes first
+            # (a timer, a callback per loop turn, no task): a wake-up per arriving request
+            # cost more than the batch saved on a small model
+            remaining = first.enqueued + delay - time.monotonic()
+            if self._queued_rows < self.config.max_batch_size and remaining > 0:
                 self._more.clear()
-                # woken by a new request or by the delay running out (a timer, not a task)
-                timer = asyncio.get_running_loop().call_later(remaining, self._more.set)
+                self._wait += 1
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(remaining, self._more.set)
+                if self.config.close_when_quiet:
+                    loop.call_soon(self._watch_quiet, self._wait, self._arrivals, 0)
                 await self._more.wait()
                 timer.cancel()
             batch = self._take(first.key)
             self.metrics.queue_depth.set(*self.labels, to=self.depth)
             if not batch:
+                self._slots.release()
                 continue
-            await self._slots.acquire()
             if self._run_inline():
                 # tiny models: a task and a thread hop cost more than the call itself
                 self._execute(batch, None)
@@ -140,6 +158,19 @@ class Batcher:
             task = asyncio.create_task(self._execute_in_thread(batch))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
+
+    def _watch_quiet(self, wait: int, seen: int, quiet: int) -> None:
+        """Once per event-loop turn while the worker waits for company: ends the wait after
+        ``QUIET_TURNS`` turns without a new request. Under load requests keep coming and the
+        batch fills or reaches its delay; a lone request goes at once."""
+        assert self._more is not None
+        if wait != self._wait or self._more.is_set():
+            return
+        quiet = quiet + 1 if self._arrivals == seen else 0
+        if quiet >= QUIET_TURNS:
+            self._more.set()
+            return
+        asyncio.get_running_loop().call_soon(self._watch_quiet, wait, self._arrivals, quiet)
 
     def _arm_expiry(self) -> None:
         """One timer per batcher, for the oldest queued request (the queue is in arrival
@@ -153,6 +184,7 @@ class Batcher:
         now = time.monotonic()
         while self._queue and now - self._queue[0].enqueued >= self._timeout_s:
             item = self._queue.popleft()
+            self._queued_rows -= item.rows
             if not item.future.done():
                 item.future.set_exception(
                     ServerBusyError(
@@ -168,7 +200,8 @@ class Batcher:
         keep: deque[_Item] = deque()
         while self._queue:
             item = self._queue.popleft()
-            if item.future.done():  # timed out meanwhile
+            if item.future.done():  # cancelled meanwhile (its client went away)
+                self._queued_rows -= item.rows
                 continue
             if item.key == key and rows + item.rows <= self.config.max_batch_size:
                 batch.append(item)
@@ -176,6 +209,7 @@ class Batcher:
             else:
                 keep.append(item)
         self._queue = keep
+        self._queued_rows -= rows
         return batch
 
     def _run_inline(self) -> bool:

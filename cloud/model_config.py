@@ -3,7 +3,8 @@
 defaults below. A malformed file is that model's load error, reported on its readiness.
 
     max_batch_size = 32        # 0 or 1: no dynamic batching
-    max_queue_delay_us = 500   # how long the first request of a batch waits for company
+    max_queue_delay_us = 500   # how long the first request of a batch waits for company, at most
+    close_when_quiet = true    # ...or less, once requests stop coming (a lone one goes at once)
     max_queue_size = 256       # requests waiting; beyond it: 503 with Retry-After at once
     timeout_ms = 5000          # a request that waits longer gets a 503
     instances = 1              # ONNX Runtime sessions (batches run concurrently up to this)
@@ -43,6 +44,7 @@ class ModelConfig(BaseModel):
 
     max_batch_size: int = Field(default=32, ge=0)
     max_queue_delay_us: int = Field(default=500, ge=0)
+    close_when_quiet: bool = True
     max_queue_size: int = Field(default=256, ge=1)
     timeout_ms: float = Field(default=5000.0, gt=0)
     instances: int = Field(default=1, ge=1, le=16)

@@ -42,7 +42,10 @@ def test_concurrent_requests_are_merged_and_answered_in_order(
 ) -> None:
     import onnxruntime as ort
 
-    repo = repo_with(tmp_path, "max_batch_size = 16\nmax_queue_delay_us = 50000\n")
+    # requests from 12 threads arrive over milliseconds: the batch waits its delay out
+    repo = repo_with(
+        tmp_path, "max_batch_size = 16\nmax_queue_delay_us = 50000\nclose_when_quiet = false\n"
+    )
     reference = ort.InferenceSession(str(MODEL)).run(None, {"input": digits.test.x[:24]})[0]
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
 
@@ -72,7 +75,8 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset
     # the queue stays full for that second however fast the model is
     repo = repo_with(
         tmp_path,
-        "max_batch_size = 8\nmax_queue_delay_us = 1000000\nmax_queue_size = 3\n",
+        "max_batch_size = 8\nmax_queue_delay_us = 1000000\nmax_queue_size = 3\n"
+        "close_when_quiet = false\n",
     )
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
 
@@ -92,7 +96,9 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset
 def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: dataset.Digits) -> None:
     # the batch would wait 3 s for company; the request may wait 0.2 s
     repo = repo_with(
-        tmp_path, "max_batch_size = 8\nmax_queue_delay_us = 3000000\ntimeout_ms = 200\n"
+        tmp_path,
+        "max_batch_size = 8\nmax_queue_delay_us = 3000000\ntimeout_ms = 200\n"
+        "close_when_quiet = false\n",
     )
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
         start = time.monotonic()
@@ -100,6 +106,54 @@ def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: datase
         took = time.monotonic() - start
     assert r.status_code == 503 and "waited more than 200 ms" in r.json()["error"]
     assert r.headers["retry-after"] == "1" and took < 2.0
+
+
+def test_lone_request_does_not_wait_out_the_delay(tmp_path: Path, digits: dataset.Digits) -> None:
+    # a 5 s delay is an upper bound: with nobody else coming the batch closes at once
+    repo = repo_with(tmp_path, "max_batch_size = 8\nmax_queue_delay_us = 5000000\n")
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+        start = time.monotonic()
+        r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(digits.test.x[:1]), timeout=10)
+        took = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    assert took < 2.5
+
+
+def test_requests_arriving_together_share_one_run_when_closing_on_quiet(
+    tmp_path: Path, digits: dataset.Digits
+) -> None:
+    import asyncio
+
+    import onnxruntime as ort
+
+    from cloud.batcher import Batcher
+    from cloud.metrics import ServerMetrics
+    from cloud.model_config import ModelConfig
+    from cloud.onnx_model import OnnxModel
+    from cloud.settings import OrtSettings
+    from shared.oip import InferRequest, InferTensor
+
+    model = OnnxModel("m", "1", MODEL, OrtSettings())
+    metrics = ServerMetrics()
+    batcher = Batcher(model, ModelConfig(max_batch_size=16, max_queue_delay_us=5_000_000), metrics)
+    x = digits.test.x[:10]
+
+    async def burst() -> list[np.ndarray]:
+        replies = await asyncio.gather(
+            *(
+                batcher.infer(InferRequest(inputs=[InferTensor.of("input", x[i : i + 1])]))
+                for i in range(10)
+            )
+        )
+        return [r.outputs[0].data for r in replies]
+
+    start = time.monotonic()
+    results = asyncio.run(burst())
+    took = time.monotonic() - start
+    reference = ort.InferenceSession(str(MODEL)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(np.concatenate(results), reference, rtol=1e-5, atol=1e-6)
+    assert metrics.batch_size.count("m", "1") == 1  # one run for all ten
+    assert took < 2.5  # closed on quiet, not after the 5 s delay
 
 
 def test_versions_added_and_removed_while_requests_run(
