@@ -53,6 +53,9 @@ class Batcher:
         self.metrics = metrics
         self.labels = (model.name, model.version)
         self.batching = model.batchable and config.max_batch_size > 1
+        # the largest request merged (0: none are), and the queue's limit, read per request
+        self._max_rows = config.max_batch_size if self.batching else 0
+        self._max_queue = config.max_queue_size
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0  # rows in the queue: the worker is woken when a batch is full
         self._arrivals = 0  # requests ever queued: the quiet watch compares it turn to turn
@@ -84,22 +87,21 @@ class Batcher:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         feeds, wanted = self.model.prepare(request)
-        if self._slots is None:
+        if self._more is None:
             self._slots = asyncio.Semaphore(self.config.instances)
             self._more = asyncio.Event()
         rows = next(iter(feeds.values())).shape[0] if feeds else 0
-        if not self.batching or rows > self.config.max_batch_size or rows == 0:
+        if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
             return self.model.response(wanted, await self._alone(feeds, wanted))
-        self._admit()
+        if len(self._queue) + self._waiting >= self._max_queue:
+            self._admit()  # raises
         # mergeable: same outputs, same inputs in the same order with the same row shape
         key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
-        loop = asyncio.get_running_loop()
-        item = _Item(feeds, wanted, rows, key, loop.create_future(), time.monotonic())
+        item = _Item(feeds, wanted, rows, key, self._loop_future(), time.monotonic())
         self._queue.append(item)
         self._queued_rows += rows
         self._arrivals += 1
-        assert self._more is not None
-        if self._queued_rows >= self.config.max_batch_size:
+        if self._queued_rows >= self._max_rows:
             self._more.set()  # otherwise the worker sleeps until the first one's delay is over
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run())
@@ -107,6 +109,10 @@ class Batcher:
             self._arm_expiry()
         values = await item.future
         return self.model.response(wanted, values)
+
+    @staticmethod
+    def _loop_future() -> asyncio.Future[list[np.ndarray]]:
+        return asyncio.get_running_loop().create_future()
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         self._admit()
@@ -118,6 +124,7 @@ class Batcher:
                 values = await run_in_threadpool(self.model.compute, feeds, wanted)
                 self.metrics.compute_seconds.observe(time.monotonic() - start, *self.labels)
                 self.metrics.batch_size.observe(1, *self.labels)
+                self.metrics.requests.inc(*self.labels, "200")
                 return values
         finally:
             self._waiting -= 1
@@ -267,11 +274,12 @@ class Batcher:
             values, took = done
             self.metrics.compute_seconds.observe(took, *self.labels)
             self.metrics.batch_size.observe(len(batch), *self.labels)
-            offset = 0
+            offset = delivered = 0
             for item in batch:
-                part = [v[offset : offset + item.rows] for v in values]
-                offset += item.rows
                 if not item.future.done():
-                    item.future.set_result(part)
+                    item.future.set_result([v[offset : offset + item.rows] for v in values])
+                    delivered += 1
+                offset += item.rows
+            self.metrics.requests.inc(*self.labels, "200", by=delivered)
         finally:
             self._slots.release()

@@ -58,16 +58,14 @@ class CloudDataPlane:
         )
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        metrics = self.repository.metrics
-        label = version or "latest"
+        """Successes are counted by the batcher (once per batch), failures here."""
+        batcher = None
         try:
             batcher = self.repository.batcher(name, version)
-            label = batcher.model.version
             if self.settings.simulated_delay_ms:
                 await asyncio.sleep(self.settings.simulated_delay_ms / 1000.0)
-            response = await batcher.infer(request)
+            return await batcher.infer(request)
         except TandemError as exc:
-            metrics.requests.inc(name, label, str(exc.http_status))
+            label = batcher.model.version if batcher is not None else version or "latest"
+            self.repository.metrics.requests.inc(name, label, str(exc.http_status))
             raise
-        metrics.requests.inc(name, label, "200")
-        return response

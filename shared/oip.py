@@ -109,11 +109,11 @@ class InferRequest:
 
     def wants_binary(self, output_name: str) -> bool:
         """Whether ``output_name`` must be returned in binary form (Triton's rules)."""
-        default = bool(self.parameters.get("binary_data_output", False))
-        for requested in self.outputs or ():
-            if requested.name == output_name and requested.binary_data is not None:
-                return requested.binary_data
-        return default
+        if self.outputs:
+            for requested in self.outputs:
+                if requested.name == output_name and requested.binary_data is not None:
+                    return requested.binary_data
+        return bool(self.parameters.get("binary_data_output", False)) if self.parameters else False
 
 
 @dataclass(slots=True)

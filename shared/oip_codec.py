@@ -78,8 +78,14 @@ def deserialize_bytes_tensor(buf: bytes | memoryview, count: int) -> np.ndarray:
 def _tensor_binary(tensor: InferTensor) -> bytes:
     if tensor.datatype == "BYTES":
         return serialize_bytes_tensor(tensor.data)
-    dt = _little_endian(numpy_dtype(tensor.datatype))
+    dt = _WIRE_DTYPES.get(tensor.datatype)
+    if dt is None:
+        dt = _WIRE_DTYPES[tensor.datatype] = _little_endian(numpy_dtype(tensor.datatype))
     return np.ascontiguousarray(tensor.data, dtype=dt).tobytes()
+
+
+#: Each datatype's wire dtype (little-endian), cached: looked up once per output tensor.
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {}
 
 
 def _tensor_json_data(tensor: InferTensor) -> list[Any]:
@@ -278,8 +284,11 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[Any, _BinaryRea
 def parse_header_length(headers: Mapping[str, str]) -> int | None:
     """``Inference-Header-Content-Length`` as an int, or None when the body is pure JSON."""
     raw = headers.get(HEADER_LENGTH) or headers.get(HEADER_LENGTH.lower())
-    if raw is None:
-        return None
+    return None if raw is None else header_length_value(raw)
+
+
+def header_length_value(raw: str) -> int:
+    """The value of an ``Inference-Header-Content-Length`` header."""
     try:
         return int(raw)
     except ValueError:
@@ -347,21 +356,21 @@ class _Header:
     id: str | None
     parameters: dict[str, Param]
 
-    def decode(self, blob: memoryview) -> InferRequest:
-        tensors, pos = [], 0
+    def decode(self, body: bytes, pos: int) -> InferRequest:
+        """The request whose tensor bytes start at ``pos`` in ``body``."""
+        tensors = []
         for name, datatype, dt, shape, size, params in self.inputs:
-            part = blob[pos : pos + size]
-            pos += size
             if datatype == "BYTES":
-                arr = deserialize_bytes_tensor(part, math.prod(shape))
+                arr = deserialize_bytes_tensor(memoryview(body)[pos : pos + size], math.prod(shape))
             else:
-                arr = np.frombuffer(part, dtype=dt)
+                arr = np.frombuffer(body, dtype=dt, count=size // dt.itemsize, offset=pos)
+            pos += size
             tensors.append(InferTensor(name, datatype, arr.reshape(shape), dict(params)))
         return InferRequest(
-            inputs=tensors,
-            outputs=None if self.outputs is None else list(self.outputs),
-            id=self.id,
-            parameters=dict(self.parameters),
+            tensors,
+            None if self.outputs is None else list(self.outputs),
+            self.id,
+            dict(self.parameters),
         )
 
 
@@ -376,10 +385,9 @@ _HEADER_MAX_BYTES = 4096
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """An ``InferRequest`` from a body (the server side). Raises ``InvalidRequestError``."""
     if header_length is not None and 0 <= header_length <= _HEADER_MAX_BYTES:
-        view = memoryview(body)
-        known = _HEADERS.get(bytes(view[:header_length]))
-        if known is not None and len(view) - header_length == known.blob_size:
-            return known.decode(view[header_length:])
+        known = _HEADERS.get(body[:header_length])
+        if known is not None and len(body) - header_length == known.blob_size:
+            return known.decode(body, header_length)
     doc, reader = _split_body(body, header_length)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -458,10 +466,43 @@ def _decode_requested_output(doc: Any, index: int) -> RequestedOutput:
 # -------------------------------------------------------------------------------- responses
 
 
+#: JSON headers of all-binary responses lately encoded, by what they are made of: a model
+#: answers a stream of same-shaped requests with the same header, and building it is most of
+#: the encoding's cost. Bounded: emptied when full.
+_RESPONSE_HEADERS: dict[tuple[object, ...], bytes] = {}
+
+
 def encode_response(
     response: InferResponse, request: InferRequest | None = None
 ) -> tuple[bytes, dict[str, str]]:
     """Body and headers for a response, binary for the outputs the request asked that of."""
+    if request is None or response.id is not None or response.parameters:
+        return _encode_response(response, request)
+    outputs = response.outputs
+    key = (
+        response.model_name,
+        response.model_version,
+        *[(t.name, t.datatype, t.data.shape, request.wants_binary(t.name)) for t in outputs],
+    )
+    header = _RESPONSE_HEADERS.get(key)
+    if header is not None:
+        return b"".join([header, *[_tensor_binary(t) for t in outputs]]), {
+            "Content-Type": BINARY_CONTENT_TYPE,
+            HEADER_LENGTH: str(len(header)),
+        }
+    body, headers = _encode_response(response, request)
+    if outputs and all(
+        t.datatype != "BYTES" and not t.parameters and request.wants_binary(t.name) for t in outputs
+    ):
+        if len(_RESPONSE_HEADERS) >= _HEADERS_MAX:
+            _RESPONSE_HEADERS.clear()
+        _RESPONSE_HEADERS[key] = body[: int(headers[HEADER_LENGTH])]
+    return body, headers
+
+
+def _encode_response(
+    response: InferResponse, request: InferRequest | None
+) -> tuple[bytes, dict[str, str]]:
     blobs: list[bytes] = []
     as_json: list[InferTensor] = []
     outputs = []

@@ -36,7 +36,7 @@ from shared.oip import (
     ModelReadyDoc,
     ServerMetadata,
 )
-from shared.oip_codec import decode_request, encode_response, parse_header_length
+from shared.oip_codec import decode_request, encode_response, header_length_value
 
 log = logging.getLogger(__name__)
 
@@ -171,20 +171,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-_BODY_HEADERS = (b"content-length", b"content-encoding", HEADER_LENGTH.lower().encode())
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
 
 async def read_body(request: Request, max_bytes: int) -> tuple[bytes, int | None]:
     """The request body, decompressed, refusing anything over ``max_bytes`` early, and its
-    ``Inference-Header-Content-Length``. The raw ASGI headers (lower-case by the spec) are
-    scanned once: this runs on every inference."""
-    found = {
-        k.decode(): v.decode("latin-1") for k, v in request.scope["headers"] if k in _BODY_HEADERS
-    }
-    declared = found.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    ``Inference-Header-Content-Length``. The raw ASGI headers (lower-case by the spec) go
+    into one dict in C: this runs on every inference."""
+    headers: dict[bytes, bytes] = dict(request.scope["headers"])
+    declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit():
+        if int(declared) > max_bytes:
+            raise PayloadTooLargeError(
+                f"body of {declared.decode()} bytes exceeds the limit of {max_bytes}"
+            )
         # the HTTP parser holds the body to its declared length, which is within the limit
         body = await request.body()
     else:  # chunked: counted as it comes
@@ -196,9 +196,14 @@ async def read_body(request: Request, max_bytes: int) -> tuple[bytes, int | None
                 raise PayloadTooLargeError(f"body exceeds the limit of {max_bytes} bytes")
             parts.append(chunk)
         body = b"".join(parts)
-    raw_length = found.get(HEADER_LENGTH.lower())
-    header_length = None if raw_length is None else parse_header_length({HEADER_LENGTH: raw_length})
-    encoding = found.get("content-encoding", "identity").lower()
+    raw_length = headers.get(_HEADER_LENGTH_KEY)
+    header_length = (
+        None if raw_length is None else header_length_value(raw_length.decode("latin-1"))
+    )
+    raw_encoding = headers.get(b"content-encoding")
+    if raw_encoding is None:
+        return body, header_length
+    encoding = raw_encoding.decode("latin-1").strip().lower()
     if encoding in ("", "identity"):
         return body, header_length
     if encoding not in ("gzip", "deflate"):
@@ -236,7 +241,13 @@ def add_oip_routes(router: APIRouter, plane: DataPlane, max_body_bytes: int) -> 
         if response.id is None:
             response.id = infer_request.id
         payload, headers = encode_response(response, infer_request)
-        return Response(payload, headers=headers)
+        # the content type as media_type, the header length appended raw: Starlette's
+        # per-request encoding of a headers mapping is skipped
+        reply = Response(payload, media_type=headers["Content-Type"])
+        length = headers.get(HEADER_LENGTH)
+        if length is not None:
+            reply.raw_headers.append((_HEADER_LENGTH_KEY, length.encode()))
+        return reply
 
     async def infer(name: str, request: Request) -> Response:
         return await _infer(name, None, request)
