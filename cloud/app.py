@@ -24,7 +24,13 @@ from cloud.registry import Registry, registry_router
 from cloud.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
-from shared.oip_http import LeanRoute, add_oip_routes, docs_routes_last, install_error_handlers
+from shared.oip_http import (
+    LeanRoute,
+    add_oip_routes,
+    docs_routes_last,
+    install_error_handlers,
+    lean,
+)
 
 log = logging.getLogger(__name__)
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -76,12 +82,16 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         install_bearer_auth(app, [t.get_secret_value() for t in settings.tokens])
     if settings.bare_route:
 
-        async def bare(request: Request) -> Response:
+        async def serve_bare(request: Request) -> Response:
             """The HTTP stack alone (body read, a fixed answer): a benchmark's ceiling. The
             same route class as infer, matched just before it: the stack infer runs on, with
             the ceiling never understated."""
             await request.body()
             return Response(b'{"model_name":"bare","outputs":[]}', media_type="application/json")
+
+        @lean(serve_bare)
+        async def bare(request: Request) -> Response:
+            return await serve_bare(request)
 
         app.router.add_api_route(
             "/bench/bare",

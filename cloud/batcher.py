@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from cloud.metrics import ServerMetrics
 from cloud.model_config import ModelConfig
 from cloud.onnx_model import OnnxModel
-from shared.errors import ServerBusyError
+from shared.errors import ServerBusyError, TandemError
 from shared.oip import InferRequest, InferResponse
 
 #: Batches whose compute takes less than this (running estimate) run on the event loop.
@@ -86,33 +86,40 @@ class Batcher:
             )
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        feeds, wanted = self.model.prepare(request)
-        if self._more is None:
-            self._slots = asyncio.Semaphore(self.config.instances)
-            self._more = asyncio.Event()
-        rows = next(iter(feeds.values())).shape[0] if feeds else 0
-        if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
-            return self.model.response(wanted, await self._alone(feeds, wanted))
-        if len(self._queue) + self._waiting >= self._max_queue:
-            self._admit()  # raises
-        # mergeable: same outputs, same inputs in the same order with the same row shape
-        key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
-        item = _Item(feeds, wanted, rows, key, self._loop_future(), time.monotonic())
-        self._queue.append(item)
-        self._queued_rows += rows
-        self._arrivals += 1
-        if self._queued_rows >= self._max_rows:
-            self._more.set()  # otherwise the worker sleeps until the first one's delay is over
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run())
-        if self._expiry is None:
-            self._arm_expiry()
-        values = await item.future
-        return self.model.response(wanted, values)
-
-    @staticmethod
-    def _loop_future() -> asyncio.Future[list[np.ndarray]]:
-        return asyncio.get_running_loop().create_future()
+        """The request's response; a failure is counted under its status (successes are
+        counted per batch)."""
+        try:
+            feeds, wanted = self.model.prepare(request)
+            if self._more is None:
+                self._slots = asyncio.Semaphore(self.config.instances)
+                self._more = asyncio.Event()
+            rows = next(iter(feeds.values())).shape[0] if feeds else 0
+            if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
+                return self.model.response(wanted, await self._alone(feeds, wanted))
+            if len(self._queue) + self._waiting >= self._max_queue:
+                self._admit()  # raises
+            # mergeable: same outputs, same inputs in the same order with the same row shape
+            if len(feeds) == 1:  # the common case, without a comprehension's frame
+                ((name, array),) = feeds.items()
+                key: tuple[object, ...] = (tuple(wanted), name, array.shape[1:], array.dtype)
+            else:
+                key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
+            future = asyncio.get_running_loop().create_future()
+            item = _Item(feeds, wanted, rows, key, future, time.monotonic())
+            self._queue.append(item)
+            self._queued_rows += rows
+            self._arrivals += 1
+            if self._queued_rows >= self._max_rows:
+                self._more.set()  # else the worker sleeps until the first one's delay is over
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._run())
+            if self._expiry is None:
+                self._arm_expiry()
+            values = await item.future
+            return self.model.response(wanted, values)
+        except TandemError as exc:
+            self.metrics.requests.inc(*self.labels, str(exc.http_status))
+            raise
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         self._admit()
@@ -275,11 +282,16 @@ class Batcher:
             self.metrics.compute_seconds.observe(took, *self.labels)
             self.metrics.batch_size.observe(len(batch), *self.labels)
             offset = delivered = 0
+            single = values[0] if len(values) == 1 else None
             for item in batch:
+                end = offset + item.rows
                 if not item.future.done():
-                    item.future.set_result([v[offset : offset + item.rows] for v in values])
+                    if single is not None:  # the common case, without a comprehension's frame
+                        item.future.set_result([single[offset:end]])
+                    else:
+                        item.future.set_result([v[offset:end] for v in values])
                     delivered += 1
-                offset += item.rows
+                offset = end
             self.metrics.requests.inc(*self.labels, "200", by=delivered)
         finally:
             self._slots.release()

@@ -4,8 +4,10 @@ ONNX Runtime in a worker thread (the event loop never runs a model)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from cloud import __version__
+from cloud.batcher import Batcher
 from cloud.repository import ModelRepository
 from cloud.settings import CloudSettings
 from shared.errors import TandemError
@@ -57,15 +59,20 @@ class CloudDataPlane:
             name=name, version=state.version, ready=state.model is not None, reason=state.error
         )
 
-    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        """Successes are counted by the batcher (once per batch), failures here."""
-        batcher = None
+    def infer(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> Awaitable[InferResponse]:
+        """The version's batcher's own coroutine (no wrapping one: this is every request's
+        path). Failures to find a serving version are counted here, the rest by the batcher."""
         try:
             batcher = self.repository.batcher(name, version)
-            if self.settings.simulated_delay_ms:
-                await asyncio.sleep(self.settings.simulated_delay_ms / 1000.0)
-            return await batcher.infer(request)
         except TandemError as exc:
-            label = batcher.model.version if batcher is not None else version or "latest"
-            self.repository.metrics.requests.inc(name, label, str(exc.http_status))
+            self.repository.metrics.requests.inc(name, version or "latest", str(exc.http_status))
             raise
+        if self.settings.simulated_delay_ms:
+            return self._delayed(batcher, request)
+        return batcher.infer(request)
+
+    async def _delayed(self, batcher: Batcher, request: InferRequest) -> InferResponse:
+        await asyncio.sleep(self.settings.simulated_delay_ms / 1000.0)
+        return await batcher.infer(request)

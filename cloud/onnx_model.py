@@ -105,6 +105,7 @@ class OnnxModel:
         self._accepted: set[tuple[str, str, tuple[int, ...]]] = set()
         self._output_names = [t.name for t in self.outputs]
         self._output_types = {t.name: t.datatype for t in self.outputs}
+        self._output_set = frozenset(self._output_types)
         #: Dynamic batching applies when every input and output has a free first dimension.
         self.batchable = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
         #: CPU seconds of one single-row call, measured at load; None if zeros are refused.
@@ -132,9 +133,6 @@ class OnnxModel:
         return sorted(times)[1]
 
     def _check(self, tensor: InferTensor) -> np.ndarray:
-        signature = (tensor.name, tensor.datatype, tensor.data.shape)
-        if signature in self._accepted:
-            return tensor.data
         spec = self._input_names.get(tensor.name)
         if spec is None:
             raise InvalidRequestError(
@@ -158,23 +156,29 @@ class OnnxModel:
                 dtype=object,
             ).reshape(shape)
         if len(self._accepted) < _ACCEPTED_MAX:
-            self._accepted.add(signature)
+            self._accepted.add((tensor.name, tensor.datatype, shape))
         return tensor.data
 
     def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
         """Checked feeds and the output names to compute; ``InvalidRequestError`` if not."""
-        feeds = {t.name: self._check(t) for t in request.inputs}
+        accepted = self._accepted
+        feeds = {}
+        for t in request.inputs:
+            if (t.name, t.datatype, t.data.shape) in accepted:
+                feeds[t.name] = t.data
+            else:
+                feeds[t.name] = self._check(t)
         if len(feeds) != len(self._input_names):  # every name was checked to be an input
             missing = set(self._input_names) - set(feeds)
             raise InvalidRequestError(f"missing inputs {sorted(missing)}")
-        wanted = self._output_names
-        if request.outputs is not None:
-            wanted = [o.name for o in request.outputs]
+        if request.outputs is None:
+            return feeds, self._output_names
+        wanted = [o.name for o in request.outputs]
+        if not self._output_set.issuperset(wanted):
             unknown = [n for n in wanted if n not in self._output_types]
-            if unknown:
-                raise InvalidRequestError(
-                    f"unknown outputs {sorted(unknown)}; outputs are {self._output_names}"
-                )
+            raise InvalidRequestError(
+                f"unknown outputs {sorted(unknown)}; outputs are {self._output_names}"
+            )
         return feeds, wanted
 
     def compute(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
@@ -188,5 +192,9 @@ class OnnxModel:
     def response(self, wanted: list[str], values: list[np.ndarray]) -> InferResponse:
         """``values`` as ``compute`` returned them: arrays of the outputs' declared types."""
         types = self._output_types
-        outputs = [InferTensor(name=n, datatype=types[n], data=v) for n, v in zip(wanted, values)]
-        return InferResponse(model_name=self.name, model_version=self.version, outputs=outputs)
+        if len(wanted) == 1:  # the common case, without a comprehension's frame
+            name = wanted[0]
+            outputs = [InferTensor(name, types[name], values[0], {})]
+        else:
+            outputs = [InferTensor(n, types[n], v, {}) for n, v in zip(wanted, values)]
+        return InferResponse(self.name, outputs, self.version, None, {})

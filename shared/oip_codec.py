@@ -363,14 +363,15 @@ class _Header:
             if datatype == "BYTES":
                 arr = deserialize_bytes_tensor(memoryview(body)[pos : pos + size], math.prod(shape))
             else:
-                arr = np.frombuffer(body, dtype=dt, count=size // dt.itemsize, offset=pos)
+                arr = np.frombuffer(body, dt, size // dt.itemsize, pos)
             pos += size
-            tensors.append(InferTensor(name, datatype, arr.reshape(shape), dict(params)))
+            tensors.append(InferTensor(name, datatype, arr.reshape(shape), {**params}))
+        outputs = self.outputs
         return InferRequest(
             tensors,
-            None if self.outputs is None else list(self.outputs),
+            outputs if outputs is None else [*outputs],
             self.id,
-            dict(self.parameters),
+            {**self.parameters},
         )
 
 
@@ -479,17 +480,29 @@ def encode_response(
     if request is None or response.id is not None or response.parameters:
         return _encode_response(response, request)
     outputs = response.outputs
-    key = (
-        response.model_name,
-        response.model_version,
-        *[(t.name, t.datatype, t.data.shape, request.wants_binary(t.name)) for t in outputs],
-    )
+    if len(outputs) == 1:  # the common case, without a comprehension's frame
+        t = outputs[0]
+        key: tuple[object, ...] = (
+            response.model_name,
+            response.model_version,
+            t.name,
+            t.datatype,
+            t.data.shape,
+            request.wants_binary(t.name),
+        )
+    else:
+        key = (
+            response.model_name,
+            response.model_version,
+            *[(t.name, t.datatype, t.data.shape, request.wants_binary(t.name)) for t in outputs],
+        )
     header = _RESPONSE_HEADERS.get(key)
     if header is not None:
-        return b"".join([header, *[_tensor_binary(t) for t in outputs]]), {
-            "Content-Type": BINARY_CONTENT_TYPE,
-            HEADER_LENGTH: str(len(header)),
-        }
+        if len(outputs) == 1:
+            body = header + _tensor_binary(outputs[0])
+        else:
+            body = b"".join([header, *[_tensor_binary(t) for t in outputs]])
+        return body, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
     body, headers = _encode_response(response, request)
     if outputs and all(
         t.datatype != "BYTES" and not t.parameters and request.wants_binary(t.name) for t in outputs
