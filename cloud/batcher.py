@@ -58,12 +58,16 @@ class Batcher:
         self._max_queue = config.max_queue_size
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0  # rows in the queue: the worker is woken when a batch is full
+        self._mixed = False  # the queue holds requests of more than one key since it was empty
         self._arrivals = 0  # requests ever queued: the quiet watch compares it turn to turn
         self._wait = 0  # which wait for company the quiet watch belongs to
         self._waiting = 0  # requests admitted and not yet answered (unbatched path)
-        self._more: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
+        # asyncio's primitives bind to the running loop at first use, not here
+        self._more = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.instances)
         self._worker: asyncio.Task[None] | None = None
+        self._working = False  # the worker task is running (set here, cleared by it)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._timeout_s = config.timeout_ms / 1000.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -90,28 +94,31 @@ class Batcher:
         counted per batch)."""
         try:
             feeds, wanted = self.model.prepare(request)
-            if self._more is None:
-                self._slots = asyncio.Semaphore(self.config.instances)
-                self._more = asyncio.Event()
-            rows = next(iter(feeds.values())).shape[0] if feeds else 0
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            # mergeable: same outputs, same inputs in the same order with the same row shape
+            if len(feeds) == 1:  # the common case, without a comprehension's frame
+                ((name, array),) = feeds.items()
+                rows = array.shape[0] if array.ndim else 0
+                key: tuple[object, ...] = (tuple(wanted), name, array.shape[1:], array.dtype)
+            else:
+                rows = next(iter(feeds.values())).shape[0] if feeds else 0
+                key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
             if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
                 return self.model.response(wanted, await self._alone(feeds, wanted))
             if len(self._queue) + self._waiting >= self._max_queue:
                 self._admit()  # raises
-            # mergeable: same outputs, same inputs in the same order with the same row shape
-            if len(feeds) == 1:  # the common case, without a comprehension's frame
-                ((name, array),) = feeds.items()
-                key: tuple[object, ...] = (tuple(wanted), name, array.shape[1:], array.dtype)
-            else:
-                key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
-            future = asyncio.get_running_loop().create_future()
-            item = _Item(feeds, wanted, rows, key, future, time.monotonic())
-            self._queue.append(item)
+            item = _Item(feeds, wanted, rows, key, self._loop.create_future(), time.monotonic())
+            queue = self._queue
+            if queue and queue[0].key != key:
+                self._mixed = True
+            queue.append(item)
             self._queued_rows += rows
             self._arrivals += 1
             if self._queued_rows >= self._max_rows:
                 self._more.set()  # else the worker sleeps until the first one's delay is over
-            if self._worker is None or self._worker.done():
+            if not self._working:
+                self._working = True
                 self._worker = asyncio.create_task(self._run())
             if self._expiry is None:
                 self._arm_expiry()
@@ -124,7 +131,6 @@ class Batcher:
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         self._admit()
         self._waiting += 1
-        assert self._slots is not None
         try:
             async with self._slots:
                 start = time.monotonic()
@@ -137,7 +143,12 @@ class Batcher:
             self._waiting -= 1
 
     async def _run(self) -> None:
-        assert self._more is not None and self._slots is not None
+        try:
+            await self._gather_and_run()
+        finally:
+            self._working = False
+
+    async def _gather_and_run(self) -> None:
         delay = self.config.max_queue_delay_us / 1e6
         while self._queue:
             # a free instance first: while the last batch runs, the next one gathers
@@ -177,7 +188,6 @@ class Batcher:
         """Once per event-loop turn while the worker waits for company: ends the wait after
         ``QUIET_TURNS`` turns without a new request. Under load requests keep coming and the
         batch fills or reaches its delay; a lone request goes at once."""
-        assert self._more is not None
         if wait != self._wait or self._more.is_set():
             return
         quiet = quiet + 1 if self._arrivals == seen else 0
@@ -209,6 +219,13 @@ class Batcher:
         self._arm_expiry()
 
     def _take(self, key: tuple[object, ...]) -> list[_Item]:
+        if not self._mixed and self._queued_rows <= self.config.max_batch_size:
+            # the usual case: every queued request fits one batch (a cancelled one is run
+            # too, and its rows dropped on delivery)
+            everything = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+            return everything
         batch: list[_Item] = []
         rows = 0
         keep: deque[_Item] = deque()
@@ -224,6 +241,8 @@ class Batcher:
                 keep.append(item)
         self._queue = keep
         self._queued_rows -= rows
+        if not keep:
+            self._mixed = False
         return batch
 
     def _run_inline(self) -> bool:
@@ -259,7 +278,6 @@ class Batcher:
     ) -> None:
         """Hands each request its rows (or the error); computes here first when ``done`` is
         None (the inline path). Releases the batch's slot whatever happens."""
-        assert self._slots is not None
         try:
             now = time.monotonic()
             self.metrics.queue_seconds.observe_many(

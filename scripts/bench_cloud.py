@@ -171,9 +171,9 @@ def bodies(model: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--pairs", type=int, default=15, help="back-to-back c=32 pairs")
+    parser.add_argument("--pairs", type=int, default=40, help="back-to-back c=32 pairs")
     parser.add_argument(
-        "--pair-duration", type=float, default=2.0, help="seconds per run of a pair"
+        "--pair-duration", type=float, default=1.0, help="seconds per run of a pair"
     )
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out/bench/bench_cloud.json")
     args = parser.parse_args(argv)
@@ -219,15 +219,20 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": "-", "path": "bare route", "concurrency": c, **r})
                 print(rows[-1], flush=True)
             # the target ratio, from many short back-to-back pairs: this machine's speed
-            # drifts by half within seconds, which a ratio of rows measured far apart (or
-            # of a few long pairs) would carry
+            # swings by a third from one second to the next, which a ratio of rows measured
+            # far apart (or of a few long pairs) would carry
             infer_url, binary_script = (
                 f"{cloud.url}/v2/models/digits/infer",
                 work / "digits-binary.lua",
             )
-            for _ in range(args.pairs):
-                served = wrk(infer_url, binary_script, 32, args.pair_duration)
-                ceiling = wrk(f"{cloud.url}/bench/bare", script, 32, args.pair_duration)
+            for i in range(args.pairs):
+                # alternate which goes first, so a drift within a pair favours neither
+                if i % 2 == 0:
+                    served = wrk(infer_url, binary_script, 32, args.pair_duration)
+                    ceiling = wrk(f"{cloud.url}/bench/bare", script, 32, args.pair_duration)
+                else:
+                    ceiling = wrk(f"{cloud.url}/bench/bare", script, 32, args.pair_duration)
+                    served = wrk(infer_url, binary_script, 32, args.pair_duration)
                 pairs.append(served["rps"] / ceiling["rps"])
                 print(f"pair at c=32: {served['rps']:.0f} / {ceiling['rps']:.0f}", flush=True)
     finally:

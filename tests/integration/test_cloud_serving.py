@@ -213,6 +213,59 @@ def test_version_policy_latest(tmp_path: Path) -> None:
         assert ready.status_code == 503 and "config.toml" in ready.json()["reason"]
 
 
+def test_requests_for_different_outputs_are_batched_apart(tmp_path: Path) -> None:
+    import asyncio
+
+    from cloud.batcher import Batcher
+    from cloud.metrics import ServerMetrics
+    from cloud.model_config import ModelConfig
+    from cloud.onnx_model import OnnxModel
+    from cloud.settings import OrtSettings
+    from shared.oip import InferRequest, InferTensor, RequestedOutput
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["pos"]), helper.make_node("Neg", ["x"], ["neg"])],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [
+            helper.make_tensor_value_info("pos", TensorProto.FLOAT, ["b", 4]),
+            helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["b", 4]),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(tmp_path / "two.onnx"))
+    metrics = ServerMetrics()
+    config = ModelConfig(max_batch_size=64, max_queue_delay_us=5_000_000)
+    batcher = Batcher(OnnxModel("two", "1", tmp_path / "two.onnx", OrtSettings()), config, metrics)
+    kinds = [["pos"], ["neg"], ["neg", "pos"]]
+    xs = [np.full((1 + i % 2, 4), i - 4.5, np.float32) for i in range(9)]
+
+    async def burst() -> list[dict[str, np.ndarray]]:
+        replies = await asyncio.gather(
+            *(
+                batcher.infer(
+                    InferRequest(
+                        inputs=[InferTensor.of("x", x)],
+                        outputs=[RequestedOutput(n) for n in kinds[i % 3]],
+                    )
+                )
+                for i, x in enumerate(xs)
+            )
+        )
+        return [{t.name: t.data for t in r.outputs} for r in replies]
+
+    results = asyncio.run(burst())
+    for i, (x, got) in enumerate(zip(xs, results, strict=True)):
+        assert sorted(got) == sorted(kinds[i % 3])  # only what was asked, each its own rows
+        if "pos" in got:
+            np.testing.assert_array_equal(got["pos"], np.maximum(x, 0))
+        if "neg" in got:
+            np.testing.assert_array_equal(got["neg"], -x)
+    # one run per kind of request: merged within a kind, never across
+    assert metrics.batch_size.count("two", "1") == 3
+
+
 def test_model_without_a_batch_dimension_is_served_unbatched(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
