@@ -222,9 +222,12 @@ async def read_body(request: Request, max_bytes: int) -> tuple[bytes, int | None
             parts.append(chunk)
         body = b"".join(parts)
     raw_length = headers.get(_HEADER_LENGTH_KEY)
-    header_length = (
-        None if raw_length is None else header_length_value(raw_length.decode("latin-1"))
-    )
+    header_length = None
+    if raw_length is not None:
+        if raw_length.isdigit():  # int() of ASCII digits, without decoding them first
+            header_length = int(raw_length)
+        else:  # says what is wrong (or reads a sign and spaces, as int() does)
+            header_length = header_length_value(raw_length.decode("latin-1"))
     raw_encoding = headers.get(b"content-encoding")
     if raw_encoding is None:
         return body, header_length
