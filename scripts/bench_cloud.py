@@ -171,7 +171,7 @@ def bodies(model: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--pairs", type=int, default=40, help="back-to-back c=32 pairs")
+    parser.add_argument("--pairs", type=int, default=60, help="back-to-back c=32 pairs")
     parser.add_argument(
         "--pair-duration", type=float, default=1.0, help="seconds per run of a pair"
     )
