@@ -84,8 +84,8 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
 
         async def serve_bare(request: Request) -> Response:
             """The HTTP stack alone (body read, a fixed answer): a benchmark's ceiling. The
-            same route class as infer, matched just before it: the stack infer runs on, with
-            the ceiling never understated."""
+            same route class as infer and registered before it, so it is the first route
+            tried, as infer is on a server without it."""
             await request.body()
             return Response(b'{"model_name":"bare","outputs":[]}', media_type="application/json")
 

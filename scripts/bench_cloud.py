@@ -4,7 +4,9 @@ In one invocation, on the same models:
 
 - in-process ONNX Runtime: a batch-1 loop, and batches of 32;
 - ``tandem-cloud serve`` (a child process) in JSON and in binary mode, and a bare route of
-  the same HTTP stack that reads the body and answers without inference (the ceiling);
+  the same HTTP stack that reads the body and answers without inference (the ceiling), on a
+  second server of the same build where it is the first route tried, as infer is on the
+  first;
 - a generated wide MLP (compute dominates, ~1 ms per single-sample call) with dynamic
   batching on and off;
 
@@ -199,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     rows += [{"model": "digits", **r} for r in in_process(repo / "digits/1/model.onnx", x, 2)]
     rows += [{"model": "wide", **r} for r in in_process(repo / "wide/1/model.onnx", x, 2)]
     try:
-        with CloudProcess(repo, extra=["--bare-route", "--repo-poll-s", "0"]) as cloud:
+        # two servers of the same build: one serving as in production, one with the bare
+        # route first in its table, so each route under test is the first its server tries
+        with (
+            CloudProcess(repo, extra=["--repo-poll-s", "0"]) as cloud,
+            CloudProcess(repo, extra=["--bare-route", "--repo-poll-s", "0"]) as ceiling_server,
+        ):
+            bare_url = f"{ceiling_server.url}/bench/bare"
             one = x[:1]
             for model in ("digits", "wide", "wide-nobatch"):
                 for mode, (body, headers) in bodies(model, one).items():
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             body, headers = bodies("digits", one)["binary"]
             script = _lua(work, "bare", "", body, headers)
             for c in CONCURRENCY:
-                r = wrk(f"{cloud.url}/bench/bare", script, c, args.duration)
+                r = wrk(bare_url, script, c, args.duration)
                 rows.append({"model": "-", "path": "bare route", "concurrency": c, **r})
                 print(rows[-1], flush=True)
             # the target ratio, from many short back-to-back pairs: this machine's speed
@@ -229,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                 # alternate which goes first, so a drift within a pair favours neither
                 if i % 2 == 0:
                     served = wrk(infer_url, binary_script, 32, args.pair_duration)
-                    ceiling = wrk(f"{cloud.url}/bench/bare", script, 32, args.pair_duration)
+                    ceiling = wrk(bare_url, script, 32, args.pair_duration)
                 else:
-                    ceiling = wrk(f"{cloud.url}/bench/bare", script, 32, args.pair_duration)
+                    ceiling = wrk(bare_url, script, 32, args.pair_duration)
                     served = wrk(infer_url, binary_script, 32, args.pair_duration)
                 pairs.append(served["rps"] / ceiling["rps"])
                 print(f"pair at c=32: {served['rps']:.0f} / {ceiling['rps']:.0f}", flush=True)
