@@ -19,7 +19,6 @@ its own process. Prints a table of throughput and p50/p99 latency and writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import shutil
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
 from procs import CloudProcess
+from results import write_json
 
 from shared.oip import InferRequest, InferTensor, RequestedOutput
 from shared.oip_codec import encode_request
@@ -270,21 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(pairs)} back-to-back pairs: {', '.join(f'{p:.0%}' for p in pairs)})"
     )
     print(f"wide MLP, batching on / off at concurrency 128: {speedup:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": platform.machine(),
-                "rows": rows,
-                "binary_vs_bare_c32": ratio,
-                "binary_vs_bare_c32_pairs": pairs,
-                "batching_speedup_c128": speedup,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        args.out,
+        {
+            "machine": platform.machine(),
+            "rows": rows,
+            "binary_vs_bare_c32": ratio,
+            "binary_vs_bare_c32_pairs": pairs,
+            "batching_speedup_c128": speedup,
+        },
     )
-    print(f"wrote {args.out}")
     return 0
 
 

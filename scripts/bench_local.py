@@ -14,7 +14,6 @@ block: on a shared machine whose speed drifts, a difference taken seconds apart 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
+from results import write_json
 
 from agent import Agent, AgentSettings
 from agent.backends.tflite import find_interpreter_class
@@ -139,20 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['model']:<9}{r['path']:<7}{r['median_us']:>11.1f}{r['p90_us']:>9.1f}"
             f"{r['p99_us']:>9.1f}{over}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": platform.machine(),
-                "python": platform.python_version(),
-                "iterations": args.iterations,
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        args.out,
+        {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "iterations": args.iterations,
+            "rows": rows,
+        },
     )
-    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -15,7 +15,6 @@ signature and policy checks, download, validation in a fresh interpreter, activa
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ import dataset
 from demo_fleet import prepare_registry
 from embedded_broker import EmbeddedBroker
 from procs import CloudProcess, free_port
+from results import write_json
 
 from agent.service import AgentService
 from agent.settings import AgentSettings
@@ -213,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['devices']:>8}{r['active']:>8}{f(r['all_active_s']):>14}{f(r['p50_s']):>8}"
             f"{f(r['p95_s']):>8}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"broker": name, "machine": platform.machine(), "rows": rows}, indent=2) + "\n"
-    )
-    print(f"\nwrote {args.out}")
+    write_json(args.out, {"broker": name, "machine": platform.machine(), "rows": rows})
     return 0
 
 

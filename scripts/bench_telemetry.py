@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import platform
 import shutil
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dataset
 from bench_rollout import Mosquitto
 from embedded_broker import EmbeddedBroker
+from results import write_json
 
 from agent import Agent, AgentSettings
 from agent.outbox import Outbox
@@ -197,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"collector: {ingest['stored']}/{ingest['messages']} messages from {ingest['devices']} "
         f"devices in {ingest['seconds']:.1f} s = {ingest['per_second']:.0f} msg/s"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"agent": cost, "offline": offline, "collector": ingest}, indent=2) + "\n"
-    )
-    print(f"wrote {args.out}")
+    write_json(args.out, {"agent": cost, "offline": offline, "collector": ingest})
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
 from bench_cloud import DIGITS, bodies
+from results import write_json
 
 from cloud.app import create_app
 from cloud.settings import CloudSettings
@@ -170,15 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names[: args.top]:
         b, i = bare.get(name, 0.0), infer.get(name, 0.0)
         print(f"{b:8.1f}{i:8.1f}{i - b:+8.1f}  {name}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"bare_total": total_bare, "infer_total": total_infer, "bare": bare, "infer": infer},
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        args.out,
+        {"bare_total": total_bare, "infer_total": total_infer, "bare": bare, "infer": infer},
     )
-    print(f"wrote {args.out}")
     return 0
 
 
