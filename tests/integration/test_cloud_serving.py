@@ -78,19 +78,36 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset
         "max_batch_size = 8\nmax_queue_delay_us = 1000000\nmax_queue_size = 3\n"
         "close_when_quiet = false\n",
     )
-    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+    app = create_app(CloudSettings(repo=repo, repo_poll_s=0))
+    batcher = app.state.plane.repository.batcher("m", None)
+    deepest = 0
+    done = threading.Event()
+
+    def watch() -> None:  # what the server holds, sampled while the flood lasts
+        nonlocal deepest
+        while not done.is_set():
+            deepest = max(deepest, batcher.depth)
+            time.sleep(0.001)
+
+    with serve_in_thread(app) as url:
 
         def one(_: int) -> httpx.Response:
             return httpx.post(
                 f"{url}/v2/models/m/infer", json=infer_body(digits.test.x[:1]), timeout=20
             )
 
-        with ThreadPoolExecutor(24) as pool:
-            replies = list(pool.map(one, range(24)))
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(48) as pool:
+            replies = list(pool.map(one, range(96)))
+        done.set()
+        watcher.join()
     codes = sorted(r.status_code for r in replies)
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
     busy = next(r for r in replies if r.status_code == 503)
     assert busy.headers["retry-after"] == "1" and "waiting" in busy.json()["error"]
+    # 96 requests, 48 at a time, and never more than the queue's 3 held: memory is bounded
+    assert 1 <= deepest <= 3
 
 
 def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: dataset.Digits) -> None:
