@@ -65,7 +65,7 @@ class Batcher:
         # asyncio's primitives bind to the running loop at first use, not here
         self._more = asyncio.Event()
         self._slots = asyncio.Semaphore(config.instances)
-        self._worker: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._working = False  # the worker task is running (set here, cleared by it)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._expiry: asyncio.TimerHandle | None = None
