@@ -78,14 +78,7 @@ def deserialize_bytes_tensor(buf: bytes | memoryview, count: int) -> np.ndarray:
 def _tensor_binary(tensor: InferTensor) -> bytes:
     if tensor.datatype == "BYTES":
         return serialize_bytes_tensor(tensor.data)
-    dt = _WIRE_DTYPES.get(tensor.datatype)
-    if dt is None:
-        dt = _WIRE_DTYPES[tensor.datatype] = _little_endian(numpy_dtype(tensor.datatype))
-    return np.ascontiguousarray(tensor.data, dtype=dt).tobytes()
-
-
-#: Each datatype's wire dtype (little-endian), cached: looked up once per output tensor.
-_WIRE_DTYPES: dict[str, np.dtype[Any]] = {}
+    return np.ascontiguousarray(tensor.data, dtype=_wire_dtype(tensor.datatype)).tobytes()
 
 
 def _tensor_json_data(tensor: InferTensor) -> list[Any]:
@@ -225,7 +218,7 @@ def _decode_tensor(doc: Any, reader: _BinaryReader, where: str) -> InferTensor:
                 raise InvalidRequestError(
                     f"{where}: binary_data_size {size} does not match shape {shape} of {datatype}"
                 )
-            arr = np.frombuffer(buf, dtype=_little_endian(dt))
+            arr = np.frombuffer(buf, dtype=_wire_dtype(datatype))
         arr = arr.reshape(shape)
     elif "data" in doc:
         arr = _json_to_array(doc["data"], datatype, shape, f"{where} {name!r}")
@@ -234,15 +227,15 @@ def _decode_tensor(doc: Any, reader: _BinaryReader, where: str) -> InferTensor:
     return InferTensor(name=name, datatype=datatype, data=arr, parameters=params)
 
 
-_LITTLE_ENDIAN: dict[np.dtype[Any], np.dtype[Any]] = {}
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {}
 
 
-def _little_endian(dt: np.dtype[Any]) -> np.dtype[Any]:
-    """The little-endian form of ``dt`` (the wire's byte order), cached: making one per
-    tensor costs as much as reading the tensor."""
-    found = _LITTLE_ENDIAN.get(dt)
+def _wire_dtype(datatype: str) -> np.dtype[Any]:
+    """The NumPy dtype of ``datatype`` in the wire's byte order (little-endian), cached:
+    making one per tensor costs as much as reading the tensor. Unknown names raise."""
+    found = _WIRE_DTYPES.get(datatype)
     if found is None:
-        found = _LITTLE_ENDIAN[dt] = dt.newbyteorder("<")
+        found = _WIRE_DTYPES[datatype] = numpy_dtype(datatype).newbyteorder("<")
     return found
 
 
@@ -425,7 +418,7 @@ def _remember(header: bytes, request: InferRequest) -> None:
         (
             t.name,
             t.datatype,
-            _little_endian(numpy_dtype(t.datatype)),
+            _wire_dtype(t.datatype),
             tuple(t.data.shape),
             size,
             dict(t.parameters),
@@ -479,38 +472,26 @@ def encode_response(
     """Body and headers for a response, binary for the outputs the request asked that of."""
     if request is None or response.id is not None or response.parameters:
         return _encode_response(response, request)
-    outputs = response.outputs
-    if len(outputs) == 1:  # the common case, without a comprehension's frame
-        t = outputs[0]
-        key: tuple[object, ...] = (
-            response.model_name,
-            response.model_version,
-            t.name,
-            t.datatype,
-            t.data.shape,
-            request.wants_binary(t.name),
-        )
-    else:
-        key = (
-            response.model_name,
-            response.model_version,
-            *[(t.name, t.datatype, t.data.shape, request.wants_binary(t.name)) for t in outputs],
-        )
+    # cached only when every output goes as plain binary: then the header is a function of
+    # the model, the version and each output's name, datatype and shape (a loop, not
+    # comprehensions: each of those is a call in Python 3.11, on every request)
+    key: tuple[object, ...] = (response.model_name, response.model_version)
+    for t in response.outputs:
+        if t.datatype == "BYTES" or t.parameters or not request.wants_binary(t.name):
+            return _encode_response(response, request)
+        key += (t.name, t.datatype, t.data.shape)
     header = _RESPONSE_HEADERS.get(key)
-    if header is not None:
-        if len(outputs) == 1:
-            body = header + _tensor_binary(outputs[0])
-        else:
-            body = b"".join([header, *[_tensor_binary(t) for t in outputs]])
-        return body, {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
-    body, headers = _encode_response(response, request)
-    if outputs and all(
-        t.datatype != "BYTES" and not t.parameters and request.wants_binary(t.name) for t in outputs
-    ):
-        if len(_RESPONSE_HEADERS) >= _HEADERS_MAX:
-            _RESPONSE_HEADERS.clear()
-        _RESPONSE_HEADERS[key] = body[: int(headers[HEADER_LENGTH])]
-    return body, headers
+    if header is None:
+        body, headers = _encode_response(response, request)
+        if response.outputs:
+            if len(_RESPONSE_HEADERS) >= _HEADERS_MAX:
+                _RESPONSE_HEADERS.clear()
+            _RESPONSE_HEADERS[key] = body[: int(headers[HEADER_LENGTH])]
+        return body, headers
+    parts = [header]
+    for t in response.outputs:
+        parts.append(_tensor_binary(t))
+    return b"".join(parts), {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
 
 
 def _encode_response(

@@ -96,6 +96,20 @@ def test_response_binary_per_output_and_request_wide() -> None:
     assert HEADER_LENGTH not in headers and json.loads(body)["outputs"][0]["data"] == [1.0, 1.0]
 
 
+def test_repeated_binary_responses_keep_their_own_data_and_parameters() -> None:
+    req = InferRequest(inputs=[], outputs=[RequestedOutput("p", binary_data=True)])
+    for value in (1.0, 2.0):  # the second is encoded from the remembered header
+        out = InferTensor.of("p", np.full((1, 3), value, np.float32))
+        body, headers = encode_response(InferResponse("cached", [out], "1"), req)
+        back = decode_response(body, int(headers[HEADER_LENGTH]))
+        np.testing.assert_array_equal(back.output("p").data, out.data)
+    # same model, name and shape, but a tensor parameter: never answered from that header
+    tagged = InferTensor("p", "FP32", np.zeros((1, 3), np.float32), {"unit": "prob"})
+    body, headers = encode_response(InferResponse("cached", [tagged], "1"), req)
+    back = decode_response(body, int(headers[HEADER_LENGTH]))
+    assert back.output("p").parameters == {"unit": "prob"}
+
+
 BAD_BODIES = [
     (b"{not json", None, "not valid JSON"),
     (b"[]", None, "JSON object"),
