@@ -185,7 +185,7 @@ def running_fleet(tmp: Path, broker: Mosquitto) -> Iterator[Fleet]:
     server = Asgi(create_app(CloudSettings(repo=CLOUD_REPO, registry=registry_dir)))
     store = FleetStore(tmp / "fleet.db")
     controller = MqttClient(
-        MqttSettings(url=broker.url, username="controller", password=SecretStr("ctl-pw")),
+        MqttSettings(url=broker.service_url, username="controller", password=SecretStr("ctl-pw")),
         client_id="controller-test",
     )
     FleetListener(store, FLEET).attach(controller)
@@ -218,7 +218,7 @@ def retained_json(
         done.set()
 
     c = MqttClient(
-        MqttSettings(url=broker.url, username=user, password=SecretStr(password)),
+        MqttSettings(url=broker.url_for(user), username=user, password=SecretStr(password)),
         client_id=f"peek-{time.monotonic_ns()}",
     )
     c.subscribe(topic, on)

@@ -1,9 +1,14 @@
-"""A real Mosquitto broker for tests: generated config, password file and ACL, a free port.
+"""A real Mosquitto broker for tests, configured as docs/operations.md recommends: generated
+config, password files and ACL, free ports.
 
-Every device logs in as itself (username = device id); the ACL lets a device publish only
-its own ``status``/``telemetry``/``update`` and read only manifests and its own commands;
-``controller`` and ``collector`` have their own accounts. ``stop()``/``start()`` restart it
-on the same port (for the reconnect tests).
+Two listeners. Devices log in on ``url`` as themselves (username = device id) with
+``use_username_as_clientid``: the broker takes the username as the client id, so a device
+cannot log in under another's id and push it offline. The cloud's accounts (``controller``,
+``collector``) log in on ``service_url``, whose password file holds only them: they may run
+several connections at once (a rollout and a ``fleet status``), which one id per account
+would forbid, and no device can log in there at all. The ACL lets a device publish only its
+own ``status``/``telemetry``/``update`` and read only manifests and its own commands.
+``stop()``/``start()`` restart it on the same ports (for the reconnect tests).
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ pattern read tandem/v1/+/groups/+/models/+/manifest
 """
 
 
+#: Accounts of the cloud's own clients: they log in on the service listener.
+SERVICE_USERS = frozenset({"controller", "collector"})
+
+
 class Mosquitto:
     def __init__(self, workdir: Path, users: dict[str, str]) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -45,38 +54,54 @@ class Mosquitto:
         self.binary = binary
         self.dir = workdir
         self.port = free_port()
+        self.service_port = free_port()
         self.users = dict(users)
         self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.service_url = f"mqtt://127.0.0.1:{self.service_port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._write_config()
 
     def _write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        passwd = self.dir / "passwd"
-        passwd.write_text("")
+        for name in ("passwd-devices", "passwd-services"):
+            (self.dir / name).write_text("")
         for user, password in self.users.items():
-            subprocess.run(
-                ["mosquitto_passwd", "-b", str(passwd), user, password],
-                check=True,
-                capture_output=True,
-            )
-        (self.dir / "acl").write_text(ACL)
+            self._add_password(user, password)
+        acl = self.dir / "acl"
+        acl.write_text(ACL)
+        common = f"allow_anonymous false\nacl_file {acl}\n"
         (self.dir / "mosquitto.conf").write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous false\n"
-            f"password_file {passwd}\n"
-            f"acl_file {self.dir / 'acl'}\n"
+            "per_listener_settings true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "user root\n"
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
             "max_queued_messages 100000\n"
+            f"listener {self.port} 127.0.0.1\n"
+            "use_username_as_clientid true\n"
+            f"password_file {self.dir / 'passwd-devices'}\n"
+            f"{common}"
+            f"listener {self.service_port} 127.0.0.1\n"
+            f"password_file {self.dir / 'passwd-services'}\n"
+            f"{common}"
         )
+
+    def _add_password(self, user: str, password: str) -> None:
+        name = "passwd-services" if user in SERVICE_USERS else "passwd-devices"
+        subprocess.run(
+            ["mosquitto_passwd", "-b", str(self.dir / name), user, password],
+            check=True,
+            capture_output=True,
+        )
+
+    def url_for(self, user: str) -> str:
+        """The listener an account logs in on."""
+        return self.service_url if user in SERVICE_USERS else self.url
 
     def settings_for(self, user: str, **overrides: Any) -> MqttSettings:
         """Client settings for one of its accounts, reconnecting fast (tests restart it)."""
         values: dict[str, Any] = {
-            "url": self.url,
+            "url": self.url_for(user),
             "username": user,
             "password": SecretStr(self.users[user]),
             "reconnect_min_s": 0.2,
@@ -87,11 +112,7 @@ class Mosquitto:
     def add_user(self, user: str, password: str) -> None:
         """Takes effect at the next start (tests add users before starting)."""
         self.users[user] = password
-        subprocess.run(
-            ["mosquitto_passwd", "-b", str(self.dir / "passwd"), user, password],
-            check=True,
-            capture_output=True,
-        )
+        self._add_password(user, password)
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
@@ -105,8 +126,10 @@ class Mosquitto:
                 err = self._proc.stderr.read().decode() if self._proc.stderr else ""
                 raise RuntimeError(f"mosquitto exited: {err}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                for port in (self.port, self.service_port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        pass
+                return
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError("mosquitto did not start listening")

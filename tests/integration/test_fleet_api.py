@@ -29,7 +29,7 @@ def cloud(tmp_path: Path, broker: Mosquitto) -> Iterator[httpx.Client]:
         repo=CLOUD_REPO,
         fleet=FLEET,
         state_dir=tmp_path / "cloud",
-        mqtt=MqttSettings(url=broker.url, username="collector", password=SecretStr("col-pw")),
+        mqtt=broker.settings_for("collector"),
     )
     with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url) as http:
         yield http

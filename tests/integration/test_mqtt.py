@@ -82,6 +82,39 @@ def test_acl_confines_devices_to_their_own_subtree(broker: Mosquitto) -> None:
     dev.stop()
 
 
+def test_a_device_cannot_take_over_another_devices_client_id(broker: Mosquitto) -> None:
+    """dev-1 logs in with dev-0's client id: the broker names it after its username instead,
+    so dev-0 stays connected and its Last Will does not fire."""
+    watcher = client(broker, "collector")
+    inbox = Inbox()
+    watcher.subscribe(topics.fleet_device_filter("f", "status"), inbox)
+    watcher.start(wait_s=5)
+    victim = MqttClient(
+        broker.settings_for("dev-0"),
+        "dev-0",
+        will=(topics.device_status("f", "dev-0"), b"offline"),
+    )
+    victim.start(wait_s=5)
+    assert victim.publish_wait(topics.device_status("f", "dev-0"), b"online")
+    assert inbox.wait(1)
+    intruder = MqttClient(broker.settings_for("dev-1"), "dev-0")
+    intruder.start(wait_s=5)
+    # the intruder is connected (as dev-1: it may publish dev-1's status) ...
+    assert intruder.publish_wait(topics.device_status("f", "dev-1"), b"intruder")
+    assert inbox.wait(2)
+    # ... and the victim was never pushed off: still connected, no Last Will on its topic
+    assert victim.publish_wait(topics.device_status("f", "dev-0"), b"still here")
+    assert inbox.wait(3)
+    assert victim.counters.disconnects == 0 and victim.connected.is_set()
+    assert [p for t, p, _ in inbox.items if t.endswith("/dev-0/status")] == [
+        b"online",
+        b"still here",
+    ]
+    intruder.stop()
+    victim.stop()
+    watcher.stop()
+
+
 def test_last_will_marks_a_vanished_device_and_reconnect_resubscribes(broker: Mosquitto) -> None:
     watcher = client(broker, "collector")
     inbox = Inbox()

@@ -115,7 +115,7 @@ def test_fleet_commands(fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixt
         "--fleet",
         FLEET,
         "--broker",
-        fleet.broker.url,
+        fleet.broker.service_url,
         "--username",
         "controller",
         "--password",
