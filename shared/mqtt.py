@@ -107,9 +107,11 @@ class MqttClient:
         if will is not None:
             topic, payload = will
             self._client.will_set(topic.name, payload, qos=topic.qos, retain=topic.retain)
+        # paho annotates the delays as int but computes with them as numbers: a fraction of
+        # a second is kept (rounding made 0.2 s and 0.5 s a whole second)
         self._client.reconnect_delay_set(
-            min_delay=max(1, round(settings.reconnect_min_s)),
-            max_delay=max(1, round(settings.reconnect_max_s)),
+            min_delay=settings.reconnect_min_s,  # type: ignore[arg-type]
+            max_delay=max(settings.reconnect_min_s, settings.reconnect_max_s),  # type: ignore[arg-type]
         )
         self._client.on_connect = self._safe(self._handle_connect)
         self._client.on_disconnect = self._safe(self._handle_disconnect)
