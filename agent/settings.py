@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent.backends import BackendSettings, TFLiteSettings
@@ -33,7 +33,21 @@ class RoutingSettings(_Section):
     )
     metric: ConfidenceMetric | None = Field(default=None, description="None: the manifest's")
     temperature: float | None = Field(default=None, gt=0.0, description="None: the manifest's")
-    deadline_ms: float = Field(default=150.0, gt=0, description="default per-request budget")
+    deadline_ms: float = Field(
+        default=150.0, gt=0, allow_inf_nan=False, description="default per-request budget"
+    )
+    max_deadline_ms: float = Field(
+        default=3_600_000.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="the largest deadline a request may ask for (larger: refused as invalid)",
+    )
+    max_batch_rows: int = Field(
+        default=32,
+        ge=1,
+        description="rows one request may carry (the local endpoint's max_batch_size); keep "
+        "it at or below the cloud model's max_batch_size: escalated rows go in one request",
+    )
     prefer_cloud_above_ms: float | None = Field(
         default=None, gt=0, description="in auto mode, escalate whenever this much budget remains"
     )
@@ -43,6 +57,14 @@ class RoutingSettings(_Section):
     latency_quantile: float = Field(default=0.9, gt=0, le=1)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _default_deadline_allowed(self) -> RoutingSettings:
+        if self.deadline_ms > self.max_deadline_ms:
+            raise ValueError(
+                f"deadline_ms {self.deadline_ms} exceeds max_deadline_ms {self.max_deadline_ms}"
+            )
+        return self
 
 
 class CloudSettings(_Section):
