@@ -124,6 +124,8 @@ class Manifest(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
+        if not self.input.shape or not self.output.shape:
+            raise ValueError("input and output need at least one dimension")
         classes = self.output.shape[-1]
         if classes != len(self.labels):
             raise ValueError(
@@ -145,10 +147,17 @@ class Manifest(_Frozen):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and validate a manifest document. Manifests arrive from the network, so
+        whatever fails while reading one (bad JSON or UTF-8, wrong types, nesting deep
+        enough for ``RecursionError``) is the document's fault: a ``ContractError``."""
         try:
             return cls.model_validate(json.loads(text))
+        except RecursionError:
+            raise ContractError("invalid manifest: nested too deeply") from None
         except (ValueError, ValidationError) as exc:
             raise ContractError(f"invalid manifest: {exc}") from None
+        except Exception as exc:  # any other failure is the document's too
+            raise ContractError(f"invalid manifest: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,37 @@ def test_unreadable_and_invalid_files_are_contract_errors(tmp_path: Path) -> Non
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(ContractError, match="invalid manifest"):
         Manifest.load(tmp_path)
+
+
+def _doc() -> dict[str, object]:
+    return json.loads(Manifest.load(EDGE_INT8).to_json())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,  # RecursionError in the JSON decoder
+        json.dumps({**_doc(), "labels": "X"}).replace('"X"', "[" * 100_000 + "]" * 100_000),
+        json.dumps({**_doc(), "output": {**_doc()["output"], "shape": []}}),  # type: ignore[dict-item]
+        json.dumps({**_doc(), "input": {**_doc()["input"], "shape": []}}),  # type: ignore[dict-item]
+        b"\xff\xfe\xfd{",
+        b"[]",
+        b"3",
+        json.dumps({**_doc(), "version": "two", "labels": 5}),
+        (EDGE_INT8 / "manifest.json").read_bytes()[:500],
+    ],
+    ids=[
+        "deep",
+        "deep-field",
+        "no-output-dims",
+        "no-input-dims",
+        "not-utf8",
+        "list",
+        "number",
+        "wrong-types",
+        "truncated",
+    ],
+)
+def test_any_unparsable_document_is_a_contract_error(payload: str | bytes) -> None:
+    with pytest.raises(ContractError, match="invalid manifest"):
+        Manifest.from_json(payload)
