@@ -5,7 +5,10 @@ the rollout used. Rollback is a new release pointing at older artifacts.
 Everything the controller decides is written to the fleet store before it acts, and every
 publish is idempotent (retained manifests), so a controller killed mid-rollout and started
 again carries on: it re-reads the plan, re-publishes what a wave needs, and waits for the
-states devices report (retained too, so none is missed while it was down).
+states devices report (retained too, so none is missed while it was down). A dropped
+connection or a restarted broker is ridden out the same way: the client reconnects by itself
+(and re-subscribes, so the retained job states come again), and a publish the broker did not
+acknowledge is simply made again, until the wave's own deadline.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from shared.manifest import Manifest
 from shared.mqtt import MqttClient
 from shared.signing import SigningKey
 from shared.status import DeviceStatus
+from shared.topics import Topic
 from shared.update import UpdateReport, UpdateState
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,8 @@ class RolloutController:
         *,
         poll_s: float = 0.2,
         progress: Callable[[str], None] = lambda line: None,
+        ack_timeout_s: float = 5.0,
+        publish_deadline_s: float = 300.0,
     ) -> None:
         self.store = store
         self.mqtt = mqtt
@@ -112,6 +118,35 @@ class RolloutController:
         self.fleet = fleet
         self.poll_s = poll_s
         self.progress = progress
+        self.ack_timeout_s = ack_timeout_s
+        self.publish_deadline_s = publish_deadline_s
+
+    def _publish(
+        self, topic: Topic, payload: bytes, what: str, deadline: float | None = None
+    ) -> None:
+        """Publish until the broker acknowledges, or raise ``RolloutError`` at ``deadline``
+        (monotonic; default ``publish_deadline_s`` from now). While the connection is down
+        the client reconnects by itself; each try waits for it, then publishes again: the
+        same retained message twice is the same state."""
+        if deadline is None:
+            deadline = time.monotonic() + self.publish_deadline_s
+        tries = 0
+        while True:
+            left = deadline - time.monotonic()
+            if self.mqtt.connected.wait(max(0.0, min(self.ack_timeout_s, left))):
+                left = deadline - time.monotonic()
+                if self.mqtt.publish_wait(topic, payload, max(0.1, min(self.ack_timeout_s, left))):
+                    if tries:
+                        log.info("broker acknowledged %s after %d retries", what, tries)
+                    return
+            if time.monotonic() >= deadline:
+                raise RolloutError(
+                    f"broker did not acknowledge {what} (tried {tries + 1} times); the rollout "
+                    "stays as it is: resume it when the broker is back"
+                )
+            if tries == 0:
+                log.warning("broker did not acknowledge %s; retrying until it does", what)
+            tries += 1
 
     def create(
         self,
@@ -183,7 +218,7 @@ class RolloutController:
                     + ("; timed out: " + ", ".join(outcome.timed_out) if outcome.timed_out else "")
                 )
                 for device in list(outcome.failed) + outcome.timed_out:
-                    self.mqtt.clear_retained(topics.manifest(self.fleet, r.model, device=device))
+                    self._clear(topics.manifest(self.fleet, r.model, device=device))
                 self.store.update_rollout(r.id, state="ABORTED", detail=detail)
                 self.progress(f"aborted: {detail}")
                 return self.store.rollout(r.id)
@@ -202,13 +237,13 @@ class RolloutController:
             started = datetime.now(timezone.utc).isoformat()
             self.store.update_rollout(r.id, wave_started=started)
         payload = manifest.to_json().encode()
+        deadline = datetime.fromisoformat(started).timestamp() + r.wave_timeout_s
+        publish_by = time.monotonic() + max(0.0, deadline - time.time())
         for device, published in wave:
             if not published:
                 topic = topics.manifest(self.fleet, r.model, device=device)
-                if not self.mqtt.publish_wait(topic, payload, timeout_s=10.0):
-                    raise RolloutError(f"broker did not acknowledge the manifest for {device}")
+                self._publish(topic, payload, f"the manifest for {device}", publish_by)
                 self.store.mark_published(r.id, device)
-        deadline = datetime.fromisoformat(started).timestamp() + r.wave_timeout_s
         names = [d for d, _ in wave]
         while True:
             states = self.store.job_states(self.fleet, r.model, r.version)
@@ -229,21 +264,23 @@ class RolloutController:
             return
         group = r.target if r.target_kind == "group" else None
         topic = topics.manifest(self.fleet, r.model, group=group)
-        if not self.mqtt.publish_wait(topic, manifest.to_json().encode(), timeout_s=10.0):
-            raise RolloutError("broker did not acknowledge the promoted manifest")
+        self._publish(topic, manifest.to_json().encode(), "the promoted manifest")
         for device in devices:
-            self.mqtt.clear_retained(topics.manifest(self.fleet, r.model, device=device))
+            self._clear(topics.manifest(self.fleet, r.model, device=device))
 
     def rollback(self, model: str, key: SigningKey, to_version: int | None = None) -> Manifest:
         """Publish a new release pointing at an earlier artifact to the whole fleet, and
         clear group and device manifests of the model so that it reaches every device."""
         release = rollback_release(self.registry, model, key, to_version)
-        if not self.mqtt.publish_wait(
-            topics.manifest(self.fleet, model), release.to_json().encode(), timeout_s=10.0
-        ):
-            raise RolloutError("broker did not acknowledge the rollback manifest")
+        self._publish(
+            topics.manifest(self.fleet, model), release.to_json().encode(), "the rollback manifest"
+        )
         for group in self.store.groups(self.fleet):
-            self.mqtt.clear_retained(topics.manifest(self.fleet, model, group=group))
+            self._clear(topics.manifest(self.fleet, model, group=group))
         for device in self.store.devices(self.fleet):
-            self.mqtt.clear_retained(topics.manifest(self.fleet, model, device=device["device"]))
+            self._clear(topics.manifest(self.fleet, model, device=device["device"]))
         return release
+
+    def _clear(self, topic: Topic) -> None:
+        """Delete a retained manifest (an empty retained payload), acknowledged."""
+        self._publish(Topic(topic.name, topic.qos, True), b"", f"the clearing of {topic.name}")

@@ -193,10 +193,6 @@ class MqttClient:
             return False
         return info.is_published()
 
-    def clear_retained(self, topic: Topic, timeout_s: float = 5.0) -> bool:
-        """Delete a retained message (an empty retained payload)."""
-        return self.publish_wait(Topic(topic.name, topic.qos, True), b"", timeout_s)
-
     def start(self, wait_s: float | None = None, watchdog_s: float = 5.0) -> None:
         """Connect in the background (retrying forever); optionally wait for the first
         connection and raise ``MqttError`` if it does not come in ``wait_s``. A watchdog

@@ -3,6 +3,7 @@ restarted mid-rollout."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +106,33 @@ def test_controller_restarted_mid_rollout_carries_on(fleet: Fleet) -> None:
     result = second.run(rid)
     assert result.state == "COMPLETED"
     assert all(s.agent.model.manifest.version == 2 for s in fleet.agents.values())
+
+
+def test_rollout_rides_out_a_broker_restart_mid_wave(fleet: Fleet) -> None:
+    """The broker goes down right after the canary, before the next wave is published, and
+    comes back a second later: the controller reconnects, publishes the wave and completes."""
+    fleet.release()
+    restarted = threading.Event()
+
+    def restart() -> None:
+        fleet.broker.start()
+        restarted.set()
+
+    def broker_down_after_canary(line: str) -> None:
+        if line.startswith("canary"):
+            fleet.broker.stop()
+            wait_for(lambda: not fleet.controller.connected.is_set(), what="disconnect")
+            threading.Timer(1.0, restart).start()
+
+    controller = fleet.rollout_controller(poll_s=0.05, progress=broker_down_after_canary)
+    rid = controller.create("digits", 2, canary="1", waves=1, wave_timeout_s=60)
+    result = controller.run(rid)
+    assert restarted.is_set()  # the wave was published to the restarted broker
+    assert result.state == "COMPLETED", result.detail
+    for d, service in fleet.agents.items():
+        assert service.agent.model.manifest.version == 2, d
+        assert last_state(fleet, d, 2) == ("ACTIVE", "")
+    assert retained_json(topics.manifest(FLEET, "digits").name, fleet.broker)["version"] == 2
 
 
 def test_fleet_commands(fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
