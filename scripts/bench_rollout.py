@@ -7,7 +7,10 @@ interpreter; one broker (Mosquitto when installed, else the embedded amqtt) and 
 server with the registry (a child process), waits for every birth, publishes release 2 at
 fleet scope and records when each device's ``ACTIVE`` report reaches the controller. The
 health watch is set to 0 s so the figure is the delivery pipeline itself: MQTT fan-out,
-signature and policy checks, download, validation in a fresh interpreter, activation.
+signature and policy checks, download, validation in a fresh interpreter, activation. Each
+size is a fleet of its own on the broker (``bench-n<N>``): retained job reports and manifests
+of an earlier size never count for a later one, and only reports made after the publish
+(never retained ones) do.
 
     python scripts/bench_rollout.py [--sizes 10 100 500] [--out out/bench/bench_rollout.json]
 """
@@ -32,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
 from demo_fleet import prepare_registry
-from embedded_broker import EmbeddedBroker
-from procs import CloudProcess, free_port
+from local_broker import local_broker
+from procs import CloudProcess
 from results import write_json
 
 from agent.service import AgentService
@@ -45,35 +48,12 @@ from shared.manifest import Manifest
 from shared.mqtt import MqttClient, MqttSettings
 from shared.update import UpdateReport, UpdateState
 
-FLEET = "bench"
 FACTORY = dataset.ROOT / "models/edge/digits-int8"
 UPDATE = dataset.ROOT / "models/edge/digits-f32"
 
 
-class Mosquitto:
-    """An anonymous local Mosquitto for the benchmark (tests use the authenticated one)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            "persistence false\nuser root\nmax_queued_messages 100000\n"
-        )
-        self._proc = subprocess.Popen(
-            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.3)
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(timeout=5)
-
-
 def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
+    fleet = f"bench-n{n}"
     out = work / f"n{n}"
     out.mkdir(parents=True)
     key, trust_path, registry_dir = prepare_registry(out, FACTORY)
@@ -86,6 +66,8 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
     lock = threading.Lock()
 
     def on_update(topic: str, payload: bytes, retained: bool) -> None:
+        if retained:  # stored before this controller subscribed: not this rollout's
+            return
         report = UpdateReport.model_validate_json(payload)
         if report.version == release.version and report.state == UpdateState.ACTIVE:
             with lock:
@@ -98,8 +80,8 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
                 online.add(parsed.device)
 
     controller = MqttClient(MqttSettings(url=broker_url), client_id=f"bench-ctl-{n}")
-    controller.subscribe(topics.fleet_device_filter(FLEET, "update"), on_update)
-    controller.subscribe(topics.fleet_device_filter(FLEET, "status"), on_status)
+    controller.subscribe(topics.fleet_device_filter(fleet, "update"), on_update)
+    controller.subscribe(topics.fleet_device_filter(fleet, "status"), on_status)
     controller.start(wait_s=10)
     with CloudProcess(
         dataset.ROOT / "models/cloud", extra=["--registry", str(registry_dir)]
@@ -113,6 +95,7 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
                 "--worker",
                 str(start),
                 str(min(PER_WORKER, n - start)),
+                fleet,
                 broker_url,
                 cloud.url,
                 str(trust_path),
@@ -128,7 +111,7 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
             time.sleep(0.05)
         boot_s = time.monotonic() - t_boot
         t0 = time.monotonic()
-        controller.publish_wait(topics.manifest(FLEET, release.model), release.to_json().encode())
+        controller.publish_wait(topics.manifest(fleet, release.model), release.to_json().encode())
         deadline = time.monotonic() + 300
         while len(active_at) < n and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -153,14 +136,16 @@ def run_size(n: int, work: Path, broker_url: str) -> dict[str, Any]:
 PER_WORKER = 100
 
 
-def worker(start: int, count: int, broker_url: str, cloud_url: str, trust: str, state: str) -> int:
+def worker(
+    start: int, count: int, fleet: str, broker_url: str, cloud_url: str, trust: str, state: str
+) -> int:
     """Host ``count`` agents until told to stop (one line on stdin)."""
     services = []
     for i in range(start, start + count):
         settings = AgentSettings(
             model_dir=FACTORY,
             device=f"d{i}",
-            fleet=FLEET,
+            fleet=fleet,
             state_dir=Path(state) / f"d{i}",
             cloud={"url": cloud_url},
             backend={"kind": "tflite", "pool_size": 1},
@@ -180,17 +165,15 @@ def worker(start: int, count: int, broker_url: str, cloud_url: str, trust: str, 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        start, count, broker_url, cloud_url, trust, state = argv[1:7]
-        return worker(int(start), int(count), broker_url, cloud_url, trust, state)
+        start, count, fleet, broker_url, cloud_url, trust, state = argv[1:8]
+        return worker(int(start), int(count), fleet, broker_url, cloud_url, trust, state)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500])
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out/bench/bench_rollout.json")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tandem-bench-rollout-"))
-    use_mosquitto = shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
-    broker: Any = Mosquitto(work) if use_mosquitto else EmbeddedBroker()
-    if not use_mosquitto:
-        broker.start()
+    broker = local_broker("auto", work / "broker")
+    broker.start()
     rows = []
     try:
         for n in args.sizes:
@@ -199,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
-    name = "mosquitto" if use_mosquitto else "amqtt"
+    name = broker.name
     head = f"{'devices':>8}{'ACTIVE':>8}{'all ACTIVE s':>14}{'p50 s':>8}{'p95 s':>8}"
     print(f"\npublish -> every device ACTIVE ({name}, {platform.machine()}, health watch 0 s)")
     print(head)

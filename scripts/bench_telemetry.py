@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
-from bench_rollout import Mosquitto
-from embedded_broker import EmbeddedBroker
+from local_broker import local_broker
 from results import write_json
 
 from agent import Agent, AgentSettings
@@ -172,10 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         cost = agent_cost(work, intervals=100, requests_per_interval=500)
         template = _message("d0", 1)
         offline = [offline_hour(work, s, template) for s in (10.0, 1.0)]
-        use_mosquitto = bool(shutil.which("mosquitto")) or Path("/usr/sbin/mosquitto").exists()
-        broker: Any = Mosquitto(work) if use_mosquitto else EmbeddedBroker()
-        if not use_mosquitto:
-            broker.start()
+        broker = local_broker("auto", work / "broker")
+        broker.start()
         try:
             ingest = collector_rate(work, broker.url, args.devices, args.messages)
         finally:

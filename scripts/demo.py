@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
 from demo_fleet import FLEET, fresh, run_fleet_demo
-from embedded_broker import EmbeddedBroker
 from hybrid import ModeRun, run_mode, sweep
+from local_broker import local_broker
 from procs import CloudProcess
 
 from agent import Agent, AgentSettings
@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=dataset.ROOT / "models/edge/digits-int8")
     parser.add_argument("--repo", type=Path, default=dataset.ROOT / "models/cloud")
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "demo")
-    parser.add_argument("--broker", help="mqtt://host:port; default: an embedded broker")
+    parser.add_argument(
+        "--broker",
+        default="auto",
+        help="mqtt://host:port, or a local one: 'mosquitto' (the installed one, started on a "
+        "free port), 'embedded' (amqtt, in this process), 'auto' (Mosquitto when installed, "
+        "else embedded; the default)",
+    )
     parser.add_argument("--agents", type=int, default=3, help="agents in the fleet part")
     parser.add_argument(
         "--update-dir",
@@ -111,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         f"deadline {args.deadline_ms:.0f} ms"
     )
     with contextlib.ExitStack() as stack:
-        if args.broker:
+        if args.broker.startswith(("mqtt://", "mqtts://")):
             broker_url = args.broker
             print(f"broker: {broker_url}")
         else:
-            broker_url = stack.enter_context(EmbeddedBroker()).url
-            print(f"broker: embedded (amqtt) at {broker_url}")
+            broker = stack.enter_context(local_broker(args.broker))
+            broker_url = broker.url
+            print(f"broker: {broker.name} at {broker_url}")
         cloud = stack.enter_context(
             CloudProcess(
                 args.repo,

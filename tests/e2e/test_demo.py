@@ -8,13 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from local_broker import mosquitto_binary
 
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
 
-def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["auto", "embedded"])
+def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path, broker: str) -> None:
+    """``auto`` takes the installed Mosquitto here (the test command installs it); a new
+    machine without it runs the embedded broker, checked on its own."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -25,6 +29,8 @@ def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
             "0",
             "--out",
             str(tmp_path),
+            "--broker",
+            broker,
         ],
         capture_output=True,
         text=True,
@@ -34,7 +40,9 @@ def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("edge", "cloud", "auto", "auto, cloud down"):
         assert f"\n{mode} " in proc.stdout
-    assert "broker: embedded (amqtt)" in proc.stdout
+    mosquitto = broker == "auto" and mosquitto_binary() is not None
+    shown = "mosquitto" if mosquitto else "embedded (amqtt)"
+    assert f"broker: {shown} at mqtt://127.0.0.1:" in proc.stdout
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert len(curve) == 101 and curve[0]["escalated"] == 0.0 and curve[-1]["escalated"] == 1.0
