@@ -3,6 +3,11 @@
 Closed: every call goes. After ``failure_threshold`` consecutive failures it opens: no call
 goes for ``reset_timeout_s``. Then it is half-open: exactly one probe call goes; its success
 closes the breaker, its failure opens it again for another ``reset_timeout_s``.
+
+``record_failure`` and ``record_success`` say when they changed whether the cloud is
+considered down (closed to open, and open or half-open to closed; a failed probe re-opening
+it changes nothing there), so the caller can log an outage once when it starts and once when
+it ends, never per request.
 """
 
 from __future__ import annotations
@@ -57,18 +62,26 @@ class CircuitBreaker:
                 return True
             return True
 
-    def record_success(self) -> None:
+    def record_success(self) -> bool:
+        """A call went through. True when this closed an open (or half-open) breaker."""
         with self._lock:
+            was_down = self._state != "closed"
             self._state = "closed"
             self._failures = 0
             self._probe_in_flight = False
+            return was_down
 
-    def record_failure(self) -> None:
+    def record_failure(self) -> bool:
+        """A call failed. True when this opened a closed breaker (not when a failed probe
+        re-opens it: the cloud was down already)."""
         with self._lock:
             self._failures += 1
             if self._state == "half_open" or self._failures >= self.failure_threshold:
+                opened = self._state == "closed"
                 if self._state != "open":
                     self.opened_count += 1
                 self._state = "open"
                 self._opened_at = self._clock()
                 self._probe_in_flight = False
+                return opened
+            return False

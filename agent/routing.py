@@ -8,6 +8,10 @@ much budget remains (the caller said it can wait, so take the better model).
 
 Every decision carries a ``reason``; results and telemetry report it, so an operator can see
 why the cloud was or was not asked.
+
+A batch (``decide_batch``) shares one deadline and at most one cloud call: each row wants the
+cloud or not as a lone request would, and one gate (cloud configured, budget, breaker)
+decides for all the rows that want it.
 """
 
 from __future__ import annotations
@@ -92,6 +96,38 @@ class Router:
         need = self.estimator.predicted_ms + policy.safety_margin_ms
         return self._gate(want, remaining_ms, need)
 
+    def decide_batch(
+        self,
+        mode: RouteMode,
+        confidences: list[float],
+        remaining_ms: float,
+        policy: RoutingPolicy,
+    ) -> list[Decision]:
+        """One decision per row of a batch whose local answers have ``confidences``, with
+        ``remaining_ms`` of the batch's deadline left. The breaker is asked once (it may hand
+        out its half-open probe, which the whole batch's call then is)."""
+        if mode == "edge":
+            return [_FORCED_EDGE] * len(confidences)
+        if mode == "cloud":
+            return [self._gate(Reason.FORCED_CLOUD, remaining_ms, need=0.0)] * len(confidences)
+        loose = (
+            policy.prefer_cloud_above_ms is not None
+            and remaining_ms >= policy.prefer_cloud_above_ms
+        )
+        threshold = policy.threshold
+        wants = [
+            Reason.LOW_CONFIDENCE if c < threshold else Reason.LOOSE_BUDGET if loose else None
+            for c in confidences
+        ]
+        if not any(wants):
+            return [_CONFIDENT] * len(confidences)
+        need = self.estimator.predicted_ms + policy.safety_margin_ms
+        gate = self._gate("", remaining_ms, need)
+        return [
+            _CONFIDENT if want is None else Decision(True, want) if gate.escalate else gate
+            for want in wants
+        ]
+
     def _gate(self, want: str, remaining_ms: float, need: float) -> Decision:
         if not self.cloud_configured:
             return Decision(False, Reason.NO_CLOUD)
@@ -101,12 +137,13 @@ class Router:
             return Decision(False, Reason.BREAKER_OPEN)
         return Decision(True, want)
 
-    def record_cloud(self, ok: bool, latency_ms: float | None) -> None:
-        """Feed the outcome of every call ``decide`` let through back. ``latency_ms`` is None
-        when the call says nothing about the round trip (refused at once)."""
+    def record_cloud(self, ok: bool, latency_ms: float | None) -> bool:
+        """Feed the outcome of every call ``decide`` let through back: ``ok`` when the cloud
+        is up (it answered, or refused that one request). ``latency_ms`` is None when the
+        call says nothing about the round trip (refused at once). True when this changed
+        whether the cloud is considered down (the breaker opened, or closed again)."""
         if latency_ms is not None:
             self.estimator.record(latency_ms)
         if ok:
-            self.breaker.record_success()
-        else:
-            self.breaker.record_failure()
+            return self.breaker.record_success()
+        return self.breaker.record_failure()

@@ -40,3 +40,17 @@ def test_success_resets_the_count() -> None:
     b.record_success()
     b.record_failure()
     assert b.state == "closed"
+
+
+def test_says_when_an_outage_starts_and_ends() -> None:
+    """True once when it opens (not when a failed probe re-opens it), once when it closes."""
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=2, reset_timeout_s=5.0, clock=clock)
+    assert [b.record_failure(), b.record_failure(), b.record_failure()] == [False, True, False]
+    clock.t = 5.0
+    assert b.allow()  # the probe
+    assert b.record_failure() is False  # re-opened: still the same outage
+    clock.t = 10.0
+    assert b.allow()
+    assert b.record_success() is True
+    assert b.record_success() is False  # closed already

@@ -65,3 +65,47 @@ def test_estimator_predicts_a_high_quantile() -> None:
     for ms in [10] * 10:
         e.record(ms)
     assert e.predicted_ms == 10 and len(e) == 10
+
+
+def test_a_batch_wants_per_row_and_is_gated_once() -> None:
+    r = router()
+    confs = [0.9, 0.5, 0.99, 0.1]
+    decisions = r.decide_batch("auto", confs, 1000, POLICY)
+    assert [(d.escalate, d.reason) for d in decisions] == [
+        (False, Reason.CONFIDENT),
+        (True, Reason.LOW_CONFIDENCE),
+        (False, Reason.CONFIDENT),
+        (True, Reason.LOW_CONFIDENCE),
+    ]
+    assert [d.reason for d in r.decide_batch("auto", confs, 41.0, POLICY)] == [
+        Reason.CONFIDENT,
+        Reason.NO_BUDGET,
+        Reason.CONFIDENT,
+        Reason.NO_BUDGET,
+    ]
+    assert all(d.reason == Reason.FORCED_EDGE for d in r.decide_batch("edge", confs, 1e3, POLICY))
+    assert all(d.escalate for d in r.decide_batch("cloud", confs, 1.0, POLICY))
+    assert not any(
+        d.escalate for d in router(cloud=False).decide_batch("cloud", confs, 1e3, POLICY)
+    )
+    loose = RoutingPolicy(threshold=0.8, prefer_cloud_above_ms=500)
+    assert [d.reason for d in r.decide_batch("auto", [0.9, 0.5], 600, loose)] == [
+        Reason.LOOSE_BUDGET,
+        Reason.LOW_CONFIDENCE,
+    ]
+
+
+def test_a_batch_is_the_half_open_probe_as_a_whole() -> None:
+    """In half-open state the breaker lets one call through: the batch's, for all its unsure
+    rows (asking it per row would send one row and keep the others local)."""
+    clock = [0.0]
+    r = Router(CircuitBreaker(1, 5.0, clock=lambda: clock[0]), LatencyEstimator(1.0), True)
+    r.record_cloud(False, None)
+    assert r.decide_batch("auto", [0.1, 0.2], 1000, POLICY)[0].reason == Reason.BREAKER_OPEN
+    clock[0] = 5.0
+    assert [d.escalate for d in r.decide_batch("auto", [0.1, 0.9, 0.2], 1000, POLICY)] == [
+        True,
+        False,
+        True,
+    ]
+    assert r.decide("auto", 0.1, 1000, POLICY).reason == Reason.BREAKER_OPEN  # probe taken
