@@ -43,3 +43,15 @@ class CloudUnavailableError(CloudError):
 
     http_status = 503
     reason = "cloud_unavailable"
+
+
+class CloudRefusedError(CloudError):
+    """The cloud answered 4xx (not 429): it is up, and refuses this request (unknown model,
+    bad token, a request it cannot take). Not a reason to stop asking it: it does not open
+    the breaker, and the agent logs it at WARNING, since it is usually a configuration error
+    only an operator can fix."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"cloud refused the request ({status}): {detail}")
+        self.status = status
+        self.detail = detail

@@ -9,6 +9,7 @@ a typo must not silently fall back to a default.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -72,7 +73,11 @@ class CloudSettings(_Section):
     token: SecretStr | None = None
     model: str | None = Field(default=None, description="None: the manifest's cloud target")
     version: str | None = None
-    binary: bool = Field(default=True, description="Triton binary tensors instead of JSON")
+    binary: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Triton binary tensors instead of JSON; auto: once the server's GET /v2 "
+        "lists binary_tensor_data (JSON until then)",
+    )
     connect_timeout_s: float = Field(default=1.0, gt=0)
     max_connections: int = Field(default=16, ge=1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,7 +21,7 @@ from shared.manifest import (
     TensorSpec,
     utc_now,
 )
-from shared.oip import InferResponse, InferTensor
+from shared.oip import InferResponse, InferTensor, ServerMetadata
 from shared.oip_codec import decode_request, encode_response, parse_header_length
 
 LABELS = ["a", "b", "c"]
@@ -65,23 +66,34 @@ class ScriptedCloud:
     """An OIP server in an httpx MockTransport: answers class 2, or what ``behaviour`` says."""
 
     def __init__(self) -> None:
-        self.behaviour = "ok"  # ok | timeout | refuse | 503 | 400 | garbage
+        self.behaviour = "ok"  # ok | timeout | refuse | garbage | an HTTP status ("503")
+        self.error = "nope"  # the message of an error status
         self.calls = 0
         self.token_seen: str | None = None
+        self.rows: list[int] = []  # rows of each infer request answered
+        self.timeouts: list[float] = []  # each infer request's read timeout, in seconds
+        self.extensions: list[str] | None = None  # GET /v2 answers these; None: 404
 
     def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/v2":
+            if self.extensions is None:
+                return httpx.Response(404, json={"error": "no such route"})
+            meta = ServerMetadata(name="scripted", version="0", extensions=self.extensions)
+            return httpx.Response(200, content=meta.model_dump_json())
         self.calls += 1
         self.token_seen = request.headers.get("authorization")
+        self.timeouts.append(request.extensions["timeout"]["read"])
         if self.behaviour == "timeout":
             raise httpx.ReadTimeout("slow", request=request)
         if self.behaviour == "refuse":
             raise httpx.ConnectError("refused", request=request)
-        if self.behaviour in ("503", "400"):
-            return httpx.Response(int(self.behaviour), json={"error": "nope"})
+        if self.behaviour.isdigit():
+            return httpx.Response(int(self.behaviour), json={"error": self.error})
         if self.behaviour == "garbage":
             return httpx.Response(200, content=b"{]")
         req = decode_request(request.content, parse_header_length(request.headers))
         n = req.inputs[0].data.shape[0]
+        self.rows.append(n)
         probs = np.tile(np.array([[0.05, 0.05, 0.9]], np.float32), (n, 1))
         resp = InferResponse(
             model_name="toy-cloud",
@@ -91,7 +103,10 @@ class ScriptedCloud:
         body, headers = encode_response(resp, req)
         return httpx.Response(200, content=body, headers=headers)
 
-    def client(self, token: str | None = None) -> CloudClient:
+    def client(self, token: str | None = None, **options: Any) -> CloudClient:
         return CloudClient(
-            "http://cloud.test", token=token, transport=httpx.MockTransport(self.handler)
+            "http://cloud.test",
+            token=token,
+            transport=httpx.MockTransport(self.handler),
+            **options,
         )
