@@ -9,7 +9,14 @@ Guarantees a caller can build on:
   call's timeout is what remains of the deadline (minus a margin), and in ``cloud`` mode the
   time a local answer takes is held back so the fallback still fits;
 - thread-safe: many threads may call ``infer`` at once; a model swap (``activate``) takes
-  effect for the next request while in-flight ones finish on the model they started with.
+  effect for the next request while in-flight ones finish on the model they started with;
+- a batch (``infer_batch``) is one request: one local invoke of all its rows, one deadline,
+  and at most one cloud call, carrying the rows that escalate.
+
+A cloud that keeps failing is logged once when the breaker opens (WARNING, with the last
+error) and once when it closes again (INFO); a cloud that refuses requests (4xx: a wrong
+model name, a bad token) is logged at WARNING when the refusal first comes and whenever its
+message changes. Never per request.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy as np
 from agent.breaker import CircuitBreaker
 from agent.cloud_client import CloudAnswer, CloudClient
 from agent.confidence import score
-from agent.errors import BackendError, CloudError
+from agent.errors import BackendError, CloudError, CloudRefusedError
 from agent.latency import LatencyEstimator
 from agent.model import LoadedModel, load_model
 from agent.result import InferenceResult, Latency
@@ -97,7 +104,10 @@ class Agent:
         )
         self._clock = clock
         self._deadline_ms = r.deadline_ms
+        self._max_deadline_ms = r.max_deadline_ms
+        self._max_rows = r.max_batch_rows
         self._mode: RouteMode = r.mode
+        self._last_refusal: str | None = None
         self._swap_lock = threading.Lock()
         self._local_ms = 1.0  # running estimate, held back from cloud-first timeouts
         self._stats = RequestStats()
@@ -182,8 +192,8 @@ class Agent:
                 f"expected {model.features} features, got {raw.size} (shape {raw.shape})"
             )
         budget = self._deadline_ms if deadline_ms is None else deadline_ms
-        if not budget > 0:
-            raise InvalidRequestError(f"deadline_ms must be positive, got {budget}")
+        if not 0.0 < budget <= self._max_deadline_ms:  # NaN fails both comparisons
+            raise InvalidRequestError(_deadline_error(budget, self._max_deadline_ms))
         if mode is None:
             mode = self._mode
         elif mode not in ROUTE_MODES:
@@ -223,10 +233,135 @@ class Agent:
             Latency(total_ms, local_ms, None),
         )
 
+    def infer_batch(
+        self,
+        rows: Any,
+        *,
+        deadline_ms: float | None = None,
+        mode: RouteMode | None = None,
+    ) -> list[InferenceResult]:
+        """Classify ``rows`` (``[n, features]``) as one request: one local invoke of all of
+        them, one deadline, and at most one cloud call, carrying the rows that escalate; on
+        a cloud failure those rows keep their local answers. Every row reports the batch's
+        latency. In ``cloud`` mode the local batch runs first, so that every row has its
+        fallback at once whatever the cloud does (a lone row, like ``infer``, asks the
+        cloud first). Raises like ``infer``, and ``InvalidRequestError`` for more than
+        ``routing.max_batch_rows`` rows."""
+        t0 = self._clock()
+        active = self._active
+        model = active.model
+        raw = np.asarray(rows, dtype=np.float32)
+        n = len(raw) if raw.ndim else 0
+        if raw.ndim < 2 or n == 0 or raw.size != n * model.features:
+            raise InvalidRequestError(
+                f"expected rows of {model.features} features, got shape {list(raw.shape)}"
+            )
+        if n > self._max_rows:
+            raise InvalidRequestError(
+                f"{n} rows in one request; at most {self._max_rows} (routing.max_batch_rows)"
+            )
+        if n == 1:
+            return [self.infer(raw[0], deadline_ms=deadline_ms, mode=mode)]
+        budget = self._deadline_ms if deadline_ms is None else deadline_ms
+        if not 0.0 < budget <= self._max_deadline_ms:
+            raise InvalidRequestError(_deadline_error(budget, self._max_deadline_ms))
+        if mode is None:
+            mode = self._mode
+        elif mode not in ROUTE_MODES:
+            raise InvalidRequestError(f"mode must be one of {ROUTE_MODES}, got {mode!r}")
+        raw = raw.reshape(n, model.features)
+        try:
+            out = model.backend.infer(raw)
+        except BackendError:
+            return self._batch_edge_failed(active, raw, t0, budget)
+        local_ms = (self._clock() - t0) * 1000.0
+        kind, temperature, metric = active.kind, active.temperature, active.metric
+        scored = [score(row, kind, temperature, metric) for row in out]
+        confidences = [conf for _, conf, _ in scored]
+        active.health.served += n
+        active.health.unsure += sum(c < active.policy.threshold for c in confidences)
+        decisions = self.router.decide_batch(mode, confidences, budget - local_ms, active.policy)
+        up = [i for i, d in enumerate(decisions) if d.escalate]
+        answer: CloudAnswer | CloudError | None = None
+        if up:
+            answer = self._call_cloud(active, raw[up], budget - (self._clock() - t0) * 1000.0)
+        total_ms = (self._clock() - t0) * 1000.0
+        results = [
+            InferenceResult(
+                model.labels[index],
+                index,
+                probs,
+                conf,
+                "edge",
+                answer.reason if d.escalate and isinstance(answer, CloudError) else d.reason,
+                active.edge_ref,
+                None,
+                Latency(total_ms, local_ms, None),
+            )
+            for d, (probs, conf, index) in zip(decisions, scored)
+        ]
+        if isinstance(answer, CloudAnswer):
+            for row, result in zip(up, self._cloud_rows(active, answer, total_ms, local_ms)):
+                result.reason = decisions[row].reason
+                results[row] = result
+        self._count(results)
+        return results
+
+    def _cloud_rows(
+        self, active: _Active, answer: CloudAnswer, total_ms: float, local_ms: float | None
+    ) -> list[InferenceResult]:
+        """A result for each row of a cloud answer (their ``reason`` is the caller's)."""
+        assert active.cloud is not None
+        kind, metric, labels = active.cloud.output_kind, active.metric, active.model.labels
+        cloud_ms = total_ms - (local_ms or 0.0)
+        results = []
+        for output in answer.output:
+            probs, conf, index = score(output, kind, 1.0, metric)
+            results.append(
+                InferenceResult(
+                    labels[index],
+                    index,
+                    probs,
+                    conf,
+                    "cloud",
+                    "",
+                    active.edge_ref,
+                    answer.model_ref,
+                    Latency(total_ms, local_ms, cloud_ms),
+                )
+            )
+        return results
+
+    def _count(self, results: list[InferenceResult]) -> None:
+        add = self._stats.add
+        for r in results:
+            lat = r.latency
+            add(r.source, r.reason, lat.total_ms, lat.local_ms, lat.cloud_ms, r.confidence)
+
+    def _batch_edge_failed(
+        self, active: _Active, raw: np.ndarray, t0: float, budget: float
+    ) -> list[InferenceResult]:
+        """The local model raised on a batch: the cloud stands in for every row if it can,
+        else ``BackendError``."""
+        log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
+        active.health.errors += len(raw)
+        self._stats.errors += len(raw)
+        elapsed = (self._clock() - t0) * 1000.0
+        if self.router.decide("cloud", 0.0, budget - elapsed, active.policy).escalate:
+            answer = self._call_cloud(active, raw, budget - elapsed)
+            if isinstance(answer, CloudAnswer):
+                results = self._cloud_rows(active, answer, (self._clock() - t0) * 1000.0, None)
+                for result in results:
+                    result.reason = EDGE_ERROR
+                self._count(results)
+                return results
+        raise BackendError(f"local model {active.edge_ref} failed and the cloud cannot answer")
+
     def _call_cloud(
         self, active: _Active, raw: np.ndarray, remaining_ms: float
     ) -> CloudAnswer | CloudError:
-        """One cloud call, fed back to the router; a failure is returned, never raised."""
+        """One cloud call (one row or the escalated rows of a batch), fed back to the
+        router; a failure is returned, never raised."""
         assert self._cloud is not None and active.cloud is not None
         timeout_ms = remaining_ms - active.policy.safety_margin_ms
         start = self._clock()
@@ -238,13 +373,34 @@ class Agent:
                     f"cloud returned {answer.output.shape[-1]} classes, "
                     f"the model has {len(active.model.labels)} labels"
                 )
+        except CloudRefusedError as exc:
+            # the server is up and said no to this request: not an outage, a message
+            if self.router.record_cloud(True, None):
+                log.info("cloud reachable again: breaker closed")
+            if exc.message != self._last_refusal:
+                self._last_refusal = exc.message
+                log.warning(
+                    "cloud refused a request for %s with %d: %s (answering locally)",
+                    active.cloud.model,
+                    exc.status,
+                    exc.detail,
+                )
+            return exc
         except CloudError as exc:
             elapsed = (self._clock() - start) * 1000.0
             timed_out = exc.reason == Reason.CLOUD_TIMEOUT
-            self.router.record_cloud(False, elapsed if timed_out else None)
-            log.debug("cloud failed after %.1f ms: %s", elapsed, exc.message)
+            if self.router.record_cloud(False, elapsed if timed_out else None):
+                log.warning(
+                    "cloud failing: breaker open, answering locally until a probe succeeds "
+                    "(every %.1f s); last error: %s",
+                    self.router.breaker.reset_timeout_s,
+                    exc.message,
+                )
+            else:
+                log.debug("cloud failed after %.1f ms: %s", elapsed, exc.message)
             return exc
-        self.router.record_cloud(True, (self._clock() - start) * 1000.0)
+        if self.router.record_cloud(True, (self._clock() - start) * 1000.0):
+            log.info("cloud answers again: breaker closed")
         return answer
 
     def _from_cloud(
@@ -268,7 +424,7 @@ class Agent:
             source="cloud",
             reason=reason,
             edge_model=active.edge_ref,
-            cloud_model=f"{answer.model}:{answer.version}" if answer.version else answer.model,
+            cloud_model=answer.model_ref,
             latency=Latency(total_ms, local_ms, cloud_ms),
         )
 
@@ -338,3 +494,10 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _deadline_error(budget: object, max_ms: float) -> str:
+    return (
+        f"deadline_ms must be a positive number of at most {max_ms:g} ms "
+        f"(routing.max_deadline_ms), got {budget}"
+    )
