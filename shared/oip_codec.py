@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,51 +33,82 @@ from shared.oip import (
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 _LEN = struct.Struct("<I")
+#: NumPy's limit on an array's dimensions.
+MAX_DIMS = 32
+#: No shape may describe more elements than an array can hold, even one with a zero dimension
+#: (NumPy refuses to make it): the product of the non-zero dimensions, 8 bytes each, must fit
+#: an ``intp``.
+_MAX_ELEMENTS = np.iinfo(np.intp).max // 8
 
 
 # ---------------------------------------------------------------------------------- tensors
 
 
-def _bytes_elements(values: np.ndarray) -> list[bytes]:
-    out = []
-    for v in values.ravel():
-        if isinstance(v, bytes):
-            out.append(v)
-        elif isinstance(v, str):
-            out.append(v.encode())
-        else:
-            out.append(str(v).encode())
+def _element_bytes(value: object) -> bytes:
+    """One BYTES element as bytes: ``str`` as UTF-8, anything else by its ``str``."""
+    if isinstance(value, bytes):
+        return value
+    return (value if isinstance(value, str) else str(value)).encode()
+
+
+def _bytes_elements(values: np.ndarray) -> Iterator[bytes]:
+    for v in values.flat:
+        yield v if type(v) is bytes else _element_bytes(v)
+
+
+def bytes_tensor_size(values: np.ndarray) -> int:
+    """The size of ``serialize_bytes_tensor(values)``, without building it."""
+    size = 4 * values.size
+    for v in values.flat:
+        size += len(v) if type(v) is bytes else len(_element_bytes(v))
+    return size
+
+
+def _serialize_bytes(values: np.ndarray) -> bytearray:
+    """``serialize_bytes_tensor`` into one buffer of its exact size, written in place: no
+    temporary object per element (2M elements cost their output, 32 MB, not 260)."""
+    out = bytearray(bytes_tensor_size(values))
+    pack_into = _LEN.pack_into
+    pos = 0
+    for e in _bytes_elements(values):
+        n = len(e)
+        pack_into(out, pos, n)
+        pos += 4
+        out[pos : pos + n] = e
+        pos += n
     return out
 
 
 def serialize_bytes_tensor(values: np.ndarray) -> bytes:
     """BYTES elements as Triton sends them: each a 4-byte little-endian length, then bytes."""
-    return b"".join(_LEN.pack(len(e)) + e for e in _bytes_elements(values))
+    return bytes(_serialize_bytes(values))
 
 
-def deserialize_bytes_tensor(buf: bytes | memoryview, count: int) -> np.ndarray:
+def deserialize_bytes_tensor(buf: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     view = memoryview(buf)
-    items: list[bytes] = []
-    pos = 0
-    for _ in range(count):
-        if pos + 4 > len(view):
-            raise InvalidRequestError("BYTES tensor is truncated")
-        (n,) = _LEN.unpack_from(view, pos)
-        pos += 4
-        if pos + n > len(view):
-            raise InvalidRequestError("BYTES tensor element is truncated")
-        items.append(bytes(view[pos : pos + n]))
-        pos += n
-    if pos != len(view):
-        raise InvalidRequestError("BYTES tensor has trailing bytes")
+    end = len(view)
+    if 4 * count > end:  # each element takes at least its length: no array of a huge count
+        raise InvalidRequestError("BYTES tensor is truncated")
     arr = np.empty(count, dtype=object)
-    arr[:] = items
+    unpack_from = _LEN.unpack_from
+    pos = 0
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidRequestError("BYTES tensor is truncated")
+        (n,) = unpack_from(view, pos)
+        pos += 4
+        if pos + n > end:
+            raise InvalidRequestError("BYTES tensor element is truncated")
+        arr[i] = bytes(view[pos : pos + n])
+        pos += n
+    if pos != end:
+        raise InvalidRequestError("BYTES tensor has trailing bytes")
     return arr
 
 
-def _tensor_binary(tensor: InferTensor) -> bytes:
+def _tensor_binary(tensor: InferTensor) -> bytes | bytearray:
     if tensor.datatype == "BYTES":
-        return serialize_bytes_tensor(tensor.data)
+        return _serialize_bytes(tensor.data)
     return np.ascontiguousarray(tensor.data, dtype=_wire_dtype(tensor.datatype)).tobytes()
 
 
@@ -88,7 +119,9 @@ def _tensor_json_data(tensor: InferTensor) -> list[Any]:
     return data
 
 
-def _encode_tensor(tensor: InferTensor, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
+def _encode_tensor(
+    tensor: InferTensor, binary: bool, blobs: list[bytes | bytearray]
+) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": tensor.name,
         "datatype": tensor.datatype,
@@ -107,13 +140,20 @@ def _encode_tensor(tensor: InferTensor, binary: bool, blobs: list[bytes]) -> dic
 
 
 def _check_shape(raw: Any, where: str, name: str | None = None) -> list[int]:
-    if isinstance(raw, list):
+    if isinstance(raw, list) and len(raw) <= MAX_DIMS:
         for d in raw:
             if type(d) is not int or d < 0:  # bool is an int subclass: type() excludes it
                 break
         else:
-            return raw
+            if math.prod(d for d in raw if d) <= _MAX_ELEMENTS:
+                return raw
+            where = where if name is None else f"{where} {name!r}"
+            raise InvalidRequestError(f"{where}: shape {raw} is too large")
     where = where if name is None else f"{where} {name!r}"
+    if isinstance(raw, list) and len(raw) > MAX_DIMS:
+        raise InvalidRequestError(
+            f"{where}: 'shape' has {len(raw)} dimensions; at most {MAX_DIMS} are supported"
+        )
     raise InvalidRequestError(f"{where}: 'shape' must be a list of non-negative integers")
 
 
@@ -124,12 +164,15 @@ def _json_to_array(data: Any, datatype: str, shape: list[int], where: str) -> np
         if not all(isinstance(v, str) for v in flat):
             raise InvalidRequestError(f"{where}: BYTES data must be strings")
         arr = np.empty(len(flat), dtype=object)
-        arr[:] = [v.encode() for v in flat]
+        try:
+            arr[:] = [v.encode() for v in flat]
+        except UnicodeEncodeError:  # an unpaired surrogate escape
+            raise InvalidRequestError(f"{where}: BYTES data is not valid Unicode") from None
     else:
         dt = numpy_dtype(datatype)
         try:
             raw = np.asarray(data)
-        except ValueError as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidRequestError(f"{where}: 'data' is not a regular array: {exc}") from None
         raw = raw.reshape(-1)
         if raw.size and not _kind_fits(raw.dtype.kind, dt.kind):
@@ -140,7 +183,11 @@ def _json_to_array(data: Any, datatype: str, shape: list[int], where: str) -> np
             info = np.iinfo(dt.type)  # type: ignore[type-var]
             if raw.min() < info.min or raw.max() > info.max:
                 raise InvalidRequestError(f"{where}: a value is out of range for {datatype}")
-        arr = raw.astype(dt, copy=False)
+        try:
+            with np.errstate(over="raise"):  # 1e300 as FP16 is a mistake, not infinity
+                arr = raw.astype(dt, copy=False)
+        except FloatingPointError:
+            raise InvalidRequestError(f"{where}: a value is out of range for {datatype}") from None
     if arr.size != count:
         raise InvalidRequestError(
             f"{where}: 'data' has {arr.size} elements but shape {shape} needs {count}"
@@ -159,11 +206,20 @@ def _kind_fits(have: str, want: str) -> bool:
 
 
 def _flatten(data: Any) -> list[Any]:
+    """The leaves of nested lists, in order. Iterative: however deep a client nests them, it
+    is a 400 later, never a ``RecursionError``."""
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item))
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
     return out
 
 
@@ -252,7 +308,7 @@ def _decode_params(raw: Any, where: str, name: str | None = None) -> dict[str, P
     return dict(raw)
 
 
-def _split_body(body: bytes, header_length: int | None) -> tuple[Any, _BinaryReader]:
+def _split_body(body: bytes | bytearray, header_length: int | None) -> tuple[Any, _BinaryReader]:
     view = memoryview(body)
     if header_length is None:
         header, blob = view, view[len(view) :]
@@ -263,15 +319,28 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[Any, _BinaryRea
     try:
         doc = orjson.loads(header)
     except ValueError:
-        # what orjson refuses (NaN literals, integers past 64 bits) the standard library
-        # reads as before, so later checks name the real problem; or it says what is wrong
-        try:
-            doc = json.loads(bytes(header))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"body is not valid JSON: {exc}") from None
+        doc = _lenient_json(header)
     if not isinstance(doc, dict):
         raise InvalidRequestError("body must be a JSON object")
     return doc, _BinaryReader(blob)
+
+
+def _lenient_json(text: memoryview) -> Any:
+    """What orjson refuses (NaN literals, integers past 64 bits), read by the standard library
+    as before, so later checks name the real problem; or what is wrong with it. Unlike
+    orjson, it reads unpaired surrogate escapes (which no JSON encoder could write back: an
+    echoed id would fail its response) and recurses (a deep nesting would raise
+    ``RecursionError``): both are refused here."""
+    try:
+        doc = json.loads(bytes(text))
+        json.dumps(doc, ensure_ascii=False).encode()
+    except RecursionError:
+        raise InvalidRequestError("body is not valid JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise InvalidRequestError("body is not valid JSON: an unpaired surrogate") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"body is not valid JSON: {exc}") from None
+    return doc
 
 
 def parse_header_length(headers: Mapping[str, str]) -> int | None:
@@ -296,7 +365,7 @@ def _optional_str(doc: dict[str, Any], key: str, where: str) -> str | None:
 
 
 def _assemble(
-    doc: dict[str, Any], blobs: list[bytes], tensors: list[InferTensor]
+    doc: dict[str, Any], blobs: list[bytes | bytearray], tensors: list[InferTensor]
 ) -> tuple[bytes, dict[str, str]]:
     """Header then blobs. ``tensors``: those sent as JSON data. orjson writes NaN and
     infinities as null, so a float tensor holding one goes through the standard library,
@@ -320,7 +389,7 @@ def encode_request(
     request: InferRequest, *, binary_inputs: bool = True
 ) -> tuple[bytes, dict[str, str]]:
     """Body and headers for an infer request (the client side)."""
-    blobs: list[bytes] = []
+    blobs: list[bytes | bytearray] = []
     doc: dict[str, Any] = {
         "inputs": [_encode_tensor(t, binary_inputs, blobs) for t in request.inputs]
     }
@@ -349,7 +418,7 @@ class _Header:
     id: str | None
     parameters: dict[str, Param]
 
-    def decode(self, body: bytes, pos: int) -> InferRequest:
+    def decode(self, body: bytes | bytearray, pos: int) -> InferRequest:
         """The request whose tensor bytes start at ``pos`` in ``body``."""
         tensors = []
         for name, datatype, dt, shape, size, params in self.inputs:
@@ -376,10 +445,15 @@ _HEADERS_MAX = 256
 _HEADER_MAX_BYTES = 4096
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """An ``InferRequest`` from a body (the server side). Raises ``InvalidRequestError``."""
+def decode_request(body: bytes | bytearray, header_length: int | None = None) -> InferRequest:
+    """An ``InferRequest`` from a body (the server side). Raises ``InvalidRequestError``.
+    A ``bytearray`` (a large body, read into one buffer) is decoded without a copy; its
+    tensors are views of it."""
     if header_length is not None and 0 <= header_length <= _HEADER_MAX_BYTES:
-        known = _HEADERS.get(body[:header_length])
+        try:  # a bytes body's slice is bytes; a bytearray's is unhashable: looked up as bytes
+            known = _HEADERS.get(body[:header_length])  # type: ignore[arg-type]
+        except TypeError:
+            known = _HEADERS.get(bytes(body[:header_length]))
         if known is not None and len(body) - header_length == known.blob_size:
             return known.decode(body, header_length)
     doc, reader = _split_body(body, header_length)
@@ -409,7 +483,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         and request.id is None  # ids differ per request: such headers never repeat
         and not any("data" in t for t in inputs)  # JSON data lives in the header
     ):
-        _remember(body[:header_length], request)
+        _remember(bytes(body[:header_length]), request)
     return request
 
 
@@ -439,7 +513,7 @@ def _remember(header: bytes, request: InferRequest) -> None:
 def _binary_sizes(request: InferRequest) -> list[int]:
     """Each input's size in the binary part, as its header declared it."""
     return [
-        len(serialize_bytes_tensor(t.data)) if t.datatype == "BYTES" else t.data.nbytes
+        bytes_tensor_size(t.data) if t.datatype == "BYTES" else t.data.nbytes
         for t in request.inputs
     ]
 
@@ -488,7 +562,7 @@ def encode_response(
                 _RESPONSE_HEADERS.clear()
             _RESPONSE_HEADERS[key] = body[: int(headers[HEADER_LENGTH])]
         return body, headers
-    parts = [header]
+    parts: list[bytes | bytearray] = [header]
     for t in response.outputs:
         parts.append(_tensor_binary(t))
     return b"".join(parts), {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(header))}
@@ -497,7 +571,7 @@ def encode_response(
 def _encode_response(
     response: InferResponse, request: InferRequest | None
 ) -> tuple[bytes, dict[str, str]]:
-    blobs: list[bytes] = []
+    blobs: list[bytes | bytearray] = []
     as_json: list[InferTensor] = []
     outputs = []
     for t in response.outputs:
@@ -516,7 +590,7 @@ def _encode_response(
     return _assemble(doc, blobs, as_json)
 
 
-def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:
+def decode_response(body: bytes | bytearray, header_length: int | None = None) -> InferResponse:
     """An ``InferResponse`` from a body (the client side). Raises ``InvalidRequestError``."""
     doc, reader = _split_body(body, header_length)
     model_name = doc.get("model_name")
