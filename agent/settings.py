@@ -103,6 +103,9 @@ class UpdateSettings(_Section):
         default=None, description="base for relative artifact URLs; None: cloud.url"
     )
     settle_s: float = Field(default=0.3, ge=0, description="collect retained manifests first")
+    max_manifest_bytes: int = Field(
+        default=1024 * 1024, gt=0, description="larger manifest messages are refused unread"
+    )
     health_watch_s: float = Field(default=30.0, ge=0)
     health_min_requests: int = Field(default=20, ge=1, description="before rates are judged")
     max_error_rate: float = Field(default=0.05, ge=0, le=1)

@@ -25,6 +25,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
 from urllib.parse import urljoin
@@ -38,28 +39,30 @@ from agent.errors import ModelLoadError
 from agent.model import LoadedModel, check_golden, load_model
 from agent.settings import UpdateSettings
 from agent.store import ModelStore
-from agent.version import __version__
+from agent.version import __version__, older_than
 from shared.errors import ContractError, TandemError
 from shared.manifest import Manifest
-from shared.signing import SignatureError, TrustStore
+from shared.signing import SignatureError, TrustStore, manifest_digest
 from shared.topics import SCOPE_RANK, Scope
 from shared.update import UpdateReport, UpdateState
 
 log = logging.getLogger(__name__)
 
 
+#: Digests of refused unsigned/forged manifests remembered (so a retained one is reported
+#: once, not at every message); bounded, since anyone who can publish can make new ones.
+REFUSED_MEMORY = 256
+
+
 class _RejectedError(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, verified: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.verified = verified  # False: the signature did not verify (or no trust store)
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+def _aware(value: datetime | None) -> bool:
+    return value is None or value.utcoffset() is not None
 
 
 class Updater:
@@ -87,7 +90,11 @@ class Updater:
         self.registry_url = settings.registry_url or registry_url
         self._inbox: queue.Queue[tuple[Scope, str, bytes] | None] = queue.Queue()
         self._manifests: dict[str, dict[Scope, Manifest]] = {}
-        self._done: set[tuple[int, str | None]] = set()  # manifests already dealt with
+        # Manifests already dealt with, by digest of their whole content: the signed ones
+        # (installed or refused on their merits), and a bounded memory of forged ones. A
+        # forged copy must never stand in for the genuine manifest it was copied from.
+        self._done: set[str] = set()
+        self._refused: OrderedDict[str, None] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.malformed = 0
@@ -127,29 +134,54 @@ class Updater:
 
     # ------------------------------------------------------------------- the worker
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it must, whatever arrives)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             self._resume_job()
         except Exception:
             log.exception("resuming the interrupted update failed")
         while not self._stop.is_set():
-            item = self._inbox.get()
-            if item is None:
-                return
-            self._take(item)
-            deadline = time.monotonic() + self.settings.settle_s
-            while (left := deadline - time.monotonic()) > 0:  # let retained siblings arrive
-                try:
-                    more = self._inbox.get(timeout=left)
-                except queue.Empty:
-                    break
-                if more is None:
-                    return
-                self._take(more)
             try:
-                self._consider()
-            except Exception:  # one bad manifest must not stop future updates
+                if not self._round():
+                    return
+            except Exception:  # a bug must cost one round, never every future update
                 log.exception("update handling failed")
+
+    def _round(self) -> bool:
+        """Take one message and its retained siblings, then act on the best. False: stop."""
+        item = self._inbox.get()
+        if item is None:
+            return False
+        self._take_safely(item)
+        deadline = time.monotonic() + self.settings.settle_s
+        while (left := deadline - time.monotonic()) > 0:  # let retained siblings arrive
+            try:
+                more = self._inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if more is None:
+                return False
+            self._take_safely(more)
+        self._consider()
+        return True
+
+    def _take_safely(self, item: tuple[Scope, str, bytes]) -> None:
+        try:
+            self._take(item)
+        except Exception as exc:  # whatever a payload does, it is counted, never fatal
+            self._malformed(item[0], item[1], f"{type(exc).__name__}: {exc}")
+            log.debug("payload handling raised", exc_info=True)
+
+    def _malformed(self, scope: Scope, model: str, why: str) -> None:
+        """Count and log a payload that is no manifest. It also clears its scope: the
+        latest word on that topic is unreadable, as it will be after a restart."""
+        self.malformed += 1
+        self._manifests.get(model, {}).pop(scope, None)
+        log.warning("malformed manifest on %s scope for %s: %s", scope, model, why)
 
     def _take(self, item: tuple[Scope, str, bytes]) -> None:
         scope, model, payload = item
@@ -157,15 +189,17 @@ class Updater:
         if not payload:
             scopes.pop(scope, None)
             return
+        if len(payload) > self.settings.max_manifest_bytes:  # refused unread
+            limit = self.settings.max_manifest_bytes
+            self._malformed(scope, model, f"{len(payload)} bytes, more than {limit}")
+            return
         try:
             manifest = Manifest.from_json(payload)
         except TandemError as exc:
-            self.malformed += 1
-            log.warning("malformed manifest on %s scope for %s: %s", scope, model, exc.message)
+            self._malformed(scope, model, exc.message[:500])
             return
         if manifest.model != model:
-            self.malformed += 1
-            log.warning("manifest for %s published under model %s: ignored", manifest.model, model)
+            self._malformed(scope, model, f"a manifest for {manifest.model}")
             return
         scopes[scope] = manifest
 
@@ -183,33 +217,41 @@ class Updater:
         """Take one manifest through the job states; returns the final state, or None when
         there was nothing to do (already serving it, already refused it)."""
         served = self.agent.model.manifest
-        key = (manifest.version, manifest.signature)
         if manifest.model != served.model:
             return None
         if manifest.version == served.version and manifest.edge.sha256 == served.edge.sha256:
             return None
-        if key in self._done and not resuming:
+        digest = manifest_digest(manifest)
+        if digest in self._refused or (digest in self._done and not resuming):
             return None
         job = self.store.job(manifest.model)
-        resuming = resuming or (
-            job is not None
-            and job.manifest.version == manifest.version
-            and job.manifest.signature == manifest.signature
-        )
+        resuming = resuming or (job is not None and manifest_digest(job.manifest) == digest)
         try:
             self._verify(manifest, resuming)
         except _RejectedError as exc:
-            self._done.add(key)
+            self._remember(digest, verified=exc.verified)
             self._emit(manifest, UpdateState.REJECTED, exc.reason)
             return UpdateState.REJECTED
-        self._done.add(key)
+        self._done.add(digest)
         if not resuming:
             self.store.accept(manifest.model, manifest.version)
         self.store.save_job(manifest, UpdateState.QUEUED.value)
         self._emit(manifest, UpdateState.QUEUED)
-        state, reason = self._install(manifest)
+        try:
+            state, reason = self._install(manifest)
+        except Exception as exc:  # a job always ends in a state, even on a bug
+            log.exception("installing %s failed", manifest.ref)
+            state, reason = UpdateState.FAILED, f"unexpected {type(exc).__name__}: {exc}"
         self._finish(manifest, state, reason)
         return state
+
+    def _remember(self, digest: str, *, verified: bool) -> None:
+        if verified:
+            self._done.add(digest)
+            return
+        self._refused[digest] = None
+        while len(self._refused) > REFUSED_MEMORY:
+            self._refused.popitem(last=False)
 
     def _finish(self, manifest: Manifest, state: UpdateState, reason: str) -> None:
         """Report the terminal state, then forget the job (a crash in between repeats the
@@ -220,12 +262,26 @@ class Updater:
             self.store.prune(manifest.model)
 
     def _verify(self, manifest: Manifest, resuming: bool) -> None:
+        """Raise ``_RejectedError`` with the reason unless this device may install it."""
         if self.trust is None:
-            raise _RejectedError("no trust store configured: updates are disabled")
+            raise _RejectedError("no trust store configured: updates are disabled", verified=False)
         try:
             self.trust.verify(manifest)
         except SignatureError as exc:
-            raise _RejectedError(f"signature: {exc.message}") from None
+            raise _RejectedError(f"signature: {exc.message}", verified=False) from None
+        try:
+            self._check(manifest, resuming)
+        except _RejectedError:
+            raise
+        except Exception as exc:  # a check that cannot be made is a refusal, with its reason
+            log.exception("checking %s failed", manifest.ref)
+            raise _RejectedError(f"cannot check: {type(exc).__name__}: {exc}") from None
+
+    def _check(self, manifest: Manifest, resuming: bool) -> None:
+        """The checks after the signature: time, anti-rollback, compatibility."""
+        for name, value in (("created", manifest.created), ("expires", manifest.expires)):
+            if not _aware(value):  # comparing it with the clock would be a guess
+                raise _RejectedError(f"{name} {value} has no time zone")
         if manifest.expires is not None and manifest.expires <= datetime.now(timezone.utc):
             raise _RejectedError(f"expired at {manifest.expires.isoformat()}")
         highest = self.store.highest_accepted(manifest.model)
@@ -233,7 +289,11 @@ class Updater:
             raise _RejectedError(
                 f"version {manifest.version} is not newer than {highest}: replayed or old"
             )
-        if _version_tuple(manifest.min_agent_version) > _version_tuple(__version__):
+        try:
+            too_old = older_than(manifest.min_agent_version)
+        except ValueError as exc:
+            raise _RejectedError(str(exc)) from None
+        if too_old:
             raise _RejectedError(f"needs agent {manifest.min_agent_version}, this is {__version__}")
         served = self.agent.model.manifest
         if manifest.input.shape[-1] != served.input.shape[-1]:
@@ -344,7 +404,7 @@ class Updater:
         log.info("resuming %s, interrupted in %s", manifest.ref, job.state)
         if served.version == manifest.version and served.edge.sha256 == manifest.edge.sha256:
             # the pointer had moved: the crash came during the health watch
-            self._done.add((manifest.version, manifest.signature))
+            self._done.add(manifest_digest(manifest))
             state, reason = self._watch(manifest, self.agent.model, None)
             self._finish(manifest, state, reason)
             return

@@ -49,6 +49,15 @@ def manifest_signing_bytes(manifest: Manifest) -> bytes:
     return canonical_json(manifest.model_dump(mode="json", by_alias=True, exclude={"signature"}))
 
 
+def manifest_digest(manifest: Manifest) -> str:
+    """SHA-256 of the whole document, signature included: what tells two copies of a
+    manifest apart when one was tampered with but kept the other's version and signature.
+    NaN is allowed here (a forged manifest may hold one; it still needs a name)."""
+    doc = manifest.model_dump(mode="json", by_alias=True)
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 

@@ -4,9 +4,10 @@ rollback. Agents run in-process (``AgentService``)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import dataset
@@ -225,3 +226,80 @@ def test_garbage_on_manifest_topics_is_counted_not_fatal(fleet: Fleet) -> None:
     assert last_state(fleet, "dev-0", 3) == ("REJECTED", "needs agent 99.0, this is 0.1.0")
     fleet.publish(fleet.release())  # and a good one still goes through
     wait_for(lambda: last_state(fleet, "dev-0", 4) == ("ACTIVE", ""), what="v4")
+
+
+def _hostile(fleet: Fleet) -> list[bytes]:
+    """Payloads that are no manifest, each one a crash of the updater thread before."""
+    genuine = fleet.registry.manifest("digits", 1)
+    doc = json.loads(genuine.to_json())
+    text = genuine.to_json()
+    padded = fleet.key.sign(genuine.model_copy(update={"version": 9}))  # valid, signed...
+    huge = padded.to_json() + " " * (3 << 20)  # ...and 3 MB of whitespace: refused unread
+    assert Manifest.from_json(huge) == padded
+    return [
+        huge.encode(),
+        b'{"schema": "tandem.manifest/v1", "model": "\xff\xfe"}',  # not UTF-8
+        b"[1, 2, 3]",
+        b"42",
+        b"null",
+        json.dumps({**doc, "version": "two", "labels": 5}).encode(),
+        json.dumps({**doc, "output": {**doc["output"], "shape": []}}).encode(),  # IndexError
+        json.dumps({**doc, "labels": "X"}).replace('"X"', "[" * 50_000 + "]" * 50_000).encode(),
+        text[: len(text) // 2].encode(),  # truncated
+        json.dumps({**doc, "model": "other"}).encode(),  # another model's, on digits' topic
+    ]
+
+
+def test_hostile_payloads_are_counted_and_updates_still_install(fleet: Fleet) -> None:
+    deep = b"[" * 100_000  # RecursionError in the JSON decoder
+    # retained at fleet scope before the device boots: the case that disabled updates at
+    # every boot of every device
+    fleet.publish(fleet.registry.manifest("digits", 1), raw=deep)
+    service = fleet.start_agent("dev-0")
+    wait_for(lambda: service.updater.malformed == 1, what="the deep payload counted")
+    hostile = _hostile(fleet)
+    for i, payload in enumerate(hostile):
+        fleet.publish(
+            fleet.registry.manifest("digits", 1),
+            raw=payload,
+            device="dev-0" if i % 2 else None,
+        )
+    wait_for(lambda: service.updater.malformed == 1 + len(hostile), what="all counted")
+    assert service.updater.alive
+    assert fleet.store.job_states(FLEET, "digits", 9) == {}  # the huge one was never read
+    fleet.publish(fleet.release())  # fleet scope: the device scope's last word was garbage
+    wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="ACTIVE")
+    assert serving(fleet, "dev-0") == 2
+
+
+def test_tampered_copy_does_not_block_the_genuine_manifest(fleet: Fleet) -> None:
+    fleet.start_agent("dev-0")
+    genuine = fleet.release()
+    # same version, same signature, one field changed: it must not verify
+    tampered = genuine.model_copy(
+        update={"routing": genuine.routing.model_copy(update={"threshold": 0.01})}
+    )
+    fleet.publish(tampered)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) is not None, what="report")
+    state, reason = last_state(fleet, "dev-0", 2)  # type: ignore[misc]
+    assert state == "REJECTED" and "does not verify" in reason
+    fleet.publish(genuine)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="genuine ACTIVE")
+    assert serving(fleet, "dev-0") == 2
+    assert fleet.agents["dev-0"].agent.model.manifest.routing.threshold == genuine.routing.threshold
+
+
+@pytest.mark.parametrize("field", ["expires", "created"])
+def test_a_time_without_time_zone_is_rejected_with_a_reason(fleet: Fleet, field: str) -> None:
+    fleet.start_agent("dev-0")
+    naive = (datetime.now() + timedelta(days=1)).replace(microsecond=0)
+    release = _forged(fleet, fleet.key, **{field: naive})
+    assert getattr(Manifest.from_json(release.to_json()), field).tzinfo is None
+    fleet.publish(release)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) is not None, what="report")
+    assert last_state(fleet, "dev-0", 2) == (
+        "REJECTED",
+        f"{field} {naive.isoformat(sep=' ')} has no time zone",
+    )
+    fleet.publish(fleet.release(version=3))  # and the updater carries on
+    wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="v3")
