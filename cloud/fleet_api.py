@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from cloud.collector import Collector
 from cloud.fleet_store import FleetStore
 from shared.errors import ModelNotFoundError
+
+#: ``/fleet/summary``'s window, at most (a year: ``timedelta`` overflows past 10^9 days) and
+#: its buckets' width (at least a second: each bucket is a row of the answer).
+MAX_MINUTES = 366 * 24 * 60
+MAX_BUCKET_S = 24 * 3600
 
 
 def _device_view(store: FleetStore, fleet: str) -> list[dict[str, Any]]:
@@ -83,7 +88,10 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
         return {**view[0], "series": store.series(fleet, device, since)}
 
     @router.get("/fleet/summary")
-    def summary(minutes: float = 30.0, bucket_s: float = 10.0) -> dict[str, Any]:
+    def summary(
+        minutes: Annotated[float, Query(gt=0, le=MAX_MINUTES, allow_inf_nan=False)] = 30.0,
+        bucket_s: Annotated[float, Query(ge=1, le=MAX_BUCKET_S, allow_inf_nan=False)] = 10.0,
+    ) -> dict[str, Any]:
         view = _device_view(store, fleet)
         versions: Counter[str] = Counter()
         for d in view:

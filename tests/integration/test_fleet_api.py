@@ -17,7 +17,7 @@ from cloud.app import create_app
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttSettings
 from tests.fleet import wait_for
-from tests.helpers import CLOUD_REPO, EDGE_INT8, serve_in_thread
+from tests.helpers import CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
 from tests.mosquitto import Mosquitto
 
 FLEET = "apifleet"
@@ -91,3 +91,32 @@ def test_dashboard_files_are_served(cloud: httpx.Client) -> None:
     assert "https://" not in r.text  # no CDN
     js = cloud.get("/dashboard/app.js")
     assert js.status_code == 200 and 'fetch("/fleet/summary")' in js.text
+
+
+@pytest.fixture(scope="module")
+def brokerless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """The fleet routes over an empty store, the broker unreachable (the app never waits for
+    it: it keeps retrying in the background)."""
+    settings = CloudSettings(
+        repo=CLOUD_REPO,
+        fleet=FLEET,
+        state_dir=tmp_path_factory.mktemp("cloud"),
+        mqtt=MqttSettings(url=closed_port_url().replace("http://", "mqtt://")),
+    )
+    with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url) as http:
+        yield http
+
+
+@pytest.mark.parametrize("param", ["minutes", "bucket_s"])
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "NaN", "inf", "-inf", "1e308", "1e12", "x"])
+def test_summary_refuses_windows_that_make_no_sense(
+    brokerless: httpx.Client, param: str, value: str
+) -> None:
+    r = brokerless.get("/fleet/summary", params={param: value})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and param in r.json()["error"]
+
+
+def test_summary_takes_sane_windows(brokerless: httpx.Client) -> None:
+    r = brokerless.get("/fleet/summary", params={"minutes": "0.5", "bucket_s": "3600"})
+    assert r.status_code == 200 and r.json()["devices"] == 0
