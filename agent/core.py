@@ -484,6 +484,10 @@ class Agent:
     def cloud_configured(self) -> bool:
         return self._cloud is not None
 
+    @property
+    def cloud_client(self) -> CloudClient | None:
+        return self._cloud
+
     def close(self) -> None:
         if self._cloud is not None:
             self._cloud.close()

@@ -1,8 +1,11 @@
 """The agent's local OIP endpoint (``tandem-agent serve``): the same protocol as the cloud, so
 one client (tritonclient, httpx, curl) talks to both.
 
-Input: the model's raw features as ``[batch, features]`` (or ``[features]``), any numeric
-datatype. Request parameters ``mode`` (edge|cloud|auto) and ``deadline_ms`` steer routing.
+Input: one FP32 tensor named as the manifest's input, the model's raw features as
+``[batch, features]`` (or ``[features]``), at most ``routing.max_batch_rows`` rows: checked as
+tandem-cloud and Triton check theirs (400 otherwise). Request parameters ``mode``
+(edge|cloud|auto) and ``deadline_ms`` steer routing; the rows are one request
+(``Agent.infer_batch``): one local invoke, one deadline, at most one cloud call.
 Outputs: ``probabilities``, ``label``, ``confidence``, ``source`` and ``reason`` per row;
 for a single row the response parameters carry the same fields as the Python API's
 ``InferenceResult`` (plus model versions and the latency breakdown).
@@ -37,6 +40,9 @@ from shared.oip import (
 from shared.oip_http import add_oip_routes, docs_routes_last, install_error_handlers
 
 OUTPUTS = ("probabilities", "label", "confidence", "source", "reason")
+#: The input's datatype, as the metadata declares it: raw features, whatever the model's
+#: own (quantized) input tensor is.
+INPUT_DATATYPE = "FP32"
 #: Triton's platform name for each edge format (its model configuration's ``platform``).
 PLATFORMS = {"tflite": "tensorflowlite", "onnx": "onnxruntime_onnx"}
 
@@ -73,7 +79,9 @@ class AgentDataPlane:
             versions=[str(m.version)],
             platform=f"tandem_{m.edge.format}",
             inputs=[
-                TensorMetadata(name=m.input.name, datatype="FP32", shape=[-1, m.input.shape[-1]])
+                TensorMetadata(
+                    name=m.input.name, datatype=INPUT_DATATYPE, shape=[-1, m.input.shape[-1]]
+                )
             ],
             outputs=[
                 TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
@@ -101,19 +109,32 @@ class AgentDataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         self._check_model(name, version)
         rows = self._rows(request)
-        mode, deadline = _routing_params(request.parameters)
+        mode, deadline = _routing_params(
+            request.parameters, self.agent.settings.routing.max_deadline_ms
+        )
         results = await run_in_threadpool(
-            lambda: [self.agent.infer(r, deadline_ms=deadline, mode=mode) for r in rows]
+            self.agent.infer_batch, rows, deadline_ms=deadline, mode=mode
         )
         return _response(self.agent, request, results)
 
     def _rows(self, request: InferRequest) -> np.ndarray:
+        m = self.agent.model.manifest
         if len(request.inputs) != 1:
-            raise InvalidRequestError("this model takes exactly one input")
+            raise InvalidRequestError(
+                f"model {m.model!r} takes exactly one input ({m.input.name!r}), "
+                f"got {len(request.inputs)}"
+            )
         tensor = request.inputs[0]
+        if tensor.name != m.input.name:
+            raise InvalidRequestError(
+                f"model {m.model!r} has no input {tensor.name!r}; inputs are {[m.input.name]}"
+            )
+        if tensor.datatype != INPUT_DATATYPE:
+            raise InvalidRequestError(
+                f"input {tensor.name!r} must be {INPUT_DATATYPE}, got {tensor.datatype}"
+            )
         features = self.agent.model.features
-        if tensor.datatype in ("BYTES", "BOOL"):
-            raise InvalidRequestError(f"input must be numeric, got {tensor.datatype}")
+        max_rows = self.agent.settings.routing.max_batch_rows
         data = tensor.data
         if data.ndim == 1:
             data = data.reshape(1, -1)
@@ -121,7 +142,11 @@ class AgentDataPlane:
             raise InvalidRequestError(
                 f"input must have shape [batch, {features}], got {list(tensor.data.shape)}"
             )
-        rows = data.astype(np.float32)
+        if data.shape[0] > max_rows:
+            raise InvalidRequestError(
+                f"batch of {data.shape[0]} rows exceeds max_batch_size {max_rows}"
+            )
+        rows = data.astype(np.float32, copy=False)
         if not np.isfinite(rows).all():
             raise InvalidRequestError("input holds NaN or infinite values")
         return rows
@@ -152,14 +177,20 @@ def _triton_config(meta: ModelMetadata, platform: str, max_batch_size: int) -> d
     }
 
 
-def _routing_params(params: dict[str, Param]) -> tuple[Any, float | None]:
+def _routing_params(params: dict[str, Param], max_deadline_ms: float) -> tuple[Any, float | None]:
     mode = params.get("mode")
     if mode is not None and mode not in ROUTE_MODES:
         raise InvalidRequestError(f"parameter 'mode' must be one of {ROUTE_MODES}")
     deadline = params.get("deadline_ms")
-    if deadline is not None and (isinstance(deadline, (bool, str)) or not float(deadline) > 0):
-        raise InvalidRequestError("parameter 'deadline_ms' must be a positive number")
-    return mode, None if deadline is None else float(deadline)
+    if deadline is None:
+        return mode, None
+    # NaN fails both comparisons, Infinity (a literal, or a number past 1e308) the second;
+    # an integer too large for a float compares exactly
+    if isinstance(deadline, (bool, str)) or not 0 < deadline <= max_deadline_ms:
+        raise InvalidRequestError(
+            f"parameter 'deadline_ms' must be a positive number of at most {max_deadline_ms:g}"
+        )
+    return mode, float(deadline)
 
 
 def _response(agent: Agent, request: InferRequest, results: list[InferenceResult]) -> InferResponse:

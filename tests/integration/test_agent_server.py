@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
 
 import dataset
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from agent import Agent, AgentSettings
 from agent.server import create_app
-from tests.helpers import EDGE_INT8, serve_in_thread
+from cloud.app import create_app as cloud_app
+from cloud.settings import CloudSettings
+from tests.helpers import CLOUD_REPO, EDGE_INT8, serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +34,12 @@ def http(agent_url: str) -> Iterator[httpx.Client]:
         yield client
 
 
+def tensor(x: np.ndarray, name: str = "input", datatype: str = "FP32") -> dict[str, object]:
+    return {"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}
+
+
 def body(x: np.ndarray, **params: object) -> dict[str, object]:
-    doc: dict[str, object] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    doc: dict[str, object] = {"inputs": [tensor(x)]}
     if params:
         doc["parameters"] = params
     return doc
@@ -102,8 +104,53 @@ def test_requested_outputs_only(http: httpx.Client, digits: dataset.Digits) -> N
             "/v2/models/digits/infer",
             {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
             400,
-            "numeric",
+            "must be FP32",
         ),
+        # the input is checked as tandem-cloud and Triton check theirs
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [tensor(np.zeros((1, 64)), name="pixels")]},
+            400,
+            "no input 'pixels'",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [tensor(np.zeros((1, 64), np.int32), datatype="INT32")]},
+            400,
+            "must be FP32, got INT32",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [tensor(np.zeros((1, 64)), datatype="FP64")]},
+            400,
+            "must be FP32, got FP64",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [tensor(np.zeros((1, 64))), tensor(np.zeros((1, 64)), name="extra")]},
+            400,
+            "exactly one input",
+        ),
+        (
+            "/v2/models/digits/infer",
+            body(np.zeros((33, 64)), mode="edge"),
+            400,
+            "exceeds max_batch_size 32",
+        ),
+        # a deadline past httpx's range was an OverflowError (500) on the way to the cloud
+        (
+            "/v2/models/digits/infer",
+            body(np.zeros((1, 64)), mode="cloud", deadline_ms=1e13),
+            400,
+            "deadline",
+        ),
+        (
+            "/v2/models/digits/infer",
+            body(np.zeros((2, 64)), mode="cloud", deadline_ms=1e13),
+            400,
+            "deadline",
+        ),
+        ("/v2/models/digits/infer", body(np.zeros((1, 64)), deadline_ms=10**400), 400, "deadline"),
         (
             "/v2/models/digits/infer",
             {**body(np.zeros((1, 64))), "outputs": [{"name": "x"}]},
@@ -125,3 +172,83 @@ def test_nan_input_is_refused(http: httpx.Client) -> None:
     nan_body = nan_body.replace("[1, 2]", "[1, 64]").replace("[NaN, 1]", str(["NaN"] * 64))
     r = http.post("/v2/models/digits/infer", content=nan_body.replace("'", ""))
     assert r.status_code == 400 and "NaN" in r.json()["error"]
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e400"])
+def test_a_deadline_must_be_a_finite_number(http: httpx.Client, literal: str) -> None:
+    doc = body(np.zeros((1, 64)), mode="cloud", deadline_ms=0)
+    text = httpx.Request("POST", "/", json=doc).content.decode()
+    text = text.replace('"deadline_ms":0', f'"deadline_ms":{literal}')
+    assert literal in text
+    r = http.post("/v2/models/digits/infer", content=text)
+    assert r.status_code == 400, r.text
+    assert "deadline_ms" in r.json()["error"]
+
+
+def test_tritonclient_sees_the_input_checks(agent_url: str) -> None:
+    client = triton.InferenceServerClient(urlparse(agent_url).netloc)
+    for name, datatype, needle in [("pixels", "FP32", "no input"), ("input", "INT32", "FP32")]:
+        inp = triton.InferInput(name, [1, 64], datatype)
+        inp.set_data_from_numpy(
+            np.zeros((1, 64), dtype="int32" if datatype == "INT32" else "float32")
+        )
+        with pytest.raises(InferenceServerException, match=needle):
+            client.infer("digits", [inp])
+    client.close()
+
+
+class InferCounter:
+    """ASGI wrapper counting the infer requests that reach the app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.infers = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/infer"):
+            self.infers += 1
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def batching_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, InferCounter]]:
+    """The real cloud, its model allowed batches of 64 rows, counting infer requests."""
+    repo = tmp_path_factory.mktemp("batching") / "cloud"
+    shutil.copytree(CLOUD_REPO, repo)
+    for model in repo.iterdir():
+        (model / "config.toml").write_text("max_batch_size = 64\n")
+    counter = InferCounter(cloud_app(CloudSettings(repo=repo)))
+    with serve_in_thread(counter) as url:
+        yield url, counter
+
+
+def test_a_many_row_request_is_one_cloud_call(
+    batching_cloud: tuple[str, InferCounter], digits: dataset.Digits
+) -> None:
+    cloud_url, counter = batching_cloud
+    settings = AgentSettings(
+        model_dir=EDGE_INT8, cloud={"url": cloud_url}, routing={"max_batch_rows": 64}
+    )
+    x = digits.test.x[:50]
+    with (
+        Agent(settings) as agent,
+        serve_in_thread(create_app(agent)) as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        before = counter.infers
+        r = http.post("/v2/models/digits/infer", json=body(x, mode="cloud", deadline_ms=5000))
+        assert r.status_code == 200, r.text
+        assert counter.infers == before + 1
+        doc = r.json()
+        outputs = {o["name"]: o["data"] for o in doc["outputs"]}
+        assert doc["parameters"]["escalated"] == 50 and outputs["source"] == ["cloud"] * 50
+        assert outputs["reason"] == ["forced_cloud"] * 50
+        assert len(outputs["label"]) == 50 and len(outputs["probabilities"]) == 50 * 10
+        accuracy = np.mean([int(label) == y for label, y in zip(outputs["label"], digits.test.y)])
+        assert accuracy > 0.9
+        # auto: the unsure rows, in one request too
+        before = counter.infers
+        r = http.post("/v2/models/digits/infer", json=body(x, mode="auto", deadline_ms=5000))
+        reasons = {o["name"]: o["data"] for o in r.json()["outputs"]}["reason"]
+        assert counter.infers == before + (1 if "low_confidence" in reasons else 0)
+        assert set(reasons) <= {"confident", "low_confidence"}
