@@ -178,8 +178,9 @@ class Agent:
         mode: RouteMode | None = None,
     ) -> InferenceResult:
         """Classify one sample of raw features. Raises ``InvalidRequestError`` for input that
-        does not fit the model, ``BackendError`` only when the local model fails *and* the
-        cloud cannot stand in; never for a cloud failure."""
+        does not fit the model or a deadline that is not a positive number of at most
+        ``routing.max_deadline_ms``, ``BackendError`` only when the local model fails *and*
+        the cloud cannot stand in; never for a cloud failure."""
         # This is the hot path: the benchmark holds it to a few microseconds over the raw
         # interpreter, so it avoids keyword calls, attribute chains and temporary objects.
         clock = self._clock
