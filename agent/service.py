@@ -16,9 +16,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-
 from agent.core import Agent
+from agent.download import download_client
 from agent.errors import AgentError, ModelLoadError
 from agent.model import LoadedModel, load_model
 from agent.outbox import Outbox, OutboxSender
@@ -73,8 +72,11 @@ class AgentService:
         trust = (
             TrustStore.load(settings.update.trust_store) if settings.update.trust_store else None
         )
-        token = settings.cloud.token.get_secret_value() if settings.cloud.token else None
-        self.http = httpx.Client(headers={"Authorization": f"Bearer {token}"} if token else {})
+        # the cloud's token goes to the cloud and registry origins only, not to any host
+        # an artifact URL names
+        self.http = download_client(
+            settings.cloud.token, [settings.cloud.url, settings.update.registry_url]
+        )
         self.mqtt: MqttClient | None = None
         self.updater = Updater(
             self.agent,

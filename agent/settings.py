@@ -93,6 +93,12 @@ class DownloadSettings(_Section):
     backoff_s: float = Field(default=0.5, ge=0, description="first wait; doubles per try")
     timeout_s: float = Field(default=30.0, gt=0, description="per read/connect")
     disk_margin_bytes: int = Field(default=1024 * 1024, ge=0, description="left free after")
+    deadline_s: float = Field(
+        default=900.0, gt=0, description="for the whole download, all tries: then FAILED"
+    )
+    fsync_every_bytes: int = Field(
+        default=4 * 1024 * 1024, gt=0, description="partial file forced to disk this often"
+    )
 
 
 class UpdateSettings(_Section):

@@ -4,7 +4,7 @@ Layout under ``state_dir``::
 
     models/<model>/slots/v<version>-<sha12>/   manifest.json + the artifact (immutable)
     models/<model>/pointer.json                {"current": slot, "previous": slot|null}
-    models/<model>/staging/                    partial downloads (resumable)
+    models/<model>/staging/                    partial downloads (resumable) + their ETags
     models/<model>/job.json                    the update in progress (survives kill -9)
     accepted.json                              highest version ever accepted, per model
 
@@ -178,8 +178,10 @@ class ModelStore:
                 shutil.rmtree(slot, ignore_errors=True)
         job = self.job(model)
         staging = self.model_dir(model) / "staging"
+        keep_parts = {f"{self.slot_name(job.manifest)}.part"} if job else set()
+        keep_parts |= {f"{name}.etag" for name in keep_parts}  # its validator (If-Range)
         for part in staging.iterdir() if staging.is_dir() else []:
-            if job is None or part.name != f"{self.slot_name(job.manifest)}.part":
+            if part.name not in keep_parts:
                 part.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ anti-rollback

@@ -93,6 +93,7 @@ class Fleet:
     store: FleetStore
     agents: dict[str, AgentService] = field(default_factory=dict)
     reports: dict[str, list[UpdateReport]] = field(default_factory=dict)
+    token: str | None = None  # the cloud's bearer token, given to every agent
 
     def agent_settings(self, device: str, group: str | None = None, **update: Any) -> AgentSettings:
         return AgentSettings(
@@ -101,7 +102,7 @@ class Fleet:
             fleet=FLEET,
             group=group,
             state_dir=self.tmp / "agents" / device,
-            cloud={"url": self.url},
+            cloud={"url": self.url, **({"token": self.token} if self.token else {})},
             mqtt=self.broker.settings_for(device, keepalive_s=5),
             update={
                 "trust_store": self.trust_path,
@@ -160,7 +161,8 @@ def last_state(fleet: Fleet, device: str, version: int) -> tuple[str, str] | Non
 
 
 @contextmanager
-def running_fleet(tmp: Path, broker: Mosquitto) -> Iterator[Fleet]:
+def running_fleet(tmp: Path, broker: Mosquitto, *, token: str | None = None) -> Iterator[Fleet]:
+    """The fleet; with ``token``, the cloud server requires it (registry included)."""
     key = SigningKey.generate()
     trust = TrustStore()
     trust.add(key.public_b64)
@@ -182,7 +184,8 @@ def running_fleet(tmp: Path, broker: Mosquitto) -> Iterator[Fleet]:
         ),
         (EDGE_INT8 / "model.tflite").read_bytes(),
     )
-    server = Asgi(create_app(CloudSettings(repo=CLOUD_REPO, registry=registry_dir)))
+    tokens = [SecretStr(token)] if token else []
+    server = Asgi(create_app(CloudSettings(repo=CLOUD_REPO, registry=registry_dir, tokens=tokens)))
     store = FleetStore(tmp / "fleet.db")
     controller = MqttClient(
         MqttSettings(url=broker.service_url, username="controller", password=SecretStr("ctl-pw")),
@@ -191,7 +194,9 @@ def running_fleet(tmp: Path, broker: Mosquitto) -> Iterator[Fleet]:
     FleetListener(store, FLEET).attach(controller)
     controller.start(wait_s=10)
     with serve_in_thread(server) as url:
-        fleet = Fleet(tmp, broker, url, server, registry, key, trust_path, controller, store)
+        fleet = Fleet(
+            tmp, broker, url, server, registry, key, trust_path, controller, store, token=token
+        )
         try:
             yield fleet
         finally:

@@ -4,6 +4,7 @@ update completes (or never started twice)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from agent.backends import TFLiteSettings
 from agent.model import load_model
 from agent.store import ModelStore
+from tests.artifact_server import serve_artifact
 from tests.fleet import FLEET, Fleet, last_state, running_fleet, wait_for
 from tests.helpers import EDGE_INT8, agent_process
 from tests.mosquitto import Mosquitto
@@ -115,3 +117,47 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
     assert store.job("digits") is None and store.highest_accepted("digits") == 2
     slots = sorted(p.name[:3] for p in (store.model_dir("digits") / "slots").iterdir())
     assert slots == ["v1-", "v2-"]
+
+
+def test_kill_9_mid_download_resumes_from_the_partial_file(fleet: Fleet, tmp_path: Path) -> None:
+    """Bytes received before a kill -9 are kept: the next start asks for the rest
+    (``Range: bytes=N-``, with the ETag the first process saw as ``If-Range``)."""
+    release = fleet.release()
+    blob = (fleet.registry.release_dir("digits", 2) / "model.tflite").read_bytes()
+    cut = len(blob) // 2
+    with serve_artifact(blob) as (server, url):
+        edge = release.edge.model_copy(update={"url": f"{url}/model.tflite"})
+        manifest = fleet.key.sign(release.model_copy(update={"version": 3, "edge": edge}))
+        part = fleet.tmp / "agents" / "dev-5" / "models" / "digits" / "staging"
+        part = part / f"v3-{manifest.edge.sha256[:12]}.part"
+        server.stall_next_at = cut  # half the artifact, then the connection hangs
+        proc = agent_process(_config(fleet, tmp_path / "first.toml", health_watch_s=0.3))
+        try:
+            wait_for(lambda: len(fleet.store.devices(FLEET)) == 1, what="birth")
+            fleet.publish(manifest)
+            wait_for(lambda: part.is_file() and part.stat().st_size == cut, what="half on disk")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert last_state(fleet, "dev-5", 3) == ("DOWNLOADING", "")
+
+        again = agent_process(_config(fleet, tmp_path / "again.toml", health_watch_s=0.3))
+        try:
+            wait_for(
+                lambda: last_state(fleet, "dev-5", 3) == ("ACTIVE", ""),
+                timeout=30,
+                what="ACTIVE after restart",
+            )
+        finally:
+            again.send_signal(signal.SIGTERM)
+            again.wait(timeout=10)
+        assert [r.get("range") for r in server.requests] == [None, f"bytes={cut}-"]
+        assert server.requests[1]["if-range"] == server.etag
+        assert server.sent == len(blob)  # every byte sent once
+    current = _pointer(fleet)
+    assert current is not None and current.startswith("v3-")
+    slot = fleet.tmp / "agents" / "dev-5" / "models" / "digits" / "slots" / current
+    assert hashlib.sha256((slot / "model.tflite").read_bytes()).hexdigest() == manifest.edge.sha256

@@ -17,6 +17,7 @@ import pytest
 from shared import topics
 from shared.manifest import Manifest, RoutingDefaults, utc_now
 from shared.signing import SigningKey
+from tests.artifact_server import serve_artifact
 from tests.fleet import FLEET, Fleet, last_state, retained_json, running_fleet, wait_for
 from tests.helpers import EDGE_INT8
 from tests.mosquitto import Mosquitto
@@ -303,3 +304,38 @@ def test_a_time_without_time_zone_is_rejected_with_a_reason(fleet: Fleet, field:
     )
     fleet.publish(fleet.release(version=3))  # and the updater carries on
     wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="v3")
+
+
+def _hosted_at(fleet: Fleet, release: Manifest, url: str, version: int) -> Manifest:
+    """``release`` again as a new version whose artifact lives at an absolute ``url``."""
+    edge = release.edge.model_copy(update={"url": url})
+    return fleet.key.sign(release.model_copy(update={"version": version, "edge": edge}))
+
+
+def test_the_cloud_token_goes_only_to_the_cloud_origin(tmp_path: Path, broker: Mosquitto) -> None:
+    with running_fleet(tmp_path, broker, token="fleet-secret") as fleet:
+        fleet.start_agent("dev-0")
+        release = fleet.release()
+        fleet.publish(release)  # from the registry: the token is needed there (401 without)
+        wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="v2")
+        assert fleet.server.artifact_requests[-1]["authorization"] == "Bearer fleet-secret"
+        blob = (fleet.registry.release_dir("digits", 2) / "model.tflite").read_bytes()
+        with serve_artifact(blob) as (elsewhere, url):
+            fleet.publish(_hosted_at(fleet, release, f"{url}/cdn/model.tflite", 3))
+            wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="v3")
+            assert len(elsewhere.requests) == 1
+            assert "authorization" not in elsewhere.requests[0]
+
+
+def test_a_trickling_download_fails_at_its_deadline(fleet: Fleet) -> None:
+    fleet.start_agent("dev-0", download={"backoff_s": 0.05, "deadline_s": 2.0})
+    release = fleet.release()
+    blob = (fleet.registry.release_dir("digits", 2) / "model.tflite").read_bytes()
+    with serve_artifact(blob) as (slow, url):
+        slow.trickle = (8, 0.1)  # 80 bytes/s: 50 s for the artifact
+        fleet.publish(_hosted_at(fleet, release, f"{url}/model.tflite", 3))
+        wait_for(lambda: (last_state(fleet, "dev-0", 3) or ("",))[0] == "FAILED", what="FAILED")
+        reason = last_state(fleet, "dev-0", 3)[1]  # type: ignore[index]
+        assert reason.startswith("download: ") and "within the 2 s deadline" in reason
+        assert 0 < slow.sent < len(blob)
+    assert serving(fleet, "dev-0") == 1
