@@ -3,9 +3,15 @@
 Manifests arrive (retained) at fleet, group and device scope; the most specific one present
 wins. A worker thread, never paho's network thread, takes them through the job states:
 
-1. verify, in this order: signature against the pinned trust store; expiry; version
-   strictly above the highest ever accepted (persisted: a restart does not reopen the door
-   to a replay); compatibility (``min_agent_version``, input contract, artifact format).
+0. whatever arrives ends in a job state or a counted, logged rejection (``malformed``):
+   payloads above ``max_manifest_bytes`` are refused unread, unparsable ones counted, and
+   the thread survives any exception (caught per message and per round). Manifests are
+   told apart by the digest of their whole content, so a tampered copy that kept the
+   genuine one's version and signature is refused without blocking the genuine one.
+1. verify, in this order: signature against the pinned trust store; ``created`` and
+   ``expires`` carry a time zone; expiry; version strictly above the highest ever accepted
+   (persisted: a restart does not reopen the door to a replay); compatibility
+   (``min_agent_version`` by PEP 440, input contract, artifact format).
    Any failure: ``REJECTED`` with the reason, nothing downloaded.
 2. ``DOWNLOADING``: streamed into staging, resumable, size-capped, digest-checked.
 3. ``VERIFYING``: the slot is loaded in a fresh interpreter; contract and golden samples.
