@@ -97,7 +97,9 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
             route_class_override=LeanRoute,
         )
 
-    add_oip_routes(app.router, plane, settings.max_body_bytes)
+    add_oip_routes(
+        app.router, plane, settings.max_body_bytes, max_json_bytes=settings.max_json_bytes
+    )
     app.include_router(repository_router(repository))
 
     @app.get("/metrics", include_in_schema=False)

@@ -42,6 +42,12 @@ class CloudSettings(FileSettings):
         default=None, description="model bundles served under /registry; None: not served"
     )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_json_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="largest JSON document of an infer request (a pure JSON body, or the "
+        "binary extension's header); parsed, JSON numbers take ~13x their size in memory",
+    )
     simulated_delay_ms: float = Field(
         default=0.0, ge=0, description="demo/test only: a wide-area round trip added to infer"
     )

@@ -10,6 +10,7 @@ Imports FastAPI: only the servers import this module, never ``import agent``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,9 +20,11 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import (
+    InvalidRequestError,
     PayloadTooLargeError,
     ServerBusyError,
     TandemError,
@@ -198,53 +201,145 @@ def install_error_handlers(app: FastAPI) -> None:
 
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
+#: The largest JSON document a body may hold unless the server says otherwise: the whole body
+#: for pure JSON, the header for the binary extension. Parsed, JSON number arrays take about
+#: 13 times their size in memory (``scripts/bench_memory.py``): this bounds what one request
+#: can cost, however large the body limit (big tensors go as binary, which costs its size).
+DEFAULT_MAX_JSON_BYTES = 1024 * 1024
+#: A body larger than this is read into one buffer of its declared size (Starlette's
+#: ``request.body()`` holds the chunks and their join at once), decoded and its response
+#: encoded in a worker thread (parsing megabytes on the event loop stalls every other
+#: request). Smaller ones, every request of the hot path, go as before.
+LARGE_BODY_BYTES = 256 * 1024
+#: Decompressed bytes per step: between steps the event loop serves others.
+_INFLATE_STEP = 1024 * 1024
 
-async def read_body(request: Request, max_bytes: int) -> tuple[bytes, int | None]:
-    """The request body, decompressed, refusing anything over ``max_bytes`` early, and its
-    ``Inference-Header-Content-Length``. The raw ASGI headers (lower-case by the spec) go
-    into one dict in C: this runs on every inference."""
+
+async def read_body(
+    request: Request, max_bytes: int, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+) -> tuple[bytes | bytearray, int | None]:
+    """The request body, decompressed, and its ``Inference-Header-Content-Length``, refusing
+    (413) a body over ``max_bytes`` and a JSON document over ``max_json_bytes`` as early as
+    the headers say so, else as the bytes come. A compressed body is inflated as it streams
+    in, the limits applied to what it inflates to. The raw ASGI headers (lower-case by the
+    spec) go into one dict in C: this runs on every inference."""
     headers: dict[bytes, bytes] = dict(request.scope["headers"])
+    raw_length = headers.get(_HEADER_LENGTH_KEY)
+    if raw_length is None:  # pure JSON: the whole body is the document
+        header_length = None
+        limit = max_json_bytes if max_json_bytes < max_bytes else max_bytes
+    else:
+        try:  # int() reads ASCII digits without decoding them first
+            header_length = int(raw_length)
+        except ValueError:  # says what is wrong
+            header_length = header_length_value(raw_length.decode("latin-1"))
+        if header_length > max_json_bytes:
+            raise PayloadTooLargeError(
+                f"JSON header of {header_length} bytes exceeds the limit of {max_json_bytes}"
+            )
+        limit = max_bytes
+    raw_encoding = headers.get(b"content-encoding")
+    if raw_encoding is not None:
+        encoding = raw_encoding.decode("latin-1").strip().lower()
+        if encoding not in ("", "identity"):
+            body = await _inflate(request, headers, encoding, max_bytes, limit)
+            return body, header_length
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit():
-        if int(declared) > max_bytes:
-            raise PayloadTooLargeError(
-                f"body of {declared.decode()} bytes exceeds the limit of {max_bytes}"
-            )
-        # the HTTP parser holds the body to its declared length, which is within the limit
-        body = await request.body()
-    else:  # chunked: counted as it comes
-        parts: list[bytes] = []
-        size = 0
+        try:
+            size = int(declared)
+        except ValueError:  # more than 4300 digits
+            size = limit + 1
+        if size > limit:
+            raise _too_large(f"body of {size} bytes", limit, max_bytes)
+        if size <= LARGE_BODY_BYTES:  # the HTTP parser holds the body to its declared length
+            return await request.body(), header_length
+        return await _read_into(request, size), header_length
+    # chunked: counted as it comes
+    parts: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large("body", limit, max_bytes)
+        parts.append(chunk)
+    return b"".join(parts), header_length
+
+
+def _too_large(what: str, limit: int, max_bytes: int) -> PayloadTooLargeError:
+    """The refusal of a body past ``limit``: the body limit, or (lower) the JSON one."""
+    if limit < max_bytes:
+        return PayloadTooLargeError(
+            f"JSON {what} exceeds the limit of {limit} bytes for JSON; send large tensors with "
+            "the binary tensor extension"
+        )
+    return PayloadTooLargeError(f"{what} exceeds the limit of {limit} bytes")
+
+
+async def _read_into(request: Request, size: int) -> bytearray:
+    """A body of a declared ``size``, in one buffer of that size."""
+    body = bytearray(size)
+    with memoryview(body) as view:
+        pos = 0
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLargeError(f"body exceeds the limit of {max_bytes} bytes")
-            parts.append(chunk)
-        body = b"".join(parts)
-    raw_length = headers.get(_HEADER_LENGTH_KEY)
-    header_length = None
-    if raw_length is not None:
-        if raw_length.isdigit():  # int() of ASCII digits, without decoding them first
-            header_length = int(raw_length)
-        else:  # says what is wrong (or reads a sign and spaces, as int() does)
-            header_length = header_length_value(raw_length.decode("latin-1"))
-    raw_encoding = headers.get(b"content-encoding")
-    if raw_encoding is None:
-        return body, header_length
-    encoding = raw_encoding.decode("latin-1").strip().lower()
-    if encoding in ("", "identity"):
-        return body, header_length
+            end = pos + len(chunk)
+            if end > size:
+                raise InvalidRequestError(f"body is longer than its Content-Length {size}")
+            view[pos:end] = chunk
+            pos = end
+    if pos != size:
+        raise InvalidRequestError(f"body is shorter than its Content-Length {size}")
+    return body
+
+
+async def _inflate(
+    request: Request,
+    headers: dict[bytes, bytes],
+    encoding: str,
+    max_bytes: int,
+    limit: int,
+) -> bytearray:
+    """A gzip or deflate body, inflated step by step as its chunks arrive: never more than
+    ``limit`` bytes of output (plus one step) however small the input, the event loop
+    turning between steps."""
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaTypeError(f"content encoding {encoding!r} is not supported")
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as exc:
-        raise UnsupportedMediaTypeError(f"body is not valid {encoding}: {exc}") from None
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise PayloadTooLargeError(f"decompressed body exceeds the limit of {max_bytes} bytes")
-    return out, header_length
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared[:19]) > max_bytes:
+        raise PayloadTooLargeError(
+            f"body of {declared.decode()} bytes exceeds the limit of {max_bytes}"
+        )
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    out = bytearray()
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise PayloadTooLargeError(f"body exceeds the limit of {max_bytes} bytes")
+        data = chunk
+        while data and not inflater.eof:  # what follows the end of the stream is ignored
+            try:
+                out += inflater.decompress(data, min(_INFLATE_STEP, limit + 1 - len(out)))
+            except zlib.error as exc:
+                raise UnsupportedMediaTypeError(f"body is not valid {encoding}: {exc}") from None
+            if len(out) > limit:
+                raise _too_large("decompressed body", limit, max_bytes)
+            data = inflater.unconsumed_tail
+            if data:
+                await asyncio.sleep(0)
+    if not inflater.eof:
+        raise UnsupportedMediaTypeError(f"body is not valid {encoding}: it ends early")
+    return out
+
+
+def _reply(payload: bytes, headers: dict[str, str]) -> Response:
+    """An encoded response: the content type as media_type, the header length appended
+    raw (Starlette's per-request encoding of a headers mapping is skipped)."""
+    reply = Response(payload, media_type=headers["Content-Type"])
+    length = headers.get(HEADER_LENGTH)
+    if length is not None:
+        reply.raw_headers.append((_HEADER_LENGTH_KEY, length.encode()))
+    return reply
 
 
 def docs_routes_last(app: FastAPI) -> None:
@@ -257,27 +352,46 @@ def docs_routes_last(app: FastAPI) -> None:
     routes[:] = [r for r in routes if r not in moved] + moved
 
 
-def add_oip_routes(router: APIRouter, plane: DataPlane, max_body_bytes: int) -> None:
+def add_oip_routes(
+    router: APIRouter,
+    plane: DataPlane,
+    max_body_bytes: int,
+    *,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+) -> None:
     """The KServe v2 routes over ``plane``, added to ``router`` itself (an app's
     ``app.router``): an included router is matched through one more layer on every request.
-    Infer goes first; routes are matched in order and infer is the hot one."""
+    Infer goes first; routes are matched in order and infer is the hot one. Bodies are
+    limited to ``max_body_bytes``, their JSON (all of a JSON body, the header of a binary
+    one) to ``max_json_bytes``."""
 
     async def serve_infer(request: Request) -> Response:
         params = request.path_params
         name, version = params["name"], params.get("version")
-        body, header_length = await read_body(request, max_body_bytes)
+        body, header_length = await read_body(request, max_body_bytes, max_json_bytes)
+        if len(body) > LARGE_BODY_BYTES:
+            return await serve_large(name, version, body, header_length)
         infer_request = decode_request(body, header_length)
         response = await plane.infer(name, version, infer_request)
         if response.id is None:
             response.id = infer_request.id
         payload, headers = encode_response(response, infer_request)
-        # the content type as media_type, the header length appended raw: Starlette's
-        # per-request encoding of a headers mapping is skipped
-        reply = Response(payload, media_type=headers["Content-Type"])
+        reply = Response(payload, media_type=headers["Content-Type"])  # as _reply, inline
         length = headers.get(HEADER_LENGTH)
         if length is not None:
             reply.raw_headers.append((_HEADER_LENGTH_KEY, length.encode()))
         return reply
+
+    async def serve_large(
+        name: str, version: str | None, body: bytes | bytearray, header_length: int | None
+    ) -> Response:
+        """``serve_infer`` with the decoding and encoding in a worker thread."""
+        infer_request = await run_in_threadpool(decode_request, body, header_length)
+        del body  # what is still needed of it, the tensors hold
+        response = await plane.infer(name, version, infer_request)
+        if response.id is None:
+            response.id = infer_request.id
+        return _reply(*await run_in_threadpool(encode_response, response, infer_request))
 
     @lean(serve_infer)
     async def infer(name: str, request: Request) -> Response:

@@ -164,3 +164,89 @@ def test_broken_model_beside_a_good_one(tmp_path: Path) -> None:
         # the unversioned route serves the newest version that loaded
         r = http.post("/v2/models/good/infer", json=infer_body(np.zeros((1, 64))))
         assert r.status_code == 200 and r.json()["model_version"] == "1"
+
+
+def _chunks(body: bytes, size: int = 1024) -> Iterator[bytes]:
+    for i in range(0, len(body), size):
+        yield body[i : i + size]
+
+
+def test_json_is_limited_binary_is_not() -> None:
+    """``max_json_bytes`` bounds what parsing can amplify: the whole of a JSON body, however
+    it comes (declared, chunked, gzipped), and the header of a binary one; the binary data
+    itself is only held to ``max_body_bytes``."""
+    app = create_app(CloudSettings(repo=CLOUD_REPO, max_json_bytes=4000, repo_poll_s=0))
+    x = np.zeros((16, 64), np.float32)
+    text = json.dumps(infer_body(x)).encode()
+    assert len(text) > 4000
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        for content, headers in [
+            (text, {}),
+            (_chunks(text), {}),
+            (gzip.compress(text), {"Content-Encoding": "gzip"}),
+            (_chunks(gzip.compress(text), 16), {"Content-Encoding": "gzip"}),
+        ]:
+            r = http.post(INFER, content=content, headers=headers)
+            assert r.status_code == 413 and "binary tensor extension" in r.json()["error"]
+        body, headers = encode_request(InferRequest(inputs=[InferTensor.of("input", x)]))
+        assert http.post(INFER, content=body, headers=headers).status_code == 200
+        r = http.post(INFER, content=body, headers={**headers, HEADER_LENGTH: "4001"})
+        assert r.status_code == 413 and "JSON header" in r.json()["error"]
+
+
+def test_broken_compressed_bodies() -> None:
+    body = gzip.compress(json.dumps(infer_body(np.zeros((1, 64), np.float32))).encode())
+    with serve_in_thread(create_app(CloudSettings(repo=CLOUD_REPO, repo_poll_s=0))) as url:
+        r = httpx.post(url + INFER, content=body[:-12], headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 415 and "ends early" in r.json()["error"]
+        r = httpx.post(url + INFER, content=b"\x1f\x8bnope", headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 415 and "not valid gzip" in r.json()["error"]
+        # a binary body inflating past the body limit (it has no JSON limit to meet first)
+        small = create_app(CloudSettings(repo=CLOUD_REPO, repo_poll_s=0, max_body_bytes=100_000))
+        with serve_in_thread(small) as small_url:
+            bomb = gzip.compress(b"{}" + b"\0" * 1_000_000)
+            r = httpx.post(
+                small_url + INFER,
+                content=_chunks(bomb, 100),
+                headers={"Content-Encoding": "gzip", HEADER_LENGTH: "2"},
+            )
+            assert r.status_code == 413 and "decompressed body" in r.json()["error"]
+
+
+def test_large_bodies_stream_in_and_are_decoded_off_the_event_loop(
+    tmp_path: Path, digits: dataset.Digits
+) -> None:
+    """Bodies past ``LARGE_BODY_BYTES`` take another path (one buffer, decoding and encoding
+    in a thread): same answers, in binary and in gzipped JSON sent in small chunks."""
+    import onnxruntime as ort
+
+    from shared.oip_http import LARGE_BODY_BYTES
+
+    model = CLOUD_REPO / CLOUD_MODEL / "1" / "model.onnx"
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    shutil.copy(model, tmp_path / "m" / "1" / "model.onnx")
+    (tmp_path / "m" / "config.toml").write_text("max_batch_size = 0\n")  # no request limit
+    x = np.tile(digits.test.x, (2000 // len(digits.test.x) + 1, 1))[:2000]
+    expected = ort.InferenceSession(str(model)).run(None, {"input": x})[0]
+    req = InferRequest(
+        inputs=[InferTensor.of("input", x)],
+        outputs=[RequestedOutput("probabilities", binary_data=True)],
+    )
+    body, headers = encode_request(req)
+    text = json.dumps(infer_body(x)).encode()
+    assert len(body) > LARGE_BODY_BYTES and len(text) > LARGE_BODY_BYTES  # inflated
+    text = gzip.compress(text)
+    with serve_in_thread(create_app(CloudSettings(repo=tmp_path, repo_poll_s=0))) as url:
+        r = httpx.post(f"{url}/v2/models/m/infer", content=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        got = decode_response(r.content, parse_header_length(r.headers))
+        np.testing.assert_allclose(got.output("probabilities").data, expected, rtol=1e-5)
+        r = httpx.post(
+            f"{url}/v2/models/m/infer",
+            content=_chunks(text, 4096),
+            headers={"Content-Encoding": "gzip"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        probs = np.array(r.json()["outputs"][0]["data"]).reshape(2000, 10)
+        np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
