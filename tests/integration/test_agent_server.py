@@ -15,9 +15,11 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from agent import Agent, AgentSettings
-from agent.server import create_app
+from agent.server import AgentDataPlane, create_app
 from cloud.app import create_app as cloud_app
 from cloud.settings import CloudSettings
+from shared.errors import ModelNotFoundError
+from shared.oip_http import DataPlane
 from tests.helpers import CLOUD_REPO, EDGE_INT8, serve_in_thread
 
 
@@ -194,6 +196,50 @@ def test_tritonclient_sees_the_input_checks(agent_url: str) -> None:
         )
         with pytest.raises(InferenceServerException, match=needle):
             client.infer("digits", [inp])
+    client.close()
+
+
+def test_model_config_document() -> None:
+    """What the config route answers, from the data plane itself (unknown names: 404)."""
+    settings = AgentSettings(model_dir=EDGE_INT8, routing={"max_batch_rows": 8})
+    with Agent(settings) as agent:
+        plane = AgentDataPlane(agent)
+        doc = plane.model_config("digits", "1")
+        assert (doc["platform"], doc["max_batch_size"]) == ("tensorflowlite", 8)
+        assert doc["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
+        types = [o["data_type"] for o in doc["output"]]
+        assert types == ["TYPE_FP32", "TYPE_STRING", "TYPE_FP32", "TYPE_STRING", "TYPE_STRING"]
+        with pytest.raises(ModelNotFoundError):
+            plane.model_config("other", None)
+
+
+@pytest.mark.skipif(
+    not hasattr(DataPlane, "model_config"),
+    reason="the config route is not in shared/oip_http.py yet",
+)
+def test_model_config(http: httpx.Client, agent_url: str) -> None:
+    """Triton's model configuration extension, as tritonclient's get_model_config reads it."""
+    for path in ("/v2/models/digits/config", "/v2/models/digits/versions/1/config"):
+        r = http.get(path)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["name"] == "digits" and doc["platform"] == "tensorflowlite"
+        assert doc["max_batch_size"] == 32  # routing.max_batch_rows
+        assert doc["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
+        outputs = {o["name"]: o for o in doc["output"]}
+        assert list(outputs) == ["probabilities", "label", "confidence", "source", "reason"]
+        assert outputs["probabilities"]["dims"] == [10]
+        assert outputs["label"]["data_type"] == "TYPE_STRING"
+        assert outputs["confidence"] == {
+            "name": "confidence",
+            "data_type": "TYPE_FP32",
+            "dims": [1],
+            "reshape": {"shape": []},
+        }
+    assert http.get("/v2/models/other/config").status_code == 404
+    assert http.get("/v2/models/digits/versions/9/config").status_code == 404
+    client = triton.InferenceServerClient(urlparse(agent_url).netloc)
+    assert client.get_model_config("digits")["max_batch_size"] == 32
     client.close()
 
 
