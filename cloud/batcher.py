@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from cloud.metrics import ServerMetrics
 from cloud.model_config import ModelConfig
 from cloud.onnx_model import OnnxModel
-from shared.errors import ServerBusyError, TandemError
+from shared.errors import InvalidRequestError, ServerBusyError, TandemError
 from shared.oip import InferRequest, InferResponse
 
 #: Batches whose compute takes less than this (running estimate) run on the event loop.
@@ -55,6 +55,8 @@ class Batcher:
         self.batching = model.batchable and config.max_batch_size > 1
         # the largest request merged (0: none are), and the queue's limit, read per request
         self._max_rows = config.max_batch_size if self.batching else 0
+        #: Triton's max_batch_size: a request of more rows is refused (0: no limit)
+        self.batch_limit = config.batch_limit(model.batchable)
         self._max_queue = config.max_queue_size
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0  # rows in the queue: the worker is woken when a batch is full
@@ -105,6 +107,11 @@ class Batcher:
                 rows = next(iter(feeds.values())).shape[0] if feeds else 0
                 key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
             if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
+                if rows > self.batch_limit > 0:
+                    raise InvalidRequestError(
+                        f"inference request batch-size must be <= {self.batch_limit} "
+                        f"for '{self.model.name}'"  # Triton's words
+                    )
                 return self.model.response(wanted, await self._alone(feeds, wanted))
             if len(self._queue) + self._waiting >= self._max_queue:
                 self._admit()  # raises

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from typing import Any
 
 from cloud import __version__
 from cloud.batcher import Batcher
-from cloud.repository import ModelRepository
+from cloud.repository import MODEL_FILE, ModelRepository
 from cloud.settings import CloudSettings
 from shared.errors import TandemError
 from shared.oip import (
@@ -18,6 +19,7 @@ from shared.oip import (
     ModelMetadata,
     ModelReadyDoc,
     ServerMetadata,
+    triton_model_config,
 )
 
 
@@ -51,6 +53,29 @@ class CloudDataPlane:
             platform="onnxruntime_onnx",
             inputs=model.inputs,
             outputs=model.outputs,
+        )
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration of a serving version: its tensors, and its
+        ``config.toml`` as ``config.pbtxt`` would say it (``cloud/model_config.py``)."""
+        batcher = self.repository.batcher(name, version)
+        model, config = batcher.model, batcher.config
+        ort = self.settings.ort
+        return triton_model_config(
+            name,
+            "onnxruntime_onnx",
+            model.inputs,
+            model.outputs,
+            batcher.batch_limit,
+            backend="onnxruntime",
+            default_model_filename=MODEL_FILE,
+            **config.triton_sections(
+                batcher.batching, any(p.startswith(("CUDA", "Tensorrt")) for p in model.providers)
+            ),
+            parameters={
+                "intra_op_thread_count": {"string_value": str(ort.intra_op_threads)},
+                "inter_op_thread_count": {"string_value": str(ort.inter_op_threads)},
+            },
         )
 
     def model_ready(self, name: str, version: str | None) -> ModelReadyDoc:

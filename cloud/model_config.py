@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +57,39 @@ class ModelConfig(BaseModel):
         if isinstance(self.versions, Specific):
             return [v for v in sorted(available) if v in self.versions.specific]
         return sorted(available)
+
+    def batch_limit(self, batchable: bool) -> int:
+        """Triton's ``max_batch_size`` of a model: this one's, if its tensors have a free
+        first dimension (a request of more rows is refused, as Triton refuses it); 0, no
+        batch dimension and no limit, otherwise."""
+        return self.max_batch_size if batchable else 0
+
+    def triton_sections(self, batching: bool, gpu: bool) -> dict[str, Any]:
+        """What ``config.pbtxt`` would say of this file's settings (the README's mapping),
+        as Triton's ``GET /v2/models/{m}/config`` writes it: version policy, instances and,
+        when requests are merged, dynamic batching with its queue policy."""
+        policy: dict[str, Any] = {"all": {}}
+        if isinstance(self.versions, Latest):
+            policy = {"latest": {"num_versions": self.versions.latest}}
+        elif isinstance(self.versions, Specific):
+            policy = {"specific": {"versions": sorted(self.versions.specific)}}
+        sections: dict[str, Any] = {
+            "version_policy": policy,
+            "instance_group": [
+                {"count": self.instances, "kind": "KIND_GPU" if gpu else "KIND_CPU"}
+            ],
+        }
+        if batching:
+            sections["dynamic_batching"] = {
+                "max_queue_delay_microseconds": self.max_queue_delay_us,
+                "default_queue_policy": {
+                    "timeout_action": "REJECT",
+                    "default_timeout_microseconds": round(self.timeout_ms * 1000),
+                    "allow_timeout_override": False,
+                    "max_queue_size": self.max_queue_size,
+                },
+            }
+        return sections
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelConfig:

@@ -93,6 +93,8 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises untyped errors
             raise ContractError(f"cannot load {path}: {exc}") from exc
         self._session = self._sessions[0]
+        #: Execution providers the session really got (a GPU one only if one is there).
+        self.providers: list[str] = list(self._session.get_providers())
         self._next = itertools.count()
         self.inputs = [_tensor_meta(n) for n in self._session.get_inputs()]
         self.outputs = [_tensor_meta(n) for n in self._session.get_outputs()]

@@ -10,6 +10,7 @@ their OpenAPI documents share one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -22,7 +23,7 @@ Param = str | int | float | bool
 #: Header that carries the length of the JSON part of a binary-extension body.
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The extensions both Tandem servers implement (reported by ``GET /v2``).
-SERVER_EXTENSIONS = ("binary_tensor_data",)
+SERVER_EXTENSIONS = ("binary_tensor_data", "model_configuration")
 
 _DATATYPE_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
     "BOOL": np.dtype(np.bool_),
@@ -164,3 +165,42 @@ class ModelReadyDoc(_Doc):
 
 class ErrorDoc(_Doc):
     error: str
+
+
+def triton_data_type(datatype: str) -> str:
+    """Triton's name of an OIP datatype (``model_config.proto``): ``TYPE_`` and the name, but
+    BYTES is ``TYPE_STRING``."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def triton_model_config(
+    name: str,
+    platform: str,
+    inputs: list[TensorMetadata],
+    outputs: list[TensorMetadata],
+    max_batch_size: int,
+    **sections: Any,
+) -> dict[str, Any]:
+    """Triton's model configuration as its ``GET /v2/models/{m}/config`` writes it (the
+    ``ModelConfig`` message of ``model_config.proto``, field names as in the proto, integers
+    as numbers): what tritonclient's ``get_model_config`` reads. With ``max_batch_size`` > 0
+    every tensor's first dimension is the batch, left out of ``dims`` (a tensor of the batch
+    dimension alone is ``dims: [1]`` reshaped to ``[]``, Triton's way); -1 is a free
+    dimension. ``sections``: further fields (``backend``, ``dynamic_batching``, ...)."""
+
+    def tensor(t: TensorMetadata) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": t.name, "data_type": triton_data_type(t.datatype)}
+        dims = t.shape[1:] if max_batch_size > 0 else t.shape
+        doc["dims"] = dims or [1]
+        if not dims:
+            doc["reshape"] = {"shape": []}
+        return doc
+
+    return {
+        "name": name,
+        "platform": platform,
+        **sections,
+        "max_batch_size": max_batch_size,
+        "input": [tensor(t) for t in inputs],
+        "output": [tensor(t) for t in outputs],
+    }

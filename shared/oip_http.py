@@ -58,6 +58,10 @@ class DataPlane(Protocol):
 
     def model_ready(self, name: str, version: str | None) -> ModelReadyDoc: ...
 
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration JSON (``shared.oip.triton_model_config``)."""
+        ...
+
     def infer(
         self, name: str, version: str | None, request: InferRequest
     ) -> Awaitable[InferResponse]:
@@ -437,6 +441,16 @@ def add_oip_routes(
     )
     def version_metadata(name: str, version: str) -> ModelMetadata:
         return plane.model_metadata(name, version)
+
+    @router.get("/v2/models/{name}/config", responses=_ERRORS)
+    def model_config(name: str) -> dict[str, Any]:
+        """Triton's model configuration extension."""
+        return plane.model_config(name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}/config", responses=_ERRORS)
+    def version_config(name: str, version: str) -> dict[str, Any]:
+        """Triton's model configuration extension, for one version."""
+        return plane.model_config(name, version)
 
     def _ready_response(doc: ModelReadyDoc) -> Response:
         return JSONResponse(

@@ -42,13 +42,13 @@ def test_health_and_metadata(http: httpx.Client) -> None:
 
 
 def test_json_infer_is_correct(http: httpx.Client, digits: dataset.Digits) -> None:
-    x = digits.test.x[:50]
+    x = digits.test.x[:32]  # the model's max_batch_size
     r = http.post(f"/v2/models/{CLOUD_MODEL}/versions/1/infer", json=infer_body(x, id="req-9"))
     assert r.status_code == 200, r.text
     doc = r.json()
     assert doc["id"] == "req-9" and doc["model_version"] == "1"
-    probs = np.array(doc["outputs"][0]["data"]).reshape(50, 10)
-    assert (probs.argmax(1) == digits.test.y[:50]).mean() > 0.95
+    probs = np.array(doc["outputs"][0]["data"]).reshape(32, 10)
+    assert (probs.argmax(1) == digits.test.y[:32]).mean() > 0.95
 
 
 def test_binary_infer_both_ways(http: httpx.Client, digits: dataset.Digits) -> None:
@@ -108,6 +108,7 @@ def test_gzip_body(http: httpx.Client) -> None:
             "unknown outputs",
         ),
         (INFER, {"inputs": "x"}, 400, "inputs"),
+        (INFER, infer_body(np.zeros((33, 64))), 400, "batch-size must be <= 32"),
     ],
 )
 def test_client_mistakes_are_4xx_with_a_message(
@@ -129,6 +130,8 @@ def test_raw_garbage_and_unknown_routes(http: httpx.Client) -> None:
     assert r.status_code == 404 and "error" in r.json()
     assert http.get("/v2/models/nope").status_code == 404
     assert http.get("/v2/models/nope/ready").status_code == 404
+    assert http.get("/v2/models/nope/config").status_code == 404
+    assert http.get(f"/v2/models/{CLOUD_MODEL}/versions/9/config").status_code == 404
 
 
 def test_oversized_bodies_are_413() -> None:

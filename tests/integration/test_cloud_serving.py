@@ -409,3 +409,33 @@ def test_fuzzed_requests_never_get_a_5xx(plain_url: str, doc: dict[str, object])
     r = httpx.post(f"{plain_url}/v2/models/m/infer", json=doc, timeout=10)
     assert r.status_code < 500, r.text
     assert "error" in r.json() if r.status_code != 200 else True
+
+
+def test_model_configuration_follows_config_toml(tmp_path: Path) -> None:
+    """``config.toml`` as Triton's configuration says it, and ``max_batch_size`` enforced as
+    Triton enforces it: 1 refuses two rows; 0 is a model without a batch dimension, its dims
+    whole, no request refused for its size."""
+    one = repo_with(
+        tmp_path / "a", "max_batch_size = 1\nversions = {latest = 2}\ninstances = 2\n", (1, 2, 3)
+    )
+    none = repo_with(tmp_path / "b", "max_batch_size = 0\n")
+    with serve_in_thread(create_app(CloudSettings(repo=one, repo_poll_s=0))) as url:
+        config = httpx.get(f"{url}/v2/models/m/config").json()
+        assert config["max_batch_size"] == 1 and "dynamic_batching" not in config
+        assert config["version_policy"] == {"latest": {"num_versions": 2}}
+        assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+        assert httpx.get(f"{url}/v2/models/m/versions/2/config").json()["name"] == "m"
+        assert httpx.get(f"{url}/v2/models/m/versions/1/config").status_code == 404
+        r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(np.zeros((2, 64))))
+        assert r.status_code == 400
+        assert r.json()["error"] == "inference request batch-size must be <= 1 for 'm'"
+        r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(np.zeros((1, 64))))
+        assert r.status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'tandem_inference_requests_total{model="m",version="3",status="400"} 1' in metrics
+    with serve_in_thread(create_app(CloudSettings(repo=none, repo_poll_s=0))) as url:
+        config = httpx.get(f"{url}/v2/models/m/config").json()
+        assert config["max_batch_size"] == 0
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, 64]}]
+        r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(np.zeros((100, 64))))
+        assert r.status_code == 200

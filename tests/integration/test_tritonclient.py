@@ -79,6 +79,49 @@ def test_agent_with_tritonclient(
     client.close()
 
 
+def test_model_configuration_with_tritonclient(cloud_url: str, agent_url: str) -> None:
+    """Triton's model configuration extension, as tritonclient reads it: the cloud's
+    config.toml defaults as config.pbtxt would say them, dims without the batch dimension."""
+    client = _client(cloud_url)
+    config = client.get_model_config(CLOUD_MODEL)
+    assert config == client.get_model_config(CLOUD_MODEL, model_version="1")
+    assert (config["name"], config["platform"], config["backend"]) == (
+        CLOUD_MODEL,
+        "onnxruntime_onnx",
+        "onnxruntime",
+    )
+    assert config["max_batch_size"] == 32
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]}]
+    batching = config["dynamic_batching"]
+    assert batching["max_queue_delay_microseconds"] == 500
+    assert batching["default_queue_policy"]["max_queue_size"] == 256
+    assert batching["default_queue_policy"]["default_timeout_microseconds"] == 5_000_000
+    assert config["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
+    assert config["version_policy"] == {"all": {}}
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_config("nope")
+    client.close()
+    agent = _client(agent_url)
+    edge = agent.get_model_config("digits")
+    assert edge["input"][0]["dims"] == [64] and edge["max_batch_size"] > 0
+    agent.close()
+
+
+def test_max_batch_size_refuses_a_larger_request_as_triton_does(cloud_url: str) -> None:
+    client = _client(cloud_url)
+    for rows in (32, 33):
+        inp = triton.InferInput("input", [rows, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((rows, 64), np.float32), binary_data=True)
+        if rows == 32:
+            assert client.infer(CLOUD_MODEL, [inp]).as_numpy("probabilities").shape == (32, 10)
+        else:
+            with pytest.raises(InferenceServerException, match="batch-size must be <= 32"):
+                client.infer(CLOUD_MODEL, [inp])
+    client.close()
+
+
 def test_tritonclient_sees_errors(cloud_url: str) -> None:
     client = _client(cloud_url)
     inp = triton.InferInput("input", [1, 5], "FP32")
