@@ -36,6 +36,7 @@ from shared.oip import (
     Param,
     ServerMetadata,
     TensorMetadata,
+    triton_model_config,
 )
 from shared.oip_http import add_oip_routes, docs_routes_last, install_error_handlers
 
@@ -96,9 +97,11 @@ class AgentDataPlane:
         """Triton's model configuration (``GET /v2/models/{m}/config``): what tritonclient's
         ``get_model_config`` reads. Batched, so dims leave the batch dimension out."""
         meta = self.model_metadata(name, version)
-        return _triton_config(
-            meta,
+        return triton_model_config(
+            meta.name,
             PLATFORMS[self.agent.model.manifest.edge.format],
+            meta.inputs,
+            meta.outputs,
             self.agent.settings.routing.max_batch_rows,
         )
 
@@ -150,31 +153,6 @@ class AgentDataPlane:
         if not np.isfinite(rows).all():
             raise InvalidRequestError("input holds NaN or infinite values")
         return rows
-
-
-def _triton_config(meta: ModelMetadata, platform: str, max_batch_size: int) -> dict[str, Any]:
-    """Triton's model configuration JSON for a model whose every tensor is batched along its
-    first dimension (metadata shape ``[-1, ...]``)."""
-
-    def tensor(t: TensorMetadata) -> dict[str, Any]:
-        # Triton's data types are OIP's with a TYPE_ prefix, but BYTES is TYPE_STRING there
-        data_type = "TYPE_STRING" if t.datatype == "BYTES" else f"TYPE_{t.datatype}"
-        doc: dict[str, Any] = {"name": t.name, "data_type": data_type}
-        dims = t.shape[1:]
-        if dims:
-            doc["dims"] = dims
-        else:  # batch only: Triton spells a per-row scalar as [1], reshaped to []
-            doc["dims"] = [1]
-            doc["reshape"] = {"shape": []}
-        return doc
-
-    return {
-        "name": meta.name,
-        "platform": platform,
-        "max_batch_size": max_batch_size,
-        "input": [tensor(t) for t in meta.inputs],
-        "output": [tensor(t) for t in meta.outputs],
-    }
 
 
 def _routing_params(params: dict[str, Param], max_deadline_ms: float) -> tuple[Any, float | None]:

@@ -19,7 +19,6 @@ from agent.server import AgentDataPlane, create_app
 from cloud.app import create_app as cloud_app
 from cloud.settings import CloudSettings
 from shared.errors import ModelNotFoundError
-from shared.oip_http import DataPlane
 from tests.helpers import CLOUD_REPO, EDGE_INT8, serve_in_thread
 
 
@@ -213,10 +212,6 @@ def test_model_config_document() -> None:
             plane.model_config("other", None)
 
 
-@pytest.mark.skipif(
-    not hasattr(DataPlane, "model_config"),
-    reason="the config route is not in shared/oip_http.py yet",
-)
 def test_model_config(http: httpx.Client, agent_url: str) -> None:
     """Triton's model configuration extension, as tritonclient's get_model_config reads it."""
     for path in ("/v2/models/digits/config", "/v2/models/digits/versions/1/config"):
