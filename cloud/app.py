@@ -12,13 +12,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from cloud import __version__
 from cloud.auth import install_bearer_auth
 from cloud.collector import Collector
 from cloud.dataplane import CloudDataPlane
-from cloud.fleet_api import fleet_router, prometheus_text
+from cloud.fleet_api import FleetMetrics, fleet_router
 from cloud.fleet_store import FleetStore
 from cloud.registry import Registry, registry_router
 from cloud.repository import ModelRepository, repository_router
@@ -102,12 +103,14 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     )
     app.include_router(repository_router(repository))
 
+    registry = CollectorRegistry()  # the app's own: a process may hold many apps
+    registry.register(metrics)
+    if store is not None:
+        registry.register(FleetMetrics(store, settings.fleet, collector))
+
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
-        text = metrics.render()
-        if store is not None:
-            text += prometheus_text(store, settings.fleet, collector)
-        return Response(text, media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     if settings.registry is not None:
         app.include_router(registry_router(Registry(settings.registry)))

@@ -50,8 +50,7 @@ class Batcher:
     def __init__(self, model: OnnxModel, config: ModelConfig, metrics: ServerMetrics) -> None:
         self.model = model
         self.config = config
-        self.metrics = metrics
-        self.labels = (model.name, model.version)
+        self.stats = metrics.version(model.name, model.version)
         self.batching = model.batchable and config.max_batch_size > 1
         # the largest request merged (0: none are), and the queue's limit, read per request
         self._max_rows = config.max_batch_size if self.batching else 0
@@ -132,7 +131,7 @@ class Batcher:
             values = await item.future
             return self.model.response(wanted, values)
         except TandemError as exc:
-            self.metrics.requests.inc(*self.labels, str(exc.http_status))
+            self.stats.failed(exc.http_status)
             raise
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
@@ -142,9 +141,9 @@ class Batcher:
             async with self._slots:
                 start = time.monotonic()
                 values = await run_in_threadpool(self.model.compute, feeds, wanted)
-                self.metrics.compute_seconds.observe(time.monotonic() - start, *self.labels)
-                self.metrics.batch_size.observe(1, *self.labels)
-                self.metrics.requests.inc(*self.labels, "200")
+                self.stats.compute_seconds.observe(time.monotonic() - start)
+                self.stats.batch_size.observe(1)
+                self.stats.served.inc()
                 return values
         finally:
             self._waiting -= 1
@@ -179,7 +178,7 @@ class Batcher:
                 await self._more.wait()
                 timer.cancel()
             batch = self._take(first.key)
-            self.metrics.queue_depth.set(*self.labels, to=self.depth)
+            self.stats.queue_depth.set(self.depth)
             if not batch:
                 self._slots.release()
                 continue
@@ -287,9 +286,9 @@ class Batcher:
         None (the inline path). Releases the batch's slot whatever happens."""
         try:
             now = time.monotonic()
-            self.metrics.queue_seconds.observe_many(
-                [now - item.enqueued for item in batch], *self.labels
-            )
+            observe = self.stats.queue_seconds.observe
+            for item in batch:
+                observe(now - item.enqueued)
             if done is None:
                 try:
                     cpu = time.thread_time()
@@ -304,8 +303,8 @@ class Batcher:
                         item.future.set_exception(done)
                 return
             values, took = done
-            self.metrics.compute_seconds.observe(took, *self.labels)
-            self.metrics.batch_size.observe(len(batch), *self.labels)
+            self.stats.compute_seconds.observe(took)
+            self.stats.batch_size.observe(len(batch))
             offset = delivered = 0
             single = values[0] if len(values) == 1 else None
             for item in batch:
@@ -317,6 +316,6 @@ class Batcher:
                         item.future.set_result([v[offset:end] for v in values])
                     delivered += 1
                 offset = end
-            self.metrics.requests.inc(*self.labels, "200", by=delivered)
+            self.stats.served.inc(delivered)
         finally:
             self._slots.release()

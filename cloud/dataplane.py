@@ -11,7 +11,7 @@ from cloud import __version__
 from cloud.batcher import Batcher
 from cloud.repository import MODEL_FILE, ModelRepository
 from cloud.settings import CloudSettings
-from shared.errors import TandemError
+from shared.errors import ModelNotReadyError, TandemError
 from shared.oip import (
     SERVER_EXTENSIONS,
     InferRequest,
@@ -92,7 +92,12 @@ class CloudDataPlane:
         try:
             batcher = self.repository.batcher(name, version)
         except TandemError as exc:
-            self.repository.metrics.requests.inc(name, version or "latest", str(exc.http_status))
+            # a name or version that does not exist is counted without it: clients choose
+            # them, and every label value would be kept forever
+            known = isinstance(exc, ModelNotReadyError)
+            model = name if known or self.repository.has(name) else ""
+            label = (version or "latest") if known else ""
+            self.repository.metrics.failed(model, label, exc.http_status)
             raise
         if self.settings.simulated_delay_ms:
             return self._delayed(batcher, request)

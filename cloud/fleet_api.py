@@ -5,16 +5,19 @@
 - ``GET /fleet/devices/{device}``: one device, with its time series (``?since=`` ISO time);
 - ``GET /fleet/summary``: online/offline counts, model version distribution, fleet offload
   rate and latency over time, rollouts with per-wave progress;
-- ``GET /metrics``: fleet figures in the Prometheus text format.
+- ``FleetMetrics``: fleet figures for ``/metrics`` (Prometheus).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from cloud.collector import Collector
 from cloud.fleet_store import FleetStore
@@ -149,42 +152,51 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
     return router
 
 
-def prometheus_text(store: FleetStore, fleet: str, collector: Collector | None) -> str:
-    view = _device_view(store, fleet)
-    lines = [
-        "# HELP tandem_fleet_devices Devices by online state.",
-        "# TYPE tandem_fleet_devices gauge",
-        f'tandem_fleet_devices{{fleet="{fleet}",state="online"}} {sum(d["online"] for d in view)}',
-        f'tandem_fleet_devices{{fleet="{fleet}",state="offline"}} '
-        f"{sum(not d['online'] for d in view)}",
-        "# HELP tandem_fleet_model_devices Devices serving each model version.",
-        "# TYPE tandem_fleet_model_devices gauge",
-    ]
-    versions: Counter[tuple[str, int]] = Counter()
-    for d in view:
-        for m in d["models"]:
-            versions[(m["model"], m["version"])] += 1
-    for (model, version), n in sorted(versions.items()):
-        lines.append(
-            f'tandem_fleet_model_devices{{fleet="{fleet}",model="{model}",version="{version}"}} {n}'
+class FleetMetrics:
+    """The fleet's Prometheus figures, computed from the store at each scrape (a
+    ``prometheus_client`` custom collector): devices by state, devices per model version,
+    each device's offload rate, and the collector's message counts."""
+
+    def __init__(self, store: FleetStore, fleet: str, collector: Collector | None) -> None:
+        self.store, self.fleet, self.collector = store, fleet, collector
+
+    def collect(self) -> Iterator[Metric]:
+        fleet = self.fleet
+        view = _device_view(self.store, fleet)
+        devices = GaugeMetricFamily(
+            "tandem_fleet_devices", "Devices by online state.", labels=["fleet", "state"]
         )
-    lines += [
-        "# HELP tandem_device_offload_rate Share of requests escalated, last interval.",
-        "# TYPE tandem_device_offload_rate gauge",
-    ]
-    for d in view:
-        if d["offload_rate"] is not None:
-            lines.append(
-                f'tandem_device_offload_rate{{fleet="{fleet}",device="{d["device"]}"}} '
-                f"{d['offload_rate']}"
+        online = sum(d["online"] for d in view)
+        devices.add_metric([fleet, "online"], online)
+        devices.add_metric([fleet, "offline"], len(view) - online)
+        yield devices
+        versions: Counter[tuple[str, int]] = Counter()
+        for d in view:
+            for m in d["models"]:
+                versions[(m["model"], m["version"])] += 1
+        per_version = GaugeMetricFamily(
+            "tandem_fleet_model_devices",
+            "Devices serving each model version.",
+            labels=["fleet", "model", "version"],
+        )
+        for (model, version), n in sorted(versions.items()):
+            per_version.add_metric([fleet, model, str(version)], n)
+        yield per_version
+        offload = GaugeMetricFamily(
+            "tandem_device_offload_rate",
+            "Share of requests escalated, last interval.",
+            labels=["fleet", "device"],
+        )
+        for d in view:
+            if d["offload_rate"] is not None:
+                offload.add_metric([fleet, d["device"]], d["offload_rate"])
+        yield offload
+        if self.collector is not None:
+            messages = CounterMetricFamily(
+                "tandem_collector_messages_total",
+                "Telemetry messages by outcome.",
+                labels=["fleet", "outcome"],
             )
-    if collector is not None:
-        lines += [
-            "# HELP tandem_collector_messages_total Telemetry messages by outcome.",
-            "# TYPE tandem_collector_messages_total counter",
-        ]
-        for outcome, n in sorted(collector.counts.items()):
-            lines.append(
-                f'tandem_collector_messages_total{{fleet="{fleet}",outcome="{outcome}"}} {n}'
-            )
-    return "\n".join(lines) + "\n"
+            for outcome, n in sorted(self.collector.counts.items()):
+                messages.add_metric([fleet, outcome], n)
+            yield messages

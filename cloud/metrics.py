@@ -1,121 +1,107 @@
-"""Prometheus metrics of the inference server, in the text exposition format, with no
-dependency: counters and histograms keyed by label values, thread-safe."""
+"""Prometheus metrics of the inference server, through ``prometheus_client``: request counts
+by model, version and status, queue depth, batch sizes, queue and compute time.
+
+Each ``ServerMetrics`` has a registry of its own (tests make many servers in one process), and
+is itself a collector, so an app can serve it beside others from one registry. The batcher
+takes its version's labelled children once (``VersionMetrics``): looking them up by label
+values costs more than the observation, on every batch.
+"""
 
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
-from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
-    return ",".join(f'{n}="{v}"' for n, v in zip(names, values))
+@dataclass(slots=True)
+class VersionMetrics:
+    """One model version's children of the server's metrics."""
 
+    model: str
+    version: str
+    served: Counter  # requests answered 200
+    queue_depth: Gauge
+    batch_size: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    _requests: Counter
+    _failures: dict[int, Counter] = field(default_factory=dict)
 
-class Counter:
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...]) -> None:
-        self.name, self.help, self.labels = name, help_text, labels
-        self._values: dict[tuple[str, ...], float] = defaultdict(float)
-        self._lock = threading.Lock()
-
-    def inc(self, *values: str, by: float = 1.0) -> None:
-        with self._lock:
-            self._values[values] += by
-
-    def value(self, *values: str) -> float:
-        return self._values.get(values, 0.0)
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        with self._lock:
-            for values, v in sorted(self._values.items()):
-                out.append(f"{self.name}{{{_labels(self.labels, values)}}} {v:g}")
-        return out
-
-
-class Gauge(Counter):
-    def set(self, *values: str, to: float) -> None:
-        with self._lock:
-            self._values[values] = to
-
-    def render(self) -> list[str]:
-        lines = super().render()
-        lines[1] = f"# TYPE {self.name} gauge"
-        return lines
-
-
-class Histogram:
-    def __init__(
-        self, name: str, help_text: str, labels: tuple[str, ...], buckets: tuple[float, ...]
-    ) -> None:
-        self.name, self.help, self.labels, self.buckets = name, help_text, labels, buckets
-        self._counts: dict[tuple[str, ...], list[int]] = {}
-        self._sums: dict[tuple[str, ...], float] = defaultdict(float)
-        self._lock = threading.Lock()
-
-    def observe(self, value: float, *values: str) -> None:
-        with self._lock:
-            counts = self._counts.setdefault(values, [0] * (len(self.buckets) + 1))
-            counts[bisect_left(self.buckets, value)] += 1
-            self._sums[values] += value
-
-    def observe_many(self, observed: list[float], *values: str) -> None:
-        """Several observations under one lock (a batch's queue times)."""
-        with self._lock:
-            counts = self._counts.setdefault(values, [0] * (len(self.buckets) + 1))
-            for value in observed:
-                counts[bisect_left(self.buckets, value)] += 1
-            self._sums[values] += sum(observed)
-
-    def count(self, *values: str) -> int:
-        return sum(self._counts.get(values, []))
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            for values, counts in sorted(self._counts.items()):
-                base = _labels(self.labels, values)
-                cumulative = 0
-                for bound, n in zip([*map(str, self.buckets), "+Inf"], counts):
-                    cumulative += n
-                    out.append(f'{self.name}_bucket{{{base},le="{bound}"}} {cumulative}')
-                out.append(f"{self.name}_sum{{{base}}} {self._sums[values]:g}")
-                out.append(f"{self.name}_count{{{base}}} {cumulative}")
-        return out
+    def failed(self, status: int) -> None:
+        """A request of this version answered ``status`` (an error)."""
+        child = self._failures.get(status)
+        if child is None:
+            child = self._failures[status] = self._requests.labels(
+                self.model, self.version, str(status)
+            )
+        child.inc()
 
 
 class ServerMetrics:
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
         mv = ("model", "version")
         self.requests = Counter(
             "tandem_inference_requests_total",
             "Inference requests by model, version and HTTP status.",
             ("model", "version", "status"),
+            registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "tandem_queue_depth", "Requests waiting, as of the last batch formed.", mv
+            "tandem_queue_depth",
+            "Requests waiting, as of the last batch formed.",
+            mv,
+            registry=self.registry,
         )
         self.batch_size = Histogram(
-            "tandem_batch_size", "Requests merged into one run.", mv, BATCH_BUCKETS
+            "tandem_batch_size",
+            "Requests merged into one run.",
+            mv,
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.queue_seconds = Histogram(
-            "tandem_queue_seconds", "Time waiting in the queue.", mv, LATENCY_BUCKETS_S
+            "tandem_queue_seconds",
+            "Time waiting in the queue.",
+            mv,
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
         self.compute_seconds = Histogram(
-            "tandem_compute_seconds", "ONNX Runtime time per batch.", mv, LATENCY_BUCKETS_S
+            "tandem_compute_seconds",
+            "ONNX Runtime time per batch.",
+            mv,
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in (
+    def version(self, model: str, version: str) -> VersionMetrics:
+        """The children of one model version (made once per batcher)."""
+        return VersionMetrics(
+            model,
+            version,
+            self.requests.labels(model, version, "200"),
+            self.queue_depth.labels(model, version),
+            self.batch_size.labels(model, version),
+            self.queue_seconds.labels(model, version),
+            self.compute_seconds.labels(model, version),
             self.requests,
-            self.queue_depth,
-            self.batch_size,
-            self.queue_seconds,
-            self.compute_seconds,
-        ):
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+        )
+
+    def failed(self, model: str, version: str, status: int) -> None:
+        """A request no batcher saw, answered ``status`` (no such or no ready version)."""
+        self.requests.labels(model, version, str(status)).inc()
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A sample's value (0 if absent), e.g. ``sample("tandem_batch_size_count", ...)``."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def collect(self) -> Iterable[Metric]:
+        """As a collector: every metric of this server (for an app's registry)."""
+        return self.registry.collect()

@@ -170,6 +170,10 @@ class ModelRepository:
                 )
         return out
 
+    def has(self, name: str) -> bool:
+        """Whether ``name`` has versions here (loaded or not)."""
+        return name in self._sorted
+
     def names(self) -> list[str]:
         return sorted(self._models)
 

@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from cloud.app import create_app
 from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, infer_body, serve_in_thread
+from tests.prometheus import sample
 
 MODEL = CLOUD_REPO / CLOUD_MODEL / "1" / "model.onnx"
 
@@ -61,13 +62,12 @@ def test_concurrent_requests_are_merged_and_answered_in_order(
     for i, probs in enumerate(results):
         np.testing.assert_allclose(probs, reference[i : i + 1 + i % 2], rtol=1e-5, atol=1e-6)
     # fewer runs than requests: they were merged
-    runs = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith('tandem_batch_size_count{model="m",version="1"}')
-    ]
-    assert runs and int(float(runs[0].split()[-1])) < 12
-    assert 'tandem_inference_requests_total{model="m",version="1",status="200"} 12' in metrics
+    runs = sample(metrics, "tandem_batch_size_count", model="m", version="1")
+    assert runs is not None and runs < 12
+    served = sample(
+        metrics, "tandem_inference_requests_total", model="m", version="1", status="200"
+    )
+    assert served == 12
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset.Digits) -> None:
@@ -169,7 +169,7 @@ def test_requests_arriving_together_share_one_run_when_closing_on_quiet(
     took = time.monotonic() - start
     reference = ort.InferenceSession(str(MODEL)).run(None, {"input": x})[0]
     np.testing.assert_allclose(np.concatenate(results), reference, rtol=1e-5, atol=1e-6)
-    assert metrics.batch_size.count("m", "1") == 1  # one run for all ten
+    assert metrics.sample("tandem_batch_size_count", model="m", version="1") == 1  # one run
     assert took < 2.5  # closed on quiet, not after the 5 s delay
 
 
@@ -280,7 +280,7 @@ def test_requests_for_different_outputs_are_batched_apart(tmp_path: Path) -> Non
         if "neg" in got:
             np.testing.assert_array_equal(got["neg"], -x)
     # one run per kind of request: merged within a kind, never across
-    assert metrics.batch_size.count("two", "1") == 3
+    assert metrics.sample("tandem_batch_size_count", model="two", version="1") == 3
 
 
 def test_model_without_a_batch_dimension_is_served_unbatched(tmp_path: Path) -> None:
@@ -432,7 +432,8 @@ def test_model_configuration_follows_config_toml(tmp_path: Path) -> None:
         r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(np.zeros((1, 64))))
         assert r.status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'tandem_inference_requests_total{model="m",version="3",status="400"} 1' in metrics
+        refused = dict(model="m", version="3", status="400")
+        assert sample(metrics, "tandem_inference_requests_total", **refused) == 1
     with serve_in_thread(create_app(CloudSettings(repo=none, repo_poll_s=0))) as url:
         config = httpx.get(f"{url}/v2/models/m/config").json()
         assert config["max_batch_size"] == 0

@@ -19,6 +19,7 @@ from shared.mqtt import MqttSettings
 from tests.fleet import wait_for
 from tests.helpers import CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
 from tests.mosquitto import Mosquitto
+from tests.prometheus import sample
 
 FLEET = "apifleet"
 
@@ -77,8 +78,16 @@ def test_agent_telemetry_reaches_the_fleet_api(
         assert summary["online"] == 1 and summary["versions"] == {"digits:1": 1}
         assert sum(b["requests"] for b in summary["series"]) == 200
         metrics = cloud.get("/metrics").text
-        assert f'tandem_fleet_devices{{fleet="{FLEET}",state="online"}} 1' in metrics
-        assert 'tandem_collector_messages_total{fleet="apifleet",outcome="stored"}' in metrics
+        assert sample(metrics, "tandem_fleet_devices", fleet=FLEET, state="online") == 1
+        assert sample(metrics, "tandem_fleet_devices", fleet=FLEET, state="offline") == 0
+        assert (
+            sample(metrics, "tandem_fleet_model_devices", fleet=FLEET, model="digits", version="1")
+            == 1
+        )
+        offload = sample(metrics, "tandem_device_offload_rate", fleet=FLEET, device="dev-1")
+        assert offload is not None and 0 < offload < 1
+        stored = sample(metrics, "tandem_collector_messages_total", fleet=FLEET, outcome="stored")
+        assert stored is not None and stored >= 1
         assert cloud.get("/fleet/devices/nobody").status_code == 404
     finally:
         service.stop()

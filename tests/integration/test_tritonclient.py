@@ -181,4 +181,5 @@ def test_cloud_serves_bytes_tensors(tmp_path: Path, binary_in: bool, binary_out:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(one, range(16)))
     assert answers == [[["héllo", f"tandem-{i}"]] for i in range(16)]
-    assert app.state.plane.repository.metrics.batch_size.count("words", "1") < 16  # merged
+    metrics = app.state.plane.repository.metrics
+    assert metrics.sample("tandem_batch_size_count", model="words", version="1") < 16  # merged
