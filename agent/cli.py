@@ -1,23 +1,38 @@
 """``tandem-agent``: the edge agent's command line. Settings are built here and passed down.
 
-- ``tandem-agent serve``: the local OIP endpoint (needs the ``serve`` extra);
+- ``tandem-agent run``: the device's job (store, MQTT updates, telemetry, local endpoint);
+- ``tandem-agent serve``: the local OIP endpoint alone (needs the ``serve`` extra);
 - ``tandem-agent infer FILE``: classify the rows of a ``.npy``, ``.json`` or ``.csv`` file
-  and print one JSON result per row.
+  and print one JSON result per row;
+- ``tandem-agent systemd-unit``: print a hardened systemd unit for ``run``.
+
+A bad setting (flag, environment or file) is a one-line error and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import shutil
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.settings import AgentSettings
 from shared.errors import TandemError
+from shared.log_setup import setup_logging
+from shared.settings_files import SettingsError
+
+if TYPE_CHECKING:
+    from agent.core import Agent
+
+log = logging.getLogger("agent.cli")
 
 
 def read_rows(path: Path) -> np.ndarray:
@@ -47,60 +62,92 @@ def _infer(settings: AgentSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(settings: AgentSettings) -> int:
+def _require_endpoint(command: str) -> None:
+    """Import the endpoint's packages before anything starts: without the ``serve`` extra
+    the agent must not boot, connect and only then fail."""
     try:
-        import uvicorn
-
-        from agent.server import create_app
-    except ImportError:
-        raise SystemExit(
-            "tandem-agent serve needs the serve extra: pip install 'tandem[serve]'"
+        for module in ("agent.server", "agent.uvicorn_runner"):
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise SettingsError(
+            f"{command} serves the local endpoint, which needs the serve extra "
+            f"(cannot import {exc.name or exc}): pip install 'tandem[serve]', "
+            "or run without it (--no-serve, or server.enabled = false)"
         ) from None
-    from agent.core import Agent
 
+
+def _serve_endpoint(
+    agent: Agent, settings: AgentSettings, on_listening: Callable[[], None]
+) -> None:
+    """The local endpoint in this (main) thread until SIGINT/SIGTERM; returns, so the
+    caller's shutdown runs."""
+    from agent.server import create_app
+    from agent.uvicorn_runner import serve
+
+    serve(create_app(agent), settings.server, settings.log_level, on_listening)
+
+
+def _serve(settings: AgentSettings) -> int:
+    from agent.core import Agent
+    from agent.systemd import Supervision
+
+    _require_endpoint("tandem-agent serve")
+    supervision = Supervision()
     with Agent(settings) as agent:
-        uvicorn.run(
-            create_app(agent),
-            host=settings.server.host,
-            port=settings.server.port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-        )
+        try:
+            _serve_endpoint(agent, settings, lambda: supervision.ready(agent))
+        finally:
+            supervision.stopping()
+    supervision.close()
+    log.info("stopped cleanly")
     return 0
 
 
-def _run(settings: AgentSettings, serve: bool) -> int:
-    """The device's main job: store, updater, MQTT, and (unless told not to) the endpoint."""
-    import signal
-
+def _run(settings: AgentSettings) -> int:
+    """The device's main job: store, updater, MQTT, and (unless told not to) the endpoint.
+    Stop signals are blocked since ``main``: a stop during boot waits for the shutdown."""
     from agent.service import AgentService
+    from agent.systemd import STOP_SIGNALS, Supervision
 
+    serve = settings.server.enabled
+    if serve:
+        _require_endpoint("tandem-agent run")
+    supervision = Supervision()
     service = AgentService(settings)
     service.start()
     try:
         if serve:
-            try:
-                import uvicorn
-
-                from agent.server import create_app
-            except ImportError:
-                raise SystemExit("the local endpoint needs: pip install 'tandem[serve]'") from None
-            uvicorn.run(
-                create_app(service.agent),
-                host=settings.server.host,
-                port=settings.server.port,
-                log_level=settings.log_level.lower(),
-                access_log=False,
-            )
+            _serve_endpoint(service.agent, settings, lambda: supervision.ready(service.agent))
         else:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            supervision.ready(service.agent)
+            signal.sigwait(STOP_SIGNALS)
     finally:
+        supervision.stopping()
         service.stop()
+        supervision.close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _systemd_unit(args: argparse.Namespace) -> int:
+    from agent.systemd import UnitOptions, unit_text
+
+    executable = args.executable or shutil.which("tandem-agent") or "/usr/local/bin/tandem-agent"
+    options = UnitOptions(
+        executable=Path(executable).absolute(),
+        config=(args.config or Path("/etc/tandem/agent.toml")).absolute(),
+        user=args.user,
+        state_dir=args.state_dir.absolute(),
+        watchdog_s=args.watchdog_s,
+    )
+    print(unit_text(options), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tandem-agent", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--config", type=Path, help="TOML settings file")
     parser.add_argument("--model-dir", type=Path, help="folder with manifest.json")
     parser.add_argument("--cloud-url", help="OIP server to escalate to")
@@ -111,48 +158,59 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run as a device: model store, MQTT updates, endpoint")
     run.add_argument("--host")
     run.add_argument("--port", type=int)
-    run.add_argument("--no-serve", action="store_true", help="no local OIP endpoint")
+    run.add_argument(
+        "--no-serve", action="store_true", help="no local OIP endpoint (server.enabled = false)"
+    )
     infer = sub.add_parser("infer", help="classify the rows of a file")
     infer.add_argument("file", type=Path, help=".npy, .json or .csv/.txt rows of features")
     infer.add_argument("--mode", choices=["edge", "cloud", "auto"])
     infer.add_argument("--deadline-ms", type=float)
+    unit = sub.add_parser(
+        "systemd-unit", help="print a systemd unit running `run` with --config (see README)"
+    )
+    unit.add_argument(
+        "--exec",
+        dest="executable",
+        help="the tandem-agent executable (default: the one on PATH)",
+    )
+    unit.add_argument("--user", default="tandem", help="the dedicated user it runs as")
+    unit.add_argument("--state-dir", type=Path, default=Path("/var/lib/tandem"))
+    unit.add_argument("--watchdog-s", type=int, default=30, help="WatchdogSec (0: none)")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    """Flags as overrides of the settings loader, so they are validated like the file and
+    the environment, and a section given in part keeps the rest of the file's."""
     overrides: dict[str, Any] = {}
     if args.model_dir is not None:
         overrides["model_dir"] = args.model_dir
-    base = AgentSettings.load(args.config, **overrides)
-    updates: dict[str, Any] = {}
     if args.cloud_url:
-        updates["cloud"] = base.cloud.model_copy(update={"url": args.cloud_url})
-    if getattr(args, "host", None) or getattr(args, "port", None) is not None:
-        server = base.server.model_copy(
-            update={k: v for k in ("host", "port") if (v := getattr(args, k)) is not None}
-        )
-        updates["server"] = server
-    return base.model_copy(update=updates) if updates else base
+        overrides["cloud"] = {"url": args.cloud_url}
+    server = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
+    if getattr(args, "no_serve", False):
+        server["enabled"] = False
+    if server:
+        overrides["server"] = server
+    return AgentSettings.load(args.config, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "systemd-unit":
+        return _systemd_unit(args)
     try:
+        settings = settings_from_args(args)
+        setup_logging(settings.log_level)
         if args.command == "infer":
             return _infer(settings, args)
-        if args.command == "run":
-            if args.no_serve:
-                import signal
+        from agent.systemd import block_stop_signals
 
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            return _run(settings, serve=not args.no_serve)
-        return _serve(settings)
+        block_stop_signals()  # before anything starts: see agent/uvicorn_runner.py
+        return _run(settings) if args.command == "run" else _serve(settings)
+    except SettingsError as exc:
+        parser.exit(2, f"tandem-agent: error: {exc.message}\n")
     except TandemError as exc:
         print(f"tandem-agent: {exc.message}", file=sys.stderr)
         return 1

@@ -83,6 +83,11 @@ class CloudSettings(_Section):
 
 
 class ServerSettings(_Section):
+    enabled: bool = Field(
+        default=True,
+        description="`run` serves the local OIP endpoint (needs the serve extra); "
+        "false: MQTT and updates only, like --no-serve",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
