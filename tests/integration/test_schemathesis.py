@@ -1,0 +1,168 @@
+"""Schemathesis against both servers' OpenAPI documents, on real uvicorn: whatever a
+client sends within the documents (positive) or outside them (negative), no route answers a
+5xx, and every error is ``{"error": "<message>"}``.
+
+The cloud app has every optional part: a registry folder, and the fleet routes over an empty
+store with an unreachable broker (the app never waits for it). Each operation is fuzzed with
+random path parameters, and the model routes again with the served model's own name and
+version, so bodies reach the model's checks. Derandomized, a bounded number of examples per
+operation: the same cases every run.
+
+Schemathesis's pytest loader for fixtures (``schemathesis.pytest.from_fixture``) fails on
+pytest 9 (it sets ``Function._nodeid``), so operations are taken from the schema and run
+through Hypothesis here; ``test_every_route_is_fuzzed`` keeps the lists below in step with
+the documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import Case, CheckContext, GenerationMode, Response
+from schemathesis.checks import not_a_server_error
+
+from agent import Agent, AgentSettings
+from agent.server import create_app as agent_app
+from cloud.app import create_app as cloud_app
+from cloud.settings import CloudSettings
+from shared.mqtt import MqttSettings
+from tests.helpers import CLOUD_MODEL, CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = 12  # per operation, mode and set of path parameters
+
+OIP = [
+    "POST /v2/models/{name}/infer",
+    "POST /v2/models/{name}/versions/{version}/infer",
+    "GET /v2/health/live",
+    "GET /v2/health/ready",
+    "GET /v2",
+    "GET /v2/models/{name}",
+    "GET /v2/models/{name}/versions/{version}",
+    "GET /v2/models/{name}/config",
+    "GET /v2/models/{name}/versions/{version}/config",
+    "GET /v2/models/{name}/ready",
+    "GET /v2/models/{name}/versions/{version}/ready",
+]
+CLOUD = [
+    *OIP,
+    "POST /v2/repository/index",
+    "POST /v2/repository/models/{name}/load",
+    # unloading the repository's model would make every later case a 503: not fuzzed
+    "GET /registry/{model}",
+    "GET /registry/{model}/{version}/manifest.json",
+    "GET /registry/{model}/{version}/{file}",
+    "GET /fleet/devices",
+    "GET /fleet/devices/{device}",
+    "GET /fleet/summary",
+]
+NOT_FUZZED = {"POST /v2/repository/models/{name}/unload"}
+
+
+@schemathesis.check
+def errors_are_error_documents(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+    """Every 4xx and 5xx body is ``{"error": str}``, the one error shape of both servers."""
+    if response.status_code >= 400:
+        doc = response.json()
+        if not (isinstance(doc, dict) and set(doc) == {"error"} and isinstance(doc["error"], str)):
+            raise AssertionError(f"{response.status_code} with body {response.text[:200]!r}")
+    return None
+
+
+CHECKS = [not_a_server_error, errors_are_error_documents]
+
+
+def _fuzz(schema: Any, label: str, served: dict[str, str]) -> None:
+    """Every generation mode of one operation, with random path parameters and, where it
+    has them, the served model's."""
+    method, path = label.split(" ", 1)
+    operation = schema[path][method]
+    names = {p.name for p in operation.path_parameters}
+    fixed = {k: v for k, v in served.items() if k in names}
+    variants: list[dict[str, str] | None] = [None, fixed] if fixed else [None]
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        for path_parameters in variants:
+            if mode is GenerationMode.NEGATIVE and not _breakable(operation, path_parameters):
+                continue
+            strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
+
+            @settings(
+                max_examples=EXAMPLES,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate, Phase.shrink],
+            )
+            @given(case=strategy)
+            def run(case: Case) -> None:
+                case.call_and_validate(checks=CHECKS)
+
+            run()
+
+
+def _breakable(operation: Any, fixed: dict[str, str] | None) -> bool:
+    """Whether a request can break this operation's document: it has a body, a query, or a
+    path parameter that is not any string (and not fixed)."""
+    loose = [
+        p
+        for p in operation.path_parameters
+        if p.definition.get("schema", {}).get("type") != "string" and p.name not in (fixed or {})
+    ]
+    return bool(operation.body) or bool(list(operation.query)) or bool(loose)
+
+
+@contextmanager
+def _schema(app: Any) -> Iterator[Any]:
+    """The app's document, loaded from it on a real server (over ASGI, every call would run
+    the app's lifespan again: its MQTT client started and stopped per request)."""
+    with serve_in_thread(app) as url:
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json")
+
+
+@pytest.fixture(scope="module")
+def cloud_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    state = tmp_path_factory.mktemp("cloud")
+    (state / "registry").mkdir()
+    settings = CloudSettings(
+        repo=CLOUD_REPO,
+        registry=state / "registry",
+        state_dir=state,
+        mqtt=MqttSettings(url=closed_port_url().replace("http://", "mqtt://")),
+        repo_poll_s=0,
+    )
+    with _schema(cloud_app(settings)) as schema:
+        yield schema
+
+
+@pytest.fixture(scope="module")
+def agent_schema() -> Iterator[Any]:
+    with Agent(AgentSettings(model_dir=EDGE_INT8)) as agent, _schema(agent_app(agent)) as schema:
+        yield schema
+
+
+@pytest.mark.parametrize("label", CLOUD)
+def test_cloud_api(cloud_schema: Any, label: str) -> None:
+    _fuzz(cloud_schema, label, {"name": CLOUD_MODEL, "version": "1"})
+
+
+@pytest.mark.parametrize("label", OIP)
+def test_agent_api(agent_schema: Any, label: str) -> None:
+    _fuzz(agent_schema, label, {"name": "digits", "version": "1"})
+
+
+def test_every_route_is_fuzzed(cloud_schema: Any, agent_schema: Any) -> None:
+    """The lists above are the documents' operations (a new route is fuzzed, or named here
+    as not fuzzed)."""
+
+    def labels(schema: Any) -> set[str]:
+        return {result.ok().label for result in schema.get_all_operations()}
+
+    assert labels(cloud_schema) == set(CLOUD) | NOT_FUZZED
+    assert labels(agent_schema) == set(OIP)
