@@ -440,3 +440,20 @@ def test_model_configuration_follows_config_toml(tmp_path: Path) -> None:
         assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, 64]}]
         r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(np.zeros((100, 64))))
         assert r.status_code == 200
+
+
+def test_names_clients_make_up_are_not_kept_as_metric_labels(tmp_path: Path) -> None:
+    """A 404 is counted without the model or version the client named (every label value is
+    kept for the life of the process: a client could grow it without bound)."""
+    repo = repo_with(tmp_path)
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+        for i in range(3):
+            r = httpx.post(f"{url}/v2/models/made-up-{i}/infer", json=infer_body(np.zeros((1, 64))))
+            assert r.status_code == 404
+        r = httpx.post(f"{url}/v2/models/m/versions/77/infer", json=infer_body(np.zeros((1, 64))))
+        assert r.status_code == 404
+        metrics = httpx.get(f"{url}/metrics").text
+    requests = "tandem_inference_requests_total"
+    assert sample(metrics, requests, model="", version="", status="404") == 3
+    assert sample(metrics, requests, model="m", version="", status="404") == 1
+    assert "made-up" not in metrics and 'version="77"' not in metrics
