@@ -253,3 +253,37 @@ def test_large_bodies_stream_in_and_are_decoded_off_the_event_loop(
         assert r.status_code == 200, r.text
         probs = np.array(r.json()["outputs"][0]["data"]).reshape(2000, 10)
         np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "needle"),
+    [
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "shape": [1] * 33, "datatype": "FP32", "data": [0]}]}
+            ).encode(),
+            {},
+            "33 dimensions",
+        ),
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, "nested too deeply"),
+        (
+            b'{"id": "\\ud800", "inputs": [{"name": "input", "shape": [1, 1], "datatype": "FP32",'
+            b' "data": [NaN]}]}',
+            {},
+            "surrogate",
+        ),
+        (
+            json.dumps(infer_body(np.full((1, 64), 1e300))).replace("FP32", "FP16").encode(),
+            {},
+            "range",
+        ),
+        (b"{}", {HEADER_LENGTH: "-1"}, "outside the body"),
+        (b"{}", {HEADER_LENGTH: "9" * 5000}, "must be an integer"),
+    ],
+)
+def test_client_mistakes_that_were_500s(
+    http: httpx.Client, body: bytes, headers: dict[str, str], needle: str
+) -> None:
+    r = http.post(INFER, content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]
