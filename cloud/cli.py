@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from cloud.settings import CloudSettings
 from shared.errors import TandemError
+from shared.log_setup import setup_logging
+from shared.settings_files import SettingsError, describe, load_toml
 
 
 def _serve(settings: CloudSettings) -> int:
@@ -65,7 +68,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
 def _model_package(args: argparse.Namespace) -> int:
     from cloud.packaging import PackageRequest, package
     from cloud.registry import Registry
-    from shared.manifest import CloudTarget, Manifest
+    from shared.manifest import CloudTarget, Manifest, RoutingDefaults
     from shared.signing import SigningKey
 
     template = (
@@ -73,14 +76,21 @@ def _model_package(args: argparse.Namespace) -> int:
         if args.template.is_dir()
         else Manifest.from_json(args.template.read_text())
     )
+    # flags are validated like the template's own fields (``model_copy`` would not)
     cloud = None
-    if args.cloud_model:
-        cloud = (template.cloud or CloudTarget(model=args.cloud_model)).model_copy(
-            update={"model": args.cloud_model, "version": args.cloud_version}
-        )
     routing = None
-    if args.threshold is not None:
-        routing = template.routing.model_copy(update={"threshold": args.threshold})
+    try:
+        if args.cloud_model:
+            base = template.cloud.model_dump() if template.cloud else {}
+            cloud = CloudTarget.model_validate(
+                {**base, "model": args.cloud_model, "version": args.cloud_version}
+            )
+        if args.threshold is not None:
+            routing = RoutingDefaults.model_validate(
+                {**template.routing.model_dump(), "threshold": args.threshold}
+            )
+    except ValidationError as exc:
+        raise SettingsError(f"invalid flag: {describe(exc)}") from None
     request = PackageRequest(
         edge=args.edge,
         template=template,
@@ -105,18 +115,11 @@ def _model_package(args: argparse.Namespace) -> int:
 
 
 def _model_optimize(args: argparse.Namespace) -> int:
-    """Runs the model pipeline (needs the ``build`` extra) and prints its headline figures."""
-    import tomllib
-
-    from cloud.pipeline.run import optimize
+    """Runs the model pipeline (needs the ``build`` extra) and prints its headline figures.
+    Its settings are checked before the heavy pipeline is imported."""
     from cloud.pipeline.settings import OptimizeSettings
 
-    values: dict[str, Any] = {}
-    if args.settings is not None:
-        try:
-            values = tomllib.loads(args.settings.read_text())
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"tandem-cloud: cannot read {args.settings}: {exc}") from None
+    values: dict[str, Any] = load_toml(args.settings) if args.settings is not None else {}
     for key in (
         "data",
         "teacher",
@@ -130,11 +133,18 @@ def _model_optimize(args: argparse.Namespace) -> int:
             values[key] = value
     for key in ("hidden", "sparsities"):
         if (value := getattr(args, key, None)) is not None:
-            values[key] = [float(v) if key == "sparsities" else int(v) for v in value.split(",")]
+            try:
+                values[key] = [
+                    float(v) if key == "sparsities" else int(v) for v in value.split(",")
+                ]
+            except ValueError:
+                raise SettingsError(f"--{key}: comma-separated numbers, got {value!r}") from None
     try:
         settings = OptimizeSettings.model_validate(values)
-    except ValueError as exc:
-        raise SystemExit(f"tandem-cloud: invalid pipeline settings: {exc}") from None
+    except ValidationError as exc:
+        raise SettingsError(f"invalid pipeline settings: {describe(exc)}") from None
+    from cloud.pipeline.run import optimize
+
     report = optimize(settings)
     op = report["routing"]["operating_point"]
     print(
@@ -224,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         key: value
         for key in (
@@ -238,11 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if (value := getattr(args, key, None)) is not None
     }
-    settings = CloudSettings.load(args.config, **overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
+        if args.command == "fleet":
+            from cloud.fleet_cli import fleet_overrides
+
+            overrides |= fleet_overrides(args)
+        # through the loader, so flags are validated and merged with the file's sections
+        settings = CloudSettings.load(args.config, **overrides)
+        setup_logging(settings.log_level)
         if args.command == "serve":
             return _serve(settings)
         if args.command == "keys":
@@ -252,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         from cloud.fleet_cli import run_fleet
 
         return run_fleet(args, settings)
+    except SettingsError as exc:
+        parser.exit(2, f"tandem-cloud: error: {exc.message}\n")
     except TandemError as exc:
         print(f"tandem-cloud: {exc.message}", file=sys.stderr)
         return 1

@@ -58,38 +58,34 @@ def add_fleet_parser(sub: Any) -> None:
             p.add_argument("--key", type=Path, help="signing key (default: settings)")
 
 
-def _settings(args: argparse.Namespace, settings: CloudSettings) -> CloudSettings:
-    updates: dict[str, Any] = {}
-    if args.fleet:
-        updates["fleet"] = args.fleet
-    if args.registry:
-        updates["registry"] = args.registry
-    if args.state_dir:
-        updates["state_dir"] = args.state_dir
-    mqtt = settings.mqtt or MqttSettings()
-    if args.broker:
-        mqtt = mqtt.model_copy(update={"url": args.broker})
-    if args.username:
-        mqtt = mqtt.model_copy(update={"username": args.username})
-    if args.password:
-        from pydantic import SecretStr
-
-        mqtt = mqtt.model_copy(update={"password": SecretStr(args.password)})
-    updates["mqtt"] = mqtt
-    return settings.model_copy(update=updates)
+def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The fleet flags as overrides of the settings loader (``main``), so they are validated
+    like the file and the environment, and ``--broker`` keeps the file's MQTT account."""
+    updates: dict[str, Any] = {
+        key: value
+        for key in ("fleet", "registry", "state_dir")
+        if (value := getattr(args, key, None)) is not None
+    }
+    mqtt = {
+        key: value
+        for key in ("url", "username", "password")
+        if (value := getattr(args, "broker" if key == "url" else key, None))
+    }
+    if mqtt:
+        updates["mqtt"] = mqtt
+    return updates
 
 
 def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
-    assert settings.mqtt is not None
-    mqtt = MqttClient(settings.mqtt, client_id=f"controller-{time.time_ns()}")
+    mqtt = MqttClient(settings.mqtt or MqttSettings(), client_id=f"controller-{time.time_ns()}")
     FleetListener(store, settings.fleet).attach(mqtt)
     mqtt.start(wait_s=10.0)
     time.sleep(0.5)  # retained status and update messages arrive
     return mqtt
 
 
-def run_fleet(args: argparse.Namespace, base: CloudSettings) -> int:
-    settings = _settings(args, base)
+def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
+    """``settings`` already carry the fleet flags (``fleet_overrides``)."""
     store = FleetStore(settings.state_dir / "fleet.db")
     mqtt = _connect(settings, store)
     try:
