@@ -83,10 +83,11 @@ class FileSettings(BaseSettings):
         return (init_settings, env_settings, InitSettingsSource(settings_cls, data))
 
     @classmethod
-    def load(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
         """Settings from ``overrides``, the environment and ``config_file`` (TOML); any
         problem with any of them is one ``SettingsError`` naming every bad field."""
-        namespace = {"toml_path": config_file, "__module__": cls.__module__}
+        path = Path(config_file) if config_file is not None else None
+        namespace = {"toml_path": path, "__module__": cls.__module__}
         bound: type[S] = type(cls.__name__, (cls,), namespace)
         try:
             return bound(**overrides)
