@@ -99,3 +99,24 @@ def test_flags_merge_with_the_sections_of_the_file(tmp_path: Path) -> None:
         CloudSettings.load(**fleet_overrides(cloud_parser().parse_args(["fleet", "status"]))).mqtt
         is None
     )
+
+
+def test_both_command_lines_keep_http_clients_quiet_below_debug(tmp_path: Path) -> None:
+    import logging
+
+    from shared.log_setup import CHATTY, setup_logging
+    from shared.settings_files import SettingsError
+
+    loggers = [logging.getLogger(name) for name in CHATTY]
+    try:
+        assert cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")]) == 0
+        assert [lg.level for lg in loggers] == [logging.WARNING] * 2
+        setup_logging("debug")
+        assert [lg.level for lg in loggers] == [logging.NOTSET] * 2  # DEBUG hears them
+        setup_logging("INFO")
+        assert [lg.level for lg in loggers] == [logging.WARNING] * 2
+        with pytest.raises(SettingsError, match="unknown level 'LOUD'"):
+            setup_logging("LOUD")
+    finally:
+        for lg in loggers:
+            lg.setLevel(logging.NOTSET)
