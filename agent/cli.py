@@ -66,7 +66,7 @@ def _require_endpoint(command: str) -> None:
     """Import the endpoint's packages before anything starts: without the ``serve`` extra
     the agent must not boot, connect and only then fail."""
     try:
-        for module in ("agent.server", "agent.uvicorn_runner"):
+        for module in ("agent.server", "uvicorn"):
             importlib.import_module(module)
     except ImportError as exc:
         raise SettingsError(

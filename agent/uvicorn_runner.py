@@ -11,7 +11,7 @@ Callers block SIGINT and SIGTERM before they start anything (``block_stop_signal
 as soon as uvicorn listens for it; while the caller shuts down afterwards, a second one
 waits too.
 
-Imports uvicorn (the ``serve`` extra): ``agent.cli`` imports this module only to serve.
+uvicorn (the ``serve`` extra) is imported when it serves, not with this module.
 """
 
 from __future__ import annotations
@@ -19,34 +19,42 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
-
-import uvicorn
+from typing import TYPE_CHECKING, Any
 
 from agent.settings import ServerSettings
 from agent.systemd import STOP_SIGNALS
 
+if TYPE_CHECKING:
+    import uvicorn
 
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_listening = on_listening
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one held since boot: now
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
+def _server_class() -> Callable[[uvicorn.Config, Callable[[], None]], uvicorn.Server]:
+    """Built on first use: the agent imports web frameworks only inside functions
+    (tests/unit/test_boundaries.py)."""
+    import uvicorn
 
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._on_listening()
+    class Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None]) -> None:
+            super().__init__(config)
+            self._on_listening = on_listening
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one held since boot: now
+            try:
+                yield
+            finally:
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                self._on_listening()
+
+    return Server
 
 
 def serve(
@@ -56,6 +64,8 @@ def serve(
     on_listening: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM; ``on_listening`` runs once the socket listens."""
+    import uvicorn
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -63,4 +73,4 @@ def serve(
         log_level=log_level.lower(),
         access_log=False,
     )
-    _Server(config, on_listening).run()
+    _server_class()(config, on_listening).run()

@@ -149,23 +149,25 @@ def test_sigterm_on_serve_runs_its_shutdown(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------ without the serve extra
 
-#: ``python -c`` as on a plain ``pip install tandem``: FastAPI and uvicorn cannot be imported.
+#: ``python -c`` as on a plain ``pip install tandem``: the modules named in its first
+#: argument (FastAPI and uvicorn by default) cannot be imported.
 PLAIN_INSTALL = (
-    "import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None; "
+    "import sys\n"
+    "for name in sys.argv.pop(1).split(','): sys.modules[name] = None\n"
     "from agent.cli import main; raise SystemExit(main(sys.argv[1:]))"
 )
 
 
 def spawn_plain(
-    args: list[str], log: Path, env: dict[str, str] | None = None
+    args: list[str], log: Path, missing: str = "fastapi,uvicorn"
 ) -> subprocess.Popen[bytes]:
     with log.open("wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-c", PLAIN_INSTALL, *args],
+            [sys.executable, "-c", PLAIN_INSTALL, missing, *args],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
 
 
@@ -203,6 +205,25 @@ def test_run_without_the_serve_extra_refuses_to_start_and_says_what_to_do(
     finally:
         code = stop(proc)
     assert code == 0, log.read_text()
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_either_endpoint_package_missing_is_refused_before_boot(
+    tmp_path: Path, broker: Mosquitto, missing: str
+) -> None:
+    log = tmp_path / "plain.log"
+    config = device_config(tmp_path, broker, free_port())
+    for command in ("run", "serve"):
+        proc = spawn_plain(["--config", str(config), command], log, missing)
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err = log.read_text()
+        assert code == 2 and f"cannot import {missing}" in err, err
+    assert not (tmp_path / "state" / "session.json").exists()
 
 
 # ------------------------------------------------------------------- systemd notify
