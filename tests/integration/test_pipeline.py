@@ -188,7 +188,9 @@ def test_bundle_is_packaged_and_installed_by_an_agent(
         assert accuracy > 0.8 and answers[0].edge_model == "digits:2"
 
 
-def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
+def test_bad_settings_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ValueError):
         OptimizeSettings.model_validate(
             {"data": "d.npz", "teacher": "t.onnx", "out": str(tmp_path), "epochs": 0}
@@ -197,8 +199,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
         {"data": "d.npz", "teacher": "t.onnx", "out": str(tmp_path), "max_escalation": "none"}
     )
     assert either.max_escalation is None and either.min_relative_accuracy == 0.995
-    with pytest.raises(SystemExit, match="invalid pipeline settings"):
+    with pytest.raises(SystemExit) as caught:
         cloud_main(["model", "optimize", "--data", "d.npz", "--teacher", "t.onnx"])
+    assert caught.value.code == 2 and "invalid pipeline settings" in capsys.readouterr().err
 
 
 def test_tensorflow_never_loaded_here() -> None:
