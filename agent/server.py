@@ -214,7 +214,13 @@ def _response(agent: Agent, request: InferRequest, results: list[InferenceResult
 def create_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="tandem-agent", version=__version__)
     install_error_handlers(app)
-    add_oip_routes(app.router, AgentDataPlane(agent), agent.settings.server.max_body_bytes)
+    server = agent.settings.server
+    add_oip_routes(
+        app.router,
+        AgentDataPlane(agent),
+        server.max_body_bytes,
+        max_json_bytes=server.max_json_bytes,
+    )
     docs_routes_last(app)
     app.state.agent = agent
     return app

@@ -91,6 +91,12 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_json_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="largest JSON document (a JSON body, a binary body's header): parsed "
+        "JSON arrays take about 13 times their size in memory",
+    )
 
 
 class DownloadSettings(_Section):

@@ -175,6 +175,8 @@ class EmbeddedBroker(_Broker):
             self._broker = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 def local_broker(choice: BrokerChoice = "auto", workdir: Path | None = None) -> _Broker:
