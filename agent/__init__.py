@@ -4,8 +4,8 @@ Importing ``agent`` loads NumPy, pydantic and httpx, nothing heavier: runtimes a
 when a model is loaded, web frameworks only by ``tandem-agent serve``.
 """
 
-from agent.core import Agent
-from agent.result import InferenceResult, Latency
+from agent.inference.core import Agent
+from agent.inference.result import InferenceResult, Latency
 from agent.settings import AgentSettings
 from agent.version import __version__
 

@@ -30,7 +30,7 @@ from shared.log_setup import setup_logging
 from shared.settings_files import SettingsError
 
 if TYPE_CHECKING:
-    from agent.core import Agent
+    from agent.inference.core import Agent
 
 log = logging.getLogger("agent.cli")
 
@@ -52,7 +52,7 @@ def read_rows(path: Path) -> np.ndarray:
 
 
 def _infer(settings: AgentSettings, args: argparse.Namespace) -> int:
-    from agent.core import Agent
+    from agent.inference.core import Agent
 
     rows = read_rows(args.file)
     with Agent(settings) as agent:
@@ -88,8 +88,8 @@ def _serve_endpoint(
 
 
 def _serve(settings: AgentSettings) -> int:
-    from agent.core import Agent
-    from agent.systemd import Supervision
+    from agent.device.systemd import Supervision
+    from agent.inference.core import Agent
 
     _require_endpoint("tandem-agent serve")
     supervision = Supervision()
@@ -106,8 +106,8 @@ def _serve(settings: AgentSettings) -> int:
 def _run(settings: AgentSettings) -> int:
     """The device's main job: store, updater, MQTT, and (unless told not to) the endpoint.
     Stop signals are blocked since ``main``: a stop during boot waits for the shutdown."""
-    from agent.service import AgentService
-    from agent.systemd import STOP_SIGNALS, Supervision
+    from agent.device.service import AgentService
+    from agent.device.systemd import STOP_SIGNALS, Supervision
 
     serve = settings.server.enabled
     if serve:
@@ -130,7 +130,7 @@ def _run(settings: AgentSettings) -> int:
 
 
 def _systemd_unit(args: argparse.Namespace) -> int:
-    from agent.systemd import UnitOptions, unit_text
+    from agent.device.systemd import UnitOptions, unit_text
 
     executable = args.executable or shutil.which("tandem-agent") or "/usr/local/bin/tandem-agent"
     options = UnitOptions(
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_level)
         if args.command == "infer":
             return _infer(settings, args)
-        from agent.systemd import block_stop_signals
+        from agent.device.systemd import block_stop_signals
 
         block_stop_signals()  # before anything starts: see agent/uvicorn_runner.py
         return _run(settings) if args.command == "run" else _serve(settings)

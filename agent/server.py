@@ -21,12 +21,13 @@ import numpy as np
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from agent.core import Agent
-from agent.result import InferenceResult
-from agent.routing import ROUTE_MODES
+from agent.inference.core import Agent
+from agent.inference.result import InferenceResult
+from agent.inference.routing import ROUTE_MODES
 from agent.version import __version__
 from shared.errors import InvalidRequestError, ModelNotFoundError
-from shared.oip import (
+from shared.oip.http import add_oip_routes, docs_routes_last, install_error_handlers
+from shared.oip.types import (
     SERVER_EXTENSIONS,
     InferRequest,
     InferResponse,
@@ -38,7 +39,6 @@ from shared.oip import (
     TensorMetadata,
     triton_model_config,
 )
-from shared.oip_http import add_oip_routes, docs_routes_last, install_error_handlers
 
 OUTPUTS = ("probabilities", "label", "confidence", "source", "reason")
 #: The input's datatype, as the metadata declares it: raw features, whatever the model's

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from agent.backends import BackendSettings, TFLiteSettings
-from agent.routing import RouteMode
+from agent.inference.backends import BackendSettings, TFLiteSettings
+from agent.inference.routing import RouteMode
 from shared.identifiers import Identifier
 from shared.manifest import ConfidenceMetric
 from shared.mqtt import MqttSettings
@@ -130,10 +130,16 @@ class UpdateSettings(_Section):
         default=0.9, ge=0, le=1, description="share of answers below the threshold"
     )
     download: DownloadSettings = Field(default_factory=DownloadSettings)
-    test_hold_state: UpdateState | None = Field(
-        default=None, description="fault injection for tests: pause after entering this state"
+
+
+class AgentTestingSettings(_Section):
+    """Fault injection for the tests (``kill -9`` at a chosen job state, in a child process):
+    never set on a device. A section of its own, so a device file naming it stands out."""
+
+    hold_update_state: UpdateState | None = Field(
+        default=None, description="pause for hold_s after entering this job state"
     )
-    test_hold_s: float = Field(default=0.0, ge=0)
+    hold_s: float = Field(default=0.0, ge=0)
 
 
 class TelemetrySettings(_Section):
@@ -166,4 +172,5 @@ class AgentSettings(FileSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    testing: AgentTestingSettings = Field(default_factory=AgentTestingSettings)
     log_level: str = "INFO"

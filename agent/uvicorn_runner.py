@@ -7,7 +7,7 @@ interval, the clean MQTT goodbye) never runs. This server takes the same signals
 but does not re-raise them.
 
 Callers block SIGINT and SIGTERM before they start anything (``block_stop_signals`` in
-``agent/systemd.py``), so a signal that comes while the agent boots waits, and is handled
+``agent/device/systemd.py``), so a signal that comes while the agent boots waits, and is handled
 as soon as uvicorn listens for it; while the caller shuts down afterwards, a second one
 waits too.
 
@@ -21,8 +21,8 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from agent.device.systemd import STOP_SIGNALS
 from agent.settings import ServerSettings
-from agent.systemd import STOP_SIGNALS
 
 if TYPE_CHECKING:
     import uvicorn

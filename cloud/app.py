@@ -7,7 +7,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
@@ -17,15 +16,15 @@ from starlette.concurrency import run_in_threadpool
 
 from cloud import __version__
 from cloud.auth import install_bearer_auth
-from cloud.collector import Collector
-from cloud.dataplane import CloudDataPlane
-from cloud.fleet_api import FleetMetrics, fleet_router
-from cloud.fleet_store import FleetStore
-from cloud.registry import Registry, registry_router
-from cloud.repository import ModelRepository, repository_router
+from cloud.fleet.api import DASHBOARD_DIR, FleetMetrics, fleet_router
+from cloud.fleet.collector import Collector
+from cloud.fleet.store import FleetStore
+from cloud.releases.registry import Registry, registry_router
+from cloud.serving.dataplane import CloudDataPlane
+from cloud.serving.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
-from shared.oip_http import (
+from shared.oip.http import (
     LeanRoute,
     add_oip_routes,
     docs_routes_last,
@@ -34,7 +33,6 @@ from shared.oip_http import (
 )
 
 log = logging.getLogger(__name__)
-DASHBOARD = Path(__file__).parent / "dashboard"
 
 
 def create_app(settings: CloudSettings, repository: ModelRepository | None = None) -> FastAPI:
@@ -43,7 +41,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         repository = ModelRepository(settings.repo, settings.ort)
         repository.scan()
     metrics = repository.metrics
-    plane = CloudDataPlane(settings, repository)
+    plane = CloudDataPlane(repository, simulated_delay_ms=settings.testing.simulated_delay_ms)
     store: FleetStore | None = None
     collector: Collector | None = None
     mqtt: MqttClient | None = None
@@ -81,7 +79,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     install_error_handlers(app)
     if settings.tokens:
         install_bearer_auth(app, [t.get_secret_value() for t in settings.tokens])
-    if settings.bare_route:
+    if settings.testing.bare_route:
 
         async def serve_bare(request: Request) -> Response:
             """The HTTP stack alone (body read, a fixed answer): a benchmark's ceiling. The
@@ -116,7 +114,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         app.include_router(registry_router(Registry(settings.registry)))
     if store is not None:
         app.include_router(fleet_router(store, settings.fleet, collector))
-        app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
+        app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")
 
         @app.get("/", include_in_schema=False)
         def root() -> RedirectResponse:

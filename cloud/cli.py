@@ -4,7 +4,7 @@
 - ``keys generate``: an Ed25519 signing key and the trust store devices pin;
 - ``model package``: validate an edge model in the real interpreter, sign, publish;
 - ``model optimize``: the model pipeline (``cloud/pipeline/``), which needs the build extra;
-- ``fleet rollout | rollback | status``: see ``cloud/fleet_cli.py``.
+- ``fleet rollout | rollback | status``: see ``cloud/fleet/cli.py``.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _model_package(args: argparse.Namespace) -> int:
-    from cloud.packaging import PackageRequest, package
-    from cloud.registry import Registry
+    from cloud.releases.packaging import PackageRequest, package
+    from cloud.releases.registry import Registry
     from shared.manifest import CloudTarget, Manifest, RoutingDefaults
     from shared.signing import SigningKey
 
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-relative-accuracy", help="hybrid / cloud-only accuracy (0.995; none: no target)"
     )
 
-    from cloud.fleet_cli import add_fleet_parser
+    from cloud.fleet.cli import add_fleet_parser
 
     add_fleet_parser(sub)
     return parser
@@ -242,16 +242,21 @@ def main(argv: list[str] | None = None) -> int:
             "repo",
             "host",
             "port",
-            "simulated_delay_ms",
             "registry",
             "repo_poll_s",
-            "bare_route",
         )
         if (value := getattr(args, key, None)) is not None
     }
+    testing = {
+        key: value
+        for key in ("simulated_delay_ms", "bare_route")
+        if (value := getattr(args, key, None)) is not None
+    }
+    if testing:
+        overrides["testing"] = testing
     try:
         if args.command == "fleet":
-            from cloud.fleet_cli import fleet_overrides
+            from cloud.fleet.cli import fleet_overrides
 
             overrides |= fleet_overrides(args)
         # through the loader, so flags are validated and merged with the file's sections
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             return _keys_generate(args)
         if args.command == "model":
             return _model_optimize(args) if args.action == "optimize" else _model_package(args)
-        from cloud.fleet_cli import run_fleet
+        from cloud.fleet.cli import run_fleet
 
         return run_fleet(args, settings)
     except SettingsError as exc:

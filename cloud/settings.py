@@ -7,25 +7,28 @@ Sources, strongest first: CLI flags, ``TANDEM_CLOUD_*`` environment variables (n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from cloud.serving.settings import OrtSettings
 from shared.identifiers import Identifier
 from shared.mqtt import MqttSettings
 from shared.settings_files import FileSettings
 
 
-class OrtSettings(BaseModel):
-    """ONNX Runtime session options applied to every model."""
+class CloudTestingSettings(BaseModel):
+    """Seams for the demo, the tests and the benchmarks: never set in production. Kept in a
+    section of their own so that a production file that names one stands out."""
 
     model_config = ConfigDict(extra="forbid")
 
-    intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime choose")
-    inter_op_threads: int = Field(default=1, ge=0)
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    simulated_delay_ms: float = Field(
+        default=0.0, ge=0, description="a wide-area round trip added to every inference"
+    )
+    bare_route: bool = Field(
+        default=False, description="POST /bench/bare: the HTTP stack alone, a benchmark's ceiling"
+    )
 
 
 class CloudSettings(FileSettings):
@@ -48,9 +51,6 @@ class CloudSettings(FileSettings):
         description="largest JSON document of an infer request (a pure JSON body, or the "
         "binary extension's header); parsed, JSON numbers take ~13x their size in memory",
     )
-    simulated_delay_ms: float = Field(
-        default=0.0, ge=0, description="demo/test only: a wide-area round trip added to infer"
-    )
     ort: OrtSettings = Field(default_factory=OrtSettings)
     fleet: Identifier = "default"
     state_dir: Path = Field(default=Path("state/cloud"), description="fleet.db (SQLite)")
@@ -65,5 +65,5 @@ class CloudSettings(FileSettings):
         "routes; empty: no auth. Revoke by restarting with a new list",
     )
     repo_poll_s: float = Field(default=2.0, ge=0, description="rescan the repository; 0: never")
-    bare_route: bool = Field(default=False, description="benchmark only: POST /bench/bare")
+    testing: CloudTestingSettings = Field(default_factory=lambda: CloudTestingSettings())
     log_level: str = "INFO"

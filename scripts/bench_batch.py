@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = batching_repo(Path(tmp), max(64, args.rows))
         counter = InferCounter(
-            cloud_app(CloudSettings(repo=repo, simulated_delay_ms=args.delay_ms))
+            cloud_app(CloudSettings(repo=repo, testing={"simulated_delay_ms": args.delay_ms}))
         )
         with serve_in_thread(counter) as cloud_url:
             settings = AgentSettings(

@@ -38,8 +38,8 @@ import dataset
 from procs import CloudProcess
 from results import write_json
 
-from shared.oip import InferRequest, InferTensor, RequestedOutput
-from shared.oip_codec import encode_request
+from shared.oip.codec import encode_request
+from shared.oip.types import InferRequest, InferTensor, RequestedOutput
 
 DIGITS = dataset.ROOT / "models/cloud/digits-cloud/1/model.onnx"
 CONCURRENCY = (1, 8, 32, 128)

@@ -29,7 +29,7 @@ import dataset
 from results import write_json
 
 from agent import Agent, AgentSettings
-from agent.backends.tflite import find_interpreter_class
+from agent.inference.backends.tflite import find_interpreter_class
 from shared.manifest import Manifest
 
 MODELS = {"float32": "digits-f32", "int8": "digits-int8"}

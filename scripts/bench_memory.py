@@ -46,8 +46,8 @@ import dataset
 from procs import free_port
 from results import write_json
 
-from shared.oip import InferRequest, InferTensor
-from shared.oip_codec import decode_request, encode_request
+from shared.oip.codec import decode_request, encode_request
+from shared.oip.types import InferRequest, InferTensor
 
 ROOT = dataset.ROOT
 CLOUD_REPO = ROOT / "models/cloud"

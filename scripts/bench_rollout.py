@@ -39,10 +39,10 @@ from local_broker import local_broker
 from procs import CloudProcess
 from results import write_json
 
-from agent.service import AgentService
+from agent.device.service import AgentService
 from agent.settings import AgentSettings
-from cloud.packaging import PackageRequest, package
-from cloud.registry import Registry
+from cloud.releases.packaging import PackageRequest, package
+from cloud.releases.registry import Registry
 from shared import topics
 from shared.manifest import Manifest
 from shared.mqtt import MqttClient, MqttSettings

@@ -32,11 +32,11 @@ from local_broker import local_broker
 from results import write_json
 
 from agent import Agent, AgentSettings
-from agent.outbox import Outbox
-from agent.stats import RequestStats
-from agent.telemetry import TelemetryReporter
-from cloud.collector import Collector
-from cloud.fleet_store import FleetStore
+from agent.device.outbox import Outbox
+from agent.device.telemetry import TelemetryReporter
+from agent.inference.stats import RequestStats
+from cloud.fleet.collector import Collector
+from cloud.fleet.store import FleetStore
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
 from shared.telemetry import Histogram, Telemetry

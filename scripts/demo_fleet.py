@@ -19,12 +19,13 @@ from typing import Any
 
 import dataset
 
-from agent.service import AgentService
+from agent.device.service import AgentService
 from agent.settings import AgentSettings
-from cloud.fleet_store import FleetStore
-from cloud.packaging import PackageRequest, package
-from cloud.registry import Registry
-from cloud.rollout import FleetListener, RolloutController
+from cloud.fleet.listener import FleetListener
+from cloud.fleet.rollout import RolloutController
+from cloud.fleet.store import FleetStore
+from cloud.releases.packaging import PackageRequest, package
+from cloud.releases.registry import Registry
 from shared.manifest import Manifest
 from shared.mqtt import MqttClient, MqttSettings
 from shared.signing import SigningKey, TrustStore

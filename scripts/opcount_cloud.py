@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (work / "digits" / "1").mkdir(parents=True)
         shutil.copy(DIGITS, work / "digits" / "1" / "model.onnx")
-        app = create_app(CloudSettings(repo=work, bare_route=True, repo_poll_s=0))
+        app = create_app(CloudSettings(repo=work, testing={"bare_route": True}, repo_poll_s=0))
         body, extra = bodies("digits", dataset.load().test.x[:1])["binary"]
         headers = [(b"host", b"127.0.0.1:8000"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]

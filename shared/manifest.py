@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.errors import ContractError
 from shared.identifiers import Identifier
-from shared.oip import DATATYPES
+from shared.oip.types import DATATYPES
 
 MANIFEST_SCHEMA: Literal["tandem.manifest/v1"] = "tandem.manifest/v1"
 MANIFEST_FILE = "manifest.json"

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from agent.backends.fake import FakeBackend
-from agent.cloud_client import CloudClient
-from agent.model import LoadedModel
+from agent.inference.backends.fake import FakeBackend
+from agent.inference.cloud_client import CloudClient
+from agent.inference.model import LoadedModel
 from shared.manifest import (
     CloudTarget,
     EdgeArtifact,
@@ -21,8 +21,8 @@ from shared.manifest import (
     TensorSpec,
     utc_now,
 )
-from shared.oip import InferResponse, InferTensor, ServerMetadata
-from shared.oip_codec import decode_request, encode_response, parse_header_length
+from shared.oip.codec import decode_request, encode_response, parse_header_length
+from shared.oip.types import InferResponse, InferTensor, ServerMetadata
 
 LABELS = ["a", "b", "c"]
 

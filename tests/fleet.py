@@ -16,13 +16,14 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from agent.service import AgentService
+from agent.device.service import AgentService
 from agent.settings import AgentSettings
 from cloud.app import create_app
-from cloud.fleet_store import FleetStore
-from cloud.packaging import PackageRequest, package
-from cloud.registry import Registry
-from cloud.rollout import FleetListener, RolloutController
+from cloud.fleet.listener import FleetListener
+from cloud.fleet.rollout import RolloutController
+from cloud.fleet.store import FleetStore
+from cloud.releases.packaging import PackageRequest, package
+from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
 from shared import topics
 from shared.manifest import Manifest

@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from cloud.packaging import tensor_spec
+from cloud.releases.packaging import tensor_spec
 from shared.manifest import (
     MANIFEST_FILE,
     CloudTarget,

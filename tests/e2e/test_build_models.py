@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends import TFLiteSettings
-from agent.model import load_model
-from cloud.onnx_model import OnnxModel
+from agent.inference.backends import TFLiteSettings
+from agent.inference.model import load_model
+from cloud.serving.model import OnnxModel
 from cloud.settings import OrtSettings
 from shared.manifest import Manifest
 from tests.helpers import MODELS, ROOT

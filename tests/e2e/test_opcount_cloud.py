@@ -15,8 +15,8 @@ def test_opcount_counts_both_routes(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert 0 < result["bare_total"] < result["infer_total"]
     infer_only = {k for k, v in result["infer"].items() if v > 0 and k not in result["bare"]}
-    assert any("cloud/batcher.py" in k for k in infer_only)
-    assert any("shared/oip_codec.py" in k for k in infer_only)
+    assert any("cloud/serving/batcher.py" in k for k in infer_only)
+    assert any("shared/oip/codec.py" in k for k in infer_only)
     # counting is exact: the same requests give the same count again
     again = tmp_path / "again.json"
     assert opcount_cloud.main(["--requests", "64", "--top", "5", "--out", str(again)]) == 0

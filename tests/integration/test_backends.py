@@ -11,10 +11,10 @@ import dataset
 import numpy as np
 import pytest
 
-from agent.backends import OnnxSettings, TFLiteSettings
-from agent.backends.tflite import find_interpreter_class
 from agent.errors import ModelLoadError
-from agent.model import load_model
+from agent.inference.backends import OnnxSettings, TFLiteSettings
+from agent.inference.backends.tflite import find_interpreter_class
+from agent.inference.model import load_model
 from shared.manifest import CloudTarget, EdgeArtifact, Manifest, Preprocessing, TensorSpec
 from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8
 

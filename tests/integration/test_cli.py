@@ -64,7 +64,7 @@ def test_keys_and_package_from_the_command_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from cloud.cli import main as cloud_main
-    from cloud.registry import Registry
+    from cloud.releases.registry import Registry
     from shared.signing import TrustStore
     from tests.helpers import EDGE_F32
 

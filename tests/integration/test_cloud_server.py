@@ -15,8 +15,8 @@ import pytest
 
 from cloud.app import create_app
 from cloud.settings import CloudSettings
-from shared.oip import HEADER_LENGTH, InferRequest, InferTensor, RequestedOutput
-from shared.oip_codec import decode_response, encode_request, parse_header_length
+from shared.oip.codec import decode_response, encode_request, parse_header_length
+from shared.oip.types import HEADER_LENGTH, InferRequest, InferTensor, RequestedOutput
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, infer_body, serve_in_thread
 
 INFER = f"/v2/models/{CLOUD_MODEL}/infer"
@@ -223,7 +223,7 @@ def test_large_bodies_stream_in_and_are_decoded_off_the_event_loop(
     in a thread): same answers, in binary and in gzipped JSON sent in small chunks."""
     import onnxruntime as ort
 
-    from shared.oip_http import LARGE_BODY_BYTES
+    from shared.oip.http import LARGE_BODY_BYTES
 
     model = CLOUD_REPO / CLOUD_MODEL / "1" / "model.onnx"
     (tmp_path / "m" / "1").mkdir(parents=True)

@@ -143,12 +143,12 @@ def test_requests_arriving_together_share_one_run_when_closing_on_quiet(
 
     import onnxruntime as ort
 
-    from cloud.batcher import Batcher
-    from cloud.metrics import ServerMetrics
-    from cloud.model_config import ModelConfig
-    from cloud.onnx_model import OnnxModel
+    from cloud.serving.batcher import Batcher
+    from cloud.serving.config import ModelConfig
+    from cloud.serving.metrics import ServerMetrics
+    from cloud.serving.model import OnnxModel
     from cloud.settings import OrtSettings
-    from shared.oip import InferRequest, InferTensor
+    from shared.oip.types import InferRequest, InferTensor
 
     model = OnnxModel("m", "1", MODEL, OrtSettings())
     metrics = ServerMetrics()
@@ -233,12 +233,12 @@ def test_version_policy_latest(tmp_path: Path) -> None:
 def test_requests_for_different_outputs_are_batched_apart(tmp_path: Path) -> None:
     import asyncio
 
-    from cloud.batcher import Batcher
-    from cloud.metrics import ServerMetrics
-    from cloud.model_config import ModelConfig
-    from cloud.onnx_model import OnnxModel
+    from cloud.serving.batcher import Batcher
+    from cloud.serving.config import ModelConfig
+    from cloud.serving.metrics import ServerMetrics
+    from cloud.serving.model import OnnxModel
     from cloud.settings import OrtSettings
-    from shared.oip import InferRequest, InferTensor, RequestedOutput
+    from shared.oip.types import InferRequest, InferTensor, RequestedOutput
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["pos"]), helper.make_node("Neg", ["x"], ["neg"])],

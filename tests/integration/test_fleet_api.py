@@ -11,7 +11,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from agent.service import AgentService
+from agent.device.service import AgentService
 from agent.settings import AgentSettings
 from cloud.app import create_app
 from cloud.settings import CloudSettings

@@ -10,8 +10,8 @@ import dataset
 import pytest
 
 from agent import Agent, AgentSettings
-from agent.backends import TFLiteSettings
-from agent.model import load_model
+from agent.inference.backends import TFLiteSettings
+from agent.inference.model import load_model
 from tests.fleet import Fleet, last_state, running_fleet, wait_for
 from tests.helpers import EDGE_F32, EDGE_INT8
 from tests.mosquitto import Mosquitto

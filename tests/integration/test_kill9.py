@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends import TFLiteSettings
-from agent.model import load_model
-from agent.store import ModelStore
+from agent.device.store import ModelStore
+from agent.inference.backends import TFLiteSettings
+from agent.inference.model import load_model
 from tests.artifact_server import serve_artifact
 from tests.fleet import FLEET, Fleet, last_state, running_fleet, wait_for
 from tests.helpers import EDGE_INT8, agent_process
@@ -27,7 +27,9 @@ def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
         yield f
 
 
-def _config(fleet: Fleet, path: Path, **update: object) -> Path:
+def _config(
+    fleet: Fleet, path: Path, testing: dict[str, object] | None = None, **update: object
+) -> Path:
     state = fleet.tmp / "agents" / "dev-5"
     lines = [
         f'model_dir = "{EDGE_INT8}"',
@@ -48,6 +50,8 @@ def _config(fleet: Fleet, path: Path, **update: object) -> Path:
         "settle_s = 0.2",
     ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in update.items()]
+    if testing:
+        lines += ["[testing]", *(f"{k} = {json.dumps(v)}" for k, v in testing.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -74,9 +78,8 @@ def test_kill_9_at_every_state_then_restart(fleet: Fleet, kill_at: str, tmp_path
         hold = _config(
             fleet,
             tmp_path / "hold.toml",
+            {"hold_update_state": kill_at, "hold_s": 60.0},
             health_watch_s=0.3,
-            test_hold_state=kill_at,
-            test_hold_s=60.0,
         )
     proc = agent_process(hold)
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from agent.backends.tflite import find_interpreter_class
+from agent.inference.backends.tflite import find_interpreter_class
 from cloud.cli import main as cloud_main
 from cloud.pipeline.settings import OptimizeSettings
 from shared.manifest import Manifest

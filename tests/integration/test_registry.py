@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cloud.app import create_app
-from cloud.registry import Registry
+from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
 from shared.manifest import Manifest
 from shared.signing import SigningKey

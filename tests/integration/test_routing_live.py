@@ -19,7 +19,7 @@ import pytest
 from agent import Agent, AgentSettings
 from cloud.app import create_app
 from cloud.settings import CloudSettings
-from shared.oip import HEADER_LENGTH
+from shared.oip.types import HEADER_LENGTH
 from tests.fleet import wait_for
 from tests.helpers import CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
 
@@ -44,7 +44,7 @@ def test_healthy_cloud_answers_the_unsure(cloud_url: str, digits: dataset.Digits
 
 
 def test_slow_cloud_times_out_within_the_deadline(digits: dataset.Digits) -> None:
-    slow = create_app(CloudSettings(repo=CLOUD_REPO, simulated_delay_ms=1000))
+    slow = create_app(CloudSettings(repo=CLOUD_REPO, testing={"simulated_delay_ms": 1000}))
     with serve_in_thread(slow) as url, agent_for(url, breaker_failures=100) as agent:
         for mode in ("cloud", "auto"):
             for x in digits.test.x[:4]:
@@ -199,7 +199,7 @@ def test_a_cloud_that_keeps_failing_is_logged_once(
     breaker opens (with the last error), none for the probes that fail again, one INFO when
     it closes."""
     no_binary = NoBinary(create_app(CloudSettings(repo=CLOUD_REPO)))
-    caplog.set_level(logging.INFO, logger="agent.core")
+    caplog.set_level(logging.INFO, logger="agent.inference.core")
     with (
         serve_in_thread(no_binary) as url,
         agent_for(url, {"binary": True}, breaker_failures=2, breaker_reset_s=0.05) as agent,
@@ -226,7 +226,7 @@ def test_a_wrong_cloud_model_is_a_loud_refusal(
 ) -> None:
     """A 404 says the server is up and the configuration is wrong: no breaker, a WARNING
     (once) naming the status and the server's message, and a counted reason."""
-    caplog.set_level(logging.WARNING, logger="agent.core")
+    caplog.set_level(logging.WARNING, logger="agent.inference.core")
     with agent_for(cloud_url, {"model": "digits-typo"}, breaker_failures=2) as agent:
         unsure = _unsure_sample(agent, digits)
         agent.swap_stats()
@@ -241,7 +241,9 @@ def test_a_wrong_cloud_model_is_a_loud_refusal(
 def test_a_batch_against_a_slow_cloud_keeps_one_deadline(digits: dataset.Digits) -> None:
     """One cloud call for the batch, timed out within the batch's deadline; every row keeps
     its local answer and reports the same latency."""
-    counter = InferCounter(create_app(CloudSettings(repo=CLOUD_REPO, simulated_delay_ms=1000)))
+    counter = InferCounter(
+        create_app(CloudSettings(repo=CLOUD_REPO, testing={"simulated_delay_ms": 1000}))
+    )
     with serve_in_thread(counter) as url, agent_for(url, breaker_failures=100) as agent:
         rows = digits.test.x[:20]
         results = agent.infer_batch(rows, deadline_ms=200, mode="cloud")

@@ -15,10 +15,10 @@ import dataset
 import pytest
 from pydantic import SecretStr
 
-from agent.service import AgentService
+from agent.device.service import AgentService
 from agent.settings import AgentSettings
-from cloud.collector import Collector
-from cloud.fleet_store import FleetStore
+from cloud.fleet.collector import Collector
+from cloud.fleet.store import FleetStore
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
 from tests.fleet import wait_for

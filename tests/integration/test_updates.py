@@ -207,8 +207,8 @@ def test_most_specific_manifest_wins(fleet: Fleet) -> None:
 
 
 def test_two_agents_cannot_share_a_store(fleet: Fleet) -> None:
+    from agent.device.service import AgentService
     from agent.errors import AgentError
-    from agent.service import AgentService
 
     fleet.start_agent("dev-0")
     with pytest.raises(AgentError, match="another agent"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from agent import Agent, AgentSettings
-from agent.breaker import CircuitBreaker
 from agent.errors import BackendError
+from agent.inference.breaker import CircuitBreaker
 from shared.errors import InvalidRequestError
 from tests.fakes import ScriptedCloud, confident_logits, fake_model
 
@@ -149,7 +149,7 @@ def core_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "agent.core" and r.levelno == logging.WARNING
+        if r.name == "agent.inference.core" and r.levelno == logging.WARNING
     ]
 
 

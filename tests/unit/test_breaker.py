@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from agent.breaker import CircuitBreaker
+from agent.inference.breaker import CircuitBreaker
 
 
 class Clock:

@@ -11,7 +11,7 @@ from agent.cli import main as agent_main
 from agent.cli import read_rows, settings_from_args
 from cloud.cli import build_parser as cloud_parser
 from cloud.cli import main as cloud_main
-from cloud.fleet_cli import fleet_overrides
+from cloud.fleet.cli import fleet_overrides
 from cloud.settings import CloudSettings
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from agent.confidence import confidence, to_probabilities
+from agent.inference.confidence import confidence, to_probabilities
 
 
 def test_softmax_of_logits_with_temperature() -> None:
@@ -41,7 +41,7 @@ def test_metrics() -> None:
 def test_score_matches_the_reference(
     kind: str, metric: str, temperature: float, classes: int
 ) -> None:
-    from agent.confidence import score
+    from agent.inference.confidence import score
 
     rng = np.random.default_rng(classes)
     raw = rng.normal(size=classes).astype(np.float32)
@@ -58,7 +58,7 @@ def test_score_matches_the_reference(
 def test_score_of_a_quantized_row_equals_score_of_its_real_values(
     kind: str, temperature: float
 ) -> None:
-    from agent.confidence import score
+    from agent.inference.confidence import score
 
     q = np.array([-100, 20, 3, -128, 127, 0, 5, 9, -7, 44], dtype=np.int8)
     scale, zero = 0.05, -25.0

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cloud.collector import Collector
-from cloud.fleet_api import FleetMetrics
-from cloud.fleet_store import FleetStore
-from cloud.metrics import ServerMetrics
+from cloud.fleet.api import FleetMetrics
+from cloud.fleet.collector import Collector
+from cloud.fleet.store import FleetStore
+from cloud.serving.metrics import ServerMetrics
 from tests.prometheus import sample
 
 

@@ -13,13 +13,19 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from shared.errors import InvalidRequestError
-from shared.oip import HEADER_LENGTH, InferRequest, InferResponse, InferTensor, RequestedOutput
-from shared.oip_codec import (
+from shared.oip.codec import (
     decode_request,
     decode_response,
     encode_request,
     encode_response,
     parse_header_length,
+)
+from shared.oip.types import (
+    HEADER_LENGTH,
+    InferRequest,
+    InferResponse,
+    InferTensor,
+    RequestedOutput,
 )
 
 NUMERIC = [
@@ -46,7 +52,7 @@ def _roundtrip_request(req: InferRequest, binary: bool) -> InferRequest:
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("datatype", NUMERIC)
 def test_numeric_tensor_round_trip(datatype: str, binary: bool) -> None:
-    from shared.oip import numpy_dtype
+    from shared.oip.types import numpy_dtype
 
     data = (np.arange(6) % 2 == 0) if datatype == "BOOL" else np.arange(6)
     data = data.astype(numpy_dtype(datatype)).reshape(2, 3)
@@ -326,7 +332,7 @@ def test_huge_bytes_count_is_refused_before_any_allocation() -> None:
 
 
 def test_bytes_serialisation_size_without_building_it() -> None:
-    from shared.oip_codec import bytes_tensor_size, serialize_bytes_tensor
+    from shared.oip.codec import bytes_tensor_size, serialize_bytes_tensor
 
     values = np.array([b"", b"a", "ünï", 7, b"x" * 300], dtype=object).reshape(5, 1)
     wire = serialize_bytes_tensor(values)

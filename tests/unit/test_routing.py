@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.breaker import CircuitBreaker
-from agent.latency import LatencyEstimator
-from agent.routing import Reason, Router, RoutingPolicy
+from agent.inference.breaker import CircuitBreaker
+from agent.inference.latency import LatencyEstimator
+from agent.inference.routing import Reason, Router, RoutingPolicy
 
 POLICY = RoutingPolicy(threshold=0.8, safety_margin_ms=1.0)
 

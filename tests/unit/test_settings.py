@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends import OnnxSettings
+from agent.inference.backends import OnnxSettings
 from agent.settings import AgentSettings
 from cloud.settings import CloudSettings
 from shared.settings_files import SettingsError

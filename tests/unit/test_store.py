@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from agent.store import ModelStore
+from agent.device.store import ModelStore
 from shared.manifest import Manifest
 from tests.helpers import EDGE_F32, EDGE_INT8
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from agent.cli import main as agent_main
-from agent.systemd import Notifier, Watchdog, model_probe, watchdog_interval_s
+from agent.device.systemd import Notifier, Watchdog, model_probe, watchdog_interval_s
 from tests.fakes import confident_logits, fake_model
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
-from agent.stats import RequestStats
-from agent.telemetry import cpu_temperature_c, process_rss_bytes
+from agent.device.outbox import Outbox
+from agent.device.telemetry import cpu_temperature_c, process_rss_bytes
+from agent.inference.stats import RequestStats
 from shared.telemetry import LATENCY_BOUNDS_MS, Histogram
 
 

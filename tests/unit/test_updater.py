@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from agent import Agent, AgentSettings
-from agent.backends import TFLiteSettings
+from agent.device.store import ModelStore
+from agent.device.updater import REFUSED_MEMORY, Updater
+from agent.inference.backends import TFLiteSettings
 from agent.settings import UpdateSettings
-from agent.store import ModelStore
-from agent.updater import REFUSED_MEMORY, Updater
 from agent.version import older_than
 from shared.manifest import Manifest
 from shared.signing import SigningKey, TrustStore

@@ -1,7 +1,7 @@
 """A Triton-layout model repository, live: ``<root>/<model>/<version>/model.onnx``.
 
 Version folders are positive integers; an optional ``<root>/<model>/config.toml`` sets the
-model's batching, queue and version policy (``cloud/model_config.py``). ``scan`` compares
+model's batching, queue and version policy (``cloud/serving/config.py``). ``scan`` compares
 the folders with what is loaded: new versions load, removed ones unload (requests already
 holding them finish), unchanged ones stay as they are. The server rescans every
 ``repo_poll_s`` and on ``POST /v2/repository/...`` (Triton's repository extension). A
@@ -20,11 +20,11 @@ from pathlib import Path
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from cloud.batcher import Batcher
-from cloud.metrics import ServerMetrics
-from cloud.model_config import ModelConfig
-from cloud.onnx_model import OnnxModel
-from cloud.settings import OrtSettings
+from cloud.serving.batcher import Batcher
+from cloud.serving.config import ModelConfig
+from cloud.serving.metrics import ServerMetrics
+from cloud.serving.model import OnnxModel
+from cloud.serving.settings import OrtSettings
 from shared.errors import ContractError, ModelNotFoundError, ModelNotReadyError
 from shared.identifiers import IDENTIFIER_RE
 
@@ -46,7 +46,7 @@ class ModelRepository:
         self, root: Path, ort_settings: OrtSettings, metrics: ServerMetrics | None = None
     ) -> None:
         self.root = root
-        self._ort = ort_settings
+        self.ort = ort_settings
         self.metrics = metrics or ServerMetrics()
         self._lock = threading.Lock()
         self._scan_lock = threading.Lock()
@@ -127,7 +127,7 @@ class ModelRepository:
 
     def _load(self, name: str, vdir: Path, config: ModelConfig, mtime: float) -> VersionState:
         try:
-            model = OnnxModel(name, vdir.name, vdir / MODEL_FILE, self._ort, config.instances)
+            model = OnnxModel(name, vdir.name, vdir / MODEL_FILE, self.ort, config.instances)
         except ContractError as exc:
             log.error("model %s version %s failed to load: %s", name, vdir.name, exc.message)
             return VersionState(vdir.name, None, exc.message, None, mtime)

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.breaker import CircuitBreaker
-from agent.latency import LatencyEstimator
+from agent.inference.breaker import CircuitBreaker
+from agent.inference.latency import LatencyEstimator
 
 RouteMode = Literal["edge", "cloud", "auto"]
 ROUTE_MODES: tuple[RouteMode, ...] = ("edge", "cloud", "auto")

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from cloud.metrics import ServerMetrics
-from cloud.model_config import ModelConfig
-from cloud.onnx_model import OnnxModel
+from cloud.serving.config import ModelConfig
+from cloud.serving.metrics import ServerMetrics
+from cloud.serving.model import OnnxModel
 from shared.errors import InvalidRequestError, ServerBusyError, TandemError
-from shared.oip import InferRequest, InferResponse
+from shared.oip.types import InferRequest, InferResponse
 
 #: Batches whose compute takes less than this (running estimate) run on the event loop.
 INLINE_BELOW_S = 0.002

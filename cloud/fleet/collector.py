@@ -17,8 +17,8 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 
-from cloud.fleet_store import FleetStore
-from cloud.rollout import FleetListener
+from cloud.fleet.listener import FleetListener
+from cloud.fleet.store import FleetStore
 from shared import topics
 from shared.mqtt import MqttClient
 from shared.telemetry import MAX_TELEMETRY_BYTES, Telemetry

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.core import Agent
 from agent.errors import BackendError
+from agent.inference.core import Agent
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent.core import Agent
-from agent.outbox import Outbox
-from agent.stats import RequestStats
+from agent.device.outbox import Outbox
+from agent.inference.core import Agent
+from agent.inference.stats import RequestStats
 from shared.status import ModelVersion
 from shared.telemetry import CloudHealth, Histogram, OutboxState, Telemetry
 

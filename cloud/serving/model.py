@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud.settings import OrtSettings
+from cloud.serving.settings import OrtSettings
 from shared.errors import ContractError, InvalidRequestError
-from shared.oip import InferRequest, InferResponse, InferTensor, TensorMetadata
+from shared.oip.types import InferRequest, InferResponse, InferTensor, TensorMetadata
 
 # onnxruntime's type strings for the datatypes OIP can carry
 _ORT_TYPES = {

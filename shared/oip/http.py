@@ -30,7 +30,8 @@ from shared.errors import (
     TandemError,
     UnsupportedMediaTypeError,
 )
-from shared.oip import (
+from shared.oip.codec import decode_request, encode_response, header_length_value
+from shared.oip.types import (
     HEADER_LENGTH,
     ErrorDoc,
     InferRequest,
@@ -39,7 +40,6 @@ from shared.oip import (
     ModelReadyDoc,
     ServerMetadata,
 )
-from shared.oip_codec import decode_request, encode_response, header_length_value
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,7 +59,7 @@ class DataPlane(Protocol):
     def model_ready(self, name: str, version: str | None) -> ModelReadyDoc: ...
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:
-        """Triton's model configuration JSON (``shared.oip.triton_model_config``)."""
+        """Triton's model configuration JSON (``shared.oip.types.triton_model_config``)."""
         ...
 
     def infer(

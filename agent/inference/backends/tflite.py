@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.backends.base import check_shape
+from agent.inference.backends.base import check_shape
 
 try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping itself
     from numpy._core.umath import clip as _clip  # type: ignore[attr-defined]

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud.fleet_store import FleetStore
-from cloud.registry import Registry
-from cloud.rollout import FleetListener, RolloutController, RolloutError
+from cloud.fleet.listener import FleetListener
+from cloud.fleet.rollout import RolloutController, RolloutError
+from cloud.fleet.store import FleetStore
+from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient, MqttSettings
 from shared.signing import SigningKey

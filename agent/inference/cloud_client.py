@@ -29,8 +29,8 @@ from pydantic import ValidationError
 from agent.errors import CloudError, CloudRefusedError, CloudTimeoutError, CloudUnavailableError
 from shared.errors import InvalidRequestError
 from shared.manifest import CloudTarget
-from shared.oip import InferRequest, InferTensor, RequestedOutput, ServerMetadata
-from shared.oip_codec import decode_response, encode_request, parse_header_length
+from shared.oip.codec import decode_response, encode_request, parse_header_length
+from shared.oip.types import InferRequest, InferTensor, RequestedOutput, ServerMetadata
 
 log = logging.getLogger(__name__)
 

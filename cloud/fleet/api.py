@@ -13,15 +13,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from cloud.collector import Collector
-from cloud.fleet_store import FleetStore
+from cloud.fleet.collector import Collector
+from cloud.fleet.store import FleetStore
 from shared.errors import ModelNotFoundError
+
+#: The dashboard's static page, served at ``/dashboard/`` beside this API.
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
 #: ``/fleet/summary``'s window, at most (a year: ``timedelta`` overflows past 10^9 days) and
 #: its buckets' width (at least a second: each bucket is a row of the answer).

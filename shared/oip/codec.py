@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 
 from shared.errors import InvalidRequestError
-from shared.oip import (
+from shared.oip.types import (
     HEADER_LENGTH,
     InferRequest,
     InferResponse,

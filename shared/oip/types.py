@@ -2,7 +2,7 @@
 
 Inference requests and responses are plain dataclasses holding NumPy arrays: they sit on the
 hot path, where pydantic validation of tensor data would cost more than the model. Their
-wire form (JSON and Triton's binary tensor extension) is owned by ``shared.oip_codec``.
+wire form (JSON and Triton's binary tensor extension) is owned by ``shared.oip.codec``.
 Metadata documents, which are small and rare, are pydantic models so that both servers and
 their OpenAPI documents share one definition.
 """

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud.registry import Registry
+from cloud.releases.registry import Registry
 from shared.errors import ContractError
 from shared.manifest import (
     CloudTarget,

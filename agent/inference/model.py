@@ -12,9 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends import FORMATS, InferenceBackend, OnnxSettings, TFLiteSettings, create_backend
-from agent.confidence import to_probabilities
 from agent.errors import ModelLoadError
+from agent.inference.backends import (
+    FORMATS,
+    InferenceBackend,
+    OnnxSettings,
+    TFLiteSettings,
+    create_backend,
+)
+from agent.inference.confidence import to_probabilities
 from shared.manifest import Manifest
 
 GOLDEN_ATOL = 0.02

@@ -8,11 +8,10 @@ from collections.abc import Awaitable
 from typing import Any
 
 from cloud import __version__
-from cloud.batcher import Batcher
-from cloud.repository import MODEL_FILE, ModelRepository
-from cloud.settings import CloudSettings
+from cloud.serving.batcher import Batcher
+from cloud.serving.repository import MODEL_FILE, ModelRepository
 from shared.errors import ModelNotReadyError, TandemError
-from shared.oip import (
+from shared.oip.types import (
     SERVER_EXTENSIONS,
     InferRequest,
     InferResponse,
@@ -24,9 +23,11 @@ from shared.oip import (
 
 
 class CloudDataPlane:
-    def __init__(self, settings: CloudSettings, repository: ModelRepository) -> None:
-        self.settings = settings
+    def __init__(self, repository: ModelRepository, *, simulated_delay_ms: float = 0.0) -> None:
+        """``simulated_delay_ms``: a wide-area round trip added to every inference, for the
+        demo and benchmarks only (``CloudSettings.testing``)."""
         self.repository = repository
+        self.delay_s = simulated_delay_ms / 1000.0
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(
@@ -57,10 +58,10 @@ class CloudDataPlane:
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:
         """Triton's model configuration of a serving version: its tensors, and its
-        ``config.toml`` as ``config.pbtxt`` would say it (``cloud/model_config.py``)."""
+        ``config.toml`` as ``config.pbtxt`` would say it (``cloud/serving/config.py``)."""
         batcher = self.repository.batcher(name, version)
         model, config = batcher.model, batcher.config
-        ort = self.settings.ort
+        ort = self.repository.ort
         return triton_model_config(
             name,
             "onnxruntime_onnx",
@@ -99,10 +100,10 @@ class CloudDataPlane:
             label = (version or "latest") if known else ""
             self.repository.metrics.failed(model, label, exc.http_status)
             raise
-        if self.settings.simulated_delay_ms:
+        if self.delay_s:
             return self._delayed(batcher, request)
         return batcher.infer(request)
 
     async def _delayed(self, batcher: Batcher, request: InferRequest) -> InferResponse:
-        await asyncio.sleep(self.settings.simulated_delay_ms / 1000.0)
+        await asyncio.sleep(self.delay_s)
         return await batcher.infer(request)

@@ -10,9 +10,9 @@ from typing import Annotated
 
 from pydantic import Field
 
-from agent.backends.base import InferenceBackend
-from agent.backends.onnx import OnnxBackend, OnnxSettings
-from agent.backends.tflite import TFLiteBackend, TFLiteSettings
+from agent.inference.backends.base import InferenceBackend
+from agent.inference.backends.onnx import OnnxBackend, OnnxSettings
+from agent.inference.backends.tflite import TFLiteBackend, TFLiteSettings
 
 BackendSettings = Annotated[TFLiteSettings | OnnxSettings, Field(discriminator="kind")]
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.backends.base import check_shape
 from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
+from agent.inference.backends.base import check_shape
 from shared.manifest import Manifest
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
+from agent.device.store import atomic_write
 from agent.errors import AgentError
 from agent.settings import DownloadSettings
-from agent.store import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent.core import Agent
-from agent.download import download_client
+from agent.device.download import download_client
+from agent.device.outbox import Outbox, OutboxSender
+from agent.device.store import ModelStore, atomic_write
+from agent.device.telemetry import TelemetryReporter
+from agent.device.updater import Updater
 from agent.errors import AgentError, ModelLoadError
-from agent.model import LoadedModel, load_model
-from agent.outbox import Outbox, OutboxSender
+from agent.inference.core import Agent
+from agent.inference.model import LoadedModel, load_model
 from agent.settings import AgentSettings
-from agent.store import ModelStore, atomic_write
-from agent.telemetry import TelemetryReporter
-from agent.updater import Updater
 from agent.version import __version__
 from shared import topics
 from shared.errors import ContractError
@@ -88,6 +88,7 @@ class AgentService:
             report=self._publish_report,
             http=self.http,
             registry_url=settings.cloud.url,
+            hold=settings.testing,
         )
         t = settings.telemetry
         self.outbox = Outbox(

@@ -30,16 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.breaker import CircuitBreaker
-from agent.cloud_client import CloudAnswer, CloudClient
-from agent.confidence import score
 from agent.errors import BackendError, CloudError, CloudRefusedError
-from agent.latency import LatencyEstimator
-from agent.model import LoadedModel, load_model
-from agent.result import InferenceResult, Latency
-from agent.routing import ROUTE_MODES, Decision, Reason, RouteMode, Router, RoutingPolicy
+from agent.inference.breaker import CircuitBreaker
+from agent.inference.cloud_client import CloudAnswer, CloudClient
+from agent.inference.confidence import score
+from agent.inference.latency import LatencyEstimator
+from agent.inference.model import LoadedModel, load_model
+from agent.inference.result import InferenceResult, Latency
+from agent.inference.routing import ROUTE_MODES, Decision, Reason, RouteMode, Router, RoutingPolicy
+from agent.inference.stats import RequestStats
 from agent.settings import AgentSettings
-from agent.stats import RequestStats
 from shared.errors import InvalidRequestError
 from shared.manifest import CloudTarget, ConfidenceMetric, OutputKind
 

@@ -38,13 +38,13 @@ from urllib.parse import urljoin
 
 import httpx
 
-from agent.backends import FORMATS, OnnxSettings, TFLiteSettings
-from agent.core import Agent
-from agent.download import DigestError, Downloader, DownloadError
+from agent.device.download import DigestError, Downloader, DownloadError
+from agent.device.store import ModelStore
 from agent.errors import ModelLoadError
-from agent.model import LoadedModel, check_golden, load_model
-from agent.settings import UpdateSettings
-from agent.store import ModelStore
+from agent.inference.backends import FORMATS, OnnxSettings, TFLiteSettings
+from agent.inference.core import Agent
+from agent.inference.model import LoadedModel, check_golden, load_model
+from agent.settings import AgentTestingSettings, UpdateSettings
 from agent.version import __version__, older_than
 from shared.errors import ContractError, TandemError
 from shared.manifest import Manifest
@@ -84,6 +84,7 @@ class Updater:
         report: Callable[[UpdateReport], None],
         http: httpx.Client,
         registry_url: str | None,
+        hold: AgentTestingSettings | None = None,
     ) -> None:
         self.agent = agent
         self.store = store
@@ -91,6 +92,7 @@ class Updater:
         self.settings = settings
         self.device = device
         self.backend = backend
+        self._hold = hold
         self._report = report
         self.downloader = Downloader(http, settings.download)
         self.registry_url = settings.registry_url or registry_url
@@ -135,8 +137,8 @@ class Updater:
         )
         self.last_report = report
         self._report(report)
-        if state == self.settings.test_hold_state and self.settings.test_hold_s:
-            self._stop.wait(self.settings.test_hold_s)
+        if self._hold is not None and state == self._hold.hold_update_state:
+            self._stop.wait(self._hold.hold_s)
 
     # ------------------------------------------------------------------- the worker
 

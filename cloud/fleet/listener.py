@@ -1,0 +1,53 @@
+"""``FleetListener``: keeps the fleet store current from the devices' retained ``status``
+and ``update`` topics. The collector and the rollout controller each attach one to their
+MQTT connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from cloud.fleet.store import FleetStore
+from shared import topics
+from shared.mqtt import MqttClient
+from shared.status import DeviceStatus
+from shared.update import UpdateReport
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+class FleetListener:
+    """Keeps the fleet store current from the retained ``status`` and ``update`` topics.
+    Malformed payloads are counted and logged, never raised into paho's thread."""
+
+    def __init__(self, store: FleetStore, fleet: str) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.malformed = 0
+
+    def attach(self, mqtt: MqttClient) -> None:
+        mqtt.subscribe(
+            topics.fleet_device_filter(self.fleet, "status"),
+            lambda t, p, r: self._take(t, p, DeviceStatus, self.store.record_status),
+        )
+        mqtt.subscribe(
+            topics.fleet_device_filter(self.fleet, "update"),
+            lambda t, p, r: self._take(t, p, UpdateReport, self.store.record_job),
+        )
+
+    def _take(
+        self, topic: str, payload: bytes, kind: type[M], record: Callable[[str, M], None]
+    ) -> None:
+        if not payload:  # a cleared retained message
+            return
+        try:
+            message = kind.model_validate_json(payload)
+        except ValidationError as exc:
+            self.malformed += 1
+            log.warning("malformed %s on %s: %s", kind.__name__, topic, exc.errors()[:1])
+            return
+        record(self.fleet, message)

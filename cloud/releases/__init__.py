@@ -1,0 +1,2 @@
+"""Model releases: packaging an edge artifact into a signed manifest, and the registry that
+stores and serves them."""
