@@ -7,7 +7,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import dataset
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from agent.errors import ModelLoadError
 from agent.inference.backends import OnnxSettings, TFLiteSettings
 from agent.inference.backends.tflite import find_interpreter_class
 from agent.inference.model import load_model
+from cloud.pipeline.data import SplitData
 from shared.manifest import CloudTarget, EdgeArtifact, Manifest, Preprocessing, TensorSpec
 from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8
 
@@ -25,9 +25,7 @@ def test_loader_finds_a_runtime() -> None:
 
 
 @pytest.mark.parametrize("model_dir", [EDGE_F32, EDGE_INT8], ids=["f32", "int8"])
-def test_tflite_models_reach_their_documented_accuracy(
-    model_dir: Path, digits: dataset.Digits
-) -> None:
+def test_tflite_models_reach_their_documented_accuracy(model_dir: Path, digits: SplitData) -> None:
     model = load_model(model_dir, TFLiteSettings())  # runs the golden check too
     x = digits.test.x
     preds = np.array([model.backend.infer(row[None, :])[0].argmax() for row in x])
@@ -39,7 +37,7 @@ def test_tflite_models_reach_their_documented_accuracy(
     model.close()
 
 
-def test_int8_quantization_follows_the_tensor_parameters(digits: dataset.Digits) -> None:
+def test_int8_quantization_follows_the_tensor_parameters(digits: SplitData) -> None:
     """int8 and float32 artifacts of the same network agree on nearly every sample."""
     f32 = load_model(EDGE_F32, TFLiteSettings())
     i8 = load_model(EDGE_INT8, TFLiteSettings())
@@ -51,7 +49,7 @@ def test_int8_quantization_follows_the_tensor_parameters(digits: dataset.Digits)
     assert logits.dtype == np.float32 and np.abs(logits).max() > 1  # dequantized, not raw int8
 
 
-def test_concurrent_requests_get_their_own_answers(digits: dataset.Digits) -> None:
+def test_concurrent_requests_get_their_own_answers(digits: SplitData) -> None:
     model = load_model(EDGE_INT8, TFLiteSettings(pool_size=3))
     x = digits.test.x[:64]
     expected = [model.backend.infer(r[None])[0] for r in x]
@@ -93,7 +91,7 @@ def test_golden_mismatch_refuses_to_serve(tmp_path: Path) -> None:
         load_model(tmp_path, TFLiteSettings())
 
 
-def test_onnx_backend_runs_an_onnx_edge_artifact(tmp_path: Path, digits: dataset.Digits) -> None:
+def test_onnx_backend_runs_an_onnx_edge_artifact(tmp_path: Path, digits: SplitData) -> None:
     """Devices that prefer ONNX Runtime (Jetson) run an ONNX edge artifact the same way."""
     blob = (CLOUD_REPO / "digits-cloud" / "1" / "model.onnx").read_bytes()
     (tmp_path / "model.onnx").write_bytes(blob)
@@ -122,7 +120,7 @@ def test_onnx_backend_runs_an_onnx_edge_artifact(tmp_path: Path, digits: dataset
 
 @pytest.mark.parametrize("model_dir", [EDGE_F32, EDGE_INT8], ids=["f32", "int8"])
 def test_manifest_preprocessing_is_applied(
-    model_dir: Path, tmp_path: Path, digits: dataset.Digits
+    model_dir: Path, tmp_path: Path, digits: SplitData
 ) -> None:
     """A manifest whose preprocessing is ``x * 2 + 1``, with golden inputs given before that
     step: the golden check passes only if the backend applies it (fused with quantization)."""
@@ -144,7 +142,7 @@ def test_manifest_preprocessing_is_applied(
     np.testing.assert_allclose(model.preprocess(np.ones((1, 64), np.float32)), 3.0)
 
 
-def test_public_interpreter_api_gives_the_same_answers(digits: dataset.Digits) -> None:
+def test_public_interpreter_api_gives_the_same_answers(digits: SplitData) -> None:
     """Runtimes without the native wrapper go through set_tensor/invoke/get_tensor."""
     native = load_model(EDGE_INT8, TFLiteSettings(pool_size=1))
     public = load_model(EDGE_INT8, TFLiteSettings(pool_size=1))

@@ -8,12 +8,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import dataset
 import httpx
 import numpy as np
 import pytest
 
 from cloud.app import create_app
+from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
 from shared.oip.codec import decode_response, encode_request, parse_header_length
 from shared.oip.types import HEADER_LENGTH, InferRequest, InferTensor, RequestedOutput
@@ -41,7 +41,7 @@ def test_health_and_metadata(http: httpx.Client) -> None:
     assert ready.status_code == 200 and ready.json()["ready"] is True
 
 
-def test_json_infer_is_correct(http: httpx.Client, digits: dataset.Digits) -> None:
+def test_json_infer_is_correct(http: httpx.Client, digits: SplitData) -> None:
     x = digits.test.x[:32]  # the model's max_batch_size
     r = http.post(f"/v2/models/{CLOUD_MODEL}/versions/1/infer", json=infer_body(x, id="req-9"))
     assert r.status_code == 200, r.text
@@ -51,7 +51,7 @@ def test_json_infer_is_correct(http: httpx.Client, digits: dataset.Digits) -> No
     assert (probs.argmax(1) == digits.test.y[:32]).mean() > 0.95
 
 
-def test_binary_infer_both_ways(http: httpx.Client, digits: dataset.Digits) -> None:
+def test_binary_infer_both_ways(http: httpx.Client, digits: SplitData) -> None:
     x = digits.test.x[:8]
     req = InferRequest(
         inputs=[InferTensor.of("input", x)],
@@ -217,7 +217,7 @@ def test_broken_compressed_bodies() -> None:
 
 
 def test_large_bodies_stream_in_and_are_decoded_off_the_event_loop(
-    tmp_path: Path, digits: dataset.Digits
+    tmp_path: Path, digits: SplitData
 ) -> None:
     """Bodies past ``LARGE_BODY_BYTES`` take another path (one buffer, decoding and encoding
     in a thread): same answers, in binary and in gzipped JSON sent in small chunks."""

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dataset
 import httpx
 import numpy as np
 import onnx
@@ -21,6 +20,7 @@ from onnx import TensorProto, helper
 from pydantic import SecretStr
 
 from cloud.app import create_app
+from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, infer_body, serve_in_thread
 from tests.prometheus import sample
@@ -39,7 +39,7 @@ def repo_with(tmp: Path, config: str = "", versions: tuple[int, ...] = (1,)) -> 
 
 
 def test_concurrent_requests_are_merged_and_answered_in_order(
-    tmp_path: Path, digits: dataset.Digits
+    tmp_path: Path, digits: SplitData
 ) -> None:
     import onnxruntime as ort
 
@@ -70,7 +70,7 @@ def test_concurrent_requests_are_merged_and_answered_in_order(
     assert served == 12
 
 
-def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset.Digits) -> None:
+def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: SplitData) -> None:
     # a batch waits up to 1 s for company it can never get (the queue holds 3, a batch 8):
     # the queue stays full for that second however fast the model is
     repo = repo_with(
@@ -110,7 +110,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, digits: dataset
     assert 1 <= deepest <= 3
 
 
-def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: dataset.Digits) -> None:
+def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: SplitData) -> None:
     # the batch would wait 3 s for company; the request may wait 0.2 s
     repo = repo_with(
         tmp_path,
@@ -125,7 +125,7 @@ def test_request_queued_past_its_timeout_gets_503(tmp_path: Path, digits: datase
     assert r.headers["retry-after"] == "1" and took < 2.0
 
 
-def test_lone_request_does_not_wait_out_the_delay(tmp_path: Path, digits: dataset.Digits) -> None:
+def test_lone_request_does_not_wait_out_the_delay(tmp_path: Path, digits: SplitData) -> None:
     # a 5 s delay is an upper bound: with nobody else coming the batch closes at once
     repo = repo_with(tmp_path, "max_batch_size = 8\nmax_queue_delay_us = 5000000\n")
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
@@ -137,7 +137,7 @@ def test_lone_request_does_not_wait_out_the_delay(tmp_path: Path, digits: datase
 
 
 def test_requests_arriving_together_share_one_run_when_closing_on_quiet(
-    tmp_path: Path, digits: dataset.Digits
+    tmp_path: Path, digits: SplitData
 ) -> None:
     import asyncio
 
@@ -173,9 +173,7 @@ def test_requests_arriving_together_share_one_run_when_closing_on_quiet(
     assert took < 2.5  # closed on quiet, not after the 5 s delay
 
 
-def test_versions_added_and_removed_while_requests_run(
-    tmp_path: Path, digits: dataset.Digits
-) -> None:
+def test_versions_added_and_removed_while_requests_run(tmp_path: Path, digits: SplitData) -> None:
     repo = repo_with(tmp_path)
     failures: list[str] = []
     versions_seen: set[str] = set()
@@ -316,9 +314,7 @@ def secured(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def test_bearer_tokens(
-    secured: str, digits: dataset.Digits, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_bearer_tokens(secured: str, digits: SplitData, caplog: pytest.LogCaptureFixture) -> None:
     infer = f"{secured}/v2/models/m/infer"
     assert httpx.get(f"{secured}/v2/health/ready").status_code == 200  # open
     assert httpx.get(f"{secured}/metrics").status_code == 200  # open
@@ -343,7 +339,7 @@ def test_bearer_tokens(
     assert "alpha" not in caplog.text and "beta" not in caplog.text
 
 
-def test_agent_uses_its_token(secured: str, digits: dataset.Digits) -> None:
+def test_agent_uses_its_token(secured: str, digits: SplitData) -> None:
     from agent import Agent, AgentSettings
     from tests.helpers import EDGE_INT8
 

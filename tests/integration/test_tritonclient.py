@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-import dataset
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -16,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from agent import Agent, AgentSettings
 from agent.server import create_app
 from cloud.app import create_app as cloud_app
+from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_MODEL, EDGE_INT8, serve_in_thread
 
@@ -37,7 +37,7 @@ def agent_url() -> Iterator[str]:
 
 @pytest.mark.parametrize(("binary_in", "binary_out"), COMBOS)
 def test_cloud_with_tritonclient(
-    cloud_url: str, digits: dataset.Digits, binary_in: bool, binary_out: bool
+    cloud_url: str, digits: SplitData, binary_in: bool, binary_out: bool
 ) -> None:
     client = _client(cloud_url)
     assert client.is_server_live() and client.is_server_ready()
@@ -57,7 +57,7 @@ def test_cloud_with_tritonclient(
 
 @pytest.mark.parametrize(("binary_in", "binary_out"), COMBOS)
 def test_agent_with_tritonclient(
-    agent_url: str, digits: dataset.Digits, binary_in: bool, binary_out: bool
+    agent_url: str, digits: SplitData, binary_in: bool, binary_out: bool
 ) -> None:
     client = _client(agent_url)
     assert client.is_model_ready("digits")
