@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import dataset
 import pytest
 
 from cloud.app import create_app
+from cloud.pipeline.data import SplitData, load_split
 from cloud.settings import CloudSettings
-from tests.helpers import CLOUD_REPO, serve_in_thread
+from tests.helpers import CLOUD_REPO, DIGITS, serve_in_thread
 from tests.mosquitto import Mosquitto
 
 #: Accounts every test broker knows: the cloud's two, and devices dev-0 .. dev-9.
@@ -20,8 +20,9 @@ BROKER_USERS = {"controller": "ctl-pw", "collector": "col-pw"} | {
 
 
 @pytest.fixture(scope="session")
-def digits() -> dataset.Digits:
-    return dataset.load()
+def digits() -> SplitData:
+    """The fixed split ``scripts/build_models.py`` wrote (``models/data/digits.npz``)."""
+    return load_split(DIGITS)
 
 
 @pytest.fixture(scope="session")

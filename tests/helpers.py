@@ -1,7 +1,9 @@
-"""Helpers shared by the test tiers: real servers in threads, paths, a fake cloud."""
+"""Helpers shared by the test tiers: real servers in threads, paths, free ports, and the
+loader for the few tests that check a script of ``scripts/`` itself."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -11,17 +13,54 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import uvicorn
-from procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
 MODELS = ROOT / "models"
+DIGITS = MODELS / "data" / "digits.npz"
 EDGE_INT8 = MODELS / "edge" / "digits-int8"
 EDGE_F32 = MODELS / "edge" / "digits-f32"
 CLOUD_REPO = MODELS / "cloud"
 CLOUD_MODEL = "digits-cloud"
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS's choice; a test binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module, for a test of that script itself (its amqtt guard,
+    its benchmark cases). Scripts import their siblings by putting ``scripts/`` on
+    ``sys.path``; that entry and the sibling modules it let in are removed again once the
+    script is loaded (the loaded module keeps its references), so no other test can import a
+    script by accident."""
+    path = SCRIPTS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_scripts_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    saved_path, saved_modules = list(sys.path), set(sys.modules)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    finally:
+        sys.path[:] = saved_path
+        for added in set(sys.modules) - saved_modules:
+            origin = getattr(sys.modules[added], "__file__", None) or ""
+            if added != spec.name and Path(origin).parent == SCRIPTS:
+                del sys.modules[added]
+    return module
 
 
 class _Server(uvicorn.Server):

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procs import free_port
 from pydantic import SecretStr
 
 from shared.mqtt import MqttSettings
+from tests.helpers import free_port
 
 ACL = """\
 user controller
@@ -46,10 +46,18 @@ pattern read tandem/v1/+/groups/+/models/+/manifest
 SERVICE_USERS = frozenset({"controller", "collector"})
 
 
+def mosquitto_binary() -> str | None:
+    """The installed Mosquitto, if any (Debian puts it in /usr/sbin, often not on PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
 class Mosquitto:
     def __init__(self, workdir: Path, users: dict[str, str]) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
+        binary = mosquitto_binary()
+        if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.binary = binary
         self.dir = workdir

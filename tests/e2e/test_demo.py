@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from local_broker import mosquitto_binary
 
 from tests.helpers import ROOT
+from tests.mosquitto import mosquitto_binary
 
 pytestmark = pytest.mark.slow
 

@@ -1,14 +1,15 @@
 """``scripts/eval_hybrid.py`` against a real cloud server (a short simulated delay keeps it
-quick): the sweep runs from edge-only to cloud-only and agrees with the measured auto run."""
+quick, the script loaded from its file): the sweep runs from edge-only to cloud-only and
+agrees with the measured auto run."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import eval_hybrid
+from tests.helpers import EDGE_INT8, load_script
 
-from tests.helpers import EDGE_INT8
+eval_hybrid = load_script("eval_hybrid")
 
 
 def test_eval_hybrid_sweeps_and_measures(tmp_path: Path) -> None:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from procs import free_port
 
 from shared import topics
 from shared.mqtt import MqttClient
 from tests.fleet import wait_for
-from tests.helpers import EDGE_INT8, ROOT
+from tests.helpers import EDGE_INT8, ROOT, free_port
 from tests.mosquitto import Mosquitto
 
 FLEET = "proc"

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
-import dataset
 import httpx
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 from agent import Agent, AgentSettings
 from agent.server import AgentDataPlane, create_app
 from cloud.app import create_app as cloud_app
+from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
 from shared.errors import ModelNotFoundError
 from tests.helpers import CLOUD_REPO, EDGE_INT8, serve_in_thread
@@ -60,9 +60,7 @@ def test_metadata(http: httpx.Client) -> None:
     assert http.get("/v2/models/digits/versions/1/ready").status_code == 200
 
 
-def test_single_row_carries_the_result_as_parameters(
-    http: httpx.Client, digits: dataset.Digits
-) -> None:
+def test_single_row_carries_the_result_as_parameters(http: httpx.Client, digits: SplitData) -> None:
     r = http.post("/v2/models/digits/infer", json=body(digits.test.x[:1], mode="edge"))
     assert r.status_code == 200, r.text
     doc = r.json()
@@ -74,7 +72,7 @@ def test_single_row_carries_the_result_as_parameters(
     assert outputs["source"] == ["edge"] and len(outputs["probabilities"]) == 10
 
 
-def test_cloud_mode_and_batches(http: httpx.Client, digits: dataset.Digits) -> None:
+def test_cloud_mode_and_batches(http: httpx.Client, digits: SplitData) -> None:
     r = http.post(
         "/v2/models/digits/infer", json=body(digits.test.x[:5], mode="cloud", deadline_ms=2000)
     )
@@ -85,7 +83,7 @@ def test_cloud_mode_and_batches(http: httpx.Client, digits: dataset.Digits) -> N
     assert outputs["label"] == [str(y) for y in digits.test.y[:5]]
 
 
-def test_requested_outputs_only(http: httpx.Client, digits: dataset.Digits) -> None:
+def test_requested_outputs_only(http: httpx.Client, digits: SplitData) -> None:
     doc = body(digits.test.x[:2])
     doc["outputs"] = [{"name": "label"}]
     r = http.post("/v2/models/digits/infer", json=doc)
@@ -264,7 +262,7 @@ def batching_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
 
 
 def test_a_many_row_request_is_one_cloud_call(
-    batching_cloud: tuple[str, InferCounter], digits: dataset.Digits
+    batching_cloud: tuple[str, InferCounter], digits: SplitData
 ) -> None:
     cloud_url, counter = batching_cloud
     settings = AgentSettings(

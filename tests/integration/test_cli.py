@@ -8,17 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dataset
 import numpy as np
 import pytest
 
 from agent.cli import main as agent_main
 from cloud.cli import build_parser as cloud_parser
+from cloud.pipeline.data import SplitData
 from tests.helpers import EDGE_INT8, ROOT
 
 
 def test_agent_infer_a_file(
-    tmp_path: Path, digits: dataset.Digits, cloud_url: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, digits: SplitData, cloud_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     np.save(tmp_path / "rows.npy", digits.test.x[:3])
     code = agent_main(
@@ -207,7 +207,7 @@ def test_settings_files_are_read_with_tomli_where_there_is_no_tomllib(tmp_path: 
 
 
 def _infer_child(
-    tmp_path: Path, digits: dataset.Digits, cloud_url: str, **env: str
+    tmp_path: Path, digits: SplitData, cloud_url: str, **env: str
 ) -> subprocess.CompletedProcess[str]:
     np.save(tmp_path / "rows.npy", digits.test.x[:3])
     argv = ["--model-dir", str(EDGE_INT8), "--cloud-url", cloud_url, "infer"]
@@ -222,7 +222,7 @@ def _infer_child(
 
 
 def test_cloud_requests_are_not_logged_one_by_one(
-    tmp_path: Path, digits: dataset.Digits, cloud_url: str
+    tmp_path: Path, digits: SplitData, cloud_url: str
 ) -> None:
     """httpx logs each request at INFO: on a device, most of its log and its SD card's wear."""
     done = _infer_child(tmp_path, digits, cloud_url, TANDEM_AGENT_LOG_LEVEL="INFO")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import dataset
 import httpx
 import pytest
 from pydantic import SecretStr
@@ -14,6 +13,7 @@ from pydantic import SecretStr
 from agent.device.service import AgentService
 from agent.settings import AgentSettings
 from cloud.app import create_app
+from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttSettings
 from tests.fleet import wait_for
@@ -37,7 +37,7 @@ def cloud(tmp_path: Path, broker: Mosquitto) -> Iterator[httpx.Client]:
 
 
 def test_agent_telemetry_reaches_the_fleet_api(
-    cloud: httpx.Client, broker: Mosquitto, tmp_path: Path, digits: dataset.Digits
+    cloud: httpx.Client, broker: Mosquitto, tmp_path: Path, digits: SplitData
 ) -> None:
     service = AgentService(
         AgentSettings(

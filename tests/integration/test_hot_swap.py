@@ -6,12 +6,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import dataset
 import pytest
 
 from agent import Agent, AgentSettings
 from agent.inference.backends import TFLiteSettings
 from agent.inference.model import load_model
+from cloud.pipeline.data import SplitData
 from tests.fleet import Fleet, last_state, running_fleet, wait_for
 from tests.helpers import EDGE_F32, EDGE_INT8
 from tests.mosquitto import Mosquitto
@@ -19,7 +19,7 @@ from tests.mosquitto import Mosquitto
 
 def _drive(
     agent: Agent,
-    digits: dataset.Digits,
+    digits: SplitData,
     stop: threading.Event,
     seen: set[str],
     errors: list[BaseException],
@@ -35,7 +35,7 @@ def _drive(
         i += 1
 
 
-def test_many_swaps_under_concurrent_load(digits: dataset.Digits) -> None:
+def test_many_swaps_under_concurrent_load(digits: SplitData) -> None:
     agent = Agent(AgentSettings(model_dir=EDGE_INT8, backend={"kind": "tflite", "pool_size": 2}))
     v2 = load_model(EDGE_F32, TFLiteSettings(pool_size=2))
     stop, seen, errors = threading.Event(), set[str](), list[BaseException]()
@@ -65,7 +65,7 @@ def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
         yield f
 
 
-def test_update_under_load_drops_nothing(fleet: Fleet, digits: dataset.Digits) -> None:
+def test_update_under_load_drops_nothing(fleet: Fleet, digits: SplitData) -> None:
     service = fleet.start_agent("dev-0")
     stop, seen, errors = threading.Event(), set[str](), list[BaseException]()
     threads = [

@@ -1,17 +1,20 @@
-"""The demo's brokers: clients connecting while others subscribe, with retained messages to
-deliver, are never dropped (amqtt 0.12.1 dropped them: ``dictionary changed size during
-iteration``)."""
+"""The demo's brokers (``scripts/local_broker.py``, loaded from its file): clients connecting
+while others subscribe, with retained messages to deliver, are never dropped (amqtt 0.12.1
+dropped them: ``dictionary changed size during iteration``)."""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from local_broker import EmbeddedBroker, LocalMosquitto, mosquitto_binary
 
 from shared.mqtt import MqttClient, MqttSettings
 from shared.topics import Topic
+from tests.helpers import load_script
+
+local_broker = load_script("local_broker")
 
 # amqtt leaves its closed clients' stream writers to the garbage collector (collected below,
 # so that its warnings land in these tests and not in a later one)
@@ -22,10 +25,14 @@ pytestmark = [
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])
-def local(request: pytest.FixtureRequest) -> Iterator[EmbeddedBroker | LocalMosquitto]:
-    if request.param == "mosquitto" and mosquitto_binary() is None:
+def local(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The script's ``EmbeddedBroker`` or ``LocalMosquitto``, started."""
+    if request.param == "mosquitto" and local_broker.mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed")
-    broker = EmbeddedBroker() if request.param == "embedded" else LocalMosquitto()
+    if request.param == "embedded":
+        broker = local_broker.EmbeddedBroker()
+    else:
+        broker = local_broker.LocalMosquitto()
     broker.start()
     try:
         yield broker
@@ -38,9 +45,7 @@ def _client(url: str, client_id: str) -> MqttClient:
     return MqttClient(MqttSettings(url=url, reconnect_min_s=0.1, reconnect_max_s=0.5), client_id)
 
 
-def test_clients_connecting_while_others_subscribe_stay_connected(
-    local: EmbeddedBroker | LocalMosquitto,
-) -> None:
+def test_clients_connecting_while_others_subscribe_stay_connected(local: Any) -> None:
     publisher = _client(local.url, "publisher")
     publisher.start(wait_s=5)
     for i in range(6):

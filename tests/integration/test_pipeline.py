@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dataset
 import numpy as np
 import onnx
 import pytest
 
 from agent.inference.backends.tflite import find_interpreter_class
 from cloud.cli import main as cloud_main
+from cloud.pipeline.data import SplitData
 from cloud.pipeline.settings import OptimizeSettings
 from shared.manifest import Manifest
 from tests.fleet import last_state, running_fleet, wait_for
@@ -172,7 +172,7 @@ def test_report_page_has_the_table_and_the_charts(run: tuple[Path, dict[str, Any
 
 
 def test_bundle_is_packaged_and_installed_by_an_agent(
-    run: tuple[Path, dict[str, Any]], tmp_path: Path, broker: Mosquitto, digits: dataset.Digits
+    run: tuple[Path, dict[str, Any]], tmp_path: Path, broker: Mosquitto, digits: SplitData
 ) -> None:
     out, _ = run
     with running_fleet(tmp_path, broker) as fleet:

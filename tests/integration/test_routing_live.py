@@ -12,12 +12,12 @@ import logging
 import time
 from typing import Any
 
-import dataset
 import numpy as np
 import pytest
 
 from agent import Agent, AgentSettings
 from cloud.app import create_app
+from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
 from shared.oip.types import HEADER_LENGTH
 from tests.fleet import wait_for
@@ -32,7 +32,7 @@ def agent_for(url: str, cloud: dict[str, Any] | None = None, **routing: Any) -> 
     )
 
 
-def test_healthy_cloud_answers_the_unsure(cloud_url: str, digits: dataset.Digits) -> None:
+def test_healthy_cloud_answers_the_unsure(cloud_url: str, digits: SplitData) -> None:
     with agent_for(cloud_url) as agent:
         results = [agent.infer(x, deadline_ms=1000) for x in digits.test.x[:120]]
     escalated = [r for r in results if r.source == "cloud"]
@@ -43,7 +43,7 @@ def test_healthy_cloud_answers_the_unsure(cloud_url: str, digits: dataset.Digits
     assert all(r.cloud_model == "digits-cloud:1" for r in escalated)
 
 
-def test_slow_cloud_times_out_within_the_deadline(digits: dataset.Digits) -> None:
+def test_slow_cloud_times_out_within_the_deadline(digits: SplitData) -> None:
     slow = create_app(CloudSettings(repo=CLOUD_REPO, testing={"simulated_delay_ms": 1000}))
     with serve_in_thread(slow) as url, agent_for(url, breaker_failures=100) as agent:
         for mode in ("cloud", "auto"):
@@ -60,7 +60,7 @@ def test_slow_cloud_times_out_within_the_deadline(digits: dataset.Digits) -> Non
         assert (r.source, r.reason) == ("edge", "no_budget")
 
 
-def test_dead_cloud_opens_the_breaker(digits: dataset.Digits) -> None:
+def test_dead_cloud_opens_the_breaker(digits: SplitData) -> None:
     with agent_for(closed_port_url(), breaker_failures=3) as agent:
         unsure = _unsure_sample(agent, digits)
         reasons = []
@@ -96,7 +96,7 @@ class Flaky:
         await self.app(scope, receive, send)
 
 
-def test_flapping_cloud_recovers_through_the_half_open_probe(digits: dataset.Digits) -> None:
+def test_flapping_cloud_recovers_through_the_half_open_probe(digits: SplitData) -> None:
     flaky = Flaky(create_app(CloudSettings(repo=CLOUD_REPO)))
     with (
         serve_in_thread(flaky) as url,
@@ -175,7 +175,7 @@ async def _answer(send: Any, status: int, body: bytes) -> None:
 
 
 def test_escalations_reach_a_server_without_the_binary_extension(
-    digits: dataset.Digits,
+    digits: SplitData,
 ) -> None:
     """With the default settings the agent reads the server's extensions and speaks JSON."""
     no_binary = NoBinary(create_app(CloudSettings(repo=CLOUD_REPO)))
@@ -193,7 +193,7 @@ def test_escalations_reach_a_server_without_the_binary_extension(
 
 
 def test_a_cloud_that_keeps_failing_is_logged_once(
-    digits: dataset.Digits, caplog: pytest.LogCaptureFixture
+    digits: SplitData, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Forced binary against that server: every escalation fails. One WARNING when the
     breaker opens (with the last error), none for the probes that fail again, one INFO when
@@ -222,7 +222,7 @@ def test_a_cloud_that_keeps_failing_is_logged_once(
 
 
 def test_a_wrong_cloud_model_is_a_loud_refusal(
-    cloud_url: str, digits: dataset.Digits, caplog: pytest.LogCaptureFixture
+    cloud_url: str, digits: SplitData, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A 404 says the server is up and the configuration is wrong: no breaker, a WARNING
     (once) naming the status and the server's message, and a counted reason."""
@@ -238,7 +238,7 @@ def test_a_wrong_cloud_model_is_a_loud_refusal(
     assert "404" in warning and "digits-typo" in warning
 
 
-def test_a_batch_against_a_slow_cloud_keeps_one_deadline(digits: dataset.Digits) -> None:
+def test_a_batch_against_a_slow_cloud_keeps_one_deadline(digits: SplitData) -> None:
     """One cloud call for the batch, timed out within the batch's deadline; every row keeps
     its local answer and reports the same latency."""
     counter = InferCounter(
@@ -268,7 +268,7 @@ class InferCounter:
         await self.app(scope, receive, send)
 
 
-def _unsure_sample(agent: Agent, digits: dataset.Digits) -> np.ndarray:
+def _unsure_sample(agent: Agent, digits: SplitData) -> np.ndarray:
     for x in digits.test.x:
         if agent.infer(x, mode="edge").confidence < agent.threshold - 0.1:
             return np.asarray(x)

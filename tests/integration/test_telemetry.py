@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import dataset
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
@@ -19,6 +19,7 @@ from agent.device.service import AgentService
 from agent.settings import AgentSettings
 from cloud.fleet.collector import Collector
 from cloud.fleet.store import FleetStore
+from cloud.pipeline.data import SplitData
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
 from tests.fleet import wait_for
@@ -66,8 +67,7 @@ def harness(tmp_path: Path, broker: Mosquitto) -> Iterator[Harness]:
     h.close()
 
 
-def _traffic(service: AgentService, stop: threading.Event) -> None:
-    x = dataset.load().test.x
+def _traffic(service: AgentService, x: np.ndarray, stop: threading.Event) -> None:
     i = 0
     while not stop.is_set():
         service.agent.infer(x[i % len(x)], mode="edge")
@@ -75,11 +75,11 @@ def _traffic(service: AgentService, stop: threading.Event) -> None:
         time.sleep(0.002)
 
 
-def test_broker_restarts_lose_and_duplicate_nothing(harness: Harness) -> None:
+def test_broker_restarts_lose_and_duplicate_nothing(harness: Harness, digits: SplitData) -> None:
     service = AgentService(harness.settings())
     service.start(wait_s=10)
     stop = threading.Event()
-    thread = threading.Thread(target=_traffic, args=(service, stop))
+    thread = threading.Thread(target=_traffic, args=(service, digits.test.x, stop))
     thread.start()
     try:
         for _ in range(2):

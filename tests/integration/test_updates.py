@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import dataset
 import numpy as np
 import pytest
 
+from cloud.pipeline.data import SplitData
 from shared import topics
 from shared.manifest import Manifest, RoutingDefaults, utc_now
 from shared.signing import SigningKey
@@ -33,7 +33,7 @@ def serving(fleet: Fleet, device: str) -> int:
     return fleet.agents[device].agent.model.manifest.version
 
 
-def test_signed_update_installs_on_several_agents(fleet: Fleet, digits: dataset.Digits) -> None:
+def test_signed_update_installs_on_several_agents(fleet: Fleet, digits: SplitData) -> None:
     for i in range(3):
         fleet.start_agent(f"dev-{i}")
     release = fleet.release()
@@ -160,7 +160,7 @@ def test_failed_validation_keeps_the_previous_model(fleet: Fleet) -> None:
     assert pointer is not None and pointer.current.startswith("v1-")
 
 
-def test_failed_health_watch_rolls_back(fleet: Fleet, digits: dataset.Digits) -> None:
+def test_failed_health_watch_rolls_back(fleet: Fleet, digits: SplitData) -> None:
     service = fleet.start_agent("dev-0", health_watch_s=3.0, health_min_requests=20)
     # a release whose routing temperature makes every answer unsure: it would escalate
     # everything. Validation (golden samples at T=1) passes; traffic shows the problem.
