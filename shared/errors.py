@@ -25,12 +25,6 @@ class InvalidRequestError(TandemError):
     http_status = 400
 
 
-class UnauthorizedError(TandemError):
-    """Missing or wrong bearer token."""
-
-    http_status = 401
-
-
 class ModelNotFoundError(TandemError):
     """The named model or version does not exist here."""
 

@@ -74,9 +74,6 @@ class Histogram(_Msg):
                 return LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else float("inf")
         return float("inf")
 
-    def merged(self, other: Histogram) -> Histogram:
-        return Histogram(counts=[a + b for a, b in zip(self.counts, other.counts)])
-
 
 class CloudHealth(_Msg):
     breaker: str

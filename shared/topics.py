@@ -12,7 +12,6 @@ flag the design fixes for it, so publishers cannot get them wrong.
 | models/{model}/manifest | controller -> fleet | 1 | yes |
 | groups/{group}/models/{model}/manifest | controller -> group | 1 | yes |
 | devices/{device}/models/{model}/manifest | controller -> device | 1 | yes |
-| devices/{device}/cmd/{name} | controller -> agent | 1 | no |
 
 The most specific manifest wins: device > group > fleet.
 """
@@ -56,10 +55,6 @@ def device_telemetry(fleet: str, device: str) -> Topic:
 
 def device_update(fleet: str, device: str) -> Topic:
     return Topic(f"{_device(fleet, device)}/update", 1, True)
-
-
-def device_command(fleet: str, device: str, name: str) -> Topic:
-    return Topic(f"{_device(fleet, device)}/cmd/{_id(name, 'command')}", 1, False)
 
 
 def manifest(

@@ -132,8 +132,6 @@ class OutboxSender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.sent = 0
-        self.acked = 0
 
     # called from paho's thread
     def on_ack(self, mid: int) -> None:
@@ -149,7 +147,6 @@ class OutboxSender:
 
     def _acked(self, row: int) -> None:
         self.outbox.delete(row)
-        self.acked += 1
         self._wake.set()
 
     def on_disconnect(self) -> None:
@@ -200,6 +197,5 @@ class OutboxSender:
                 if early is not None and time.monotonic() - early <= 5.0:
                     self._acked(row_id)
                 budget -= 1
-                self.sent += 1
             if self.outbox.pending > len(self._inflight):
                 self._wake.set()

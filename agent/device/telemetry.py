@@ -71,7 +71,6 @@ class TelemetryReporter:
         self.seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.cpu_s = 0.0  # process CPU time spent building messages (for the benchmark)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tandem-telemetry", daemon=True)
@@ -126,10 +125,8 @@ class TelemetryReporter:
 
     def report(self) -> Telemetry:
         """Close the current interval: one message into the outbox."""
-        start_cpu = time.process_time()
         stats = self.agent.swap_stats()
         message = self.build(stats, time.monotonic() - stats.started)
         self.outbox.put(self.topic, message.model_dump_json().encode())
-        self.cpu_s += time.process_time() - start_cpu
         self._on_put()
         return message

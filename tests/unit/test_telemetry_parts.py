@@ -12,14 +12,14 @@ from agent.inference.stats import RequestStats
 from shared.telemetry import LATENCY_BOUNDS_MS, Histogram
 
 
-def test_histogram_quantiles_and_merge() -> None:
+def test_histogram_quantiles() -> None:
     h = Histogram()
     assert h.quantile(0.5) is None
     counts = [0] * (len(LATENCY_BOUNDS_MS) + 1)
     counts[2], counts[8], counts[-1] = 90, 9, 1  # 0.2 ms, 20 ms, overflow
     h = Histogram(counts=counts)
     assert h.quantile(0.5) == 0.2 and h.quantile(0.95) == 20 and h.quantile(1.0) == float("inf")
-    assert h.merged(h).total == 200
+    assert h.total == 100
     with pytest.raises(ValueError):
         Histogram(counts=[1, 2])
 

@@ -9,7 +9,6 @@ def test_builders_fix_qos_and_retain() -> None:
     assert topics.device_status("f", "d") == topics.Topic("tandem/v1/f/devices/d/status", 1, True)
     assert topics.device_telemetry("f", "d").retain is False
     assert topics.device_update("f", "d").retain is True
-    assert topics.device_command("f", "d", "rebirth").name == "tandem/v1/f/devices/d/cmd/rebirth"
     assert topics.manifest("f", "m").name == "tandem/v1/f/models/m/manifest"
     assert topics.manifest("f", "m", group="g").name == "tandem/v1/f/groups/g/models/m/manifest"
     assert topics.manifest("f", "m", device="d").name == "tandem/v1/f/devices/d/models/m/manifest"
