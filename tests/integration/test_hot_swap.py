@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from agent import Agent, AgentSettings
 from agent.inference.backends import TFLiteSettings
 from agent.inference.model import load_model
 from cloud.pipeline.data import SplitData
-from tests.fleet import Fleet, last_state, running_fleet, wait_for
+from tests.fleet import Fleet, last_state, wait_for
 from tests.helpers import EDGE_F32, EDGE_INT8
-from tests.mosquitto import Mosquitto
 
 
 def _drive(
@@ -57,12 +52,6 @@ def test_many_swaps_under_concurrent_load(digits: SplitData) -> None:
             t.join()
     assert errors == []
     assert agent.model.manifest.ref in seen
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
-    with running_fleet(tmp_path, broker) as f:
-        yield f
 
 
 def test_update_under_load_drops_nothing(fleet: Fleet, digits: SplitData) -> None:

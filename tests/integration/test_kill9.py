@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,8 @@ from agent.device.store import ModelStore
 from agent.inference.backends import TFLiteSettings
 from agent.inference.model import load_model
 from tests.artifact_server import serve_artifact
-from tests.fleet import FLEET, Fleet, last_state, running_fleet, wait_for
+from tests.fleet import FLEET, Fleet, last_state, wait_for
 from tests.helpers import EDGE_INT8, agent_process
-from tests.mosquitto import Mosquitto
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
-    with running_fleet(tmp_path, broker) as f:
-        yield f
 
 
 def _config(

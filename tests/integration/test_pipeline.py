@@ -25,9 +25,8 @@ from cloud.cli import main as cloud_main
 from cloud.pipeline.data import SplitData
 from cloud.pipeline.settings import OptimizeSettings
 from shared.manifest import Manifest
-from tests.fleet import last_state, running_fleet, wait_for
+from tests.fleet import Fleet, last_state, wait_for
 from tests.helpers import MODELS, ROOT
-from tests.mosquitto import Mosquitto
 
 SMALL = {
     "hidden": [16],
@@ -172,20 +171,19 @@ def test_report_page_has_the_table_and_the_charts(run: tuple[Path, dict[str, Any
 
 
 def test_bundle_is_packaged_and_installed_by_an_agent(
-    run: tuple[Path, dict[str, Any]], tmp_path: Path, broker: Mosquitto, digits: SplitData
+    run: tuple[Path, dict[str, Any]], fleet: Fleet, digits: SplitData
 ) -> None:
     out, _ = run
-    with running_fleet(tmp_path, broker) as fleet:
-        service = fleet.start_agent("dev-0")
-        release = fleet.release(out / "bundle")
-        fleet.publish(release)
-        wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="ACTIVE")
-        agent = service.agent
-        assert agent.model.manifest.version == 2
-        assert agent.threshold == release.routing.threshold
-        answers = [agent.infer(x, mode="edge") for x in digits.test.x[:50]]
-        accuracy = np.mean([int(a.label) == y for a, y in zip(answers, digits.test.y[:50])])
-        assert accuracy > 0.8 and answers[0].edge_model == "digits:2"
+    service = fleet.start_agent("dev-0")
+    release = fleet.release(out / "bundle")
+    fleet.publish(release)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="ACTIVE")
+    agent = service.agent
+    assert agent.model.manifest.version == 2
+    assert agent.threshold == release.routing.threshold
+    answers = [agent.infer(x, mode="edge") for x in digits.test.x[:50]]
+    accuracy = np.mean([int(a.label) == y for a, y in zip(answers, digits.test.y[:50])])
+    assert accuracy > 0.8 and answers[0].edge_model == "digits:2"
 
 
 def test_bad_settings_are_refused_before_any_work(

@@ -4,23 +4,22 @@ restarted mid-rollout."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared import topics
-from tests.fleet import FLEET, Fleet, last_state, retained_json, running_fleet, wait_for
-from tests.mosquitto import Mosquitto
+from tests.fleet import FLEET, Fleet, last_state, retained_json, wait_for
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
-    with running_fleet(tmp_path, broker) as f:
-        for i in range(4):
-            f.start_agent(f"dev-{i}", group="lab" if i < 3 else "field")
-        wait_for(lambda: len(f.store.devices(FLEET)) == 4, what="births")
-        yield f
+def fleet(fleet: Fleet) -> Fleet:
+    """The integration tier's fleet with four agents started: dev-0..2 in group ``lab``,
+    dev-3 in ``field``, all of them born in the fleet store."""
+    for i in range(4):
+        fleet.start_agent(f"dev-{i}", group="lab" if i < 3 else "field")
+    wait_for(lambda: len(fleet.store.devices(FLEET)) == 4, what="births")
+    return fleet
 
 
 def test_failing_canary_stops_the_rollout(fleet: Fleet) -> None:

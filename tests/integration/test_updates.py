@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,15 +16,8 @@ from shared import topics
 from shared.manifest import Manifest, RoutingDefaults, utc_now
 from shared.signing import SigningKey
 from tests.artifact_server import serve_artifact
-from tests.fleet import FLEET, Fleet, last_state, retained_json, running_fleet, wait_for
+from tests.fleet import FLEET, Fleet, last_state, retained_json, wait_for
 from tests.helpers import EDGE_INT8
-from tests.mosquitto import Mosquitto
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, broker: Mosquitto) -> Iterator[Fleet]:
-    with running_fleet(tmp_path, broker) as f:
-        yield f
 
 
 def serving(fleet: Fleet, device: str) -> int:
@@ -312,19 +303,19 @@ def _hosted_at(fleet: Fleet, release: Manifest, url: str, version: int) -> Manif
     return fleet.key.sign(release.model_copy(update={"version": version, "edge": edge}))
 
 
-def test_the_cloud_token_goes_only_to_the_cloud_origin(tmp_path: Path, broker: Mosquitto) -> None:
-    with running_fleet(tmp_path, broker, token="fleet-secret") as fleet:
-        fleet.start_agent("dev-0")
-        release = fleet.release()
-        fleet.publish(release)  # from the registry: the token is needed there (401 without)
-        wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="v2")
-        assert fleet.server.artifact_requests[-1]["authorization"] == "Bearer fleet-secret"
-        blob = (fleet.registry.release_dir("digits", 2) / "model.tflite").read_bytes()
-        with serve_artifact(blob) as (elsewhere, url):
-            fleet.publish(_hosted_at(fleet, release, f"{url}/cdn/model.tflite", 3))
-            wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="v3")
-            assert len(elsewhere.requests) == 1
-            assert "authorization" not in elsewhere.requests[0]
+@pytest.mark.parametrize("fleet", [{"token": "fleet-secret"}], indirect=True)
+def test_the_cloud_token_goes_only_to_the_cloud_origin(fleet: Fleet) -> None:
+    fleet.start_agent("dev-0")
+    release = fleet.release()
+    fleet.publish(release)  # from the registry: the token is needed there (401 without)
+    wait_for(lambda: last_state(fleet, "dev-0", 2) == ("ACTIVE", ""), what="v2")
+    assert fleet.server.artifact_requests[-1]["authorization"] == "Bearer fleet-secret"
+    blob = (fleet.registry.release_dir("digits", 2) / "model.tflite").read_bytes()
+    with serve_artifact(blob) as (elsewhere, url):
+        fleet.publish(_hosted_at(fleet, release, f"{url}/cdn/model.tflite", 3))
+        wait_for(lambda: last_state(fleet, "dev-0", 3) == ("ACTIVE", ""), what="v3")
+        assert len(elsewhere.requests) == 1
+        assert "authorization" not in elsewhere.requests[0]
 
 
 def test_a_trickling_download_fails_at_its_deadline(fleet: Fleet) -> None:
