@@ -303,7 +303,7 @@ def _hosted_at(fleet: Fleet, release: Manifest, url: str, version: int) -> Manif
     return fleet.key.sign(release.model_copy(update={"version": version, "edge": edge}))
 
 
-@pytest.mark.parametrize("fleet", [{"token": "fleet-secret"}], indirect=True)
+@pytest.mark.parametrize("fleet", [{"token": "fleet-secret"}], indirect=True, ids=["token"])
 def test_the_cloud_token_goes_only_to_the_cloud_origin(fleet: Fleet) -> None:
     fleet.start_agent("dev-0")
     release = fleet.release()
