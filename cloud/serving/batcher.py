@@ -52,11 +52,10 @@ class Batcher:
         self.config = config
         self.stats = metrics.version(model.name, model.version)
         self.batching = model.batchable and config.max_batch_size > 1
-        # the largest request merged (0: none are), and the queue's limit, read per request
+        # the largest request merged (0: none are)
         self._max_rows = config.max_batch_size if self.batching else 0
         #: Triton's max_batch_size: a request of more rows is refused (0: no limit)
         self.batch_limit = config.batch_limit(model.batchable)
-        self._max_queue = config.max_queue_size
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0  # rows in the queue: the worker is woken when a batch is full
         self._mixed = False  # the queue holds requests of more than one key since it was empty
@@ -68,7 +67,6 @@ class Batcher:
         self._slots = asyncio.Semaphore(config.instances)
         self._worker: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._working = False  # the worker task is running (set here, cleared by it)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._timeout_s = config.timeout_ms / 1000.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,16 +93,10 @@ class Batcher:
         counted per batch)."""
         try:
             feeds, wanted = self.model.prepare(request)
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
             # mergeable: same outputs, same inputs in the same order with the same row shape
-            if len(feeds) == 1:  # the common case, without a comprehension's frame
-                ((name, array),) = feeds.items()
-                rows = array.shape[0] if array.ndim else 0
-                key: tuple[object, ...] = (tuple(wanted), name, array.shape[1:], array.dtype)
-            else:
-                rows = next(iter(feeds.values())).shape[0] if feeds else 0
-                key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
+            first = next(iter(feeds.values()), None)
+            rows = first.shape[0] if first is not None and first.ndim else 0
+            key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
             if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
                 if rows > self.batch_limit > 0:
                     raise InvalidRequestError(
@@ -112,13 +104,12 @@ class Batcher:
                         f"for '{self.model.name}'"  # Triton's words
                     )
                 return self.model.response(wanted, await self._alone(feeds, wanted))
-            if len(self._queue) + self._waiting >= self._max_queue:
-                self._admit()  # raises
-            item = _Item(feeds, wanted, rows, key, self._loop.create_future(), time.monotonic())
-            queue = self._queue
-            if queue and queue[0].key != key:
+            self._admit()
+            future = asyncio.get_running_loop().create_future()
+            item = _Item(feeds, wanted, rows, key, future, time.monotonic())
+            if self._queue and self._queue[0].key != key:
                 self._mixed = True
-            queue.append(item)
+            self._queue.append(item)
             self._queued_rows += rows
             self._arrivals += 1
             if self._queued_rows >= self._max_rows:
@@ -306,14 +297,10 @@ class Batcher:
             self.stats.compute_seconds.observe(took)
             self.stats.batch_size.observe(len(batch))
             offset = delivered = 0
-            single = values[0] if len(values) == 1 else None
             for item in batch:
                 end = offset + item.rows
                 if not item.future.done():
-                    if single is not None:  # the common case, without a comprehension's frame
-                        item.future.set_result([single[offset:end]])
-                    else:
-                        item.future.set_result([v[offset:end] for v in values])
+                    item.future.set_result([v[offset:end] for v in values])
                     delivered += 1
                 offset = end
             self.stats.served.inc(delivered)

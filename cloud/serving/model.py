@@ -51,9 +51,6 @@ _NUMPY_TYPES = {
 }
 
 
-_ACCEPTED_MAX = 1024
-
-
 def _tensor_meta(node: Any) -> TensorMetadata:
     datatype = _ORT_TYPES.get(node.type)
     if datatype is None:
@@ -102,9 +99,6 @@ class OnnxModel:
         self._fixed_dims = {
             t.name: [(i, d) for i, d in enumerate(t.shape) if d != -1] for t in self.inputs
         }
-        #: (name, datatype, shape) of numeric inputs already checked: clients repeat a few
-        #: shapes, and a set lookup is a fifth of the checks' cost. Bounded.
-        self._accepted: set[tuple[str, str, tuple[int, ...]]] = set()
         self._output_names = [t.name for t in self.outputs]
         self._output_types = {t.name: t.datatype for t in self.outputs}
         self._output_set = frozenset(self._output_types)
@@ -157,19 +151,11 @@ class OnnxModel:
                 [v.decode() if isinstance(v, bytes) else v for v in tensor.data.ravel()],
                 dtype=object,
             ).reshape(shape)
-        if len(self._accepted) < _ACCEPTED_MAX:
-            self._accepted.add((tensor.name, tensor.datatype, shape))
         return tensor.data
 
     def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
         """Checked feeds and the output names to compute; ``InvalidRequestError`` if not."""
-        accepted = self._accepted
-        feeds = {}
-        for t in request.inputs:
-            if (t.name, t.datatype, t.data.shape) in accepted:
-                feeds[t.name] = t.data
-            else:
-                feeds[t.name] = self._check(t)
+        feeds = {t.name: self._check(t) for t in request.inputs}
         if len(feeds) != len(self._input_names):  # every name was checked to be an input
             missing = set(self._input_names) - set(feeds)
             raise InvalidRequestError(f"missing inputs {sorted(missing)}")
@@ -194,9 +180,5 @@ class OnnxModel:
     def response(self, wanted: list[str], values: list[np.ndarray]) -> InferResponse:
         """``values`` as ``compute`` returned them: arrays of the outputs' declared types."""
         types = self._output_types
-        if len(wanted) == 1:  # the common case, without a comprehension's frame
-            name = wanted[0]
-            outputs = [InferTensor(name, types[name], values[0], {})]
-        else:
-            outputs = [InferTensor(n, types[n], v, {}) for n, v in zip(wanted, values)]
-        return InferResponse(self.name, outputs, self.version, None, {})
+        outputs = [InferTensor(n, types[n], v) for n, v in zip(wanted, values, strict=True)]
+        return InferResponse(self.name, outputs, self.version)
