@@ -24,13 +24,7 @@ from cloud.serving.dataplane import CloudDataPlane
 from cloud.serving.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
-from shared.oip.http import (
-    LeanRoute,
-    add_oip_routes,
-    docs_routes_last,
-    install_error_handlers,
-    lean,
-)
+from shared.oip.http import LeanRoute, add_oip_routes, docs_routes_last, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +84,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
 
         app.router.add_api_route(
             "/bench/bare",
-            lean(serve_bare)(serve_bare),  # its own handler: one frame, as infer has
+            serve_bare,
             methods=["POST"],
             include_in_schema=False,
             route_class_override=LeanRoute,

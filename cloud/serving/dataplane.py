@@ -4,11 +4,9 @@ ONNX Runtime in a worker thread (the event loop never runs a model)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from typing import Any
 
 from cloud import __version__
-from cloud.serving.batcher import Batcher
 from cloud.serving.repository import MODEL_FILE, ModelRepository
 from shared.errors import ModelNotReadyError, TandemError
 from shared.oip.types import (
@@ -85,11 +83,8 @@ class CloudDataPlane:
             name=name, version=state.version, ready=state.model is not None, reason=state.error
         )
 
-    def infer(
-        self, name: str, version: str | None, request: InferRequest
-    ) -> Awaitable[InferResponse]:
-        """The version's batcher's own coroutine (no wrapping one: this is every request's
-        path). Failures to find a serving version are counted here, the rest by the batcher."""
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """Failures to find a serving version are counted here, the rest by the batcher."""
         try:
             batcher = self.repository.batcher(name, version)
         except TandemError as exc:
@@ -101,9 +96,5 @@ class CloudDataPlane:
             self.repository.metrics.failed(model, label, exc.http_status)
             raise
         if self.delay_s:
-            return self._delayed(batcher, request)
-        return batcher.infer(request)
-
-    async def _delayed(self, batcher: Batcher, request: InferRequest) -> InferResponse:
-        await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)
         return await batcher.infer(request)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +42,6 @@ from shared.oip.types import (
 )
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class DataPlane(Protocol):
@@ -62,12 +61,9 @@ class DataPlane(Protocol):
         """Triton's model configuration JSON (``shared.oip.types.triton_model_config``)."""
         ...
 
-    def infer(
+    async def infer(
         self, name: str, version: str | None, request: InferRequest
-    ) -> Awaitable[InferResponse]:
-        """An ``async def``, or a plain method handing back another awaitable (one coroutine
-        frame fewer on every request)."""
-        ...
+    ) -> InferResponse: ...
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -131,42 +127,32 @@ _INFER_BODY = {
 }
 
 
+#: The infer routes' path parameters, as FastAPI documents a ``str`` one.
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "title": "Name"},
+}
+_VERSION = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "title": "Version"},
+}
+
+
 class LeanRoute(APIRoute):
-    """A route whose endpoint takes the ``Request`` and its path parameters (strings), and
-    parses the body itself: FastAPI's per-request dependency solving is skipped, which is a
-    fifth of the HTTP stack's cost on a small model (``scripts/bench_cloud.py``). The OpenAPI
-    document is still generated from the endpoint's signature. Used for infer, and for the
+    """A route whose endpoint is its request handler, ``async (request) -> Response``: it
+    reads its path parameters and its body itself, and FastAPI's per-request dependency
+    solving is skipped, which is a fifth of the HTTP stack's cost on a small model
+    (``scripts/bench_cloud.py``). The endpoint's signature has only the request, so the path
+    parameters are documented by the route's ``openapi_extra``. Used for infer, and for the
     benchmark's bare route, so both measure the same stack."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
-        direct: Callable[[Request], Coroutine[Any, Any, Response]] | None = getattr(
-            endpoint, LEAN_HANDLER, None
-        )
-        if direct is not None:  # one coroutine frame per request, not two
-            return direct
-
-        async def handler(request: Request) -> Response:
-            response: Response = await endpoint(request=request, **request.path_params)
-            return response
-
+        handler: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
         return handler
-
-
-#: An endpoint's attribute naming the ``async (request) -> Response`` that ``LeanRoute``
-#: runs in its place (reading the path parameters itself); the endpoint then only
-#: documents the route.
-LEAN_HANDLER = "lean_handler"
-
-
-def lean(handler: Callable[[Request], Coroutine[Any, Any, Response]]) -> Callable[[F], F]:
-    """Marks a ``LeanRoute`` endpoint as documentation for ``handler``, which serves it."""
-
-    def mark(endpoint: F) -> F:
-        setattr(endpoint, LEAN_HANDLER, handler)
-        return endpoint
-
-    return mark
 
 
 def error_response(exc: TandemError) -> JSONResponse:
@@ -231,12 +217,9 @@ async def read_body(
     raw_length = headers.get(_HEADER_LENGTH_KEY)
     if raw_length is None:  # pure JSON: the whole body is the document
         header_length = None
-        limit = max_json_bytes if max_json_bytes < max_bytes else max_bytes
+        limit = min(max_json_bytes, max_bytes)
     else:
-        try:  # int() reads ASCII digits without decoding them first
-            header_length = int(raw_length)
-        except ValueError:  # says what is wrong
-            header_length = header_length_value(raw_length.decode("latin-1"))
+        header_length = header_length_value(raw_length.decode("latin-1"))
         if header_length > max_json_bytes:
             raise PayloadTooLargeError(
                 f"JSON header of {header_length} bytes exceeds the limit of {max_json_bytes}"
@@ -337,13 +320,8 @@ async def _inflate(
 
 
 def _reply(payload: bytes, headers: dict[str, str]) -> Response:
-    """An encoded response: the content type as media_type, the header length appended
-    raw (Starlette's per-request encoding of a headers mapping is skipped)."""
-    reply = Response(payload, media_type=headers["Content-Type"])
-    length = headers.get(HEADER_LENGTH)
-    if length is not None:
-        reply.raw_headers.append((_HEADER_LENGTH_KEY, length.encode()))
-    return reply
+    """An encoded response with its headers (content type, and the JSON header's length)."""
+    return Response(payload, headers=headers)
 
 
 def docs_routes_last(app: FastAPI) -> None:
@@ -379,12 +357,7 @@ def add_oip_routes(
         response = await plane.infer(name, version, infer_request)
         if response.id is None:
             response.id = infer_request.id
-        payload, headers = encode_response(response, infer_request)
-        reply = Response(payload, media_type=headers["Content-Type"])  # as _reply, inline
-        length = headers.get(HEADER_LENGTH)
-        if length is not None:
-            reply.raw_headers.append((_HEADER_LENGTH_KEY, length.encode()))
-        return reply
+        return _reply(*encode_response(response, infer_request))
 
     async def serve_large(
         name: str, version: str | None, body: bytes | bytearray, header_length: int | None
@@ -397,23 +370,16 @@ def add_oip_routes(
             response.id = infer_request.id
         return _reply(*await run_in_threadpool(encode_response, response, infer_request))
 
-    @lean(serve_infer)
-    async def infer(name: str, request: Request) -> Response:
-        return await serve_infer(request)
-
-    @lean(serve_infer)
-    async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await serve_infer(request)
-
-    for path, endpoint in (
-        ("/v2/models/{name}/infer", infer),
-        ("/v2/models/{name}/versions/{version}/infer", infer_version),
+    for name, path, parameters in (
+        ("infer", "/v2/models/{name}/infer", [_NAME]),
+        ("infer_version", "/v2/models/{name}/versions/{version}/infer", [_NAME, _VERSION]),
     ):
         router.add_api_route(
             path,
-            endpoint,
+            serve_infer,
+            name=name,
             methods=["POST"],
-            openapi_extra=_INFER_BODY,
+            openapi_extra={**_INFER_BODY, "parameters": parameters},
             responses=_ERRORS,
             route_class_override=LeanRoute,
         )
