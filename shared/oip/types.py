@@ -84,11 +84,12 @@ class InferTensor:
         return list(self.data.shape)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestedOutput:
     """An entry of a request's ``outputs``: which output, and whether it should come as binary.
 
     ``binary_data`` None means "follow the request-wide ``binary_data_output`` parameter".
+    Frozen: the codec's header cache hands the same entries to every request of a header.
     """
 
     name: str
@@ -110,11 +111,10 @@ class InferRequest:
 
     def wants_binary(self, output_name: str) -> bool:
         """Whether ``output_name`` must be returned in binary form (Triton's rules)."""
-        if self.outputs:
-            for requested in self.outputs:
-                if requested.name == output_name and requested.binary_data is not None:
-                    return requested.binary_data
-        return bool(self.parameters.get("binary_data_output", False)) if self.parameters else False
+        for requested in self.outputs or ():
+            if requested.name == output_name and requested.binary_data is not None:
+                return requested.binary_data
+        return bool(self.parameters.get("binary_data_output", False))
 
 
 @dataclass(slots=True)

@@ -105,12 +105,12 @@ def test_response_binary_per_output_and_request_wide() -> None:
 
 def test_repeated_binary_responses_keep_their_own_data_and_parameters() -> None:
     req = InferRequest(inputs=[], outputs=[RequestedOutput("p", binary_data=True)])
-    for value in (1.0, 2.0):  # the second is encoded from the remembered header
+    for value in (1.0, 2.0):  # a response-header cache once answered the second from the first
         out = InferTensor.of("p", np.full((1, 3), value, np.float32))
         body, headers = encode_response(InferResponse("cached", [out], "1"), req)
         back = decode_response(body, int(headers[HEADER_LENGTH]))
         np.testing.assert_array_equal(back.output("p").data, out.data)
-    # same model, name and shape, but a tensor parameter: never answered from that header
+    # same model, name and shape, but a tensor parameter: it was answered without it
     tagged = InferTensor("p", "FP32", np.zeros((1, 3), np.float32), {"unit": "prob"})
     body, headers = encode_response(InferResponse("cached", [tagged], "1"), req)
     back = decode_response(body, int(headers[HEADER_LENGTH]))
@@ -359,13 +359,53 @@ def _binary_bytes_body(wire: bytes, shape: list[int]) -> tuple[bytes, int]:
     return header + wire, len(header)
 
 
-def test_a_bytearray_body_decodes_and_is_cached_like_bytes() -> None:
+def test_the_header_cache_never_answers_for_another_body() -> None:
+    """Binary requests that repeat a header are decoded from it as remembered
+    (``codec._HEADERS``). What that must never do: answer with an earlier body's tensors,
+    take a body of another size, let a caller's change to one request reach the next, or
+    read a tensor whose data is in the header from the binary part."""
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    body, headers = encode_request(InferRequest(inputs=[InferTensor.of("x", x)]))
+    request = InferRequest(
+        inputs=[InferTensor.of("x", x, unit="cm")],
+        outputs=[RequestedOutput("y", binary_data=True)],
+        parameters={"mode": "auto"},
+    )
+    body, headers = encode_request(request)
     n = int(headers[HEADER_LENGTH])
-    for _ in range(2):  # the second is decoded from the remembered header
-        got = decode_request(bytearray(body), n)
-        np.testing.assert_array_equal(got.inputs[0].data, x)
+    decode_request(body, n)
+    for k in range(1, 4):  # from the cache, a bytes body or a bytearray (a large one)
+        again = body[:n] + (x + k).tobytes()
+        got = decode_request(again if k % 2 else bytearray(again), n)
+        np.testing.assert_array_equal(got.inputs[0].data, x + k)
+        assert got.parameters == {"mode": "auto"} and got.inputs[0].parameters == {"unit": "cm"}
+        assert got.outputs == [RequestedOutput("y", binary_data=True)]
+        got.parameters["mode"] = "changed"  # what a caller does to its request stays there
+        got.inputs[0].parameters["unit"] = "m"
+        got.outputs.append(RequestedOutput("z"))
+    with pytest.raises(InvalidRequestError, match="exceeds the body"):
+        decode_request(body[:-4], n)
+    with pytest.raises(InvalidRequestError, match="no tensor claims"):
+        decode_request(body + bytes(4), n)
+    # one tensor in binary, one as JSON data in the header: the binary part is the first's
+    # alone, whichever time the header comes
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 3],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 24},
+                },
+                {"name": "j", "shape": [2], "datatype": "INT32", "data": [1, 2]},
+            ]
+        }
+    ).encode()
+    for _ in range(2):
+        got = decode_request(header + x.tobytes(), len(header))
+        np.testing.assert_array_equal(got.inputs[1].data, [1, 2])
+        with pytest.raises(InvalidRequestError, match="no tensor claims"):
+            decode_request(header + x.tobytes() + bytes(8), len(header))
 
 
 # a JSON value of any kind, nested a little
