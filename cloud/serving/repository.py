@@ -54,9 +54,6 @@ class ModelRepository:
         # derived from _models at each scan, so a request does no sorting
         self._sorted: dict[str, list[VersionState]] = {}
         self._default: dict[str, VersionState] = {}
-        # (model, version or None for the default) -> its batcher, for versions that serve:
-        # one dict lookup per request
-        self._serving: dict[tuple[str, str | None], Batcher] = {}
         self.unloaded: set[str] = set()  # models unloaded through the API stay unloaded
 
     def scan(self) -> None:
@@ -87,16 +84,6 @@ class ModelRepository:
                     m: ([v for v in vs if v.model is not None] or vs)[-1]
                     for m, vs in ordered.items()
                 }
-                serving: dict[tuple[str, str | None], Batcher] = {
-                    (m, v.version): v.batcher
-                    for m, vs in ordered.items()
-                    for v in vs
-                    if v.batcher is not None
-                }
-                for m, v in self._default.items():
-                    if v.batcher is not None:
-                        serving[(m, None)] = v.batcher
-                self._serving = serving
             for key in sorted(gone):
                 log.info("unloaded %s", key)
 
@@ -200,9 +187,6 @@ class ModelRepository:
         return self._ready(name, version).model  # type: ignore[return-value]
 
     def batcher(self, name: str, version: str | None) -> Batcher:
-        found = self._serving.get((name, version))
-        if found is not None:
-            return found
         return self._ready(name, version).batcher  # type: ignore[return-value]
 
     def _ready(self, name: str, version: str | None) -> VersionState:
