@@ -7,31 +7,24 @@ HTTP (mounted by the cloud server when a registry folder is configured):
 
 - ``GET /registry/{model}``: the releases, newest first;
 - ``GET /registry/{model}/{version}/manifest.json``: a signed manifest;
-- ``GET /registry/{model}/{version}/{file}``: the artifact. Strong ETag (the SHA-256),
-  ``Range: bytes=a-b`` (206, or 416), ``If-Range``, ``If-None-Match`` (304), so an edge
-  device on a flaky link resumes instead of starting over.
+- ``GET /registry/{model}/{version}/{file}``: the artifact, so an edge device on a flaky link
+  resumes instead of starting over. A strong ETag (the manifest's SHA-256) and the 304 on
+  ``If-None-Match`` are ours; ``Range`` (206, or 416 with ``Content-Range: bytes */size``;
+  a malformed one is a 400) and ``If-Range`` are Starlette's ``FileResponse`` (1.3 or later:
+  its ``If-Range`` compares the ETag we set, and an oversized suffix range is the whole file).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse
 
-from shared.errors import ContractError, InvalidRequestError, ModelNotFoundError
+from shared.errors import ContractError, ModelNotFoundError
 from shared.identifiers import IDENTIFIER_RE
 from shared.manifest import MANIFEST_FILE, Manifest
-
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-CHUNK = 64 * 1024
-
-
-class RangeNotSatisfiableError(InvalidRequestError):
-    http_status = 416
 
 
 class Registry:
@@ -86,35 +79,6 @@ class Registry:
         return self.release_dir(model, version) / file, f'"{manifest.edge.sha256}"'
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int]:
-    """The inclusive byte range a ``Range`` header asks for (one range only)."""
-    m = _RANGE.match(header.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        raise RangeNotSatisfiableError(f"unsupported Range {header!r}")
-    start_s, end_s = m.groups()
-    if start_s:
-        start = int(start_s)
-        end = min(int(end_s), size - 1) if end_s else size - 1
-    else:  # suffix: the last N bytes
-        n = int(end_s)
-        start, end = max(0, size - n), size - 1
-    if start >= size or start > end:
-        raise RangeNotSatisfiableError(f"range {header!r} is outside {size} bytes")
-    return start, end
-
-
-def _file_chunks(path: Path, start: int, end: int) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        f.seek(start)
-        left = end - start + 1
-        while left > 0:
-            block = f.read(min(CHUNK, left))
-            if not block:
-                return
-            left -= len(block)
-            yield block
-
-
 def registry_router(registry: Registry) -> APIRouter:
     router = APIRouter(prefix="/registry", tags=["registry"])
 
@@ -144,32 +108,9 @@ def registry_router(registry: Registry) -> APIRouter:
     @router.get("/{model}/{version}/{file}")
     def artifact(model: str, version: int, file: str, request: Request) -> Response:
         path, etag = registry.artifact(model, version, file)
-        size = path.stat().st_size
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "no-cache"}
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        wanted = request.headers.get("range")
-        if_range = request.headers.get("if-range")
-        if wanted and (if_range is None or if_range == etag):
-            try:
-                start, end = _parse_range(wanted, size)
-            except RangeNotSatisfiableError as exc:
-                return JSONResponse(
-                    {"error": exc.message},
-                    status_code=416,
-                    headers={**headers, "Content-Range": f"bytes */{size}"},
-                )
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            headers["Content-Length"] = str(end - start + 1)
-            return StreamingResponse(
-                _file_chunks(path, start, end),
-                status_code=206,
-                media_type="application/octet-stream",
-                headers=headers,
-            )
-        headers["Content-Length"] = str(size)
-        return StreamingResponse(
-            _file_chunks(path, 0, size - 1), media_type="application/octet-stream", headers=headers
-        )
+            return Response(status_code=304, headers={**headers, "Accept-Ranges": "bytes"})
+        return FileResponse(path, headers=headers, media_type="application/octet-stream")
 
     return router

@@ -1,4 +1,5 @@
-"""The registry over real HTTP: ETag, Range (resume), If-Range, If-None-Match, listings."""
+"""The registry over real HTTP: ETag, Range (resume), If-Range, If-None-Match, listings.
+Range and If-Range are Starlette's ``FileResponse``; the ETag and the 304 are ours."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def test_full_download_has_a_strong_etag(http: httpx.Client) -> None:
     assert r.status_code == 200 and r.content == BLOB
     assert r.headers["etag"] == f'"{hashlib.sha256(BLOB).hexdigest()}"'
     assert r.headers["accept-ranges"] == "bytes"
-    assert http.get(PATH, headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    unchanged = http.get(PATH, headers={"If-None-Match": r.headers["etag"]})
+    assert unchanged.status_code == 304 and unchanged.headers["etag"] == r.headers["etag"]
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,7 @@ def test_full_download_has_a_strong_etag(http: httpx.Client) -> None:
         ("bytes=0-9", BLOB[:10]),
         ("bytes=-20", BLOB[-20:]),
         (f"bytes=10-{10**9}", BLOB[10:]),
+        (f"bytes=-{10**9}", BLOB),  # a suffix longer than the file: all of it
     ],
 )
 def test_ranges(http: httpx.Client, header: str, part: bytes) -> None:
@@ -55,10 +58,14 @@ def test_ranges(http: httpx.Client, header: str, part: bytes) -> None:
 def test_bad_ranges_and_stale_if_range(http: httpx.Client) -> None:
     r = http.get(PATH, headers={"Range": f"bytes={len(BLOB)}-"})
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(BLOB)}"
-    assert http.get(PATH, headers={"Range": "bytes=abc"}).status_code == 416
+    assert http.get(PATH, headers={"Range": "bytes=abc"}).status_code == 400  # malformed
     # the file changed since the client's first bytes: the whole file, not a splice
     r = http.get(PATH, headers={"Range": "bytes=100-", "If-Range": '"other"'})
     assert r.status_code == 200 and r.content == BLOB
+    # the ETag the client holds is the file's: the rest of it (a resumed download)
+    etag = http.get(PATH).headers["etag"]
+    r = http.get(PATH, headers={"Range": "bytes=100-", "If-Range": etag})
+    assert r.status_code == 206 and r.content == BLOB[100:] and r.headers["etag"] == etag
 
 
 def test_listing_manifest_and_unknowns(http: httpx.Client) -> None:
