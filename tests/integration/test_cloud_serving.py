@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from cloud.app import create_app
 from cloud.pipeline.data import SplitData
 from cloud.settings import CloudSettings
+from tests.fleet import wait_for
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, infer_body, serve_in_thread
 from tests.prometheus import sample
 
@@ -176,7 +177,7 @@ def test_requests_arriving_together_share_one_run_when_closing_on_quiet(
 def test_versions_added_and_removed_while_requests_run(tmp_path: Path, digits: SplitData) -> None:
     repo = repo_with(tmp_path)
     failures: list[str] = []
-    versions_seen: set[str] = set()
+    answers: list[str] = []  # the version of each answer, in order
     stop = threading.Event()
     with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0.1))) as url:
 
@@ -187,20 +188,23 @@ def test_versions_added_and_removed_while_requests_run(tmp_path: Path, digits: S
                     if r.status_code != 200:
                         failures.append(r.text)
                     else:
-                        versions_seen.add(r.json()["model_version"])
+                        answers.append(r.json()["model_version"])
+
+        def versions() -> list[str]:
+            return list(httpx.get(f"{url}/v2/models/m").json()["versions"])
 
         threads = [threading.Thread(target=drive) for _ in range(3)]
         for t in threads:
             t.start()
         try:
-            time.sleep(0.3)
+            wait_for(lambda: "1" in answers, what="answers from version 1")
             (repo / "m" / "2").mkdir()
             shutil.copy(MODEL, repo / "m" / "2" / "model.onnx")
-            deadline = time.monotonic() + 10
-            while "2" not in versions_seen and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: "2" in answers, what="answers from version 2, once rescanned")
             shutil.rmtree(repo / "m" / "1")
-            time.sleep(0.5)
+            wait_for(lambda: versions() == ["2"], what="version 1 unloaded by a rescan")
+            served = len(answers)
+            wait_for(lambda: len(answers) > served + 10, what="answers after the unload")
             meta = httpx.get(f"{url}/v2/models/m").json()
         finally:
             stop.set()
@@ -215,7 +219,7 @@ def test_versions_added_and_removed_while_requests_run(tmp_path: Path, digits: S
         assert index == [{"name": "m", "state": "UNAVAILABLE", "reason": "unloaded"}]
         assert httpx.post(f"{url}/v2/repository/models/m/load").status_code == 200
         assert httpx.get(f"{url}/v2/models/m/ready").status_code == 200
-    assert failures == [] and versions_seen == {"1", "2"}
+    assert failures == [] and set(answers) == {"1", "2"}
 
 
 def test_version_policy_latest(tmp_path: Path) -> None:
