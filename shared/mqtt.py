@@ -1,8 +1,10 @@
 """One MQTT client wrapper (paho-mqtt 2.x) for agent, controller and collector.
 
 paho's callbacks run on its network thread, and an exception there kills the thread: every
-callback here is wrapped, logs and counts what it catches, and never raises. Handlers must
-be quick (hand work to a queue). Subscriptions are remembered and re-made on every
+callback paho is given here (``on_connect``, ``on_disconnect``, ``on_publish``, ``on_message``
+and each ``message_callback_add`` handler; no others are set) is wrapped, logs and counts
+what it catches, and never raises, so the thread needs no watchdog. Handlers must be quick
+(hand work to a queue). Subscriptions are remembered and re-made on every
 (re)connect; reconnects back off between ``reconnect_min_s`` and ``reconnect_max_s``.
 ``publish`` takes a ``shared.topics.Topic``, so QoS and retain always follow the design.
 """
@@ -62,11 +64,9 @@ class MqttSettings(BaseModel):
 
 @dataclass
 class MqttCounters:
-    received: int = 0
     handler_errors: int = 0
     connects: int = 0
     disconnects: int = 0
-    watchdog_restarts: int = 0
 
 
 class MqttClient:
@@ -171,7 +171,6 @@ class MqttClient:
         thread; keep it quick). Kept across reconnects."""
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
-            self.counters.received += 1
             handler(msg.topic, bytes(msg.payload), bool(msg.retain))
 
         with self._lock:
@@ -193,48 +192,25 @@ class MqttClient:
             return False
         return info.is_published()
 
-    def start(self, wait_s: float | None = None, watchdog_s: float = 5.0) -> None:
+    def start(self, wait_s: float | None = None) -> None:
         """Connect in the background (retrying forever); optionally wait for the first
-        connection and raise ``MqttError`` if it does not come in ``wait_s``. A watchdog
-        restarts paho's network thread should it ever die."""
+        connection and raise ``MqttError`` if it does not come in ``wait_s``."""
         host, port, _ = self.settings.host_port
         self._client.connect_async(host, port, keepalive=self.settings.keepalive_s)
         self._client.loop_start()
-        self._stopping = threading.Event()
-        self._watchdog = threading.Thread(
-            target=self._watch,
-            args=(watchdog_s,),
-            name=f"mqtt-watchdog-{self.client_id}",
-            daemon=True,
-        )
-        self._watchdog.start()
         if wait_s is not None and not self.connected.wait(wait_s):
             self.stop()
             raise MqttError(f"{self.client_id}: no connection to {self.settings.url} in {wait_s}s")
 
-    def _loop_alive(self) -> bool:
-        thread = getattr(self._client, "_thread", None)
-        return thread is not None and thread.is_alive()
-
-    def _watch(self, every_s: float) -> None:
-        while not self._stopping.wait(every_s):
-            if not self._loop_alive():
-                self.counters.watchdog_restarts += 1
-                log.error("%s: the MQTT network thread died; restarting it", self.client_id)
-                self.connected.clear()
-                try:
-                    self._client.loop_start()
-                    self._client.reconnect()
-                except Exception:  # the next round tries again
-                    log.exception("%s: watchdog restart failed", self.client_id)
-
     def stop(self) -> None:
-        """Disconnect cleanly (no Last Will) and stop the network thread."""
-        stopping = getattr(self, "_stopping", None)
-        if stopping is not None:
-            stopping.set()
+        """Disconnect cleanly (no Last Will) and stop the network thread. A stopped client
+        is done with: make a new one to connect again."""
         try:
             self._client.disconnect()
         finally:
             self._client.loop_stop()
             self.connected.clear()
+            # closes every socket, paho's wake-up pair included, which paho otherwise leaves
+            # to its __del__: in a reference cycle the collector may finalise the sockets
+            # first, and they warn as unclosed
+            self._client.reinitialise(self.client_id)
