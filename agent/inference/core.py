@@ -98,7 +98,7 @@ class Agent:
             )
         self._cloud = cloud
         self.router = Router(
-            CircuitBreaker(r.breaker_failures, r.breaker_reset_s),
+            CircuitBreaker(r.breaker_failures, r.breaker_reset_s, clock),
             LatencyEstimator(r.initial_cloud_estimate_ms, r.latency_window, r.latency_quantile),
             cloud_configured=cloud is not None,
         )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from agent import Agent, AgentSettings
 from agent.errors import BackendError
-from agent.inference.breaker import CircuitBreaker
 from shared.errors import InvalidRequestError
 from tests.fakes import ScriptedCloud, confident_logits, fake_model
 
@@ -17,9 +18,23 @@ CONFIDENT = [10.0, 0, 0, 0]
 UNSURE = [0.0, 0, 0, 0]
 
 
-def make(cloud: ScriptedCloud | None = None, **routing: object) -> Agent:
+class Clock:
+    """A clock the test moves (seconds)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(
+    cloud: ScriptedCloud | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    **routing: object,
+) -> Agent:
     settings = AgentSettings(routing=routing)
-    return Agent(settings, model=fake_model(), cloud=cloud.client() if cloud else None)
+    return Agent(settings, model=fake_model(), cloud=cloud.client() if cloud else None, clock=clock)
 
 
 def test_confident_answers_stay_local() -> None:
@@ -59,14 +74,15 @@ def test_cloud_failures_give_the_local_answer(behaviour: str, reason: str) -> No
 def test_breaker_opens_then_probes_again() -> None:
     cloud = ScriptedCloud()
     cloud.behaviour = "refuse"
-    agent = make(cloud, breaker_failures=2, breaker_reset_s=0.05)
+    clock = Clock()
+    agent = make(cloud, clock, breaker_failures=2, breaker_reset_s=5.0)
     reasons = [agent.infer(UNSURE).reason for _ in range(4)]
     assert reasons == ["cloud_unavailable", "cloud_unavailable", "breaker_open", "breaker_open"]
     assert cloud.calls == 2
     cloud.behaviour = "ok"
-    import time
-
-    time.sleep(0.06)
+    clock.t = 4.9
+    assert agent.infer(UNSURE).reason == "breaker_open"  # the breaker runs on the agent's clock
+    clock.t = 5.0
     assert agent.infer(UNSURE).source == "cloud"  # the half-open probe succeeds
     assert agent.router.breaker.state == "closed"
 
@@ -135,16 +151,6 @@ def test_result_to_dict_is_json_friendly() -> None:
     assert json.loads(json.dumps(d))["label"] == "a"
 
 
-class Clock:
-    """A clock the test moves (seconds)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def core_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
@@ -185,9 +191,8 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
 ) -> None:
     cloud = ScriptedCloud()
     cloud.behaviour = "503"
-    agent = make(cloud)
     clock = Clock()
-    agent.router.breaker = CircuitBreaker(2, 5.0, clock=clock)
+    agent = make(cloud, clock, breaker_failures=2, breaker_reset_s=5.0)
     caplog.set_level(logging.DEBUG)
     for _ in range(3):  # two failures open it, then requests stay local
         agent.infer(UNSURE)
