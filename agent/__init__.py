@@ -5,8 +5,8 @@ when a model is loaded, web frameworks only by ``tandem-agent serve``.
 """
 
 from agent.inference.core import Agent
-from agent.inference.result import InferenceResult, Latency
+from agent.inference.result import InferenceResult, Latency, Reason
 from agent.settings import AgentSettings
 from agent.version import __version__
 
-__all__ = ["Agent", "AgentSettings", "InferenceResult", "Latency", "__version__"]
+__all__ = ["Agent", "AgentSettings", "InferenceResult", "Latency", "Reason", "__version__"]

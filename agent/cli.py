@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.inference.routing import ROUTE_MODES
 from agent.settings import AgentSettings
 from shared.errors import TandemError
 from shared.log_setup import setup_logging
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer = sub.add_parser("infer", help="classify the rows of a file")
     infer.add_argument("file", type=Path, help=".npy, .json or .csv/.txt rows of features")
-    infer.add_argument("--mode", choices=["edge", "cloud", "auto"])
+    infer.add_argument("--mode", choices=ROUTE_MODES)
     infer.add_argument("--deadline-ms", type=float)
     unit = sub.add_parser(
         "systemd-unit", help="print a systemd unit running `run` with --config (see README)"

@@ -7,6 +7,7 @@ telemetry can tell a timeout from a dead server from a misconfigured model name.
 
 from __future__ import annotations
 
+from agent.inference.result import Reason
 from shared.errors import TandemError
 
 
@@ -30,19 +31,19 @@ class CloudError(AgentError):
     """The cloud could not answer. ``reason`` is what the result and telemetry report."""
 
     http_status = 502
-    reason = "cloud_error"
+    reason = Reason.CLOUD_ERROR
 
 
 class CloudTimeoutError(CloudError):
     http_status = 504
-    reason = "cloud_timeout"
+    reason = Reason.CLOUD_TIMEOUT
 
 
 class CloudUnavailableError(CloudError):
     """Connection refused or reset, or the server said 5xx (busy, not ready)."""
 
     http_status = 503
-    reason = "cloud_unavailable"
+    reason = Reason.CLOUD_UNAVAILABLE
 
 
 class CloudRefusedError(CloudError):

@@ -36,17 +36,14 @@ from agent.inference.cloud_client import CloudAnswer, CloudClient
 from agent.inference.confidence import score
 from agent.inference.latency import LatencyEstimator
 from agent.inference.model import LoadedModel, load_model
-from agent.inference.result import InferenceResult, Latency
-from agent.inference.routing import ROUTE_MODES, Decision, Reason, RouteMode, Router, RoutingPolicy
+from agent.inference.result import InferenceResult, Latency, Reason
+from agent.inference.routing import ROUTE_MODES, Decision, RouteMode, Router, RoutingPolicy
 from agent.inference.stats import RequestStats
 from agent.settings import AgentSettings
 from shared.errors import InvalidRequestError
 from shared.manifest import CloudTarget, ConfidenceMetric, OutputKind
 
 log = logging.getLogger(__name__)
-
-#: Extra reason for a request whose local inference failed and that the cloud answered.
-EDGE_ERROR = "edge_error"
 
 
 class ModelHealth:
@@ -353,7 +350,7 @@ class Agent:
             if isinstance(answer, CloudAnswer):
                 results = self._cloud_rows(active, answer, (self._clock() - t0) * 1000.0, None)
                 for result in results:
-                    result.reason = EDGE_ERROR
+                    result.reason = Reason.EDGE_ERROR
                 self._count(results)
                 return results
         raise BackendError(f"local model {active.edge_ref} failed and the cloud cannot answer")
@@ -476,7 +473,7 @@ class Agent:
         if decision.escalate:
             answer = self._call_cloud(active, x, budget - elapsed)
             if isinstance(answer, CloudAnswer):
-                return self._from_cloud(active, answer, EDGE_ERROR, t0, None)
+                return self._from_cloud(active, answer, Reason.EDGE_ERROR, t0, None)
         raise BackendError(f"local model {active.edge_ref} failed and the cloud cannot answer")
 
     # ---------------------------------------------------------------------- lifecycle

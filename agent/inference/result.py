@@ -14,6 +14,29 @@ import numpy as np
 Source = Literal["edge", "cloud"]
 
 
+class Reason:
+    """Why a request was answered where it was: every ``InferenceResult.reason`` is one of
+    these, and nowhere else spells them. Stable strings: telemetry counts by them."""
+
+    # answered at the edge by choice
+    CONFIDENT = "confident"
+    FORCED_EDGE = "forced_edge"
+    # wanted the cloud but did not ask it
+    NO_CLOUD = "no_cloud"
+    NO_BUDGET = "no_budget"
+    BREAKER_OPEN = "breaker_open"
+    # escalated
+    LOW_CONFIDENCE = "low_confidence"
+    LOOSE_BUDGET = "loose_budget"
+    FORCED_CLOUD = "forced_cloud"
+    # escalated, but the cloud failed: the local answer stands (``CloudError.reason``)
+    CLOUD_TIMEOUT = "cloud_timeout"
+    CLOUD_UNAVAILABLE = "cloud_unavailable"
+    CLOUD_ERROR = "cloud_error"
+    # the local model failed, and the cloud answered in its place
+    EDGE_ERROR = "edge_error"
+
+
 @dataclass(slots=True)
 class Latency:
     """Milliseconds. ``local_ms``/``cloud_ms`` are None when that path did not run."""

@@ -6,8 +6,8 @@ predicted cloud latency (plus a safety margin) *and* the circuit breaker lets a 
 With ``prefer_cloud_above_ms`` set, ``auto`` also escalates confident answers whenever that
 much budget remains (the caller said it can wait, so take the better model).
 
-Every decision carries a ``reason``; results and telemetry report it, so an operator can see
-why the cloud was or was not asked.
+Every decision carries a ``reason`` (``agent.inference.result.Reason``); results and
+telemetry report it, so an operator can see why the cloud was or was not asked.
 
 A batch (``decide_batch``) shares one deadline and at most one cloud call: each row wants the
 cloud or not as a lone request would, and one gate (cloud configured, budget, breaker)
@@ -17,33 +17,15 @@ decides for all the rows that want it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from agent.inference.breaker import CircuitBreaker
 from agent.inference.latency import LatencyEstimator
+from agent.inference.result import Reason
 
 RouteMode = Literal["edge", "cloud", "auto"]
-ROUTE_MODES: tuple[RouteMode, ...] = ("edge", "cloud", "auto")
-
-
-class Reason:
-    """Why a request was answered where it was. Stable strings: telemetry counts by them."""
-
-    # answered at the edge by choice
-    CONFIDENT = "confident"
-    FORCED_EDGE = "forced_edge"
-    # wanted the cloud but did not ask it
-    NO_CLOUD = "no_cloud"
-    NO_BUDGET = "no_budget"
-    BREAKER_OPEN = "breaker_open"
-    # escalated
-    LOW_CONFIDENCE = "low_confidence"
-    LOOSE_BUDGET = "loose_budget"
-    FORCED_CLOUD = "forced_cloud"
-    # escalated, but the cloud failed: the local answer stands (CloudError.reason)
-    CLOUD_TIMEOUT = "cloud_timeout"
-    CLOUD_UNAVAILABLE = "cloud_unavailable"
-    CLOUD_ERROR = "cloud_error"
+#: The modes as values: what requests and the command line are checked against.
+ROUTE_MODES: tuple[RouteMode, ...] = get_args(RouteMode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ import pytest
 
 from agent.inference.breaker import CircuitBreaker
 from agent.inference.latency import LatencyEstimator
-from agent.inference.routing import Reason, Router, RoutingPolicy
+from agent.inference.result import Reason
+from agent.inference.routing import Router, RoutingPolicy
 
 POLICY = RoutingPolicy(threshold=0.8, safety_margin_ms=1.0)
 
