@@ -54,9 +54,11 @@ class TensorSpec(_Frozen):
         return self
 
     def accepts(self, shape: tuple[int, ...] | list[int]) -> bool:
-        """Whether a concrete shape fits this spec."""
+        """Whether ``shape`` fits this spec: a concrete shape, or a runtime's signature, where
+        ``-1`` too is a dynamic dimension and fits whatever the spec says. The one fit check:
+        the backends check their tensors with it."""
         return len(shape) == len(self.shape) and all(
-            want in (-1, have) for want, have in zip(self.shape, shape, strict=False)
+            want in (-1, have) or have == -1 for want, have in zip(self.shape, shape, strict=False)
         )
 
 

@@ -77,6 +77,32 @@ def test_not_a_model_is_a_load_error(tmp_path: Path) -> None:
         load_model(tmp_path, TFLiteSettings())
 
 
+@pytest.mark.parametrize("model_dir", [EDGE_F32, EDGE_INT8], ids=["f32", "int8"])
+def test_a_contract_the_artifact_contradicts_is_a_load_error(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Both tensors are checked against the manifest with ``TensorSpec.accepts``: a fixed
+    batch of 1 fits the artifact's dynamic batch, 63 features do not fit its 64."""
+    shutil.copy(model_dir / "model.tflite", tmp_path / "model.tflite")
+    m = Manifest.load(model_dir)
+    fixed = m.model_copy(update={"input": m.input.model_copy(update={"shape": [1, 64]})})
+    (tmp_path / "manifest.json").write_text(fixed.to_json())
+    load_model(tmp_path, TFLiteSettings()).close()
+    narrow = m.model_copy(
+        update={
+            "input": m.input.model_copy(update={"shape": [-1, 63]}),
+            "golden": [],
+        }
+    )
+    (tmp_path / "manifest.json").write_text(narrow.to_json())
+    with pytest.raises(ModelLoadError, match=r"TFLite input has shape \[-1, 64\]"):
+        load_model(tmp_path, TFLiteSettings())
+    wide = m.model_copy(update={"output": m.output.model_copy(update={"shape": [-1, 1, 10]})})
+    (tmp_path / "manifest.json").write_text(wide.to_json())
+    with pytest.raises(ModelLoadError, match="TFLite output has shape"):
+        load_model(tmp_path, TFLiteSettings())
+
+
 def test_golden_mismatch_refuses_to_serve(tmp_path: Path) -> None:
     """Golden samples whose expected labels the artifact does not reproduce."""
     shutil.copy(EDGE_INT8 / "model.tflite", tmp_path / "model.tflite")

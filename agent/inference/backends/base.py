@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from agent.errors import ModelLoadError
-from shared.manifest import Manifest
+from shared.manifest import Manifest, TensorSpec
 
 
 class InferenceBackend(Protocol):
@@ -47,9 +47,8 @@ class InferenceBackend(Protocol):
         ...
 
 
-def check_shape(what: str, have: list[int], manifest_shape: list[int]) -> None:
-    """Raise ``ModelLoadError`` when a runtime tensor's shape contradicts the manifest."""
-    if len(have) != len(manifest_shape) or any(
-        want not in (-1, got) and got != -1 for want, got in zip(manifest_shape, have)
-    ):
-        raise ModelLoadError(f"{what} has shape {have}, the manifest says {manifest_shape}")
+def check_shape(what: str, have: list[int], spec: TensorSpec) -> None:
+    """Raise ``ModelLoadError`` when a runtime tensor's shape (``-1``: dynamic) does not fit
+    the manifest's ``spec`` (``TensorSpec.accepts``)."""
+    if not spec.accepts(have):
+        raise ModelLoadError(f"{what} has shape {have}, the manifest says {spec.shape}")

@@ -63,8 +63,8 @@ class OnnxBackend:
             raise ModelLoadError(f"{artifact} must have exactly one input and one output")
         shape_in = [d if isinstance(d, int) else -1 for d in inputs[0].shape]
         shape_out = [d if isinstance(d, int) else -1 for d in outputs[0].shape]
-        check_shape("ONNX input", shape_in, manifest.input.shape)
-        check_shape("ONNX output", shape_out, manifest.output.shape)
+        check_shape("ONNX input", shape_in, manifest.input)
+        check_shape("ONNX output", shape_out, manifest.output)
         self._input, self._output = inputs[0].name, outputs[0].name
         self._scale = np.float32(manifest.preprocessing.scale)
         self._offset = np.float32(manifest.preprocessing.offset)

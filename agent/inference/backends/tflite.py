@@ -172,8 +172,8 @@ class TFLiteBackend:
                 "serves single-input, single-output classifiers"
             )
         inp, out = inputs[0], outputs[0]
-        check_shape("TFLite input", inp["shape_signature"].tolist(), manifest.input.shape)
-        check_shape("TFLite output", out["shape_signature"].tolist(), manifest.output.shape)
+        check_shape("TFLite input", inp["shape_signature"].tolist(), manifest.input)
+        check_shape("TFLite output", out["shape_signature"].tolist(), manifest.output)
         self._in_index, self._out_index = inp["index"], out["index"]
         features = int(inp["shape"][-1])
         pre = manifest.preprocessing
