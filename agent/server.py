@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from agent.inference.backends import BACKENDS
 from agent.inference.core import Agent
 from agent.inference.result import InferenceResult
 from agent.inference.routing import ROUTE_MODES
@@ -44,8 +45,6 @@ OUTPUTS = ("probabilities", "label", "confidence", "source", "reason")
 #: The input's datatype, as the metadata declares it: raw features, whatever the model's
 #: own (quantized) input tensor is.
 INPUT_DATATYPE = "FP32"
-#: Triton's platform name for each edge format (its model configuration's ``platform``).
-PLATFORMS = {"tflite": "tensorflowlite", "onnx": "onnxruntime_onnx"}
 
 
 class AgentDataPlane:
@@ -99,7 +98,7 @@ class AgentDataPlane:
         meta = self.model_metadata(name, version)
         return triton_model_config(
             meta.name,
-            PLATFORMS[self.agent.model.manifest.edge.format],
+            BACKENDS[self.agent.settings.backend.kind].triton_platform,
             meta.inputs,
             meta.outputs,
             self.agent.settings.routing.max_batch_rows,

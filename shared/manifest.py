@@ -23,6 +23,8 @@ from shared.oip.types import DATATYPES
 MANIFEST_SCHEMA: Literal["tandem.manifest/v1"] = "tandem.manifest/v1"
 MANIFEST_FILE = "manifest.json"
 OutputKind = Literal["probabilities", "logits"]
+#: Edge artifact formats; the agent has a backend for each (``agent.inference.backends``).
+EdgeFormat = Literal["tflite", "onnx"]
 ConfidenceMetric = Literal["max_prob", "margin", "entropy"]
 
 
@@ -86,7 +88,7 @@ class GoldenSample(_Frozen):
 
 
 class EdgeArtifact(_Frozen):
-    format: Literal["tflite", "onnx"]
+    format: EdgeFormat
     file: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     url: str | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -41,7 +41,7 @@ import httpx
 from agent.device.download import DigestError, Downloader, DownloadError
 from agent.device.store import ModelStore
 from agent.errors import ModelLoadError
-from agent.inference.backends import FORMATS, OnnxSettings, TFLiteSettings
+from agent.inference.backends import BACKENDS, BaseBackendSettings
 from agent.inference.core import Agent
 from agent.inference.model import LoadedModel, check_golden, load_model
 from agent.settings import AgentTestingSettings, UpdateSettings
@@ -80,7 +80,7 @@ class Updater:
         settings: UpdateSettings,
         *,
         device: str,
-        backend: TFLiteSettings | OnnxSettings,
+        backend: BaseBackendSettings,
         report: Callable[[UpdateReport], None],
         http: httpx.Client,
         registry_url: str | None,
@@ -309,7 +309,7 @@ class Updater:
                 f"input contract changed: {manifest.input.shape[-1]} features, "
                 f"callers send {served.input.shape[-1]}"
             )
-        if manifest.edge.format != FORMATS[self.backend.kind]:
+        if manifest.edge.format != BACKENDS[self.backend.kind].edge_format:
             raise _RejectedError(
                 f"{manifest.edge.format} artifact, this device runs {self.backend.kind}"
             )

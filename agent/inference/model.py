@@ -13,13 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.errors import ModelLoadError
-from agent.inference.backends import (
-    FORMATS,
-    InferenceBackend,
-    OnnxSettings,
-    TFLiteSettings,
-    create_backend,
-)
+from agent.inference.backends import BACKENDS, BaseBackendSettings, InferenceBackend
 from agent.inference.confidence import to_probabilities
 from shared.manifest import Manifest
 
@@ -49,14 +43,15 @@ class LoadedModel:
         self.backend.close()
 
 
-def load_model(model_dir: Path, backend_settings: TFLiteSettings | OnnxSettings) -> LoadedModel:
+def load_model(model_dir: Path, backend_settings: BaseBackendSettings) -> LoadedModel:
     """Load the model in ``model_dir`` (``manifest.json`` + artifact) and prove it works."""
     manifest = Manifest.load(model_dir)
-    if FORMATS[backend_settings.kind] != manifest.edge.format:
+    plugin = BACKENDS[backend_settings.kind]
+    if plugin.edge_format != manifest.edge.format:
         raise ModelLoadError(
             f"backend {backend_settings.kind!r} cannot run a {manifest.edge.format} artifact"
         )
-    backend = create_backend(backend_settings)
+    backend = plugin.create(backend_settings)
     backend.load(model_dir / manifest.edge.file, manifest)
     model = LoadedModel(
         manifest=manifest,

@@ -1,38 +1,51 @@
-"""Inference backends. Each plugin is one file with its settings model, its class and its key.
+"""Inference backends. A backend is one file: ``BACKEND_KEY`` (what ``backend.kind`` names it
+by), ``EDGE_FORMAT`` (the manifest format it runs), its settings model, its class, and the
+``PLUGIN`` that binds them. Adding one is that file and its line in ``PLUGINS``.
 
-``BackendSettings`` is the discriminated union the agent's settings use; ``create_backend``
-builds the backend a settings object names. Runtimes are imported by ``load``, not here.
+``BACKENDS`` finds a plugin by key; ``BackendSettings``, the discriminated union the agent's
+settings use, is built from the plugins' settings models. Runtimes are imported by ``load``,
+not here.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import operator
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
-from agent.inference.backends.base import InferenceBackend
-from agent.inference.backends.onnx import OnnxBackend, OnnxSettings
-from agent.inference.backends.tflite import TFLiteBackend, TFLiteSettings
+from agent.inference.backends import onnx, tflite
+from agent.inference.backends.base import BackendPlugin, BaseBackendSettings, InferenceBackend
+from agent.inference.backends.onnx import OnnxSettings
+from agent.inference.backends.tflite import TFLiteSettings
 
-BackendSettings = Annotated[TFLiteSettings | OnnxSettings, Field(discriminator="kind")]
+#: Every backend the agent can run.
+PLUGINS: tuple[BackendPlugin[Any], ...] = (tflite.PLUGIN, onnx.PLUGIN)
 
-#: Which manifest ``edge.format`` each backend can run.
-FORMATS = {"tflite": "tflite", "onnx": "onnx"}
+BACKENDS: dict[str, BackendPlugin[Any]] = {p.key: p for p in PLUGINS}
 
 
-def create_backend(settings: TFLiteSettings | OnnxSettings) -> InferenceBackend:
-    if isinstance(settings, TFLiteSettings):
-        return TFLiteBackend(settings)
-    return OnnxBackend(settings)
+def settings_union(plugins: tuple[BackendPlugin[Any], ...]) -> Any:
+    """The plugins' settings models as one union, told apart by ``kind``."""
+    return Annotated[
+        functools.reduce(operator.or_, [p.settings for p in plugins]), Field(discriminator="kind")
+    ]
 
+
+if TYPE_CHECKING:  # the type checker sees any backend's settings
+    BackendSettings = BaseBackendSettings
+else:  # pydantic validates exactly one plugin's, chosen by ``kind``
+    BackendSettings = settings_union(PLUGINS)
 
 __all__ = [
-    "FORMATS",
+    "BACKENDS",
+    "PLUGINS",
+    "BackendPlugin",
     "BackendSettings",
+    "BaseBackendSettings",
     "InferenceBackend",
-    "OnnxBackend",
     "OnnxSettings",
-    "TFLiteBackend",
     "TFLiteSettings",
-    "create_backend",
+    "settings_union",
 ]

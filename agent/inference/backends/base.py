@@ -9,13 +9,16 @@ everything above it (confidence, routing) then sees real values whatever the pre
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from agent.errors import ModelLoadError
-from shared.manifest import Manifest, TensorSpec
+from shared.manifest import EdgeFormat, Manifest, TensorSpec
 
 
 class InferenceBackend(Protocol):
@@ -45,6 +48,38 @@ class InferenceBackend(Protocol):
         """The model is no longer served. Must stay safe for requests already under way
         (they picked the model before a swap): free what they cannot be using."""
         ...
+
+
+class BaseBackendSettings(BaseModel):
+    """What every backend's settings have: ``kind``, their module's ``BACKEND_KEY``. Each
+    backend narrows it to a ``Literal``, which is what lets pydantic pick the settings model
+    a file names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+
+
+S = TypeVar("S", bound=BaseBackendSettings)
+
+
+@dataclass(frozen=True)
+class BackendPlugin(Generic[S]):
+    """A backend as the registry knows it; each backend file ends with one (``PLUGIN``)."""
+
+    #: What ``backend.kind`` names it by (its module's ``BACKEND_KEY``).
+    key: str
+    #: The manifest ``edge.format`` it runs (its module's ``EDGE_FORMAT``).
+    edge_format: EdgeFormat
+    #: Triton's name for that runtime and format (a model configuration's ``platform``).
+    triton_platform: str
+    settings: type[S]
+    backend: Callable[[S], InferenceBackend]
+
+    def create(self, settings: BaseBackendSettings) -> InferenceBackend:
+        if not isinstance(settings, self.settings):
+            raise TypeError(f"the {self.key} backend takes {self.settings.__name__}")
+        return self.backend(settings)
 
 
 def check_shape(what: str, have: list[int], spec: TensorSpec) -> None:

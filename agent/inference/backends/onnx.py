@@ -8,22 +8,25 @@ install without the ``onnx`` extra must not pay for it. An ``InferenceSession`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
-from agent.inference.backends.base import check_shape
+from agent.inference.backends.base import BackendPlugin, BaseBackendSettings, check_shape
 from shared.manifest import Manifest
 
+#: What ``backend.kind`` names this backend by.
+BACKEND_KEY: Final = "onnx"
+#: The manifest ``edge.format`` it runs.
+EDGE_FORMAT: Final = "onnx"
 
-class OnnxSettings(BaseModel):
+
+class OnnxSettings(BaseBackendSettings):
     """Settings of the ONNX Runtime backend (``backend.kind = "onnx"``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["onnx"] = "onnx"
+    kind: Literal["onnx"] = BACKEND_KEY
     intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime choose")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
@@ -83,3 +86,6 @@ class OnnxBackend:
     def close(self) -> None:
         """Nothing to do eagerly: a request that picked this model before a swap may still
         run it; the session is freed with the backend."""
+
+
+PLUGIN = BackendPlugin(BACKEND_KEY, EDGE_FORMAT, "onnxruntime_onnx", OnnxSettings, OnnxBackend)

@@ -16,12 +16,12 @@ import importlib
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from agent.inference.backends.base import check_shape
+from agent.inference.backends.base import BackendPlugin, BaseBackendSettings, check_shape
 
 try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping itself
     from numpy._core.umath import clip as _clip  # type: ignore[attr-defined]
@@ -29,6 +29,11 @@ except ImportError:  # NumPy 1.x
     from numpy.core.umath import clip as _clip  # type: ignore[attr-defined]
 from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
 from shared.manifest import Manifest
+
+#: What ``backend.kind`` names this backend by.
+BACKEND_KEY: Final = "tflite"
+#: The manifest ``edge.format`` it runs.
+EDGE_FORMAT: Final = "tflite"
 
 _RUNTIMES = (
     ("ai_edge_litert", "ai_edge_litert.interpreter"),
@@ -41,12 +46,10 @@ _MISSING = (
 )
 
 
-class TFLiteSettings(BaseModel):
+class TFLiteSettings(BaseBackendSettings):
     """Settings of the TFLite backend (``backend.kind = "tflite"``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["tflite"] = "tflite"
+    kind: Literal["tflite"] = BACKEND_KEY
     num_threads: int = Field(default=1, ge=1, description="threads per interpreter")
     pool_size: int = Field(default=2, ge=1, description="interpreters serving in parallel")
 
@@ -259,3 +262,6 @@ class TFLiteBackend:
         still be about to take one from the pool, so the pool stays: the interpreters are
         freed with the backend, when the last request lets go of it."""
         self._slots.clear()
+
+
+PLUGIN = BackendPlugin(BACKEND_KEY, EDGE_FORMAT, "tensorflowlite", TFLiteSettings, TFLiteBackend)
