@@ -36,7 +36,7 @@ from agent.inference.cloud_client import CloudAnswer, CloudClient
 from agent.inference.confidence import score
 from agent.inference.latency import LatencyEstimator
 from agent.inference.model import LoadedModel, load_model
-from agent.inference.result import InferenceResult, Latency, Reason
+from agent.inference.result import InferenceResult, Latency, Reason, Source
 from agent.inference.routing import ROUTE_MODES, Decision, RouteMode, Router, RoutingPolicy
 from agent.inference.stats import RequestStats
 from agent.settings import AgentSettings
@@ -195,7 +195,7 @@ class Agent:
         if mode is None:
             mode = self._mode
         elif mode not in ROUTE_MODES:
-            raise InvalidRequestError(f"mode must be one of {ROUTE_MODES}, got {mode!r}")
+            raise InvalidRequestError(_mode_error(mode))
         raw = raw.reshape(1, model.features)
         if mode == "cloud":
             return self._cloud_first(active, raw, t0, budget)
@@ -203,10 +203,11 @@ class Agent:
         try:
             out, scale, zero = model.backend.infer_one(raw)
         except BackendError:
-            return self._edge_failed(active, raw, t0, budget)
+            return self._edge_failed(active, raw, t0, budget)[0]
         local_ms = (clock() - t0) * 1000.0
         self._local_ms += 0.05 * (local_ms - self._local_ms)
-        probs, conf, index = score(out, active.kind, active.temperature, active.metric, scale, zero)
+        scored = score(out, active.kind, active.temperature, active.metric, scale, zero)
+        conf = scored[1]
         health = active.health
         health.served += 1
         if conf < active.policy.threshold:
@@ -218,18 +219,7 @@ class Agent:
                 return self._from_cloud(active, answer, decision.reason, t0, local_ms)
             decision = Decision(False, answer.reason)
         total_ms = (clock() - t0) * 1000.0
-        self._stats.add("edge", decision.reason, total_ms, local_ms, None, conf)
-        return InferenceResult(
-            model.labels[index],
-            index,
-            probs,
-            conf,
-            "edge",
-            decision.reason,
-            active.edge_ref,
-            None,
-            Latency(total_ms, local_ms, None),
-        )
+        return self._result(active, scored, "edge", decision.reason, None, total_ms, local_ms, None)
 
     def infer_batch(
         self,
@@ -266,12 +256,12 @@ class Agent:
         if mode is None:
             mode = self._mode
         elif mode not in ROUTE_MODES:
-            raise InvalidRequestError(f"mode must be one of {ROUTE_MODES}, got {mode!r}")
+            raise InvalidRequestError(_mode_error(mode))
         raw = raw.reshape(n, model.features)
         try:
             out = model.backend.infer(raw)
         except BackendError:
-            return self._batch_edge_failed(active, raw, t0, budget)
+            return self._edge_failed(active, raw, t0, budget)
         local_ms = (self._clock() - t0) * 1000.0
         kind, temperature, metric = active.kind, active.temperature, active.metric
         scored = [score(row, kind, temperature, metric) for row in out]
@@ -284,75 +274,101 @@ class Agent:
         if up:
             answer = self._call_cloud(active, raw[up], budget - (self._clock() - t0) * 1000.0)
         total_ms = (self._clock() - t0) * 1000.0
-        results = [
-            InferenceResult(
-                model.labels[index],
-                index,
-                probs,
-                conf,
-                "edge",
-                answer.reason if d.escalate and isinstance(answer, CloudError) else d.reason,
-                active.edge_ref,
-                None,
-                Latency(total_ms, local_ms, None),
-            )
-            for d, (probs, conf, index) in zip(decisions, scored)
-        ]
+        from_cloud: dict[int, InferenceResult] = {}
         if isinstance(answer, CloudAnswer):
-            for row, result in zip(up, self._cloud_rows(active, answer, total_ms, local_ms)):
-                result.reason = decisions[row].reason
-                results[row] = result
-        self._count(results)
-        return results
-
-    def _cloud_rows(
-        self, active: _Active, answer: CloudAnswer, total_ms: float, local_ms: float | None
-    ) -> list[InferenceResult]:
-        """A result for each row of a cloud answer (their ``reason`` is the caller's)."""
-        assert active.cloud is not None
-        kind, metric, labels = active.cloud.output_kind, active.metric, active.model.labels
-        cloud_ms = total_ms - (local_ms or 0.0)
+            reasons = [decisions[i].reason for i in up]
+            answers = self._cloud_results(active, answer, reasons, total_ms, local_ms)
+            from_cloud = dict(zip(up, answers))
+        failed = answer.reason if isinstance(answer, CloudError) else None
         results = []
-        for output in answer.output:
-            probs, conf, index = score(output, kind, 1.0, metric)
-            results.append(
-                InferenceResult(
-                    labels[index],
-                    index,
-                    probs,
-                    conf,
-                    "cloud",
-                    "",
-                    active.edge_ref,
-                    answer.model_ref,
-                    Latency(total_ms, local_ms, cloud_ms),
-                )
-            )
+        for i, (decision, row) in enumerate(zip(decisions, scored)):
+            result = from_cloud.get(i)
+            if result is None:
+                reason = failed if failed and decision.escalate else decision.reason
+                result = self._result(active, row, "edge", reason, None, total_ms, local_ms, None)
+            results.append(result)
         return results
 
-    def _count(self, results: list[InferenceResult]) -> None:
-        add = self._stats.add
-        for r in results:
-            lat = r.latency
-            add(r.source, r.reason, lat.total_ms, lat.local_ms, lat.cloud_ms, r.confidence)
+    def _result(
+        self,
+        active: _Active,
+        scored: tuple[list[float], float, int],
+        source: Source,
+        reason: str,
+        cloud_model: str | None,
+        total_ms: float,
+        local_ms: float | None,
+        cloud_ms: float | None,
+    ) -> InferenceResult:
+        """The one place an ``InferenceResult`` is made (from ``score``'s probabilities,
+        confidence and index), and counted in the interval's statistics."""
+        probs, conf, index = scored
+        self._stats.add(source, reason, total_ms, local_ms, cloud_ms, conf)
+        return InferenceResult(
+            active.model.labels[index],
+            index,
+            probs,
+            conf,
+            source,
+            reason,
+            active.edge_ref,
+            cloud_model,
+            Latency(total_ms, local_ms, cloud_ms),
+        )
 
-    def _batch_edge_failed(
+    def _cloud_results(
+        self,
+        active: _Active,
+        answer: CloudAnswer,
+        reasons: list[str],
+        total_ms: float,
+        local_ms: float | None,
+    ) -> list[InferenceResult]:
+        """A result for each row of a cloud answer, with that row's reason."""
+        assert active.cloud is not None
+        kind, metric, model_ref = active.cloud.output_kind, active.metric, answer.model_ref
+        cloud_ms = total_ms - (local_ms or 0.0)
+        return [
+            self._result(
+                active,
+                score(output, kind, 1.0, metric),
+                "cloud",
+                reason,
+                model_ref,
+                total_ms,
+                local_ms,
+                cloud_ms,
+            )
+            for output, reason in zip(answer.output, reasons)
+        ]
+
+    def _from_cloud(
+        self,
+        active: _Active,
+        answer: CloudAnswer,
+        reason: str,
+        t0: float,
+        local_ms: float | None,
+    ) -> InferenceResult:
+        total_ms = (self._clock() - t0) * 1000.0
+        return self._cloud_results(active, answer, [reason], total_ms, local_ms)[0]
+
+    def _edge_failed(
         self, active: _Active, raw: np.ndarray, t0: float, budget: float
     ) -> list[InferenceResult]:
-        """The local model raised on a batch: the cloud stands in for every row if it can,
-        else ``BackendError``."""
+        """The local model raised on ``raw`` (one row or a batch): the cloud stands in for
+        every row if it can, else ``BackendError``."""
         log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
-        active.health.errors += len(raw)
-        self._stats.errors += len(raw)
+        n = len(raw)
+        active.health.errors += n
+        self._stats.errors += n
         elapsed = (self._clock() - t0) * 1000.0
         if self.router.decide("cloud", 0.0, budget - elapsed, active.policy).escalate:
             answer = self._call_cloud(active, raw, budget - elapsed)
             if isinstance(answer, CloudAnswer):
-                results = self._cloud_rows(active, answer, (self._clock() - t0) * 1000.0, None)
-                for result in results:
-                    result.reason = Reason.EDGE_ERROR
-                self._count(results)
-                return results
+                total_ms = (self._clock() - t0) * 1000.0
+                reasons = [Reason.EDGE_ERROR] * n
+                return self._cloud_results(active, answer, reasons, total_ms, None)
         raise BackendError(f"local model {active.edge_ref} failed and the cloud cannot answer")
 
     def _call_cloud(
@@ -401,31 +417,6 @@ class Agent:
             log.info("cloud answers again: breaker closed")
         return answer
 
-    def _from_cloud(
-        self,
-        active: _Active,
-        answer: CloudAnswer,
-        reason: str,
-        t0: float,
-        local_ms: float | None,
-    ) -> InferenceResult:
-        assert active.cloud is not None
-        probs, conf, index = score(answer.output[0], active.cloud.output_kind, 1.0, active.metric)
-        total_ms = (self._clock() - t0) * 1000.0
-        cloud_ms = total_ms - (local_ms or 0.0)
-        self._stats.add("cloud", reason, total_ms, local_ms, cloud_ms, conf)
-        return InferenceResult(
-            label=active.model.labels[index],
-            index=index,
-            probs=probs,
-            confidence=conf,
-            source="cloud",
-            reason=reason,
-            edge_model=active.edge_ref,
-            cloud_model=answer.model_ref,
-            latency=Latency(total_ms, local_ms, cloud_ms),
-        )
-
     def _cloud_first(
         self, active: _Active, x: np.ndarray, t0: float, budget: float
     ) -> InferenceResult:
@@ -442,39 +433,12 @@ class Agent:
     def _local_only(
         self, active: _Active, x: np.ndarray, t0: float, reason: str
     ) -> InferenceResult:
-        model = active.model
         start = self._clock()
-        out, scale, zero = model.backend.infer_one(x)
+        out, scale, zero = active.model.backend.infer_one(x)
         local_ms = (self._clock() - start) * 1000.0
-        probs, conf, index = score(out, active.kind, active.temperature, active.metric, scale, zero)
+        scored = score(out, active.kind, active.temperature, active.metric, scale, zero)
         total_ms = (self._clock() - t0) * 1000.0
-        self._stats.add("edge", reason, total_ms, local_ms, None, conf)
-        return InferenceResult(
-            label=model.labels[index],
-            index=index,
-            probs=probs,
-            confidence=conf,
-            source="edge",
-            reason=reason,
-            edge_model=active.edge_ref,
-            cloud_model=None,
-            latency=Latency(total_ms, local_ms, None),
-        )
-
-    def _edge_failed(
-        self, active: _Active, x: np.ndarray, t0: float, budget: float
-    ) -> InferenceResult:
-        """The local model raised: let the cloud stand in if it can, else re-raise."""
-        log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
-        active.health.errors += 1
-        self._stats.errors += 1
-        elapsed = (self._clock() - t0) * 1000.0
-        decision = self.router.decide("cloud", 0.0, budget - elapsed, active.policy)
-        if decision.escalate:
-            answer = self._call_cloud(active, x, budget - elapsed)
-            if isinstance(answer, CloudAnswer):
-                return self._from_cloud(active, answer, Reason.EDGE_ERROR, t0, None)
-        raise BackendError(f"local model {active.edge_ref} failed and the cloud cannot answer")
+        return self._result(active, scored, "edge", reason, None, total_ms, local_ms, None)
 
     # ---------------------------------------------------------------------- lifecycle
 
@@ -496,6 +460,10 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _mode_error(mode: object) -> str:
+    return f"mode must be one of {ROUTE_MODES}, got {mode!r}"
 
 
 def _deadline_error(budget: object, max_ms: float) -> str:
