@@ -1,8 +1,11 @@
-"""The agent's errors. Backend and cloud failures are translated into these where they enter.
+"""The agent's errors, the ``AgentError`` branch of the tree ``shared/errors.py`` draws.
+Backend, cloud and download failures are translated into these where they enter.
 
 Cloud errors never reach a caller of ``Agent.infer``: the routing code turns them into a
 local answer with the error's ``reason``. They exist so the cloud client, the breaker and
-telemetry can tell a timeout from a dead server from a misconfigured model name.
+telemetry can tell a timeout from a dead server from a misconfigured model name. Download
+and update errors end an update job (``FAILED``, ``REJECTED``) with their message as its
+reason; none of them stops the agent.
 """
 
 from __future__ import annotations
@@ -56,3 +59,30 @@ class CloudRefusedError(CloudError):
         super().__init__(f"cloud refused the request ({status}): {detail}")
         self.status = status
         self.detail = detail
+
+
+class DownloadError(AgentError):
+    """The artifact could not be fetched (after retries, or in time), or the disk is too
+    full."""
+
+
+class IncompleteDownloadError(DownloadError):
+    """One try ended short (the connection dropped, a range the server could not serve):
+    the downloader tries again, resuming, while tries and the deadline last."""
+
+
+class DigestError(AgentError):
+    """All bytes arrived but they are not the manifest's: tampered or corrupted."""
+
+
+class UpdateRejectedError(AgentError):
+    """This device may not install a manifest (unsigned, expired, not newer, incompatible):
+    ``REJECTED`` with ``reason``, nothing downloaded. ``verified`` is False when the
+    signature did not verify (or no trust store is set), so the manifest may be forged."""
+
+    http_status = 422
+
+    def __init__(self, reason: str, *, verified: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.verified = verified

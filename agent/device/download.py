@@ -31,22 +31,13 @@ import httpx
 from pydantic import SecretStr
 
 from agent.device.store import atomic_write
-from agent.errors import AgentError
+from agent.errors import DigestError, DownloadError, IncompleteDownloadError
 from agent.settings import DownloadSettings
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(?:\d+|\*)$")
-
-
-class DownloadError(AgentError):
-    """The artifact could not be fetched (after retries, or in time), or the disk is too
-    full."""
-
-
-class DigestError(AgentError):
-    """All bytes arrived but they are not the manifest's: tampered or corrupted."""
 
 
 # ---------------------------------------------------------------------- credentials
@@ -128,7 +119,11 @@ class Downloader:
             if have < size:
                 try:
                     self._attempt(url, part, have, size, deadline)
-                except (httpx.TransportError, httpx.HTTPStatusError, _IncompleteError) as exc:
+                except (
+                    httpx.TransportError,
+                    httpx.HTTPStatusError,
+                    IncompleteDownloadError,
+                ) as exc:
                     last_error = f"{type(exc).__name__}: {exc}"
                     if self._clock() >= deadline:
                         raise self._late(url, part, size) from None
@@ -171,14 +166,16 @@ class Downloader:
         with self.http.stream("GET", url, headers=headers, timeout=timeout) as r:
             if r.status_code == 416 and have:  # the server has less than we hold: start over
                 _discard(part)
-                raise _IncompleteError(f"range bytes={have}- not satisfiable: starting over")
+                raise IncompleteDownloadError(f"range bytes={have}- not satisfiable: starting over")
             if r.status_code not in (200, 206):
                 r.raise_for_status()
                 raise DownloadError(f"{url} answered {r.status_code}")
             if r.status_code == 206:
                 sent = _CONTENT_RANGE.match(r.headers.get("content-range", f"bytes {have}-0/*"))
                 if not sent or int(sent.group(1)) != have:
-                    raise _IncompleteError(f"asked for bytes={have}-, got {sent and sent.group()}")
+                    raise IncompleteDownloadError(
+                        f"asked for bytes={have}-, got {sent and sent.group()}"
+                    )
                 if have:
                     self.resumed += 1
             else:  # the whole file: ours was not resumable, or it changed on the server
@@ -218,7 +215,7 @@ class Downloader:
             finally:
                 os.fsync(f.fileno())
         if got < size:
-            raise _IncompleteError(f"connection ended at {got} of {size} bytes")
+            raise IncompleteDownloadError(f"connection ended at {got} of {size} bytes")
 
     def _check_space(self, part: Path, size: int) -> None:
         have = part.stat().st_size if part.exists() else 0
@@ -245,7 +242,3 @@ def _save_etag(part: Path, etag: str | None) -> None:
 def _discard(part: Path) -> None:
     part.unlink(missing_ok=True)
     etag_file(part).unlink(missing_ok=True)
-
-
-class _IncompleteError(Exception):
-    pass

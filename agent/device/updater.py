@@ -38,9 +38,9 @@ from urllib.parse import urljoin
 
 import httpx
 
-from agent.device.download import DigestError, Downloader, DownloadError
+from agent.device.download import Downloader
 from agent.device.store import ModelStore
-from agent.errors import ModelLoadError
+from agent.errors import DigestError, DownloadError, ModelLoadError, UpdateRejectedError
 from agent.inference.backends import BACKENDS, BaseBackendSettings
 from agent.inference.core import Agent
 from agent.inference.model import LoadedModel, check_golden, load_model
@@ -58,13 +58,6 @@ log = logging.getLogger(__name__)
 #: Digests of refused unsigned/forged manifests remembered (so a retained one is reported
 #: once, not at every message); bounded, since anyone who can publish can make new ones.
 REFUSED_MEMORY = 256
-
-
-class _RejectedError(Exception):
-    def __init__(self, reason: str, *, verified: bool = True) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.verified = verified  # False: the signature did not verify (or no trust store)
 
 
 def _aware(value: datetime | None) -> bool:
@@ -236,7 +229,7 @@ class Updater:
         resuming = resuming or (job is not None and manifest_digest(job.manifest) == digest)
         try:
             self._verify(manifest, resuming)
-        except _RejectedError as exc:
+        except UpdateRejectedError as exc:
             self._remember(digest, verified=exc.verified)
             self._emit(manifest, UpdateState.REJECTED, exc.reason)
             return UpdateState.REJECTED
@@ -270,47 +263,51 @@ class Updater:
             self.store.prune(manifest.model)
 
     def _verify(self, manifest: Manifest, resuming: bool) -> None:
-        """Raise ``_RejectedError`` with the reason unless this device may install it."""
+        """Raise ``UpdateRejectedError`` with the reason unless this device may install it."""
         if self.trust is None:
-            raise _RejectedError("no trust store configured: updates are disabled", verified=False)
+            raise UpdateRejectedError(
+                "no trust store configured: updates are disabled", verified=False
+            )
         try:
             self.trust.verify(manifest)
         except SignatureError as exc:
-            raise _RejectedError(f"signature: {exc.message}", verified=False) from None
+            raise UpdateRejectedError(f"signature: {exc.message}", verified=False) from None
         try:
             self._check(manifest, resuming)
-        except _RejectedError:
+        except UpdateRejectedError:
             raise
         except Exception as exc:  # a check that cannot be made is a refusal, with its reason
             log.exception("checking %s failed", manifest.ref)
-            raise _RejectedError(f"cannot check: {type(exc).__name__}: {exc}") from None
+            raise UpdateRejectedError(f"cannot check: {type(exc).__name__}: {exc}") from None
 
     def _check(self, manifest: Manifest, resuming: bool) -> None:
         """The checks after the signature: time, anti-rollback, compatibility."""
         for name, value in (("created", manifest.created), ("expires", manifest.expires)):
             if not _aware(value):  # comparing it with the clock would be a guess
-                raise _RejectedError(f"{name} {value} has no time zone")
+                raise UpdateRejectedError(f"{name} {value} has no time zone")
         if manifest.expires is not None and manifest.expires <= datetime.now(timezone.utc):
-            raise _RejectedError(f"expired at {manifest.expires.isoformat()}")
+            raise UpdateRejectedError(f"expired at {manifest.expires.isoformat()}")
         highest = self.store.highest_accepted(manifest.model)
         if not resuming and manifest.version <= highest:
-            raise _RejectedError(
+            raise UpdateRejectedError(
                 f"version {manifest.version} is not newer than {highest}: replayed or old"
             )
         try:
             too_old = older_than(manifest.min_agent_version)
         except ValueError as exc:
-            raise _RejectedError(str(exc)) from None
+            raise UpdateRejectedError(str(exc)) from None
         if too_old:
-            raise _RejectedError(f"needs agent {manifest.min_agent_version}, this is {__version__}")
+            raise UpdateRejectedError(
+                f"needs agent {manifest.min_agent_version}, this is {__version__}"
+            )
         served = self.agent.model.manifest
         if manifest.input.shape[-1] != served.input.shape[-1]:
-            raise _RejectedError(
+            raise UpdateRejectedError(
                 f"input contract changed: {manifest.input.shape[-1]} features, "
                 f"callers send {served.input.shape[-1]}"
             )
         if manifest.edge.format != BACKENDS[self.backend.kind].edge_format:
-            raise _RejectedError(
+            raise UpdateRejectedError(
                 f"{manifest.edge.format} artifact, this device runs {self.backend.kind}"
             )
 

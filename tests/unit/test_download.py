@@ -9,8 +9,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from agent.device.download import DigestError, Downloader, DownloadError, download_client, etag_file
+from agent.device.download import Downloader, download_client, etag_file
 from agent.device.store import ModelStore
+from agent.errors import DigestError, DownloadError
 from agent.settings import DownloadSettings
 from shared.manifest import Manifest
 from tests.helpers import EDGE_INT8
