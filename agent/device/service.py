@@ -15,6 +15,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from agent.device.download import download_client
 from agent.device.outbox import Outbox, OutboxSender
@@ -97,7 +98,7 @@ class AgentService:
         self.sender: OutboxSender | None = None
         self.telemetry: TelemetryReporter | None = None
         if settings.mqtt is not None:
-            offline = self._status("offline").model_dump_json().encode()
+            offline = self._status("offline")
             self.mqtt = MqttClient(
                 settings.mqtt,
                 client_id=settings.device,
@@ -151,11 +152,12 @@ class AgentService:
 
     # ------------------------------------------------------------------------ MQTT
 
-    def _status(self, state: str) -> DeviceStatus:
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
+        """The retained status message: a birth (``online``) or a goodbye (``offline``)."""
         m = self.agent.model.manifest
-        return DeviceStatus(
+        status = DeviceStatus(
             device=self.settings.device,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             group=self.settings.group,
             agent_version=__version__,
             session=self.session,
@@ -163,15 +165,13 @@ class AgentService:
             capabilities=["oip", "update", self.settings.backend.kind],
             ts=datetime.now(timezone.utc),
         )
+        return status.model_dump_json().encode()
 
     def _on_connect(self) -> None:
         """Birth (retained), and the last job state again in case it was lost offline."""
         assert self.mqtt is not None
         s = self.settings
-        self.mqtt.publish(
-            topics.device_status(s.fleet, s.device),
-            self._status("online").model_dump_json().encode(),
-        )
+        self.mqtt.publish(topics.device_status(s.fleet, s.device), self._status("online"))
         if self.updater.last_report is not None:
             self._publish_report(self.updater.last_report)
         if self.sender is not None:
@@ -200,10 +200,7 @@ class AgentService:
             topics.device_update(s.fleet, s.device), report.model_dump_json().encode()
         )
         if report.state.terminal:  # the birth's model list changed, or may have
-            self.mqtt.publish(
-                topics.device_status(s.fleet, s.device),
-                self._status("online").model_dump_json().encode(),
-            )
+            self.mqtt.publish(topics.device_status(s.fleet, s.device), self._status("online"))
 
     # ------------------------------------------------------------------- lifecycle
 
@@ -231,7 +228,7 @@ class AgentService:
             if self.mqtt.connected.is_set():
                 self.mqtt.publish_wait(
                     topics.device_status(s.fleet, s.device),
-                    self._status("offline").model_dump_json().encode(),
+                    self._status("offline"),
                     timeout_s=2.0,
                 )
             self.mqtt.stop()
