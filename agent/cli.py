@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from agent.inference.routing import ROUTE_MODES
 from agent.settings import AgentSettings
+from agent.stop import StopRequest
 from shared.errors import TandemError
 from shared.log_setup import setup_logging
 from shared.settings_files import SettingsError
@@ -78,17 +78,17 @@ def _require_endpoint(command: str) -> None:
 
 
 def _serve_endpoint(
-    agent: Agent, settings: AgentSettings, on_listening: Callable[[], None]
+    agent: Agent, settings: AgentSettings, stop: StopRequest, on_listening: Callable[[], None]
 ) -> None:
-    """The local endpoint in this (main) thread until SIGINT/SIGTERM; returns, so the
+    """The local endpoint in this (main) thread until a stop is requested; returns, so the
     caller's shutdown runs."""
     from agent.server import create_app
     from agent.uvicorn_runner import serve
 
-    serve(create_app(agent), settings.server, settings.log_level, on_listening)
+    serve(create_app(agent), settings.server, settings.log_level, stop, on_listening)
 
 
-def _serve(settings: AgentSettings) -> int:
+def _serve(settings: AgentSettings, stop: StopRequest) -> int:
     from agent.device.systemd import Supervision
     from agent.inference.core import Agent
 
@@ -96,7 +96,7 @@ def _serve(settings: AgentSettings) -> int:
     supervision = Supervision()
     with Agent(settings) as agent:
         try:
-            _serve_endpoint(agent, settings, lambda: supervision.ready(agent))
+            _serve_endpoint(agent, settings, stop, lambda: supervision.ready(agent))
         finally:
             supervision.stopping()
     supervision.close()
@@ -104,11 +104,11 @@ def _serve(settings: AgentSettings) -> int:
     return 0
 
 
-def _run(settings: AgentSettings) -> int:
+def _run(settings: AgentSettings, stop: StopRequest) -> int:
     """The device's main job: store, updater, MQTT, and (unless told not to) the endpoint.
-    Stop signals are blocked since ``main``: a stop during boot waits for the shutdown."""
+    A stop requested during boot is served once the boot is done, with the full shutdown."""
     from agent.device.service import AgentService
-    from agent.device.systemd import STOP_SIGNALS, Supervision
+    from agent.device.systemd import Supervision
 
     serve = settings.server.enabled
     if serve:
@@ -118,10 +118,10 @@ def _run(settings: AgentSettings) -> int:
     service.start()
     try:
         if serve:
-            _serve_endpoint(service.agent, settings, lambda: supervision.ready(service.agent))
+            _serve_endpoint(service.agent, settings, stop, lambda: supervision.ready(service.agent))
         else:
             supervision.ready(service.agent)
-            signal.sigwait(STOP_SIGNALS)
+            stop.wait()
     finally:
         supervision.stopping()
         service.stop()
@@ -206,10 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_level)
         if args.command == "infer":
             return _infer(settings, args)
-        from agent.device.systemd import block_stop_signals
-
-        block_stop_signals()  # before anything starts: see agent/uvicorn_runner.py
-        return _run(settings) if args.command == "run" else _serve(settings)
+        stop = StopRequest()
+        stop.install()  # before anything starts: see agent/stop.py
+        return _run(settings, stop) if args.command == "run" else _serve(settings, stop)
     except SettingsError as exc:
         parser.exit(2, f"tandem-agent: error: {exc.message}\n")
     except TandemError as exc:

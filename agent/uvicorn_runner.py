@@ -6,10 +6,9 @@ whatever its caller had left to shut down (``AgentService.stop``: the last telem
 interval, the clean MQTT goodbye) never runs. This server takes the same signals to stop
 but does not re-raise them.
 
-Callers block SIGINT and SIGTERM before they start anything (``block_stop_signals`` in
-``agent/device/systemd.py``), so a signal that comes while the agent boots waits, and is handled
-as soon as uvicorn listens for it; while the caller shuts down afterwards, a second one
-waits too.
+The signals reach it through the caller's ``StopRequest`` (``agent/stop.py``), installed
+before anything started: a request that came while the agent booted stops uvicorn as soon
+as it runs, and a second request forces uvicorn's exit.
 
 uvicorn (the ``serve`` extra) is imported when it serves, not with this module.
 """
@@ -17,37 +16,43 @@ uvicorn (the ``serve`` extra) is imported when it serves, not with this module.
 from __future__ import annotations
 
 import contextlib
-import signal
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from agent.device.systemd import STOP_SIGNALS
 from agent.settings import ServerSettings
+from agent.stop import StopRequest
 
 if TYPE_CHECKING:
     import uvicorn
 
 
-def _server_class() -> Callable[[uvicorn.Config, Callable[[], None]], uvicorn.Server]:
+def _server_class() -> Callable[[uvicorn.Config, Callable[[], None], StopRequest], uvicorn.Server]:
     """Built on first use: the agent imports web frameworks only inside functions
     (tests/unit/test_boundaries.py)."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None]) -> None:
+        def __init__(
+            self, config: uvicorn.Config, on_listening: Callable[[], None], stop: StopRequest
+        ) -> None:
             super().__init__(config)
             self._on_listening = on_listening
+            self._stop = stop
+
+        def _on_stop(self, count: int) -> None:
+            self.should_exit = True
+            if count > 1:
+                self.force_exit = True
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one held since boot: now
+            """The caller's handlers stay; a stop request ends the serving loop, and nothing
+            is re-raised afterwards."""
+            forget = self._stop.listen(self._on_stop)
             try:
                 yield
             finally:
-                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-                for sig, handler in originals.items():
-                    signal.signal(sig, handler)
+                forget()
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
@@ -61,9 +66,11 @@ def serve(
     app: Any,
     settings: ServerSettings,
     log_level: str,
+    stop: StopRequest,
     on_listening: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM; ``on_listening`` runs once the socket listens."""
+    """Serve ``app`` until ``stop`` is requested; ``on_listening`` runs once the socket
+    listens."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -73,4 +80,4 @@ def serve(
         log_level=log_level.lower(),
         access_log=False,
     )
-    _server_class()(config, on_listening).run()
+    _server_class()(config, on_listening, stop).run()

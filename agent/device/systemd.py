@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -27,16 +26,6 @@ from agent.errors import BackendError
 from agent.inference.core import Agent
 
 log = logging.getLogger(__name__)
-
-#: How a service manager (or a terminal) asks the agent to stop.
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def block_stop_signals() -> None:
-    """Hold SIGINT/SIGTERM pending, in this thread and every thread it starts from now on,
-    until the main thread waits for them (``sigwait``) or unblocks them to handle them: a
-    stop request during boot is then served after boot, with the full shutdown."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 class Notifier:

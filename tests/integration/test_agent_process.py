@@ -4,6 +4,8 @@ the systemd notify protocol to a socket of the test's own."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -291,6 +293,42 @@ def test_run_without_the_endpoint_is_ready_once_booted(
         proc.send_signal(signal.SIGTERM)
         assert notify.next() == ["STOPPING=1"]
         assert proc.wait(timeout=20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """A signal to one thread of another process (glibc's ``tgkill``)."""
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill {pid} {tid}")
+
+
+@pytest.mark.parametrize("serve", [False, True], ids=["no-serve", "endpoint"])
+def test_a_stop_signal_landing_on_any_thread_runs_the_shutdown(
+    tmp_path: Path, broker: Mosquitto, notify: NotifySocket, serve: bool
+) -> None:
+    """The kernel hands a process-directed SIGTERM to any thread not blocking it, and NumPy's
+    BLAS threads exist before ``main`` runs. Sent to each thread but the main one, it must
+    end in the agent's own shutdown (it killed the agent outright, or was never seen)."""
+    port = free_port()
+    log = tmp_path / "agent.log"
+    args = ["--config", str(device_config(tmp_path, broker, port)), "run"]
+    proc = spawn([*args] if serve else [*args, "--no-serve"], log, {"NOTIFY_SOCKET": notify.name})
+    try:
+        assert notify.until("READY=1")
+        tasks = Path(f"/proc/{proc.pid}/task").iterdir()
+        others = sorted(int(t.name) for t in tasks if int(t.name) != proc.pid)
+        assert others  # BLAS, MQTT, updater, telemetry threads
+        for tid in others:
+            with contextlib.suppress(OSError):  # a thread may have ended meanwhile
+                _tgkill(proc.pid, tid, signal.SIGTERM)
+            if proc.poll() is not None:
+                break
+        assert proc.wait(timeout=20) == 0, log.read_text()
+        assert "stopped cleanly" in log.read_text()
+        assert notify.until("STOPPING=1")
     finally:
         if proc.poll() is None:
             proc.kill()
