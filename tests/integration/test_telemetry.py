@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cloud.pipeline.data import SplitData
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
 from tests.fleet import wait_for
-from tests.helpers import EDGE_INT8, agent_process
+from tests.helpers import EDGE_INT8, agent_process, close_wakeup_sockets
 from tests.mosquitto import Mosquitto
 
 FLEET = "tele"
@@ -41,6 +40,7 @@ class Harness:
         )
         self.collector.attach(self.mqtt)
         self.mqtt.start(wait_s=10)
+        self.services: list[AgentService] = []
 
     def settings(self, device: str = "dev-1", **telemetry: object) -> AgentSettings:
         return AgentSettings(
@@ -52,11 +52,20 @@ class Harness:
             telemetry={"interval_s": 0.1, **telemetry},
         )
 
+    def start_service(self, device: str = "dev-1", **telemetry: object) -> AgentService:
+        """An agent in this process, started (the test stops it)."""
+        service = AgentService(self.settings(device, **telemetry))
+        service.start(wait_s=10)
+        self.services.append(service)
+        return service
+
     def seqs(self, device: str, session: int) -> list[int]:
         return self.store.telemetry_seqs(FLEET, device, session)
 
     def close(self) -> None:
         self.mqtt.stop()
+        for client in [self.mqtt, *(service.mqtt for service in self.services)]:
+            close_wakeup_sockets(client)
         self.store.close()
 
 
@@ -72,23 +81,27 @@ def _traffic(service: AgentService, x: np.ndarray, stop: threading.Event) -> Non
     while not stop.is_set():
         service.agent.infer(x[i % len(x)], mode="edge")
         i += 1
-        time.sleep(0.002)
+        stop.wait(0.002)  # a steady trickle, not a busy loop
+
+
+def _wait_stored(harness: Harness, device: str, more: int) -> None:
+    """Until the collector has stored ``more`` further messages of the device's session 1."""
+    target = len(harness.seqs(device, 1)) + more
+    wait_for(lambda: len(harness.seqs(device, 1)) >= target, what=f"{more} more messages")
 
 
 def test_broker_restarts_lose_and_duplicate_nothing(harness: Harness, digits: SplitData) -> None:
-    service = AgentService(harness.settings())
-    service.start(wait_s=10)
+    service = harness.start_service()
     stop = threading.Event()
     thread = threading.Thread(target=_traffic, args=(service, digits.test.x, stop))
     thread.start()
     try:
         for _ in range(2):
-            time.sleep(1.0)
+            _wait_stored(harness, "dev-1", more=5)
             harness.broker.stop()
-            time.sleep(1.5)  # telemetry piles up in the outbox meanwhile
-            assert service.outbox.pending > 0
+            wait_for(lambda: service.outbox.pending >= 5, what="telemetry piling up")
             harness.broker.start()
-        time.sleep(1.0)
+        _wait_stored(harness, "dev-1", more=5)  # through the restarted broker
     finally:
         stop.set()
         thread.join()
@@ -138,13 +151,13 @@ def test_kill_9_loses_nothing_acknowledged_and_the_session_moves_on(
 
 
 def test_full_outbox_drops_the_oldest_and_says_so(harness: Harness) -> None:
-    service = AgentService(harness.settings("dev-3", outbox_max_rows=5))
-    service.start(wait_s=10)
+    service = harness.start_service("dev-3", outbox_max_rows=5)
     try:
-        time.sleep(0.5)
+        wait_for(lambda: len(harness.seqs("dev-3", 1)) >= 1, what="the first message")
         harness.broker.stop()
-        time.sleep(2.0)  # ~20 messages into a 5-row outbox
-        assert service.outbox.pending == 5 and service.outbox.dropped >= 10
+        # messages keep coming (the drops grow) and the outbox holds no more than 5 of them
+        wait_for(lambda: service.outbox.dropped >= 10, what="15 messages into a 5-row outbox")
+        assert service.outbox.pending == 5
         harness.broker.start()
         wait_for(
             lambda: any((r["dropped"] or 0) >= 10 for r in harness.store.series(FLEET)),
@@ -183,10 +196,10 @@ def test_garbage_on_device_topics_is_counted(harness: Harness) -> None:
     assert dev.publish_wait(topics.device_status(FLEET, "dev-4"), b'{"state": 3}')
     assert dev.publish_wait(topics.device_update(FLEET, "dev-4"), b"nonsense")
     dev.stop()
+    close_wakeup_sockets(dev)
     wait_for(lambda: harness.collector.malformed_total == 8, what="all counted")
     assert harness.collector.counts["oversized"] == 1 and harness.mqtt.connected.is_set()
     # and a good message after all that is stored
-    service = AgentService(harness.settings("dev-5"))
-    service.start(wait_s=10)
+    service = harness.start_service("dev-5")
     service.stop()
     wait_for(lambda: len(harness.seqs("dev-5", 1)) >= 1, what="good telemetry")
