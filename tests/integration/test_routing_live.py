@@ -115,7 +115,8 @@ def test_flapping_cloud_recovers_through_the_half_open_probe(digits: SplitData) 
             ]
             flaky.down = False
             assert agent.infer(unsure, deadline_ms=500).reason == "breaker_open"
-            time.sleep(0.25)  # reset timeout passes: the next request is the probe
+            # the reset timeout passes: the next request is the probe
+            wait_for(lambda: agent.router.breaker.state == "half_open", what="half-open")
             r = agent.infer(unsure, deadline_ms=500)
             assert (r.source, r.reason) == ("cloud", "low_confidence")
             assert agent.router.breaker.state == "closed"
