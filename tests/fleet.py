@@ -29,8 +29,9 @@ from shared import topics
 from shared.manifest import Manifest
 from shared.mqtt import MqttClient, MqttSettings
 from shared.signing import SigningKey, TrustStore
+from shared.topics import Topic
 from shared.update import UpdateReport
-from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8, serve_in_thread
+from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8, close_wakeup_sockets, serve_in_thread
 from tests.mosquitto import Mosquitto
 
 FLEET = "testfleet"
@@ -215,20 +216,29 @@ def stop_quietly(service: AgentService) -> None:
 def retained_json(
     topic: str, broker: Mosquitto, user: str = "controller", password: str = "ctl-pw"
 ) -> Any:
-    """The retained message on ``topic`` (None if there is none)."""
+    """The retained message on ``topic`` (None if there is none). The broker sends what a
+    subscription holds before anything published after it on the same connection, so a
+    marker published once subscribed says when a retained message, if any, has arrived: no
+    time limit stands for "there is none". (``user`` must be allowed to publish the marker
+    under ``tandem/v1/``: the controller is.)"""
     got: list[bytes] = []
-    done = threading.Event()
+    marked = threading.Event()
+    marker = Topic(f"{topics.PREFIX}/test/peek-{time.monotonic_ns()}", 1, False)
 
     def on(t: str, payload: bytes, retained: bool) -> None:
         got.append(payload)
-        done.set()
 
     c = MqttClient(
         MqttSettings(url=broker.url_for(user), username=user, password=SecretStr(password)),
         client_id=f"peek-{time.monotonic_ns()}",
     )
     c.subscribe(topic, on)
+    c.subscribe(marker.name, lambda t, payload, retained: marked.set())
     c.start(wait_s=10)
-    done.wait(1.0)
-    c.stop()
+    try:
+        assert c.publish_wait(marker, b""), "the marker was not acknowledged"
+        assert marked.wait(10), "the marker never came back"
+    finally:
+        c.stop()
+        close_wakeup_sockets(c)
     return json.loads(got[-1]) if got and got[-1] else None
