@@ -22,7 +22,7 @@ import pytest
 from shared import topics
 from shared.mqtt import MqttClient
 from tests.fleet import wait_for
-from tests.helpers import EDGE_INT8, ROOT, free_port
+from tests.helpers import EDGE_INT8, ROOT, close_wakeup_sockets, free_port
 from tests.mosquitto import Mosquitto
 
 FLEET = "proc"
@@ -56,10 +56,7 @@ def watcher(broker: Mosquitto) -> Iterator[Watcher]:
     w = Watcher(broker)
     yield w
     w.mqtt.stop()
-    # paho closes its wake-up socket pair only in Client.__del__; the client sits in a
-    # reference cycle (its callbacks hold the MqttClient), and when the garbage collector
-    # finalises the sockets first, pytest sees unclosed sockets. Close them now.
-    w.mqtt._client._reset_sockets(sockpair_only=True)
+    close_wakeup_sockets(w.mqtt)
 
 
 def device_config(tmp_path: Path, broker: Mosquitto, port: int, *extra: str) -> Path:
