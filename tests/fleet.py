@@ -31,7 +31,7 @@ from shared.mqtt import MqttClient, MqttSettings
 from shared.signing import SigningKey, TrustStore
 from shared.topics import Topic
 from shared.update import UpdateReport
-from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8, close_wakeup_sockets, serve_in_thread
+from tests.helpers import CLOUD_REPO, EDGE_F32, EDGE_INT8, serve_in_thread
 from tests.mosquitto import Mosquitto
 
 FLEET = "testfleet"
@@ -240,5 +240,4 @@ def retained_json(
         assert marked.wait(10), "the marker never came back"
     finally:
         c.stop()
-        close_wakeup_sockets(c)
     return json.loads(got[-1]) if got and got[-1] else None

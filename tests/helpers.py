@@ -18,8 +18,6 @@ from typing import Any
 
 import uvicorn
 
-from shared.mqtt import MqttClient
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 MODELS = ROOT / "models"
@@ -36,15 +34,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def close_wakeup_sockets(client: MqttClient | None) -> None:
-    """Close the wake-up socket pair of a stopped client. paho closes it only in
-    ``Client.__del__``, and the client sits in a reference cycle (its callbacks hold the
-    ``MqttClient``): when the garbage collector finalises the sockets first, pytest sees
-    unclosed sockets, in whichever later test the collection happens to run."""
-    if client is not None:
-        client._client._reset_sockets(sockpair_only=True)
 
 
 def load_script(name: str) -> ModuleType:

@@ -22,7 +22,7 @@ import pytest
 from shared import topics
 from shared.mqtt import MqttClient
 from tests.fleet import wait_for
-from tests.helpers import EDGE_INT8, ROOT, close_wakeup_sockets, free_port
+from tests.helpers import EDGE_INT8, ROOT, free_port
 from tests.mosquitto import Mosquitto
 
 FLEET = "proc"
@@ -56,7 +56,6 @@ def watcher(broker: Mosquitto) -> Iterator[Watcher]:
     w = Watcher(broker)
     yield w
     w.mqtt.stop()
-    close_wakeup_sockets(w.mqtt)
 
 
 def device_config(tmp_path: Path, broker: Mosquitto, port: int, *extra: str) -> Path:

@@ -22,7 +22,7 @@ from cloud.pipeline.data import SplitData
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
 from tests.fleet import wait_for
-from tests.helpers import EDGE_INT8, agent_process, close_wakeup_sockets
+from tests.helpers import EDGE_INT8, agent_process
 from tests.mosquitto import Mosquitto
 
 FLEET = "tele"
@@ -40,7 +40,6 @@ class Harness:
         )
         self.collector.attach(self.mqtt)
         self.mqtt.start(wait_s=10)
-        self.services: list[AgentService] = []
 
     def settings(self, device: str = "dev-1", **telemetry: object) -> AgentSettings:
         return AgentSettings(
@@ -56,7 +55,6 @@ class Harness:
         """An agent in this process, started (the test stops it)."""
         service = AgentService(self.settings(device, **telemetry))
         service.start(wait_s=10)
-        self.services.append(service)
         return service
 
     def seqs(self, device: str, session: int) -> list[int]:
@@ -64,8 +62,6 @@ class Harness:
 
     def close(self) -> None:
         self.mqtt.stop()
-        for client in [self.mqtt, *(service.mqtt for service in self.services)]:
-            close_wakeup_sockets(client)
         self.store.close()
 
 
@@ -196,7 +192,6 @@ def test_garbage_on_device_topics_is_counted(harness: Harness) -> None:
     assert dev.publish_wait(topics.device_status(FLEET, "dev-4"), b'{"state": 3}')
     assert dev.publish_wait(topics.device_update(FLEET, "dev-4"), b"nonsense")
     dev.stop()
-    close_wakeup_sockets(dev)
     wait_for(lambda: harness.collector.malformed_total == 8, what="all counted")
     assert harness.collector.counts["oversized"] == 1 and harness.mqtt.connected.is_set()
     # and a good message after all that is stored
