@@ -36,7 +36,6 @@ pattern write tandem/v1/+/devices/%u/status
 pattern write tandem/v1/+/devices/%u/telemetry
 pattern write tandem/v1/+/devices/%u/update
 pattern read tandem/v1/+/devices/%u/models/+/manifest
-pattern read tandem/v1/+/devices/%u/cmd/+
 pattern read tandem/v1/+/models/+/manifest
 pattern read tandem/v1/+/groups/+/models/+/manifest
 """
