@@ -46,14 +46,16 @@ def canonical_json(doc: Any) -> bytes:
 
 def manifest_signing_bytes(manifest: Manifest) -> bytes:
     """What the signature covers: everything in the manifest but the signature."""
-    return canonical_json(manifest.model_dump(mode="json", by_alias=True, exclude={"signature"}))
+    doc = manifest.document()
+    doc.pop("signature", None)
+    return canonical_json(doc)
 
 
 def manifest_digest(manifest: Manifest) -> str:
     """SHA-256 of the whole document, signature included: what tells two copies of a
     manifest apart when one was tampered with but kept the other's version and signature.
     NaN is allowed here (a forged manifest may hold one; it still needs a name)."""
-    doc = manifest.model_dump(mode="json", by_alias=True)
+    doc = manifest.document()
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 

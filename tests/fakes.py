@@ -15,6 +15,7 @@ from agent.inference.cloud_client import CloudClient
 from agent.inference.model import LoadedModel
 from shared.manifest import (
     CloudTarget,
+    MANIFEST_SCHEMA_V1,
     EdgeArtifact,
     Manifest,
     RoutingDefaults,
@@ -29,6 +30,7 @@ LABELS = ["a", "b", "c"]
 
 def manifest(threshold: float = 0.8, version: int = 1) -> Manifest:
     return Manifest(
+        schema_=MANIFEST_SCHEMA_V1,
         model="toy",
         version=version,
         created=utc_now(),

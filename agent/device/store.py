@@ -210,7 +210,7 @@ class ModelStore:
             return None
 
     def save_job(self, manifest: Manifest, state: str) -> None:
-        doc = {"manifest": manifest.model_dump(mode="json", by_alias=True), "state": state}
+        doc = {"manifest": manifest.document(), "state": state}
         atomic_write(self.model_dir(manifest.model) / "job.json", json.dumps(doc).encode())
 
     def clear_job(self, model: str) -> None:

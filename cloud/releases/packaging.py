@@ -26,6 +26,7 @@ import numpy as np
 from cloud.releases.registry import Registry
 from shared.errors import ContractError
 from shared.manifest import (
+    MANIFEST_SCHEMA_V1,
     CloudTarget,
     EdgeArtifact,
     GoldenSample,
@@ -147,6 +148,7 @@ def package(request: PackageRequest, key: SigningKey, registry: Registry) -> Man
     created = utc_now()
     file = "model.tflite"
     manifest = Manifest(
+        schema_=MANIFEST_SCHEMA_V1,
         model=template.model,
         version=version,
         created=created,

@@ -26,7 +26,7 @@ def test_demo_manifests_load() -> None:
 
 
 def test_contract_checks() -> None:
-    good = manifest().model_dump(by_alias=True)
+    good = manifest().document()
     with pytest.raises(ValidationError, match="labels"):
         Manifest.model_validate({**good, "labels": ["a", "b"]})
     with pytest.raises(ValidationError, match="model"):
