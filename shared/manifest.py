@@ -138,7 +138,16 @@ _V1_FIELDS: dict[str, Any] = {
     "cloud": {"model", "version", "input", "output", "output_kind"},
 }
 _V1_ONLY = ("input", "output", "output_kind", "labels", "preprocessing", "golden")
-_V2_ONLY = ("task", "inputs", "outputs", "files", "golden_cases", "decoding", "confidence")
+_V2_ONLY = (
+    "task",
+    "inputs",
+    "outputs",
+    "files",
+    "golden_cases",
+    "decoding",
+    "confidence",
+    "streaming",
+)
 #: Which output roles each task needs (one of the alternatives).
 _TASK_ROLES: dict[str, tuple[frozenset[str], ...]] = {
     "classification": (frozenset({"scores"}),),
@@ -166,6 +175,9 @@ class Manifest(_Frozen):
     golden_cases: list[GoldenCase] = Field(default=[], max_length=100)
     decoding: Decoding = Decoding()
     confidence: Confidence = Confidence()
+    #: The model carries state from one call to the next (a streaming keyword spotter):
+    #: the agent runs it on one interpreter, one call at a time, in arrival order.
+    streaming: bool = False
     # --- v1 only (a v1 document's inline contract; None in v2)
     input: TensorSpec | None = None
     output: TensorSpec | None = None

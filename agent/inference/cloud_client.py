@@ -50,6 +50,19 @@ class CloudAnswer:
         return f"{self.model}:{self.version}" if self.version else self.model
 
 
+@dataclass(frozen=True, slots=True)
+class CloudTensors:
+    """A cloud answer of any model: its outputs by name."""
+
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: str | None
+
+    @property
+    def model_ref(self) -> str:
+        return f"{self.model}:{self.version}" if self.version else self.model
+
+
 class CloudClient:
     def __init__(
         self,
@@ -141,12 +154,32 @@ class CloudClient:
 
     def infer(self, x: np.ndarray, target: CloudTarget, timeout_s: float) -> CloudAnswer:
         """Send ``x`` (preprocessed float32, ``[batch, features]``) to ``target``'s model."""
+        inputs = [InferTensor(name=target.input, datatype="FP32", data=x)]
+        answer = self.infer_tensors(inputs, [target.output], target, timeout_s)
+        output = answer.outputs[target.output]
+        if output.shape != (x.shape[0], output.shape[-1]) or output.dtype.kind != "f":
+            raise CloudError(f"cloud output has shape {output.shape} and dtype {output.dtype}")
+        return CloudAnswer(
+            output=output.astype(np.float32, copy=False),
+            model=answer.model,
+            version=answer.version,
+        )
+
+    def infer_tensors(
+        self,
+        inputs: list[InferTensor],
+        outputs: list[str],
+        target: CloudTarget,
+        timeout_s: float,
+    ) -> CloudTensors:
+        """Any model: ``inputs`` to ``target``'s model, the named ``outputs`` back (all of
+        them present, or ``CloudError``)."""
         if timeout_s <= 0:
             raise CloudTimeoutError("no time left for the cloud")
         binary = self.binary
         request = InferRequest(
-            inputs=[InferTensor(name=target.input, datatype="FP32", data=x)],
-            outputs=[RequestedOutput(name=target.output, binary_data=binary)],
+            inputs=inputs,
+            outputs=[RequestedOutput(name=name, binary_data=binary) for name in outputs],
         )
         body, headers = encode_request(request, binary_inputs=binary)
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, self.connect_timeout_s))
@@ -172,16 +205,10 @@ class CloudClient:
             raise CloudError(f"cloud answered {reply.status_code}: {message}")
         try:
             response = decode_response(reply.content, parse_header_length(reply.headers))
-            output = response.output(target.output).data
+            got = {name: response.output(name).data for name in outputs}
         except InvalidRequestError as exc:
             raise CloudError(f"cloud response is not valid OIP: {exc.message}") from exc
-        if output.shape != (x.shape[0], output.shape[-1]) or output.dtype.kind != "f":
-            raise CloudError(f"cloud output has shape {output.shape} and dtype {output.dtype}")
-        return CloudAnswer(
-            output=output.astype(np.float32, copy=False),
-            model=response.model_name,
-            version=response.model_version,
-        )
+        return CloudTensors(got, response.model_name, response.model_version)
 
     def close(self) -> None:
         self._closed.set()

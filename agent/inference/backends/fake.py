@@ -21,9 +21,16 @@ class FakeBackend:
         self.calls = 0
         self.loaded: Path | None = None
         self.closed = False
+        self.flat = True
+        self.names: tuple[str, str] = ("input", "output")
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         self.loaded = artifact
+        self.names = (manifest.inputs[0].name, manifest.outputs[0].name)
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The one input through ``fn``, as the one output."""
+        return {self.names[1]: self.infer(tensors[self.names[0]])}
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         self.calls += 1

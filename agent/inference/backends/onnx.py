@@ -14,7 +14,14 @@ import numpy as np
 from pydantic import Field
 
 from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
-from agent.inference.backends.base import BackendPlugin, BaseBackendSettings, check_shape
+from agent.inference.backends.base import (
+    BackendPlugin,
+    BaseBackendSettings,
+    bind_names,
+    check_shape,
+    is_flat,
+    zeros_for,
+)
 from shared.manifest import Manifest
 
 #: What ``backend.kind`` names this backend by.
@@ -39,6 +46,10 @@ class OnnxBackend:
         self.name = "onnxruntime"
         self._session: Any = None
         self._input = self._output = ""
+        self._names: list[str] = []
+        self._runtime_names: list[str] = []
+        self._bound_in: dict[str, str] = {}
+        self.flat = False
         self._scale, self._offset = np.float32(1.0), np.float32(0.0)
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
@@ -61,16 +72,36 @@ class OnnxBackend:
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelLoadError(f"{artifact} is not a loadable ONNX model: {exc}") from exc
-        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelLoadError(f"{artifact} must have exactly one input and one output")
-        shape_in = [d if isinstance(d, int) else -1 for d in inputs[0].shape]
-        shape_out = [d if isinstance(d, int) else -1 for d in outputs[0].shape]
-        check_shape("ONNX input", shape_in, manifest.input)
-        check_shape("ONNX output", shape_out, manifest.output)
-        self._input, self._output = inputs[0].name, outputs[0].name
-        self._scale = np.float32(manifest.preprocessing.scale)
-        self._offset = np.float32(manifest.preprocessing.offset)
+        inputs = {t.name: t for t in self._session.get_inputs()}
+        outputs = {t.name: t for t in self._session.get_outputs()}
+        bound_in, bound_out = bind_names(manifest, list(inputs), list(outputs))
+        for spec in manifest.inputs:
+            shape = [d if isinstance(d, int) else -1 for d in inputs[bound_in[spec.name]].shape]
+            check_shape(f"ONNX input {spec.name!r}", shape, spec)
+        for ospec in manifest.outputs:
+            shape = [d if isinstance(d, int) else -1 for d in outputs[bound_out[ospec.name]].shape]
+            check_shape(f"ONNX output {ospec.name!r}", shape, ospec)
+        self._bound_in = bound_in
+        self._names = [t.name for t in manifest.outputs]
+        self._runtime_names = [bound_out[n] for n in self._names]
+        self.flat = is_flat(manifest)
+        if self.flat:
+            self._input = bound_in[manifest.inputs[0].name]
+            self._output = bound_out[manifest.outputs[0].name]
+            self._scale = np.float32(manifest.inputs[0].scale)
+            self._offset = np.float32(manifest.inputs[0].offset)
+        try:
+            self.run(zeros_for(manifest.inputs))
+        except BackendError as exc:
+            raise ModelLoadError(f"{artifact} fails on zeros of its declared shape: {exc}") from exc
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            feed = {self._bound_in[n]: v for n, v in tensors.items()}
+            values = self._session.run(self._runtime_names, feed)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"ONNX Runtime run failed: {exc}") from exc
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self._names, values)}
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         x = (x * self._scale + self._offset).astype(np.float32, copy=False)

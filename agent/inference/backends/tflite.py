@@ -21,7 +21,14 @@ from typing import Any, Final, Literal
 import numpy as np
 from pydantic import Field
 
-from agent.inference.backends.base import BackendPlugin, BaseBackendSettings, check_shape
+from agent.inference.backends.base import (
+    BackendPlugin,
+    BaseBackendSettings,
+    bind_names,
+    check_shape,
+    is_flat,
+    zeros_for,
+)
 
 try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping itself
     from numpy._core.umath import clip as _clip  # type: ignore[attr-defined]
@@ -117,7 +124,7 @@ class _Slot:
     this backend never creates such views (``set_tensor``/``get_tensor`` copy). The wrapper
     is looked up per call, never stored: the runtime's own check counts references to it."""
 
-    __slots__ = ("batch", "buf", "interp", "native", "qbuf")
+    __slots__ = ("batch", "buf", "interp", "native", "qbuf", "shapes")
 
     def __init__(self, interp: Any, features: int, in_dtype: Any) -> None:
         self.interp = interp
@@ -129,12 +136,15 @@ class _Slot:
         self.batch = 1
         self.buf = np.empty((1, features), dtype=np.float32)
         self.qbuf = np.empty((1, features), dtype=in_dtype)
+        #: the shape each input is allocated at now (``run`` resizes on a change)
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
 
 class TFLiteBackend:
     """``InferenceBackend`` on the TFLite interpreter.
 
-    Input: ``raw * mul + add``, where ``mul``/``add`` fold the manifest's preprocessing into
+    ``run`` takes and gives any number of tensors by name. On the flat path (``infer``),
+    input: ``raw * mul + add``, where ``mul``/``add`` fold the manifest's preprocessing into
     the input tensor's quantization; then round and saturate for an integer input. Output:
     ``(q - zero_point) * scale`` for an integer output. For one sample (the hot path) all of
     it runs in the slot's preallocated buffers.
@@ -152,6 +162,12 @@ class TFLiteBackend:
         self._out_offset: np.ndarray | None = None
         self._out_scale = np.ones(1, dtype=np.float32)
         self._row_scale, self._row_zero = 1.0, 0.0
+        self.flat = False
+        self._features = 1
+        self._in_dtype: Any = np.float32
+        #: contract input name -> tensor index; output name -> (index, (scale, zero) or None)
+        self._inputs: dict[str, int] = {}
+        self._outputs: dict[str, tuple[int, tuple[float, float] | None]] = {}
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         package, interpreter_cls = find_interpreter_class()
@@ -160,8 +176,10 @@ class TFLiteBackend:
             blob = artifact.read_bytes()
         except OSError as exc:
             raise ModelLoadError(f"cannot read {artifact}: {exc}") from exc
+        # a streaming model keeps its state in the interpreter: one interpreter, calls in order
+        pool_size = 1 if manifest.streaming else self.settings.pool_size
         interpreters = []
-        for _ in range(self.settings.pool_size):
+        for _ in range(pool_size):
             try:
                 interp = interpreter_cls(model_content=blob, num_threads=self.settings.num_threads)
                 interp.allocate_tensors()
@@ -169,18 +187,47 @@ class TFLiteBackend:
                 raise ModelLoadError(f"{artifact} is not a loadable TFLite model: {exc}") from exc
             interpreters.append(interp)
         inputs, outputs = interpreters[0].get_input_details(), interpreters[0].get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelLoadError(
-                f"{artifact} has {len(inputs)} inputs and {len(outputs)} outputs; Tandem "
-                "serves single-input, single-output classifiers"
+        by_name_in = {d["name"]: d for d in inputs}
+        by_name_out = {d["name"]: d for d in outputs}
+        bound_in, bound_out = bind_names(manifest, list(by_name_in), list(by_name_out))
+        by_name_in = {c: by_name_in[r] for c, r in bound_in.items()}
+        by_name_out = {c: by_name_out[r] for c, r in bound_out.items()}
+        for spec in manifest.inputs:
+            d = by_name_in[spec.name]
+            check_shape(f"TFLite input {spec.name!r}", d["shape_signature"].tolist(), spec)
+            self._inputs[spec.name] = int(d["index"])
+        for ospec in manifest.outputs:
+            d = by_name_out[ospec.name]
+            check_shape(f"TFLite output {ospec.name!r}", d["shape_signature"].tolist(), ospec)
+            scale, zero = d["quantization"]
+            quantized = bool(scale) and d["dtype"] != np.float32
+            self._outputs[ospec.name] = (
+                int(d["index"]),
+                (float(scale), float(zero)) if quantized else None,
             )
-        inp, out = inputs[0], outputs[0]
-        check_shape("TFLite input", inp["shape_signature"].tolist(), manifest.input)
-        check_shape("TFLite output", out["shape_signature"].tolist(), manifest.output)
+        self.flat = is_flat(manifest)
+        if self.flat:
+            self._load_flat(manifest, by_name_in, by_name_out)
+        for interp in interpreters:
+            slot = _Slot(interp, self._features, self._in_dtype)
+            slot.shapes = {n: tuple(by_name_in[n]["shape"].tolist()) for n in self._inputs}
+            self._slots.append(slot)
+            self._pool.put(slot)
+        try:
+            self.run(zeros_for(manifest.inputs))
+        except BackendError as exc:
+            raise ModelLoadError(f"{artifact} fails on zeros of its declared shape: {exc}") from exc
+
+    def _load_flat(
+        self, manifest: Manifest, by_name_in: dict[str, Any], by_name_out: dict[str, Any]
+    ) -> None:
+        """Constants of the flat-classifier hot path (``infer``/``infer_one``)."""
+        spec_in, spec_out = manifest.inputs[0], manifest.outputs[0]
+        inp, out = by_name_in[spec_in.name], by_name_out[spec_out.name]
         self._in_index, self._out_index = inp["index"], out["index"]
-        features = int(inp["shape"][-1])
-        pre = manifest.preprocessing
-        mul, add = pre.scale, pre.offset
+        features = self._features = int(inp["shape"][-1])
+        self._in_dtype = inp["dtype"]
+        mul, add = spec_in.scale, spec_in.offset
         in_scale, in_zero = inp["quantization"]
         self._quantized_in = bool(in_scale) and inp["dtype"] != np.float32
         if self._quantized_in:
@@ -198,10 +245,38 @@ class TFLiteBackend:
             self._out_scale = np.full(classes, out_scale, dtype=np.float32)
             self._row_scale, self._row_zero = float(out_scale), float(out_zero)
             self._out_offset = np.full(classes, out_scale * out_zero, dtype=np.float32)
-        for interp in interpreters:
-            slot = _Slot(interp, features, inp["dtype"])
-            self._slots.append(slot)
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        slot = self._pool.get()
+        try:
+            interp = slot.interp
+            resized = False
+            for name, index in self._inputs.items():
+                shape = tensors[name].shape
+                if slot.shapes.get(name) != shape:
+                    interp.resize_tensor_input(index, list(shape))
+                    slot.shapes[name] = shape
+                    resized = True
+            if resized:
+                interp.allocate_tensors()
+                slot.batch = -1  # the flat path re-sizes on its next call
+            for name, index in self._inputs.items():
+                interp.set_tensor(index, tensors[name])
+            interp.invoke()
+            raw = {name: interp.get_tensor(index) for name, (index, _) in self._outputs.items()}
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise BackendError(f"TFLite invoke failed: {exc}") from exc
+        finally:
             self._pool.put(slot)
+        out = {}
+        for name, (_, quant) in self._outputs.items():
+            y = raw[name]
+            if quant is not None:
+                y = (y.astype(np.float32) - np.float32(quant[1])) * np.float32(quant[0])
+            elif y.dtype != np.float32:
+                y = y.astype(np.float32)
+            out[name] = y
+        return out
 
     def _input(self, raw: np.ndarray, slot: _Slot) -> np.ndarray:
         if self._identity:
@@ -241,6 +316,7 @@ class TFLiteBackend:
                 interp.resize_tensor_input(self._in_index, [x.shape[0], x.shape[1]])
                 interp.allocate_tensors()
                 slot.batch = x.shape[0]
+                slot.shapes = {}  # ``run`` re-sizes on its next call
             y: np.ndarray
             if slot.native:
                 native = interp._interpreter
