@@ -99,6 +99,16 @@ class ServerSettings(_Section):
     )
 
 
+class ImageSettings(_Section):
+    max_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="largest picture decoded (width x height, from its header, refused before "
+        "any pixel is decoded): a 20,000 x 20,000 PNG of a few kilobytes would otherwise take "
+        "400 MB or more; 40 MP (about 120 MB as RGB) admits a phone's photo",
+    )
+
+
 class DownloadSettings(_Section):
     attempts: int = Field(default=5, ge=1, description="tries, each resuming the last")
     backoff_s: float = Field(default=0.5, ge=0, description="first wait; doubles per try")
@@ -172,5 +182,6 @@ class AgentSettings(FileSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
     testing: AgentTestingSettings = Field(default_factory=AgentTestingSettings)
     log_level: str = "INFO"
