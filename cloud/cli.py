@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cloud.settings import CloudSettings
+from shared.contract import TASKS
 from shared.errors import TandemError
 from shared.log_setup import setup_logging
 from shared.settings_files import SettingsError, describe, load_toml
@@ -66,11 +67,20 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _model_package(args: argparse.Namespace) -> int:
+    """``--name``: any model from its own contract (v2); ``--template``: the v1 path, a
+    template manifest giving a feature-vector classifier's labels and golden samples."""
+    if (args.template is None) == (args.name is None):
+        raise SettingsError("give --name NAME (any model) or --template MANIFEST (v1), not both")
+    if args.template is None:
+        return _model_package_v2(args)
     from cloud.releases.packaging import PackageRequest, package
     from cloud.releases.registry import Registry
     from shared.manifest import CloudTarget, Manifest, RoutingDefaults
     from shared.signing import SigningKey
 
+    stray = [f for f in ("contract", "labels", "golden", "task") if getattr(args, f)]
+    if stray:
+        raise SettingsError(f"--{', --'.join(stray)} go with --name, not with --template")
     template = (
         Manifest.load(args.template)
         if args.template.is_dir()
@@ -107,6 +117,45 @@ def _model_package(args: argparse.Namespace) -> int:
                 "model": manifest.model,
                 "version": manifest.version,
                 "sha256": manifest.edge.sha256,
+                "key_id": manifest.key_id,
+            }
+        )
+    )
+    return 0
+
+
+def _model_package_v2(args: argparse.Namespace) -> int:
+    from cloud.releases.package_model import ModelPackageRequest, package_model
+    from cloud.releases.registry import Registry
+    from shared.identifiers import IDENTIFIER_RE
+    from shared.signing import SigningKey
+
+    if not IDENTIFIER_RE.match(args.name):
+        raise SettingsError(f"--name {args.name!r}: letters, digits, '-' and '_' only")
+    request = ModelPackageRequest(
+        edge=args.edge,
+        name=args.name,
+        contract=args.contract,
+        task=args.task,
+        labels=args.labels,
+        golden=list(args.golden or []),
+        version=args.version,
+        cloud_model=args.cloud_model,
+        cloud_version=args.cloud_version,
+        threshold=args.threshold,
+        expires_days=args.expires_days,
+        min_agent_version=args.min_agent_version,
+    )
+    manifest = package_model(request, SigningKey.load(args.key), Registry(args.registry))
+    print(
+        json.dumps(
+            {
+                "model": manifest.model,
+                "version": manifest.version,
+                "task": manifest.task,
+                "format": manifest.edge.format,
+                "sha256": manifest.edge.sha256,
+                "files": [f.name for f in manifest.files],
                 "key_id": manifest.key_id,
             }
         )
@@ -193,13 +242,33 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model releases").add_subparsers(
         dest="action", required=True
     )
-    pkg = model.add_parser("package", help="validate, sign and publish an edge model")
-    pkg.add_argument("--edge", type=Path, required=True, help="the .tflite artifact")
+    pkg = model.add_parser(
+        "package",
+        help="validate, sign and publish an edge model (any TFLite/ONNX model with --name)",
+    )
+    pkg.add_argument("--edge", type=Path, required=True, help="the .tflite or .onnx artifact")
+    pkg.add_argument("--name", help="the model's name in the registry (a v2 release)")
+    pkg.add_argument(
+        "--contract",
+        type=Path,
+        help="TOML: what the model does not say (task, input kinds, output roles, decoding, "
+        "cloud target); see docs/examples/",
+    )
+    pkg.add_argument("--task", choices=TASKS, help="what the model is for")
+    pkg.add_argument(
+        "--labels", type=Path, help="labels file (.txt one per line, or .json id: label)"
+    )
+    pkg.add_argument(
+        "--golden",
+        type=Path,
+        nargs="+",
+        action="extend",
+        help="golden samples: images (.jpg/.png), .npy, or .npz by input name",
+    )
     pkg.add_argument(
         "--template",
         type=Path,
-        required=True,
-        help="a manifest (or its folder): labels, names, golden inputs and labels",
+        help="v1: a manifest (or its folder) with labels, names, golden inputs and labels",
     )
     pkg.add_argument("--registry", type=Path, required=True)
     pkg.add_argument("--key", type=Path, required=True, help="private key (keys generate)")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cloud.releases.registry import Registry
+from shared.bundle import read_file
 from shared.errors import ContractError
 from shared.manifest import (
     MANIFEST_SCHEMA_V1,
@@ -31,6 +32,7 @@ from shared.manifest import (
     EdgeArtifact,
     GoldenSample,
     Manifest,
+    Preprocessing,
     Quantization,
     RoutingDefaults,
     TensorSpec,
@@ -80,7 +82,7 @@ def run_tflite(blob: bytes, template: Manifest, rows: np.ndarray) -> np.ndarray:
     """Probabilities for raw input rows, computed as a device computes them."""
     interp = _interpreter(blob)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    pre = template.preprocessing
+    pre = template.preprocessing or Preprocessing()
     probs = []
     for row in rows.astype(np.float32):
         x = row[None, :] * pre.scale + pre.offset
@@ -115,6 +117,16 @@ class PackageRequest:
 def package(request: PackageRequest, key: SigningKey, registry: Registry) -> Manifest:
     """Validate, sign and publish one release; returns its manifest."""
     template = request.template
+    if (
+        not template.is_v1
+        or template.input is None
+        or template.output is None
+        or template.labels is None
+    ):
+        raise ContractError(
+            "a template is a v1 manifest (input, output, labels, golden); a model without "
+            "one is packaged from its own contract (--name, --contract)"
+        )
     try:
         blob = request.edge.read_bytes()
     except OSError as exc:
@@ -148,7 +160,7 @@ def package(request: PackageRequest, key: SigningKey, registry: Registry) -> Man
     created = utc_now()
     file = "model.tflite"
     manifest = Manifest(
-        schema_=MANIFEST_SCHEMA_V1,
+        schema=MANIFEST_SCHEMA_V1,
         model=template.model,
         version=version,
         created=created,
@@ -187,7 +199,9 @@ def rollback_release(
 ) -> Manifest:
     """A new release (latest + 1) that points at an earlier release's artifact: the release
     before the latest, or ``to_version``. Devices install it like any update, so the
-    anti-rollback rule (versions only go up) is never bent."""
+    anti-rollback rule (versions only go up) is never bent. Its bundle files (labels,
+    golden samples) are copied into the new release, checked against their digests, so it
+    serves them at its own ``/registry/{model}/{version}/{file}`` like any release."""
     versions = registry.versions(model)
     if len(versions) < 2 and to_version is None:
         raise ContractError(f"{model} has no earlier release to roll back to")
@@ -210,6 +224,8 @@ def rollback_release(
             "signature": None,
         }
     )
+    folder = registry.release_dir(model, target_version)
+    files = {f.name: read_file(target, folder, f.name) for f in target.files}
     signed = key.sign(manifest)
-    registry.publish(signed, None)  # the artifact stays where it is
+    registry.publish(signed, None, files)  # the artifact stays where it is
     return signed

@@ -1,14 +1,17 @@
 """The artifact registry: signed model bundles on disk, served over HTTP with ETag and Range.
 
 Layout: ``<registry>/<model>/<version>/manifest.json`` (signed) beside the edge artifact it
-names. Releases are immutable: a rollback is a new version pointing at an old artifact.
+names and the bundle files it lists (labels, golden samples). Releases are immutable: a
+rollback is a new version pointing at an old artifact, with its bundle files copied (they
+are small; the artifact is not).
 
 HTTP (mounted by the cloud server when a registry folder is configured):
 
 - ``GET /registry/{model}``: the releases, newest first;
 - ``GET /registry/{model}/{version}/manifest.json``: a signed manifest;
-- ``GET /registry/{model}/{version}/{file}``: the artifact, so an edge device on a flaky link
-  resumes instead of starting over. A strong ETag (the manifest's SHA-256) and the 304 on
+- ``GET /registry/{model}/{version}/{file}``: the artifact or a bundle file, so an edge
+  device on a flaky link resumes instead of starting over. A strong ETag (the file's
+  SHA-256 from the manifest) and the 304 on
   ``If-None-Match`` are ours; ``Range`` (206, or 416 with ``Content-Range: bytes */size``;
   a malformed one is a 400) and ``If-Range`` are Starlette's ``FileResponse`` (1.3 or later:
   its ``If-Range`` compares the ETag we set, and an oversized suffix range is the whole file).
@@ -16,6 +19,8 @@ HTTP (mounted by the cloud server when a registry folder is configured):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +60,24 @@ class Registry:
     def release_dir(self, model: str, version: int) -> Path:
         return self._model_dir(model) / str(version)
 
-    def publish(self, manifest: Manifest, artifact: bytes | None) -> Path:
+    def publish(
+        self,
+        manifest: Manifest,
+        artifact: bytes | None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> Path:
         """Write a release. Versions only go up and a release is never overwritten.
-        ``artifact`` None: the manifest's URL points at an earlier release's file."""
+        ``artifact`` None: the manifest's URL points at an earlier release's file.
+        ``files``: the bundle files, exactly those the manifest lists, with their digests."""
+        files = dict(files or {})
+        listed = {f.name: f for f in manifest.files}
+        if files.keys() != listed.keys():
+            raise ContractError(
+                f"the release lists bundle files {sorted(listed)} but brings {sorted(files)}"
+            )
+        for name, data in files.items():
+            if len(data) != listed[name].size or sha256(data).hexdigest() != listed[name].sha256:
+                raise ContractError(f"bundle file {name} does not match its digest")
         versions = self.versions(manifest.model)
         if versions and manifest.version <= versions[-1]:
             raise ContractError(
@@ -68,15 +88,23 @@ class Registry:
         folder.mkdir(parents=True, exist_ok=False)
         if artifact is not None:
             (folder / manifest.edge.file).write_bytes(artifact)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        # the manifest last: a release is listed (``versions``) only once it is complete
         (folder / MANIFEST_FILE).write_text(manifest.to_json())
         return folder
 
     def artifact(self, model: str, version: int, file: str) -> tuple[Path, str]:
-        """The artifact path and its strong ETag (the manifest's SHA-256)."""
+        """The path of the release's artifact or bundle file ``file``, and its strong ETag
+        (the file's SHA-256 as the manifest lists it)."""
         manifest = self.manifest(model, version)
-        if file != manifest.edge.file:
-            raise ModelNotFoundError(f"release {model}/{version} has no file {file!r}")
-        return self.release_dir(model, version) / file, f'"{manifest.edge.sha256}"'
+        if file == manifest.edge.file:
+            digest = manifest.edge.sha256
+        else:
+            digest = next((f.sha256 for f in manifest.files if f.name == file), "")
+            if not digest:
+                raise ModelNotFoundError(f"release {model}/{version} has no file {file!r}")
+        return self.release_dir(model, version) / file, f'"{digest}"'
 
 
 def registry_router(registry: Registry) -> APIRouter:
