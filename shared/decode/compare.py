@@ -141,8 +141,8 @@ def _detections(expected: Detections, actual: Detections, tol: Tolerance) -> str
     if extra:
         d, best = extra
         return (
-            f"detection {_describe(d)} matches no expected detection at IoU >= {tol.iou:g} "
-            f"(best {best:.2f})"
+            f"unexpected detection {_describe(d)}: none expected of its class at "
+            f"IoU >= {tol.iou:g} (best {best:.2f})"
         )
     return None
 
