@@ -2,8 +2,10 @@
 
 - ``tandem-agent run``: the device's job (store, MQTT updates, telemetry, local endpoint);
 - ``tandem-agent serve``: the local OIP endpoint alone (needs the ``serve`` extra);
-- ``tandem-agent infer FILE``: classify the rows of a ``.npy``, ``.json`` or ``.csv`` file
-  and print one JSON result per row;
+- ``tandem-agent infer FILE...``: run the model on each file and print one JSON result per
+  input: an image (``.jpg``, ``.png``) or a ``.npy`` array of the model's input (a
+  ``.npz`` of arrays by input name for a model with several), and for a flat classifier
+  each row of a ``.npy``, ``.json`` or ``.csv`` file of features;
 - ``tandem-agent systemd-unit``: print a hardened systemd unit for ``run``.
 
 A bad setting (flag, environment or file) is a one-line error and exit code 2.
@@ -26,6 +28,7 @@ import numpy as np
 from agent.inference.routing import ROUTE_MODES
 from agent.settings import AgentSettings
 from agent.stop import StopRequest
+from shared.bundle import IMAGE_SUFFIXES
 from shared.errors import TandemError
 from shared.log_setup import setup_logging
 from shared.settings_files import SettingsError
@@ -52,15 +55,42 @@ def read_rows(path: Path) -> np.ndarray:
     return data.reshape(1, -1) if data.ndim == 1 else data
 
 
+def read_input(path: Path) -> Any:
+    """What one input file holds for ``Agent.infer``: encoded image bytes, an array, or
+    arrays by input name."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in IMAGE_SUFFIXES:
+            return path.read_bytes()
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {key: z[key] for key in z.files}
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SystemExit(f"tandem-agent: cannot read {path}: {exc}") from None
+
+
 def _infer(settings: AgentSettings, args: argparse.Namespace) -> int:
     from agent.inference.core import Agent
 
-    rows = read_rows(args.file)
+    failed = 0
     with Agent(settings) as agent:
-        for row in rows:
-            result = agent.infer(row, deadline_ms=args.deadline_ms, mode=args.mode)
-            print(json.dumps(result.to_dict()))
-    return 0
+        for path in args.files:
+            values: list[Any]
+            if agent.model.flat and path.suffix.lower() in (".npy", ".json", ".csv", ".txt"):
+                values = list(read_rows(path))
+            else:
+                values = [read_input(path)]
+            for value in values:
+                try:
+                    result = agent.infer(value, deadline_ms=args.deadline_ms, mode=args.mode)
+                except TandemError as exc:  # one bad file does not stop the others
+                    print(json.dumps({"file": str(path), "error": exc.message}))
+                    print(f"tandem-agent: {path}: {exc.message}", file=sys.stderr)
+                    failed += 1
+                    continue
+                print(json.dumps({"file": str(path), **result.to_dict()}))
+    return 1 if failed else 0
 
 
 def _require_endpoint(command: str) -> None:
@@ -162,8 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-serve", action="store_true", help="no local OIP endpoint (server.enabled = false)"
     )
-    infer = sub.add_parser("infer", help="classify the rows of a file")
-    infer.add_argument("file", type=Path, help=".npy, .json or .csv/.txt rows of features")
+    infer = sub.add_parser("infer", help="run the model on files, one JSON result per input")
+    infer.add_argument(
+        "files",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="images (.jpg, .png), .npy/.npz arrays, or .json/.csv rows of features",
+    )
     infer.add_argument("--mode", choices=ROUTE_MODES)
     infer.add_argument("--deadline-ms", type=float)
     unit = sub.add_parser(

@@ -10,11 +10,20 @@ Outputs: ``probabilities``, ``label``, ``confidence``, ``source`` and ``reason``
 for a single row the response parameters carry the same fields as the Python API's
 ``InferenceResult`` (plus model versions and the latency breakdown).
 
+Any other model (an image classifier, a detector, several inputs): inputs by the manifest's
+names, in the model's real shape, or for an image input a ``UINT8`` frame ``[H, W, C]`` of
+any size or the encoded JPEG/PNG as a ``BYTES`` tensor (several ``BYTES`` elements: one
+request each). Outputs: the decoded result's tensors (``shared.decode``: ``boxes``,
+``scores``, ``labels`` for a detector; ``mask`` and per-class areas for segmentation...)
+plus ``confidence``, ``source`` and ``reason``; the parameters as above, and ``result``,
+the whole typed result as JSON.
+
 Imports FastAPI (the ``serve`` extra): ``import agent`` never loads this module.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -74,17 +83,35 @@ class AgentDataPlane:
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
         self._check_model(name, version)
         m = self.agent.model.manifest
+        if not self.agent.model.flat:
+            return ModelMetadata(
+                name=m.model,
+                versions=[str(m.version)],
+                platform=f"tandem_{m.edge.format}",
+                inputs=[
+                    TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                    for t in m.inputs
+                ],
+                outputs=[
+                    TensorMetadata(name=o.name, datatype="FP32", shape=o.shape) for o in m.outputs
+                ],
+            )
+        spec_in = m.inputs[0]
         return ModelMetadata(
             name=m.model,
             versions=[str(m.version)],
             platform=f"tandem_{m.edge.format}",
             inputs=[
                 TensorMetadata(
-                    name=m.input.name, datatype=INPUT_DATATYPE, shape=[-1, m.input.shape[-1]]
+                    name=spec_in.name, datatype=INPUT_DATATYPE, shape=[-1, spec_in.shape[-1]]
                 )
             ],
             outputs=[
-                TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(m.labels)]),
+                TensorMetadata(
+                    name="probabilities",
+                    datatype="FP32",
+                    shape=[-1, len(self.agent.model.labels)],
+                ),
                 TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
                 TensorMetadata(name="confidence", datatype="FP32", shape=[-1]),
                 TensorMetadata(name="source", datatype="BYTES", shape=[-1]),
@@ -110,26 +137,68 @@ class AgentDataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         self._check_model(name, version)
-        rows = self._rows(request)
         mode, deadline = _routing_params(
             request.parameters, self.agent.settings.routing.max_deadline_ms
         )
+        if not self.agent.model.flat:
+            items = self._items(request)
+            results = await run_in_threadpool(
+                self.agent.infer_batch, items, deadline_ms=deadline, mode=mode
+            )
+            return _any_response(self.agent, request, results)
+        rows = self._rows(request)
         results = await run_in_threadpool(
             self.agent.infer_batch, rows, deadline_ms=deadline, mode=mode
         )
         return _response(self.agent, request, results)
 
+    def _items(self, request: InferRequest) -> list[Any]:
+        """The requests in an OIP request to a non-flat model: one, or one per element of
+        a ``BYTES`` tensor of encoded images for a single-input model."""
+        m = self.agent.model.manifest
+        names = [t.name for t in m.inputs]
+        given = {t.name: t for t in request.inputs}
+        unknown = sorted(given.keys() - set(names))
+        if unknown or len(given) != len(request.inputs):
+            raise InvalidRequestError(
+                f"model {m.model!r} has inputs {names}; got {[t.name for t in request.inputs]}"
+            )
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise InvalidRequestError(f"model {m.model!r} needs inputs {missing} too")
+        values: dict[str, Any] = {}
+        for n, tensor in given.items():
+            data = tensor.data
+            if tensor.datatype == "BYTES":
+                blobs = [bytes(b) for b in data.reshape(-1)]
+                if not blobs:
+                    raise InvalidRequestError(f"input {n!r} holds no encoded image")
+                if len(names) == 1:
+                    max_rows = self.agent.settings.routing.max_batch_rows
+                    if len(blobs) > max_rows:
+                        raise InvalidRequestError(
+                            f"{len(blobs)} images in one request; at most {max_rows}"
+                        )
+                    return blobs
+                values[n] = blobs[0]
+            elif tensor.datatype == "UINT8" and data.ndim == 4 and data.shape[0] == 1:
+                values[n] = data[0]  # a frame with its batch dimension
+            else:
+                values[n] = data
+        return [values[names[0]] if len(names) == 1 else values]
+
     def _rows(self, request: InferRequest) -> np.ndarray:
         m = self.agent.model.manifest
+        input_name = m.inputs[0].name
         if len(request.inputs) != 1:
             raise InvalidRequestError(
-                f"model {m.model!r} takes exactly one input ({m.input.name!r}), "
+                f"model {m.model!r} takes exactly one input ({input_name!r}), "
                 f"got {len(request.inputs)}"
             )
         tensor = request.inputs[0]
-        if tensor.name != m.input.name:
+        if tensor.name != input_name:
             raise InvalidRequestError(
-                f"model {m.model!r} has no input {tensor.name!r}; inputs are {[m.input.name]}"
+                f"model {m.model!r} has no input {tensor.name!r}; inputs are {[input_name]}"
             )
         if tensor.datatype != INPUT_DATATYPE:
             raise InvalidRequestError(
@@ -199,6 +268,51 @@ def _response(agent: Agent, request: InferRequest, results: list[InferenceResult
             params["latency_local_ms"] = r.latency.local_ms
         if r.latency.cloud_ms is not None:
             params["latency_cloud_ms"] = r.latency.cloud_ms
+    else:
+        params["escalated"] = sum(r.source == "cloud" for r in results)
+    m = agent.model.manifest
+    return InferResponse(
+        model_name=m.model,
+        model_version=str(m.version),
+        outputs=[InferTensor.of(name, columns[name]) for name in wanted],
+        parameters=params,
+    )
+
+
+def _any_response(
+    agent: Agent, request: InferRequest, results: list[InferenceResult]
+) -> InferResponse:
+    """Outputs of a non-flat model's results: the typed result's tensors (one request: as
+    they are; several: stacked when they stack) and the routing columns."""
+    first = results[0]
+    columns: dict[str, np.ndarray] = {}
+    tensors = [r.prediction.to_tensors() for r in results]
+    for key in tensors[0]:
+        parts = [t[key] for t in tensors]
+        if len(parts) == 1:
+            columns[key] = parts[0]
+        elif all(p.shape == parts[0].shape for p in parts):
+            columns[key] = np.stack(parts)
+    columns["confidence"] = np.array([r.confidence for r in results], dtype=np.float32)
+    columns["source"] = np.array([r.source.encode() for r in results], dtype=object)
+    columns["reason"] = np.array([r.reason.encode() for r in results], dtype=object)
+    wanted = list(columns) if request.outputs is None else [o.name for o in request.outputs]
+    unknown = [w for w in wanted if w not in columns]
+    if unknown:
+        raise InvalidRequestError(f"unknown outputs {unknown}; outputs are {list(columns)}")
+    params: dict[str, Param] = {"edge_model": agent.model.manifest.ref, "task": first.task}
+    if len(results) == 1:
+        params.update(
+            confidence=first.confidence,
+            source=first.source,
+            reason=first.reason,
+            latency_total_ms=first.latency.total_ms,
+            result=json.dumps(first.to_dict(), separators=(",", ":")),
+        )
+        if first.index >= 0:
+            params["label"] = first.label
+        if first.cloud_model:
+            params["cloud_model"] = first.cloud_model
     else:
         params["escalated"] = sum(r.source == "cloud" for r in results)
     m = agent.model.manifest

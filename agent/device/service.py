@@ -141,14 +141,16 @@ class AgentService:
             self.store.accept(name, Manifest.load(slot).version)
         for slot in self.store.bootable_slots(name):
             try:
-                model = load_model(slot, self.settings.backend)
+                model = load_model(slot, self.settings.backend, self.settings.images.max_pixels)
             except (ModelLoadError, ContractError) as exc:
                 log.error("slot %s does not boot: %s", slot.name, exc.message)
                 continue
             log.info("booted %s from %s", model.manifest.ref, slot)
             return model
         log.error("no slot boots; falling back to the factory model %s", self.settings.model_dir)
-        return load_model(self.settings.model_dir, self.settings.backend)
+        return load_model(
+            self.settings.model_dir, self.settings.backend, self.settings.images.max_pixels
+        )
 
     # ------------------------------------------------------------------------ MQTT
 

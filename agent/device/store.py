@@ -88,10 +88,13 @@ class ModelStore:
     def slot_path(self, model: str, slot: str) -> Path:
         return self.model_dir(model) / "slots" / slot
 
-    def staging_file(self, manifest: Manifest) -> Path:
+    def staging_file(self, manifest: Manifest, bundle_file: str | None = None) -> Path:
+        """Where the artifact (or the bundle file ``bundle_file``) of ``manifest`` is
+        downloaded to before it is installed."""
         folder = self.model_dir(manifest.model) / "staging"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{self.slot_name(manifest)}.part"
+        name = self.slot_name(manifest) + (f".{bundle_file}" if bundle_file else "")
+        return folder / f"{name}.part"
 
     def _clean_temp_files(self) -> None:
         for tmp in self.root.rglob(".*.tmp"):
@@ -127,9 +130,12 @@ class ModelStore:
 
     # ------------------------------------------------------------------------ slots
 
-    def install(self, manifest: Manifest, artifact: Path) -> Path:
-        """Make a slot from a verified artifact (moved in) and its manifest. The slot is
-        written under a hidden name and renamed into place, so it exists whole or not."""
+    def install(
+        self, manifest: Manifest, artifact: Path, bundle: dict[str, Path] | None = None
+    ) -> Path:
+        """Make a slot from a verified artifact and bundle files (moved in) and its manifest.
+        The slot is written under a hidden name and renamed into place, so it exists whole
+        or not."""
         final = self.slot_path(manifest.model, self.slot_name(manifest))
         if final.exists():
             shutil.rmtree(final)
@@ -138,19 +144,27 @@ class ModelStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         shutil.move(str(artifact), tmp / manifest.edge.file)
-        with (tmp / manifest.edge.file).open("rb") as f:
-            os.fsync(f.fileno())
+        for name, path in (bundle or {}).items():
+            shutil.move(str(path), tmp / name)
+        for name in [manifest.edge.file, *(bundle or {})]:
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
         atomic_write(tmp / MANIFEST_FILE, manifest.to_json().encode())
         tmp.replace(final)
         fsync_dir(final.parent)
         return final
 
     def import_dir(self, source: Path) -> Path:
-        """Copy a model folder (manifest + artifact) into a slot: the factory model."""
+        """Copy a model folder (manifest, artifact, bundle files) into a slot: the factory
+        model."""
         manifest = Manifest.load(source)
         staged = self.staging_file(manifest)
         shutil.copyfile(source / manifest.edge.file, staged)
-        return self.install(manifest, staged)
+        bundle = {}
+        for f in manifest.files:
+            bundle[f.name] = self.staging_file(manifest, f.name)
+            shutil.copyfile(source / f.name, bundle[f.name])
+        return self.install(manifest, staged, bundle)
 
     def activate(self, model: str, slot: Path) -> None:
         """Make ``slot`` current; what was current becomes previous. One atomic rename."""
@@ -178,8 +192,12 @@ class ModelStore:
                 shutil.rmtree(slot, ignore_errors=True)
         job = self.job(model)
         staging = self.model_dir(model) / "staging"
-        keep_parts = {f"{self.slot_name(job.manifest)}.part"} if job else set()
-        keep_parts |= {f"{name}.etag" for name in keep_parts}  # its validator (If-Range)
+        keep_parts = (
+            {self.staging_file(job.manifest, f).name for f in [None, *_names(job.manifest)]}
+            if job
+            else set()
+        )
+        keep_parts |= {f"{name}.etag" for name in keep_parts}  # their validators (If-Range)
         for part in staging.iterdir() if staging.is_dir() else []:
             if part.name not in keep_parts:
                 part.unlink(missing_ok=True)
@@ -222,3 +240,7 @@ class ModelStore:
 class Job:
     manifest: Manifest
     state: str
+
+
+def _names(manifest: Manifest) -> list[str | None]:
+    return [f.name for f in manifest.files]

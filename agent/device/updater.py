@@ -300,12 +300,9 @@ class Updater:
             raise UpdateRejectedError(
                 f"needs agent {manifest.min_agent_version}, this is {__version__}"
             )
-        served = self.agent.model.manifest
-        if manifest.input.shape[-1] != served.input.shape[-1]:
-            raise UpdateRejectedError(
-                f"input contract changed: {manifest.input.shape[-1]} features, "
-                f"callers send {served.input.shape[-1]}"
-            )
+        problem = contract_change(self.agent.model.manifest, manifest)
+        if problem is not None:
+            raise UpdateRejectedError(f"input contract changed: {problem}")
         if manifest.edge.format != BACKENDS[self.backend.kind].edge_format:
             raise UpdateRejectedError(
                 f"{manifest.edge.format} artifact, this device runs {self.backend.kind}"
@@ -318,22 +315,32 @@ class Updater:
         if not slot.is_dir():
             self.store.save_job(manifest, UpdateState.DOWNLOADING.value)
             self._emit(manifest, UpdateState.DOWNLOADING)
+            artifact_url = self._artifact_url(manifest)
             try:
                 staged = self.downloader.fetch(
-                    self._artifact_url(manifest),
+                    artifact_url,
                     self.store.staging_file(manifest),
                     manifest.edge.size,
                     manifest.edge.sha256,
                 )
+                bundle = {
+                    f.name: self.downloader.fetch(
+                        urljoin(artifact_url, f.name),
+                        self.store.staging_file(manifest, f.name),
+                        f.size,
+                        f.sha256,
+                    )
+                    for f in manifest.files
+                }
             except DigestError as exc:
                 return UpdateState.FAILED, f"digest: {exc.message}"
             except (DownloadError, httpx.HTTPError) as exc:
                 return UpdateState.FAILED, f"download: {exc}"
-            slot = self.store.install(manifest, staged)
+            slot = self.store.install(manifest, staged, bundle)
         self.store.save_job(manifest, UpdateState.VERIFYING.value)
         self._emit(manifest, UpdateState.VERIFYING)
         try:
-            new = load_model(slot, self.backend)
+            new = load_model(slot, self.backend, self.agent.max_pixels)
         except (ModelLoadError, ContractError) as exc:
             shutil.rmtree(slot, ignore_errors=True)
             return UpdateState.FAILED, f"validation: {exc.message}"
@@ -354,7 +361,7 @@ class Updater:
         log.warning("%s failed its health watch: %s", manifest.ref, problem)
         previous = self.store.rollback(manifest.model)
         if old is None and previous is not None:
-            old = load_model(previous, self.backend)
+            old = load_model(previous, self.backend, self.agent.max_pixels)
         if old is not None:
             self.agent.activate(old)
         new.close()
@@ -383,7 +390,7 @@ class Updater:
             self._stop.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         try:
             check_golden(model)
-        except ModelLoadError as exc:
+        except (ModelLoadError, ContractError) as exc:
             return f"golden drift: {exc.message}"
         return None
 
@@ -414,3 +421,31 @@ class Updater:
             self._finish(manifest, state, reason)
             return
         self.process(manifest, resuming=True)
+
+
+def contract_change(served: Manifest, new: Manifest) -> str | None:
+    """What a release changes in the contract callers of the served model rely on (its
+    task, every input's name, kind and full shape, every output's name and role), or None.
+    A 224 -> 192 input or a new input name breaks callers that send tensors of the model's
+    shape. What the agent itself absorbs may change: datatype, quantization, an image's
+    normalisation or colour order (the agent preprocesses per the new manifest)."""
+    if new.task != served.task:
+        return f"task {served.task} -> {new.task}"
+    if served.is_v1 or new.is_v1:  # v1 promised only the number of features
+        have, want = served.inputs[0].shape[-1], new.inputs[0].shape[-1]
+        if len(served.inputs) != len(new.inputs) or have != want:
+            return f"{want} features, callers send {have}"
+        return None
+    old = {t.name: t for t in served.inputs}
+    now = {t.name: t for t in new.inputs}
+    if old.keys() != now.keys():
+        return f"inputs {sorted(old)} -> {sorted(now)}"
+    for name, a in old.items():
+        b = now[name]
+        if a.shape != b.shape or a.kind != b.kind:
+            return f"input {name!r} {a.kind}{a.shape} -> {b.kind}{b.shape}"
+    outputs_old = {(o.name, o.role) for o in served.outputs}
+    outputs_new = {(o.name, o.role) for o in new.outputs}
+    if outputs_old != outputs_new:
+        return f"outputs {sorted(outputs_old)} -> {sorted(outputs_new)}"
+    return None

@@ -26,13 +26,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from agent.errors import BackendError, CloudError, CloudRefusedError
 from agent.inference.breaker import CircuitBreaker
-from agent.inference.cloud_client import CloudAnswer, CloudClient
+from agent.inference.cloud_client import CloudAnswer, CloudClient, CloudTensors
 from agent.inference.confidence import score
 from agent.inference.latency import LatencyEstimator
 from agent.inference.model import LoadedModel, load_model
@@ -42,6 +42,16 @@ from agent.inference.stats import RequestStats
 from agent.settings import AgentSettings
 from shared.errors import InvalidRequestError
 from shared.manifest import CloudTarget, ConfidenceMetric, OutputKind
+from shared.oip.types import InferTensor
+from shared.placement import Placement
+
+if TYPE_CHECKING:
+    from shared.decode import Decoder
+    from shared.preprocess import Prepared
+
+_T = TypeVar("_T")
+#: Inputs that are never feature rows: an encoded image, named tensors.
+_NOT_ROWS = (bytes, bytearray, memoryview, dict)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,8 @@ class _Active:
     cloud: CloudTarget | None
     edge_ref: str
     health: ModelHealth
+    #: Decodes the cloud's answer for a non-flat model (its outputs may be named apart).
+    cloud_decoder: Decoder | None = None
 
 
 class Agent:
@@ -108,8 +120,12 @@ class Agent:
         self._swap_lock = threading.Lock()
         self._local_ms = 1.0  # running estimate, held back from cloud-first timeouts
         self._stats = RequestStats()
+        #: Decoded pixels an image input may have (``images.max_pixels``).
+        self.max_pixels = settings.images.max_pixels
         self._active = self._resolve(
-            model if model is not None else load_model(settings.model_dir, settings.backend)
+            model
+            if model is not None
+            else load_model(settings.model_dir, settings.backend, self.max_pixels)
         )
 
     # ------------------------------------------------------------------------ model
@@ -131,11 +147,12 @@ class Agent:
                 safety_margin_ms=r.safety_margin_ms,
             ),
             metric=r.metric or m.routing.metric,
-            kind=m.output_kind,
+            kind="logits" if m.outputs[0].activation == "logits" else "probabilities",
             temperature=r.temperature or m.routing.temperature,
             cloud=cloud,
             edge_ref=m.ref,
             health=ModelHealth(),
+            cloud_decoder=_cloud_decoder(model, cloud),
         )
 
     @property
@@ -184,6 +201,8 @@ class Agent:
         t0 = clock()
         active = self._active
         model = active.model
+        if not model.flat or isinstance(features, _NOT_ROWS):
+            return self._infer_any(active, features, t0, deadline_ms, mode)
         raw = np.asarray(features, dtype=np.float32)
         if raw.size != model.features:
             raise InvalidRequestError(
@@ -238,6 +257,14 @@ class Agent:
         t0 = self._clock()
         active = self._active
         model = active.model
+        if not model.flat:
+            items = list(rows) if isinstance(rows, (list, tuple, np.ndarray)) else []
+            if not 0 < len(items) <= self._max_rows:
+                raise InvalidRequestError(
+                    f"a batch holds 1 to {self._max_rows} inputs (routing.max_batch_rows), "
+                    f"got {len(items)}"
+                )
+            return [self.infer(item, deadline_ms=deadline_ms, mode=mode) for item in items]
         raw = np.asarray(rows, dtype=np.float32)
         n = len(raw) if raw.ndim else 0
         if raw.ndim < 2 or n == 0 or raw.size != n * model.features:
@@ -374,19 +401,32 @@ class Agent:
     def _call_cloud(
         self, active: _Active, raw: np.ndarray, remaining_ms: float
     ) -> CloudAnswer | CloudError:
-        """One cloud call (one row or the escalated rows of a batch), fed back to the
-        router; a failure is returned, never raised."""
+        """One cloud call of the flat path (one row or the escalated rows of a batch)."""
         assert self._cloud is not None and active.cloud is not None
+        cloud, target, classes = self._cloud, active.cloud, len(active.model.labels)
+
+        def call(timeout_s: float) -> CloudAnswer:
+            answer = cloud.infer(active.model.preprocess(raw), target, timeout_s)
+            if answer.output.shape[-1] != classes:
+                raise CloudError(
+                    f"cloud returned {answer.output.shape[-1]} classes, "
+                    f"the model has {classes} labels"
+                )
+            return answer
+
+        return self._guarded_cloud_call(active, call, remaining_ms)
+
+    def _guarded_cloud_call(
+        self, active: _Active, call: Callable[[float], _T], remaining_ms: float
+    ) -> _T | CloudError:
+        """``call(timeout_s)`` with what remains of the deadline (minus the margin), fed
+        back to the router and logged as the module says; a failure is returned, never
+        raised."""
+        assert active.cloud is not None
         timeout_ms = remaining_ms - active.policy.safety_margin_ms
         start = self._clock()
         try:
-            x = active.model.preprocess(raw)
-            answer = self._cloud.infer(x, active.cloud, timeout_ms / 1000.0)
-            if answer.output.shape[-1] != len(active.model.labels):
-                raise CloudError(
-                    f"cloud returned {answer.output.shape[-1]} classes, "
-                    f"the model has {len(active.model.labels)} labels"
-                )
+            answer = call(timeout_ms / 1000.0)
         except CloudRefusedError as exc:
             # the server is up and said no to this request: not an outage, a message
             if self.router.record_cloud(True, None):
@@ -440,6 +480,154 @@ class Agent:
         total_ms = (self._clock() - t0) * 1000.0
         return self._result(active, scored, "edge", reason, None, total_ms, local_ms, None)
 
+    # ------------------------------------------------------------- any model, any input
+
+    def _infer_any(
+        self,
+        active: _Active,
+        value: Any,
+        t0: float,
+        deadline_ms: float | None,
+        mode: RouteMode | None,
+    ) -> InferenceResult:
+        """One request on any model: preprocess (``shared.preprocess``), ``backend.run``,
+        decode and score (``shared.decode``), route, maybe ask the cloud; the same
+        guarantees as the flat path."""
+        model = active.model
+        assert model.preprocessor is not None and model.decoder is not None
+        budget = self._deadline_ms if deadline_ms is None else deadline_ms
+        if not 0.0 < budget <= self._max_deadline_ms:  # NaN fails both comparisons
+            raise InvalidRequestError(_deadline_error(budget, self._max_deadline_ms))
+        if mode is None:
+            mode = self._mode
+        elif mode not in ROUTE_MODES:
+            raise InvalidRequestError(_mode_error(mode))
+        prepared = model.preprocessor.prepare(value)
+        reason: str = Reason.FORCED_EDGE
+        if mode == "cloud":
+            decision = self.router.decide("cloud", 0.0, budget, active.policy)
+            if decision.escalate:
+                reserve = 2.0 * self._local_ms + active.policy.safety_margin_ms
+                elapsed = (self._clock() - t0) * 1000.0
+                answer = self._ask_cloud(active, prepared, budget - elapsed - reserve)
+                if not isinstance(answer, CloudError):
+                    return self._any_result(active, answer, decision.reason, t0, None)
+                decision = Decision(False, answer.reason)
+            reason = decision.reason
+        start = self._clock()
+        try:
+            outputs = model.backend.run(prepared.tensors)
+        except BackendError:
+            log.warning("local inference failed for %s", active.edge_ref, exc_info=True)
+            active.health.errors += 1
+            self._stats.errors += 1
+            elapsed = (self._clock() - t0) * 1000.0
+            if self.router.decide("cloud", 0.0, budget - elapsed, active.policy).escalate:
+                answer = self._ask_cloud(active, prepared, budget - elapsed)
+                if not isinstance(answer, CloudError):
+                    return self._any_result(active, answer, Reason.EDGE_ERROR, t0, None)
+            raise BackendError(
+                f"local model {active.edge_ref} failed and the cloud cannot answer"
+            ) from None
+        prediction = model.decoder.decode(outputs, prepared.placement)
+        conf = model.decoder.confidence(prediction)
+        local_ms = (self._clock() - start) * 1000.0
+        self._local_ms += 0.05 * (local_ms - self._local_ms)
+        local: tuple[Any, float, Source, str | None] = (prediction, conf, "edge", None)
+        if mode == "cloud":
+            return self._any_result(active, local, reason, t0, local_ms)
+        active.health.served += 1
+        if conf < active.policy.threshold:
+            active.health.unsure += 1
+        decision = self.router.decide(
+            mode, conf, budget - (self._clock() - t0) * 1000.0, active.policy
+        )
+        if decision.escalate:
+            answer = self._ask_cloud(active, prepared, budget - (self._clock() - t0) * 1000.0)
+            if not isinstance(answer, CloudError):
+                return self._any_result(active, answer, decision.reason, t0, local_ms)
+            decision = Decision(False, answer.reason)
+        return self._any_result(active, local, decision.reason, t0, local_ms)
+
+    def _any_result(
+        self,
+        active: _Active,
+        answer: tuple[Any, float, Source, str | None],
+        reason: str,
+        t0: float,
+        local_ms: float | None,
+    ) -> InferenceResult:
+        """The result of ``_infer_any`` from a decoded ``(prediction, confidence, source,
+        cloud model)``, counted in the interval's statistics."""
+        prediction, conf, source, cloud_model = answer
+        total_ms = (self._clock() - t0) * 1000.0
+        cloud_ms = total_ms - (local_ms or 0.0) if source == "cloud" else None
+        self._stats.add(source, reason, total_ms, local_ms, cloud_ms, conf)
+        label, index, probs = "", -1, []
+        if active.model.manifest.task == "classification":
+            label, index, probs = prediction.label, prediction.index, prediction.probs
+        return InferenceResult(
+            label,
+            index,
+            probs,
+            conf,
+            source,
+            reason,
+            active.edge_ref,
+            cloud_model,
+            Latency(total_ms, local_ms, cloud_ms),
+            prediction,
+            active.model.manifest.task,
+        )
+
+    def _ask_cloud(
+        self, active: _Active, prepared: Prepared, remaining_ms: float
+    ) -> tuple[Any, float, Source, str | None] | CloudError:
+        """The cloud's decoded answer for one prepared input, or the failure (never raised).
+        What is sent follows ``cloud.send``: the preprocessed tensor, the caller's uint8
+        frame, or the encoded image (falling back to the tensor when the caller gave no
+        frame, or no encoded image)."""
+        if self._cloud is None or active.cloud is None or active.cloud_decoder is None:
+            return CloudError("no cloud configured")
+        target, manifest = active.cloud, active.model.manifest
+        placement = prepared.placement
+        if target.send == "encoded" and prepared.encoded is not None:
+            data = np.array([prepared.encoded], dtype=np.object_)
+            inputs = [InferTensor(name=target.input, datatype="BYTES", data=data)]
+            placement = _frame_placement(prepared, placement)
+        elif target.send in ("frame", "encoded") and prepared.frame is not None:
+            frame = prepared.frame[None]
+            inputs = [InferTensor(name=target.input, datatype="UINT8", data=frame)]
+            placement = _frame_placement(prepared, placement)
+        elif len(manifest.inputs) == 1:
+            x = prepared.real(manifest.inputs[0].name)
+            inputs = [InferTensor(name=target.input, datatype="FP32", data=x)]
+        else:
+            inputs = [
+                InferTensor(name=t.name, datatype="FP32", data=prepared.real(t.name))
+                for t in manifest.inputs
+            ]
+        names = [o.name for o in (target.outputs or manifest.outputs)]
+        answer = self._guarded_cloud_call(
+            active,
+            lambda timeout_s: self._cloud_tensors(inputs, names, target, timeout_s),
+            remaining_ms,
+        )
+        if isinstance(answer, CloudError):
+            return answer
+        try:
+            prediction = active.cloud_decoder.decode(answer.outputs, placement)
+            conf = active.cloud_decoder.confidence(prediction)
+        except Exception as exc:  # a wrong shape from the cloud is the cloud's error
+            return CloudError(f"cloud answer does not decode: {exc}")
+        return prediction, conf, "cloud", answer.model_ref
+
+    def _cloud_tensors(
+        self, inputs: list[InferTensor], names: list[str], target: CloudTarget, timeout_s: float
+    ) -> CloudTensors:
+        assert self._cloud is not None
+        return self._cloud.infer_tensors(inputs, names, target, timeout_s)
+
     # ---------------------------------------------------------------------- lifecycle
 
     @property
@@ -470,4 +658,37 @@ def _deadline_error(budget: object, max_ms: float) -> str:
     return (
         f"deadline_ms must be a positive number of at most {max_ms:g} ms "
         f"(routing.max_deadline_ms), got {budget}"
+    )
+
+
+def _frame_placement(prepared: Prepared, fallback: Placement | None) -> Placement | None:
+    """Where the cloud's answer sits when it was sent the caller's whole frame: its
+    normalised boxes span the frame, so model pixels stretch to the frame (a squash)."""
+    if prepared.frame is None or fallback is None:
+        return fallback
+    h, w = prepared.frame.shape[:2]
+    return Placement(
+        h, w, fallback.model_h, fallback.model_w, w / fallback.model_w, h / fallback.model_h
+    )
+
+
+def _cloud_decoder(model: LoadedModel, cloud: CloudTarget | None) -> Decoder | None:
+    """The decoder of a non-flat model's cloud answers: the edge's, unless the cloud's
+    outputs are named apart (``cloud.outputs``), then one built for those, each taking
+    the labels of the edge output with its role."""
+    if cloud is None or model.decoder is None or model.flat:
+        return None
+    if not cloud.outputs:
+        return model.decoder
+    from shared.decode import build_decoder
+
+    m = model.manifest
+    maps = model.label_maps or {}
+    by_role = {o.role: maps[o.name] for o in m.outputs if o.name in maps}
+    labels = {o.name: by_role[o.role] for o in cloud.outputs if o.role in by_role}
+    return build_decoder(
+        m.model_copy(update={"outputs": cloud.outputs}),
+        labels,
+        temperature=1.0,
+        metric=m.routing.metric,
     )

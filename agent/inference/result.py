@@ -48,6 +48,10 @@ class Latency:
 
 @dataclass(slots=True)
 class InferenceResult:
+    """One answer. ``label``/``index``/``probs`` are a classifier's (empty for other
+    tasks); ``prediction`` is the typed result of any task (``shared.decode``: detections,
+    a mask, values...), None on the flat-classifier hot path, where ``label`` says it all."""
+
     label: str
     index: int
     probs: list[float]
@@ -57,6 +61,8 @@ class InferenceResult:
     edge_model: str
     cloud_model: str | None
     latency: Latency
+    prediction: Any = None
+    task: str = "classification"
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -66,9 +72,11 @@ class InferenceResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (for the CLI and logs)."""
         lat = self.latency
+        head: dict[str, Any] = {"task": self.task}
+        if self.index >= 0:
+            head |= {"label": self.label, "index": self.index}
         return {
-            "label": self.label,
-            "index": self.index,
+            **head,
             "confidence": round(self.confidence, 6),
             "source": self.source,
             "reason": self.reason,
@@ -79,5 +87,6 @@ class InferenceResult:
                 "local": None if lat.local_ms is None else round(lat.local_ms, 3),
                 "cloud": None if lat.cloud_ms is None else round(lat.cloud_ms, 3),
             },
-            "probabilities": [round(p, 6) for p in self.probs],
+            **({"probabilities": [round(p, 6) for p in self.probs]} if self.index >= 0 else {}),
+            **({"prediction": self.prediction.to_dict()} if self.prediction is not None else {}),
         }

@@ -151,6 +151,7 @@ def is_flat(manifest: Manifest) -> bool:
         and manifest.inputs[0].kind == "tensor"
         and len(manifest.inputs[0].shape) == 2
         and manifest.task == "classification"
+        and manifest.outputs[0].activation in ("probabilities", "logits")
     )
 
 
