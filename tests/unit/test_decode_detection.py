@@ -86,6 +86,24 @@ def test_nms_keeps_the_best_of_each_cluster_per_class() -> None:
     assert nms(boxes, scores, classes, 0.2).tolist() == [0, 3, 4]  # 5 now overlaps too much
 
 
+@pytest.mark.parametrize("matrix_max", [0, 10_000])  # one box at a time, or all pairs at once
+def test_nms_ways_agree_with_a_reference(monkeypatch: pytest.MonkeyPatch, matrix_max: int) -> None:
+    import shared.decode.nms as nms_module
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 80, size=(300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, size=(300, 2))], axis=1)
+    scores = rng.uniform(size=300)
+    classes = rng.integers(0, 3, size=300)
+    expected = []  # the textbook loop
+    for i in np.argsort(-scores):
+        same = [k for k in expected if classes[k] == classes[i]]
+        if all(iou(boxes[k], boxes[i : i + 1])[0] <= 0.4 for k in same):
+            expected.append(int(i))
+    monkeypatch.setattr(nms_module, "MATRIX_MAX", matrix_max)
+    assert nms(boxes, scores, classes, 0.4).tolist() == expected
+
+
 # --- boxes + per-class scores ----------------------------------------------------------
 
 
