@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.oip.types import DATATYPES
+from shared.oip.types import DATATYPES, numpy_dtype
 
 Task = Literal["classification", "multilabel", "detection", "segmentation", "regression", "custom"]
 TASKS: tuple[Task, ...] = (
@@ -138,6 +139,9 @@ class InputSpec(TensorSpec):
     audio: AudioSpec | None = None
     scale: float = 1.0
     offset: float = 0.0
+    #: What the load-time probe (``probe_inputs``) fills this input with: 0, unless the
+    #: model refuses zeros there (a sample-rate input that must be 16000).
+    probe: float = 0.0
 
     @model_validator(mode="after")
     def _check_kind(self) -> InputSpec:
@@ -272,3 +276,15 @@ class CloudContract(_Frozen):
     send: CloudSend = "tensor"
     input: str = "input"
     outputs: list[OutputSpec] | None = None
+
+
+def probe_inputs(specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """The load-time probe: each input's declared shape (a dynamic dimension: 1) and dtype,
+    filled with its ``probe`` value. Packaging and the agent both run a model on it once,
+    so a model the runtime cannot run is refused before it serves a request."""
+    return {
+        s.name: np.full(
+            [d if d > 0 else 1 for d in s.shape], s.probe, dtype=numpy_dtype(s.datatype)
+        )
+        for s in specs
+    }

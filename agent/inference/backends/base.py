@@ -27,9 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from agent.errors import ModelLoadError
-from shared.contract import InputSpec
 from shared.manifest import EdgeFormat, Manifest, TensorSpec
-from shared.oip.types import numpy_dtype
 
 
 class InferenceBackend(Protocol):
@@ -99,15 +97,6 @@ class BackendPlugin(Generic[S]):
         if not isinstance(settings, self.settings):
             raise TypeError(f"the {self.key} backend takes {self.settings.__name__}")
         return self.backend(settings)
-
-
-def zeros_for(specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Zeros of each input's declared shape and dtype (a dynamic dimension: 1), the load-time
-    proof that the runtime can run the model."""
-    return {
-        s.name: np.zeros([d if d > 0 else 1 for d in s.shape], dtype=numpy_dtype(s.datatype))
-        for s in specs
-    }
 
 
 def bind_names(

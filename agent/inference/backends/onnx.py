@@ -20,8 +20,8 @@ from agent.inference.backends.base import (
     bind_names,
     check_shape,
     is_flat,
-    zeros_for,
 )
+from shared.contract import probe_inputs
 from shared.manifest import Manifest
 
 #: What ``backend.kind`` names this backend by.
@@ -91,9 +91,11 @@ class OnnxBackend:
             self._scale = np.float32(manifest.inputs[0].scale)
             self._offset = np.float32(manifest.inputs[0].offset)
         try:
-            self.run(zeros_for(manifest.inputs))
+            self.run(probe_inputs(manifest.inputs))
         except BackendError as exc:
-            raise ModelLoadError(f"{artifact} fails on zeros of its declared shape: {exc}") from exc
+            raise ModelLoadError(
+                f"{artifact} fails on its load-time probe (zeros of its declared shape): {exc}"
+            ) from exc
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:

@@ -27,7 +27,6 @@ from agent.inference.backends.base import (
     bind_names,
     check_shape,
     is_flat,
-    zeros_for,
 )
 
 try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping itself
@@ -35,6 +34,7 @@ try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping its
 except ImportError:  # NumPy 1.x
     from numpy.core.umath import clip as _clip  # type: ignore[attr-defined]
 from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
+from shared.contract import probe_inputs
 from shared.manifest import Manifest
 
 #: What ``backend.kind`` names this backend by.
@@ -214,9 +214,11 @@ class TFLiteBackend:
             self._slots.append(slot)
             self._pool.put(slot)
         try:
-            self.run(zeros_for(manifest.inputs))
+            self.run(probe_inputs(manifest.inputs))
         except BackendError as exc:
-            raise ModelLoadError(f"{artifact} fails on zeros of its declared shape: {exc}") from exc
+            raise ModelLoadError(
+                f"{artifact} fails on its load-time probe (zeros of its declared shape): {exc}"
+            ) from exc
 
     def _load_flat(
         self, manifest: Manifest, by_name_in: dict[str, Any], by_name_out: dict[str, Any]
