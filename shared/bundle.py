@@ -145,7 +145,7 @@ def read_golden(manifest: Manifest, bundle: Path) -> list[Golden]:
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """A ``.npz`` of ``arrays`` (uncompressed: golden outputs are small)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

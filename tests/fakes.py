@@ -30,7 +30,7 @@ LABELS = ["a", "b", "c"]
 
 def manifest(threshold: float = 0.8, version: int = 1) -> Manifest:
     return Manifest(
-        schema_=MANIFEST_SCHEMA_V1,
+        schema=MANIFEST_SCHEMA_V1,
         model="toy",
         version=version,
         created=utc_now(),

@@ -36,7 +36,7 @@ def template_manifest(
     """Version 1 of a model taking raw features (any input scale folded into its first
     layer) and giving logits."""
     return Manifest(
-        schema_=MANIFEST_SCHEMA_V1,
+        schema=MANIFEST_SCHEMA_V1,
         model=model,
         version=1,
         created=utc_now(),
