@@ -32,6 +32,7 @@ from shared.contract import (
     Quantization,
     Task,
     TensorSpec,
+    Tolerance,
 )
 from shared.errors import ContractError
 from shared.identifiers import Identifier
@@ -146,6 +147,7 @@ _V2_ONLY = (
     "golden_cases",
     "decoding",
     "confidence",
+    "tolerance",
     "streaming",
 )
 #: Which output roles each task needs (one of the alternatives).
@@ -175,6 +177,7 @@ class Manifest(_Frozen):
     golden_cases: list[GoldenCase] = Field(default=[], max_length=100)
     decoding: Decoding = Decoding()
     confidence: Confidence = Confidence()
+    tolerance: Tolerance = Tolerance()
     #: The model carries state from one call to the next (a streaming keyword spotter):
     #: the agent runs it on one interpreter, one call at a time, in arrival order.
     streaming: bool = False

@@ -43,9 +43,13 @@ class Asgi:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.artifact_requests: list[dict[str, str]] = []
+        #: The path of every registry request (artifacts, manifests, bundle files).
+        self.registry_paths: list[str] = []
         self.cut_next_download_at: int | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/registry/"):
+            self.registry_paths.append(scope["path"])
         if (
             scope["type"] == "http"
             and scope["path"].startswith("/registry/")
