@@ -221,6 +221,7 @@ def _input(t: TensorSpec, entry: InputEntry, meta: TensorMetadata, onnx: bool) -
             audio=audio,
             scale=entry.scale if entry.scale is not None else 1.0,
             offset=entry.offset if entry.offset is not None else 0.0,
+            probe=entry.probe if entry.probe is not None else 0.0,
         )
     except ValidationError as exc:
         raise ContractError(f"input {t.name!r}: {_first(exc)}") from None

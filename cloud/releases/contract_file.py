@@ -27,6 +27,8 @@ relative to the contract file. An example: ``docs/examples/face_detector.toml``.
     # sample_rate = 16000  # audio: Hz; window = 512 samples per call
     # scale = 1.0          # tensor: x * scale + offset before quantization
     # offset = 0.0
+    # probe = 16000        # the value of the load-time probe for this input (default 0:
+                           # zeros; a sample-rate input may refuse them)
 
     [outputs.regressors]   # per output, by name
     role = "anchors"       # scores | boxes | classes | count | mask | value | anchors | raw
@@ -106,6 +108,7 @@ class InputEntry(_Strict):
     window: int | None = Field(default=None, gt=0)
     scale: float | None = None
     offset: float | None = None
+    probe: float | None = None
 
 
 class OutputEntry(_Strict):

@@ -12,8 +12,9 @@ Files (``shared.bundle`` reads them back): ``golden-<i><suffix>`` the input as g
 ``.jpg``/``.png``, a ``.npy`` for a one-input model, a ``.npz`` of arrays by input name),
 ``golden-<i>.expected.npz`` the real-valued outputs by output name.
 
-A release always carries at least one: without ``--golden``, one case of zeros of the
-declared input shapes (as a ``.npz``), the same input the agent's load check runs. It proves
+A release always carries at least one: without ``--golden``, one case of the load-time
+probe (``shared.contract.probe_inputs``: zeros of the declared input shapes unless an input
+says its probe value), as a ``.npz``: the same input the agent's load check runs. It proves
 less than a real sample (a model can be wrong everywhere but at zero), but it still catches
 a device whose runtime computes the model differently, which is the check's purpose.
 """
@@ -27,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from cloud.releases.runner import ModelRunner, zeros_for
+from cloud.releases.runner import ModelRunner
 from shared.bundle import IMAGE_SUFFIXES, load_npy, load_npz, npz_bytes
-from shared.contract import GoldenCase, InputSpec, OutputSpec, Task
+from shared.contract import GoldenCase, InputSpec, OutputSpec, Task, probe_inputs
 from shared.errors import ContractError, TandemError
 
 #: Slack on "probabilities are in [0, 1] and sum to 1" (quantized outputs are coarse).
@@ -157,8 +158,8 @@ def make_golden(
         suffix, data, value = _read(sample.path, inputs)
         items.append((suffix, data, value, sample.path.name))
     if not items:
-        zeros = zeros_for(list(inputs))
-        items.append((".npz", npz_bytes(zeros), zeros, "zeros"))
+        probe = probe_inputs(inputs)
+        items.append((".npz", npz_bytes(probe), probe, "zeros"))
     for i, (suffix, data, value, where) in enumerate(items):
         tensors = _prepare(pre, value, inputs, where)
         got = runner.run(tensors)

@@ -2,10 +2,10 @@
 its real-valued outputs for model-ready inputs.
 
 Packaging reads the contract from the artifact and runs it before anything is signed: once
-on zeros of its declared shape (the agent's own load check, so a model a device would
-refuse is refused here, naming the reason) and once per golden sample. It uses its own
-small runner rather than the agent's backends (``cloud`` does not import ``agent``): two
-implementations agreeing on the golden outputs is itself a check.
+on the load-time probe, zeros of its declared shape (the agent's own load check, so a model
+a device would refuse is refused here, naming the reason), and once per golden sample. It
+uses its own small runner rather than the agent's backends (``cloud`` does not import
+``agent``): two implementations agreeing on the golden outputs is itself a check.
 
 Both runtimes are imported lazily and say which package is missing. Every failure of the
 runtime is a ``ContractError`` with its message, never a traceback.
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cloud.releases.tflite_file import TFLiteFile, is_tflite, read_tflite
-from shared.contract import Quantization, TensorSpec
+from shared.contract import InputSpec, Quantization, TensorSpec, probe_inputs
 from shared.errors import ContractError, InvalidRequestError
 from shared.manifest import EdgeFormat
 from shared.oip.types import numpy_dtype, oip_datatype
@@ -72,24 +72,20 @@ def open_model(blob: bytes) -> ModelRunner:
     return OnnxRunner(blob)
 
 
-def zeros_for(specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Zeros of each tensor's declared shape and dtype, a dynamic dimension taken as 1 (what
-    the agent runs when it loads a model)."""
-    return {
-        s.name: np.zeros([d if d > 0 else 1 for d in s.shape], dtype=numpy_dtype(s.datatype))
-        for s in specs
-    }
-
-
-def check_runs(runner: ModelRunner, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Run ``runner`` once on zeros of ``inputs`` (the contract's, which may have fixed a
-    dynamic dimension): the agent refuses at load a model that fails this."""
+def check_runs(runner: ModelRunner, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Run ``runner`` once on the load-time probe of ``inputs`` (the contract's, which may
+    have fixed a dynamic dimension or a probe value): the agent refuses at load a model
+    that fails it (``shared.contract.probe_inputs``, one definition for both)."""
     try:
-        return runner.run(zeros_for(inputs))
+        return runner.run(probe_inputs(inputs))
     except ContractError as exc:
+        probes = ", ".join(
+            f"{s.name} {s.shape}" + (f" = {s.probe:g}" if s.probe else "") for s in inputs
+        )
         raise ContractError(
-            f"the model does not run on zeros of its declared input shapes "
-            f"({', '.join(f'{s.name} {s.shape}' for s in inputs)}): {exc.message}"
+            f"the model does not run on zeros of its declared input shapes ({probes}): "
+            f"{exc.message} (an input that refuses zeros can say its probe value in the "
+            "contract file)"
         ) from None
 
 
@@ -197,7 +193,8 @@ class TFLiteRunner:
                     interp.resize_tensor_input(d["index"], list(t.shape), strict=True)
             interp.allocate_tensors()
             for d in self._details_in:
-                interp.set_tensor(d["index"], np.ascontiguousarray(tensors[str(d["name"])]))
+                # asarray, not ascontiguousarray: that makes a 0-d scalar input 1-d
+                interp.set_tensor(d["index"], np.asarray(tensors[str(d["name"])], order="C"))
             interp.invoke()
             raw = {
                 str(d["name"]): np.array(interp.get_tensor(d["index"])) for d in self._details_out

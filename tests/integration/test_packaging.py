@@ -335,40 +335,59 @@ def test_onnx_text_direction_classifier_with_fixed_dynamic_dims(
     assert golden.expected[y.name].shape == (1, 2)
 
 
-def test_onnx_model_with_several_inputs_reads_every_one(tmp_path: Path, package: Package) -> None:
-    """silero-vad (ONNX): three inputs with dynamic dims and an INT64 scalar, two outputs.
-    Its contract is read whole; it cannot pass the load check on zeros (its ``sr`` input
-    must be 8000 or 16000, and the contract has no way yet to fix an input's value), and
-    packaging says so with ONNX Runtime's reason instead of failing on a device later."""
-    from cloud.releases.runner import open_model
-
-    runner = open_model(real_model("silero_vad").read_bytes())
-    assert [(t.name, t.shape, t.datatype) for t in runner.inputs] == [
-        ("input", [-1, -1], "FP32"),
-        ("state", [2, -1, 128], "FP32"),
-        ("sr", [], "INT64"),
-    ]
-    assert [(t.name, t.shape) for t in runner.outputs] == [
-        ("output", [-1, 1]),
-        ("stateN", [-1, -1, -1]),
-    ]
-    # a golden .npz by input name runs it, with its real values
-    got = runner.run(
-        {
-            "input": np.zeros((1, 512), np.float32),
-            "state": np.zeros((2, 1, 128), np.float32),
-            "sr": np.array(16000, np.int64),
-        }
-    )
-    assert got["output"].shape == (1, 1) and got["stateN"].shape == (2, 1, 128)
-    contract = write(
-        tmp_path / "vad.toml",
-        'task = "custom"\n[inputs.input]\nshape = [1, 512]\n[inputs.state]\nshape = [2, 1, 128]\n',
-    )
-    code, _, err = package(real_model("silero_vad"), "vad", "--contract", str(contract))
+def test_onnx_model_that_refuses_zeros_says_why(tmp_path: Path, package: Package) -> None:
+    """silero-vad (ONNX): three inputs with dynamic dims and an INT64 scalar. It refuses the
+    load-time probe of zeros (its ``sr`` must be 8000 or 16000): packaging says so with ONNX
+    Runtime's reason instead of a device failing later."""
+    code, _, err = package(real_model("silero_vad"), "vad", "--task", "custom")
     assert code == 1
     assert "does not run on zeros of its declared input shapes" in err
-    assert "input [1, 512], state [2, 1, 128], sr []" in err
+    assert "input [-1, -1], state [2, -1, 128], sr []" in err and "probe value" in err
+
+
+@pytest.mark.xfail(
+    reason="two gaps outside packaging, reported to their owners: shared.preprocess makes "
+    "the 0-d sr input [1] (np.ascontiguousarray of a 0-d array is 1-d), and shared.decode's "
+    "custom decoder wants every output batch-first (stateN is [2, batch, 128]). Strict: "
+    "passes once both are fixed",
+    strict=True,
+)
+def test_onnx_model_with_several_inputs(tmp_path: Path, package: Package) -> None:
+    """silero-vad (ONNX): three inputs with dynamic dims and an INT64 scalar, two outputs,
+    all read from the model. With the contract file fixing the window and state and giving
+    ``sr``'s probe value it packages, and a golden .npz by input name records its
+    outputs."""
+    speech = np.sin(np.linspace(0, 60 * np.pi, 512)).astype(np.float32) * 0.3
+    np.savez(
+        tmp_path / "chunk.npz",
+        input=speech[None],
+        state=np.zeros((2, 1, 128), np.float32),
+        sr=np.array(16000, np.int64),
+    )
+    contract = write(
+        tmp_path / "vad.toml",
+        'task = "custom"\n[inputs.input]\nshape = [1, 512]\n[inputs.state]\n'
+        "shape = [2, 1, 128]\n[inputs.sr]\nprobe = 16000\n"
+        '[[golden]]\nfile = "chunk.npz"\n',
+    )
+    code, out, err = package(real_model("silero_vad"), "vad", "--contract", str(contract))
+    assert code == 0, err
+    assert out["format"] == "onnx"
+    manifest, folder = release(tmp_path, "vad")
+    assert [(t.name, t.shape, t.datatype, t.probe) for t in manifest.inputs] == [
+        ("input", [1, 512], "FP32", 0.0),
+        ("state", [2, 1, 128], "FP32", 0.0),
+        ("sr", [], "INT64", 16000.0),
+    ]
+    assert [(t.name, t.shape, t.role) for t in manifest.outputs] == [
+        ("output", [-1, 1], "raw"),
+        ("stateN", [-1, -1, -1], "raw"),
+    ]
+    (golden,) = read_golden(manifest, folder)
+    assert golden.arrays.keys() == {"input", "state", "sr"}
+    assert golden.expected["output"].shape == (1, 1)
+    assert 0.0 <= float(golden.expected["output"][0, 0]) <= 1.0  # a speech probability
+    assert golden.expected["stateN"].shape == (2, 1, 128)
 
 
 def test_model_with_a_custom_op_is_refused_naming_it(tmp_path: Path, package: Package) -> None:
