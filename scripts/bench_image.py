@@ -52,7 +52,7 @@ from results import write_json
 from starlette.concurrency import run_in_threadpool
 
 from agent import Agent, AgentSettings
-from agent.inference.backends.tflite import find_interpreter_class
+from agent.inference.backends.tflite import TFLiteSettings, find_interpreter_class
 from agent.server import create_app
 from cloud.releases.package_model import ModelPackageRequest, package_model
 from cloud.releases.registry import Registry
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         folder = release(edge, Path(tmp))
-        settings = AgentSettings(model_dir=folder, backend={"kind": "tflite", "num_threads": 1})
+        settings = AgentSettings(model_dir=folder, backend=TFLiteSettings(num_threads=1))
         with Agent(settings) as agent:
             over = overhead(agent, edge, frame, args.blocks, args.per_block)
             print(
