@@ -27,8 +27,10 @@ Pixels are uint8, so normalise-then-quantize has 256 possible results per channe
 lookup table per channel, made at load, turns each pixel into the model's value in one pass
 written straight into the output (no float temporary). It is the same fold of mean, std,
 scale and zero point into one step as the TFLite backend's multiply-add for features, at a
-third of its cost on a 224 x 224 x 3 picture. Letterbox padding is black, pixel value 0,
-before normalisation: what MediaPipe's detectors (which letterbox) were trained with.
+fifth (one table for all channels) to a third (one per channel) of the cost of a float
+multiply, add, round and clip on a 224 x 224 x 3 picture. Letterbox padding is black, pixel
+value 0 before normalisation, as MediaPipe's image-to-tensor converter pads for its
+detectors (which letterbox).
 
 ``Prepared.real(name)`` gives the float32 values before quantization (what a cloud model
 takes when ``send`` is ``tensor``), computed only when asked for: most requests never
@@ -120,6 +122,15 @@ class Preprocessor:
             else:
                 plan = _TensorPlan(spec)
             self._plans[spec.name] = plan
+
+    def warm(self) -> None:
+        """Put a black picture of twice the size through each image input, so the first
+        request does not pay for importing Pillow and its first resize (17 ms on the build
+        machine, several times that on a Pi). For the agent to call at load, if it chooses
+        to pay that for an image model before any picture arrives."""
+        for plan in self._plans.values():
+            if isinstance(plan, _ImagePlan):
+                plan.prepare(np.zeros((2 * plan.h, 2 * plan.w, 3), np.uint8))
 
     def prepare(self, value: object) -> Prepared:
         values = self._by_name(value)

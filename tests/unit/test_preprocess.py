@@ -6,6 +6,8 @@ hostile values refused with a 400 that says what was expected."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from functools import cache
 from typing import Any
 
@@ -17,6 +19,7 @@ from shared.contract import InputSpec
 from shared.errors import ContractError, InvalidRequestError
 from shared.images import decode_image, resize
 from shared.preprocess import Prepared, Preprocessor
+from tests.helpers import ROOT
 
 CAP = 40_000_000
 
@@ -426,3 +429,26 @@ def test_inputs_by_name() -> None:
 def test_contracts_that_cannot_be_served_are_refused_at_load(spec: Any, says: str) -> None:
     with pytest.raises(ContractError, match=says):
         Preprocessor([spec()], CAP)
+
+
+_WARM = """
+import sys
+from shared.contract import InputSpec
+from shared.preprocess import Preprocessor
+kind = sys.argv[1]
+spec = {"name": "x", "shape": [1, 8, 8, 3], "datatype": "UINT8"}
+if kind == "image":
+    spec.update(kind="image", image={})
+pre = Preprocessor([InputSpec.model_validate(spec)], 10_000)
+before = "PIL" in sys.modules
+pre.warm()
+print(before, "PIL" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("kind", "loads"), [("image", "True"), ("tensor", "False")])
+def test_warm_imports_pillow_for_image_models_only(kind: str, loads: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _WARM, kind], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.stdout.split() == ["False", loads], out.stderr
