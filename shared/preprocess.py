@@ -43,7 +43,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from shared.contract import InputSpec, Quantization
 from shared.errors import ContractError, InvalidRequestError
 from shared.oip.types import numpy_dtype
 from shared.placement import Fit, Placement, fit
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["Prepared", "Preprocessor"]
 
@@ -363,7 +366,9 @@ class _ImagePlan(_Plan):
         if how.identity and self.identity and same_channels and a.flags.c_contiguous:
             tensor = a.reshape(self.shape)  # a view: the frame goes in as it is
             return _Out(tensor, self._real_of(a, how), how.placement, a)
-        source: Any = images.to_gray(a) if self.gray and a.shape[2] == 3 else a
+        source: np.ndarray | Image.Image = a
+        if self.gray and a.shape[2] == 3:
+            source = images.to_gray(a)
         if how.identity:
             pixels = source if isinstance(source, np.ndarray) else np.asarray(source)[..., None]
         else:
@@ -389,7 +394,7 @@ class _ImagePlan(_Plan):
         ``how`` says) through one lookup table per channel, padded as ``how`` says."""
         out = np.empty(self.shape, dtype=dtype)
         (px, py), (fw, fh) = how.pad, how.size
-        if (fw, fh) != (self.w, self.h):  # letterbox: black, normalised and quantized
+        if how.padded:  # letterbox: black, normalised and quantized
             out[0] = luts[:, 0][:, None, None] if self.nchw else luts[:, 0]
         if self.nchw:
             inner = out[0, :, py : py + fh, px : px + fw]
