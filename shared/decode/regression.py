@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from shared.errors import ContractError
 from shared.manifest import Manifest
 from shared.placement import Placement
 
@@ -43,7 +44,20 @@ class CustomDecoder(Decoder):
         self._specs = list(manifest.outputs)
 
     def decode(self, outputs: Mapping[str, np.ndarray], placement: Placement | None) -> Prediction:
-        return Custom({s.name: take(outputs, s)[None].tolist() for s in self._specs})
+        """Every output as the model gave it: a custom model's outputs need not be
+        batch-first (silero-vad's state is ``[2, batch, 128]``)."""
+        got = {}
+        for s in self._specs:
+            arr = outputs.get(s.name)
+            if arr is None:
+                raise ContractError(f"the model gave no output {s.name!r} (has {sorted(outputs)})")
+            arr = np.asarray(arr, dtype=np.float32)
+            if not s.accepts(arr.shape):
+                raise ContractError(
+                    f"output {s.name!r} has shape {list(arr.shape)}; the contract says {s.shape}"
+                )
+            got[s.name] = arr.tolist()
+        return Custom(got)
 
     def confidence(self, prediction: Prediction) -> float:
         expect(prediction, Custom)
