@@ -8,11 +8,17 @@ back. Only requests with the same requested outputs and the same non-batch shape
 merged. A full queue answers 503 with ``Retry-After`` at once, and a request still queued
 after ``timeout_ms`` gets a 503: memory stays bounded however many clients pile on. Models
 without a free first dimension are run one request at a time, bounded by the same queue.
+
+Pictures (an image input's ``BYTES`` or ``UINT8`` frames) become the model's tensors before
+they queue, so pictures of different sizes merge. Decoding runs in a worker thread (but for
+small frames), at most ``DECODERS`` requests of a version at once, counted in the queue's
+depth while they wait: decoded pictures, each up to ``max_pixels``, stay bounded too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +40,9 @@ PROBE_EVERY = 64
 #: A forming batch also closes once the event loop has gone round this many times with no new
 #: request for it: nobody else is on the way, so a lone client does not wait the delay out.
 QUIET_TURNS = 8
+#: Requests of one version whose pictures are decoded at once: decoding is CPU-bound, so more
+#: than the cores gain nothing, and each holds a decoded picture.
+DECODERS = max(1, os.cpu_count() or 1)
 
 
 @dataclass(slots=True)
@@ -62,9 +71,11 @@ class Batcher:
         self._arrivals = 0  # requests ever queued: the quiet watch compares it turn to turn
         self._wait = 0  # which wait for company the quiet watch belongs to
         self._waiting = 0  # requests admitted and not yet answered (unbatched path)
+        self._decoding = 0  # requests admitted whose pictures are being (or wait to be) decoded
         # asyncio's primitives bind to the running loop at first use, not here
         self._more = asyncio.Event()
         self._slots = asyncio.Semaphore(config.instances)
+        self._decoders = asyncio.Semaphore(DECODERS)
         self._worker: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._working = False  # the worker task is running (set here, cleared by it)
         self._expiry: asyncio.TimerHandle | None = None
@@ -78,7 +89,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue) + self._waiting
+        return len(self._queue) + self._waiting + self._decoding
 
     def _admit(self) -> None:
         if self.depth >= self.config.max_queue_size:
@@ -92,17 +103,16 @@ class Batcher:
         """The request's response; a failure is counted under its status (successes are
         counted per batch)."""
         try:
-            feeds, wanted = self.model.prepare(request)
+            if self.model.images:
+                feeds, wanted = await self._prepare_pictures(request)
+            else:
+                feeds, wanted = self.model.prepare(request)
             # mergeable: same outputs, same inputs in the same order with the same row shape
             first = next(iter(feeds.values()), None)
             rows = first.shape[0] if first is not None and first.ndim else 0
             key = (tuple(wanted), *[(n, a.shape[1:], a.dtype) for n, a in feeds.items()])
             if rows > self._max_rows or rows == 0:  # too big to merge, or not batching
-                if rows > self.batch_limit > 0:
-                    raise InvalidRequestError(
-                        f"inference request batch-size must be <= {self.batch_limit} "
-                        f"for '{self.model.name}'"  # Triton's words
-                    )
+                self._check_rows(rows)
                 return self.model.response(wanted, await self._alone(feeds, wanted))
             self._admit()
             future = asyncio.get_running_loop().create_future()
@@ -124,6 +134,31 @@ class Batcher:
         except TandemError as exc:
             self.stats.failed(exc.http_status)
             raise
+
+    def _check_rows(self, rows: int) -> None:
+        if rows > self.batch_limit > 0:
+            raise InvalidRequestError(
+                f"inference request batch-size must be <= {self.batch_limit} "
+                f"for '{self.model.name}'"  # Triton's words
+            )
+
+    async def _prepare_pictures(
+        self, request: InferRequest
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """``model.prepare`` for a model with image inputs: in a worker thread, admitted to
+        the queue's depth, when the request holds pictures to decode (a request of too many
+        is refused before any is decoded)."""
+        rows, inline = self.model.pictures(request)
+        if inline:
+            return self.model.prepare(request)
+        self._check_rows(rows)
+        self._admit()
+        self._decoding += 1
+        try:
+            async with self._decoders:
+                return await run_in_threadpool(self.model.prepare, request)
+        finally:
+            self._decoding -= 1
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         self._admit()

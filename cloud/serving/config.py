@@ -9,6 +9,21 @@ defaults below. A malformed file is that model's load error, reported on its rea
     timeout_ms = 5000          # a request that waits longer gets a 503
     instances = 1              # ONNX Runtime sessions (batches run concurrently up to this)
     versions = "all"           # "all", {latest = 2}, or {specific = [1, 3]}
+
+    [inputs.images]            # an image input, by its ONNX name (optional, one per input)
+    kind = "image"
+    layout = "NHWC"            # or "NCHW"; the size and datatype are the ONNX input's own
+    colour = "RGB"             # "RGB", "BGR" or "GRAY"
+    resize = "squash"          # "squash", "crop" or "letterbox"
+    mean = [0.0]               # (x - mean) / std per channel (one value: every channel)
+    std = [255.0]
+    max_pixels = 40000000      # width x height of a picture, refused before it is decoded
+    # quantization = {scale = 0.0078125, zero_point = 0}   # an integer input only
+
+An image section uses the manifest's vocabulary (``shared.contract.ImageSpec``): the input
+then takes, besides tensors of its own shape, encoded JPEG/PNG as ``BYTES`` (one picture per
+row, shape ``[n]``) and ``UINT8`` frames of any size (``[n, H, W, C]``, ``[H, W, C]``),
+preprocessed as the agent preprocesses (``cloud/serving/image_inputs.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.contract import ImageSpec, Quantization
 from shared.errors import ContractError
 
 if sys.version_info >= (3, 11):
@@ -39,6 +55,20 @@ class Specific(BaseModel):
     specific: list[int] = Field(min_length=1)
 
 
+class ImageInputConfig(ImageSpec):
+    """An ``[inputs.<name>]`` section: how pictures become that input. The height, width,
+    channels and datatype are the ONNX input's; ``quantization`` is needed by an integer
+    input only (as in a manifest)."""
+
+    kind: Literal["image"] = "image"
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    quantization: Quantization | None = None
+
+    def image(self) -> ImageSpec:
+        """The section's ``ImageSpec`` part, as a manifest would hold it."""
+        return ImageSpec.model_validate(self.model_dump(include=set(ImageSpec.model_fields)))
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +79,7 @@ class ModelConfig(BaseModel):
     timeout_ms: float = Field(default=5000.0, gt=0)
     instances: int = Field(default=1, ge=1, le=16)
     versions: Literal["all"] | Latest | Specific = "all"
+    inputs: dict[str, ImageInputConfig] = Field(default_factory=dict)
 
     def selects(self, available: list[int]) -> list[int]:
         """The versions this policy serves, of those present on disk."""

@@ -55,12 +55,13 @@ class CloudDataPlane:
         )
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:
-        """Triton's model configuration of a serving version: its tensors, and its
-        ``config.toml`` as ``config.pbtxt`` would say it (``cloud/serving/config.py``)."""
+        """Triton's model configuration of a serving version: its tensors (an image input
+        with its ``format``), and its ``config.toml`` as ``config.pbtxt`` would say it
+        (``cloud/serving/config.py``)."""
         batcher = self.repository.batcher(name, version)
         model, config = batcher.model, batcher.config
         ort = self.repository.ort
-        return triton_model_config(
+        doc = triton_model_config(
             name,
             "onnxruntime_onnx",
             model.inputs,
@@ -76,6 +77,11 @@ class CloudDataPlane:
                 "inter_op_thread_count": {"string_value": str(ort.inter_op_threads)},
             },
         )
+        for tensor in doc["input"]:  # an image input says its layout, as Triton's does
+            image = model.images.get(tensor["name"])
+            if image is not None and image.spec.image is not None:
+                tensor["format"] = f"FORMAT_{image.spec.image.layout}"
+        return doc
 
     def model_ready(self, name: str, version: str | None) -> ModelReadyDoc:
         state = self.repository.state(name, version)

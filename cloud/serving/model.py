@@ -2,18 +2,22 @@
 
 Checks every request against the session's own inputs (names, datatype, shape, with symbolic
 dimensions free) before running it, so a client's mistake is a 400 with a message, never an
-onnxruntime exception turned into a 500.
+onnxruntime exception turned into a 500. An input with an image section in ``config.toml``
+also takes pictures (``cloud/serving/image_inputs.py``), made into its tensor in ``prepare``.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cloud.serving.config import ImageInputConfig
+from cloud.serving.image_inputs import ImageInput
 from cloud.serving.settings import OrtSettings
 from shared.errors import ContractError, InvalidRequestError
 from shared.oip.types import InferRequest, InferResponse, InferTensor, TensorMetadata
@@ -64,8 +68,15 @@ class OnnxModel:
     threads: ONNX Runtime sessions are), ``response`` wraps the outputs."""
 
     def __init__(
-        self, name: str, version: str, path: Path, ort_settings: OrtSettings, instances: int = 1
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        ort_settings: OrtSettings,
+        instances: int = 1,
+        images: Mapping[str, ImageInputConfig] | None = None,
     ) -> None:
+        """``images``: the image sections of ``config.toml``, by input name."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -102,6 +113,16 @@ class OnnxModel:
         self._output_names = [t.name for t in self.outputs]
         self._output_types = {t.name: t.datatype for t in self.outputs}
         self._output_set = frozenset(self._output_types)
+        unknown = sorted(set(images or {}) - set(self._input_names))
+        if unknown:
+            raise ContractError(
+                f"config.toml has image sections for {unknown}, which {path} does not take; "
+                f"its inputs are {sorted(self._input_names)}"
+            )
+        #: Inputs that take pictures too, by name (empty: the model takes tensors only).
+        self.images = {
+            n: ImageInput(self._input_names[n], config) for n, config in (images or {}).items()
+        }
         #: Dynamic batching applies when every input and output has a free first dimension.
         self.batchable = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
         #: CPU seconds of one single-row call, measured at load; None if zeros are refused.
@@ -153,9 +174,32 @@ class OnnxModel:
             ).reshape(shape)
         return tensor.data
 
+    def pictures(self, request: InferRequest) -> tuple[int, bool]:
+        """The most pictures one image input of ``request`` holds (0: none, tensors only;
+        a 400 for a tensor that is neither), and whether all of them are small enough to
+        convert on the event loop."""
+        rows, inline = 0, True
+        for tensor in request.inputs:
+            image = self.images.get(tensor.name)
+            if image is not None:
+                n = image.pictures(tensor)
+                if n:
+                    rows, inline = max(rows, n), inline and image.inline(tensor)
+        return rows, inline
+
+    def _feed(self, tensor: InferTensor) -> np.ndarray:
+        image = self.images.get(tensor.name)
+        if image is not None and image.pictures(tensor):
+            return image.convert(tensor)
+        return self._check(tensor)
+
     def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
-        """Checked feeds and the output names to compute; ``InvalidRequestError`` if not."""
-        feeds = {t.name: self._check(t) for t in request.inputs}
+        """Checked feeds (pictures made tensors) and the output names to compute;
+        ``InvalidRequestError`` if not."""
+        if self.images:
+            feeds = {t.name: self._feed(t) for t in request.inputs}
+        else:  # the hot path: no function call more per tensor
+            feeds = {t.name: self._check(t) for t in request.inputs}
         if len(feeds) != len(self._input_names):  # every name was checked to be an input
             missing = set(self._input_names) - set(feeds)
             raise InvalidRequestError(f"missing inputs {sorted(missing)}")

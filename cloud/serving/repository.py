@@ -114,7 +114,9 @@ class ModelRepository:
 
     def _load(self, name: str, vdir: Path, config: ModelConfig, mtime: float) -> VersionState:
         try:
-            model = OnnxModel(name, vdir.name, vdir / MODEL_FILE, self.ort, config.instances)
+            model = OnnxModel(
+                name, vdir.name, vdir / MODEL_FILE, self.ort, config.instances, config.inputs
+            )
         except ContractError as exc:
             log.error("model %s version %s failed to load: %s", name, vdir.name, exc.message)
             return VersionState(vdir.name, None, exc.message, None, mtime)
