@@ -136,20 +136,23 @@ class AgentDataPlane:
         return ModelReadyDoc(name=name, version=str(self.agent.model.manifest.version), ready=True)
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        return await run_in_threadpool(self.infer_blocking, name, version, request)
+
+    def infer_blocking(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> InferResponse:
+        """One request, in the worker thread the routes run it in (decoding and encoding
+        included: one hop per request, ``shared.oip.http.BlockingDataPlane``)."""
         self._check_model(name, version)
         mode, deadline = _routing_params(
             request.parameters, self.agent.settings.routing.max_deadline_ms
         )
         if not self.agent.model.flat:
             items = self._items(request)
-            results = await run_in_threadpool(
-                self.agent.infer_batch, items, deadline_ms=deadline, mode=mode
-            )
+            results = self.agent.infer_batch(items, deadline_ms=deadline, mode=mode)
             return _any_response(self.agent, request, results)
         rows = self._rows(request)
-        results = await run_in_threadpool(
-            self.agent.infer_batch, rows, deadline_ms=deadline, mode=mode
-        )
+        results = self.agent.infer_batch(rows, deadline_ms=deadline, mode=mode)
         return _response(self.agent, request, results)
 
     def _items(self, request: InferRequest) -> list[Any]:

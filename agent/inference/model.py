@@ -157,11 +157,24 @@ def check_golden(model: LoadedModel) -> None:
                     f"(expected {sample.label}), max drift {drift:.4f} > {GOLDEN_ATOL}"
                 )
         return
+    assert model.preprocessor is not None and model.decoder is not None
+    assert model.bundle_dir is not None
+    try:
+        _check_golden_v2(model, m, model.bundle_dir)
+    finally:
+        if m.streaming:  # serving starts a fresh stream, not the golden samples' tail
+            model.backend.reset_state()
+
+
+def _check_golden_v2(model: LoadedModel, m: Manifest, bundle_dir: Path) -> None:
+    """A streaming model is checked from a fresh state per sample, as packaging ran it:
+    a health-watch check restarts the stream callers were in (one keyword window)."""
     from shared.decode import compare
 
     assert model.preprocessor is not None and model.decoder is not None
-    assert model.bundle_dir is not None
-    for golden in read_golden(m, model.bundle_dir):
+    for golden in read_golden(m, bundle_dir):
+        if m.streaming:
+            model.backend.reset_state()
         if golden.image is not None:
             value: object = golden.image
         elif set(golden.arrays) == {""}:

@@ -66,6 +66,17 @@ class DataPlane(Protocol):
     ) -> InferResponse: ...
 
 
+class BlockingDataPlane(DataPlane, Protocol):
+    """A plane whose inference is blocking work (the agent's: an interpreter call). The
+    routes then run decode, ``infer_blocking`` and encode in *one* worker thread: each hop
+    to a thread and back costs the request a scheduling round, which for a 20 ms model on
+    a busy Pi is a visible share."""
+
+    def infer_blocking(
+        self, name: str, version: str | None, request: InferRequest
+    ) -> InferResponse: ...
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorDoc, "description": text}
     for code, text in (
@@ -347,10 +358,26 @@ def add_oip_routes(
     limited to ``max_body_bytes``, their JSON (all of a JSON body, the header of a binary
     one) to ``max_json_bytes``."""
 
+    blocking = getattr(plane, "infer_blocking", None)
+
+    def serve_blocking(
+        name: str, version: str | None, body: bytes | bytearray, header_length: int | None
+    ) -> tuple[bytes, dict[str, str]]:
+        assert blocking is not None
+        infer_request = decode_request(body, header_length)
+        response: InferResponse = blocking(name, version, infer_request)
+        if response.id is None:
+            response.id = infer_request.id
+        return encode_response(response, infer_request)
+
     async def serve_infer(request: Request) -> Response:
         params = request.path_params
         name, version = params["name"], params.get("version")
         body, header_length = await read_body(request, max_body_bytes, max_json_bytes)
+        if blocking is not None:
+            return _reply(
+                *await run_in_threadpool(serve_blocking, name, version, body, header_length)
+            )
         if len(body) > LARGE_BODY_BYTES:
             return await serve_large(name, version, body, header_length)
         infer_request = decode_request(body, header_length)

@@ -61,6 +61,11 @@ class InferenceBackend(Protocol):
         Dequantizing is left to the caller, which folds it into the softmax for free."""
         ...
 
+    def reset_state(self) -> None:
+        """Forget what a streaming model carried over from earlier calls (its resource
+        variables): its next call starts a fresh stream. A no-op for stateless models."""
+        ...
+
     def close(self) -> None:
         """The model is no longer served. Must stay safe for requests already under way
         (they picked the model before a swap): free what they cannot be using."""

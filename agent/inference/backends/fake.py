@@ -41,5 +41,8 @@ class FakeBackend:
     def infer_one(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
         return self.infer(x)[0], 1.0, 0.0
 
+    def reset_state(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True

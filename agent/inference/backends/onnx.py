@@ -116,6 +116,9 @@ class OnnxBackend:
     def infer_one(self, x: np.ndarray) -> tuple[np.ndarray, float, float]:
         return self.infer(x)[0], 1.0, 0.0
 
+    def reset_state(self) -> None:
+        """ONNX models carry state in their inputs and outputs (silero-vad), not inside."""
+
     def close(self) -> None:
         """Nothing to do eagerly: a request that picked this model before a swap may still
         run it; the session is freed with the backend."""

@@ -335,6 +335,17 @@ class TFLiteBackend:
             self._pool.put(slot)
         return y
 
+    def reset_state(self) -> None:
+        for slot in list(self._slots):
+            held = self._pool.get() if len(self._slots) == 1 else None
+            try:
+                slot.interp.reset_all_variables()
+            except (AttributeError, ValueError, RuntimeError) as exc:
+                raise BackendError(f"cannot reset the model's state: {exc}") from exc
+            finally:
+                if held is not None:
+                    self._pool.put(held)
+
     def close(self) -> None:
         """Forget the interpreters. A request that picked this model before a swap may
         still be about to take one from the pool, so the pool stays: the interpreters are
