@@ -213,7 +213,7 @@ class _TensorPlan(_Plan):
             )
         if x.dtype == self.dtype and (self.dtype.kind != "f" or not self.affine):
             # the model's own datatype: already model-ready (quantized, for an integer one)
-            tensor = np.ascontiguousarray(x)
+            tensor = _contiguous(x)
             return _Out(tensor, lambda: _dequantize(tensor, self.spec.quantization))
         real = x * np.float32(spec.scale) + np.float32(spec.offset) if self.affine else x
         return _Out(_to_model(real, self.dtype, spec.quantization, self.name), lambda: _f32(real))
@@ -257,7 +257,7 @@ class _AudioPlan(_Plan):
             )
         if x.dtype == np.int16:
             if self.dtype == np.int16 and self.quant == _PCM:
-                tensor = np.ascontiguousarray(x).reshape(shape)
+                tensor = _contiguous(x).reshape(shape)
                 return _Out(tensor, lambda: _dequantize(tensor, _PCM))
             real = x * np.float32(1 / 32768)
         elif x.dtype.kind == "f":
@@ -382,7 +382,7 @@ class _ImagePlan(_Plan):
         if x.shape != self.shape:
             raise InvalidRequestError(f"{self.want}; got {x.dtype} of shape {list(x.shape)}")
         if x.dtype == self.dtype:
-            tensor = np.ascontiguousarray(x)
+            tensor = _contiguous(x)
             return _Out(tensor, lambda: _dequantize(tensor, self.spec.quantization))
         return _Out(_to_model(x, self.dtype, self.spec.quantization, self.name), lambda: _f32(x))
 
@@ -432,6 +432,12 @@ def _finite(x: np.ndarray) -> bool:
     return math.isfinite(lo) and math.isfinite(hi)
 
 
+def _contiguous(x: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """C-contiguous, in ``dtype`` if given, copied only if it is not already; a 0-d array
+    stays 0-d (``np.ascontiguousarray`` makes it 1-d: silero-vad's ``sr`` input is 0-d)."""
+    return np.require(x, dtype, "C")
+
+
 def _f32(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
@@ -450,11 +456,11 @@ def _to_model(
     quantization, cast for a float one. An integer input without one takes integers in its
     range (token ids, flags), and refuses anything else."""
     if dtype.kind == "f":
-        return np.ascontiguousarray(real, dtype=dtype)
+        return _contiguous(real, dtype)
     if dtype.kind == "b":
         if real.dtype.kind != "b" and real.size and not np.isin(real, (0, 1)).all():
             raise InvalidRequestError(f"input {name!r} is BOOL: values must be 0 or 1")
-        return np.ascontiguousarray(real, dtype=dtype)
+        return _contiguous(real, dtype)
     info = np.iinfo(dtype)
     if quant is not None:
         precise = np.float64 if real.dtype == np.float64 else np.float32
@@ -472,4 +478,4 @@ def _to_model(
             raise InvalidRequestError(
                 f"input {name!r} takes {dtype} values in [{info.min}, {info.max}]; got [{lo}, {hi}]"
             )
-    return np.ascontiguousarray(real, dtype=dtype)
+    return _contiguous(real, dtype)

@@ -304,6 +304,11 @@ def test_dynamic_dims_and_integer_inputs() -> None:
         prepare(ids, [[2.5]])
     with pytest.raises(InvalidRequestError, match=r"in \[-128, 127\]"):
         prepare(tensor_input([1, 2], "INT8"), [[1, 300]])
+    # a scalar input (silero-vad's sample rate) stays a scalar
+    rate = tensor_input([], "INT64")
+    for value in (16_000, np.array(16_000), np.array(16_000.0)):
+        tensor = prepare(rate, value).tensors["x"]
+        assert tensor.shape == () and tensor.dtype == np.int64 and tensor == 16_000
 
 
 @pytest.mark.parametrize(
