@@ -118,9 +118,11 @@ def test_hostile_pictures_are_invalid_requests(faces: Path, picture: object, mes
 def test_a_picture_over_the_pixel_cap_is_refused_before_decoding(faces: Path) -> None:
     big = io.BytesIO()
     Image.new("RGB", (3000, 2000)).save(big, format="PNG")
-    with Agent(settings(faces, images={"max_pixels": 5_000_000})) as agent:
-        with pytest.raises(InvalidRequestError, match="pixels"):
-            agent.infer(big.getvalue())
+    with (
+        Agent(settings(faces, images={"max_pixels": 5_000_000})) as agent,
+        pytest.raises(InvalidRequestError, match="pixels"),
+    ):
+        agent.infer(big.getvalue())
 
 
 def test_local_endpoint_serves_the_detector_to_an_oip_client(faces: Path) -> None:
@@ -244,8 +246,8 @@ def test_onnx_model_with_several_inputs_runs_on_the_onnx_backend(tmp_path: Path)
         task="custom",
         contract=_write(
             tmp_path / "vad.toml",
-            'task = "custom"\n[inputs.input]\nshape = [1, 512]\n[inputs.state]\nshape = [2, 1, 128]\n'
-            "[inputs.sr]\nshape = []\n",
+            'task = "custom"\n[inputs.input]\nshape = [1, 512]\n'
+            "[inputs.state]\nshape = [2, 1, 128]\n[inputs.sr]\nprobe = 16000\n",
         ),
     )
     with Agent(settings(folder, backend={"kind": "onnx"})) as agent:
@@ -290,7 +292,7 @@ def test_a_model_the_runtime_cannot_run_is_refused_at_load(tmp_path: Path) -> No
     )
     (tmp_path / "model.tflite").write_bytes(artifact.read_bytes())
     (tmp_path / "manifest.json").write_text(base.to_json())
-    with pytest.raises(ModelLoadError, match="(?i)custom|op|not a loadable"):
+    with pytest.raises(ModelLoadError, match=r"(?i)custom|op|not a loadable"):
         load_model(tmp_path, TFLiteSettings())
     assert OnnxSettings().kind == "onnx"
 
