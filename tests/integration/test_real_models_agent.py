@@ -236,7 +236,6 @@ def test_keyword_spotter_streams_on_one_interpreter(tmp_path: Path) -> None:
         check_golden(agent.model)
 
 
-@pytest.mark.xfail(strict=True, reason="shared.preprocess makes the 0-d sr input [1] (fix pending)")
 def test_onnx_model_with_several_inputs_runs_on_the_onnx_backend(tmp_path: Path) -> None:
     """silero-vad: input, state and sr by name, dynamic dims; a dict of named arrays in."""
     folder = publish(
