@@ -49,7 +49,7 @@ max_pixels = 1000000
 RED, GREEN, BLUE, GREY = (200, 30, 10), (20, 180, 40), (10, 20, 230), (90, 90, 90)
 
 
-def mean_colour_model(path: Path, height: object = 32, width: object = 32) -> None:
+def mean_colour_model(path: Path, height: int | str = 32, width: int | str = 32) -> None:
     """``images [b, H, W, 3]`` FP32 -> ``scores [b, 1, 3]``, the mean of each channel, and
     ``boxes [b, 1, 4]``, those means and their largest: a detector's two outputs, in shape."""
     axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
@@ -414,7 +414,7 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
     batcher = image_batcher(tmp_path, max_queue_size=1)
     jpeg = bytes_tensor(encoded(RED, 64, 64, "JPEG"))
 
-    async def two() -> list[InferResponse | BaseException]:
+    async def two() -> tuple[InferResponse | BaseException, ...]:
         return await asyncio.gather(
             batcher.infer(picture_request(jpeg)),
             batcher.infer(picture_request(jpeg)),
