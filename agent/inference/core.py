@@ -664,9 +664,9 @@ def _deadline_error(budget: object, max_ms: float) -> str:
 def _frame_placement(prepared: Prepared, fallback: Placement | None) -> Placement | None:
     """Where the cloud's answer sits when it was sent the caller's whole frame: its
     normalised boxes span the frame, so model pixels stretch to the frame (a squash)."""
-    if prepared.frame is None or fallback is None:
-        return fallback
-    h, w = prepared.frame.shape[:2]
+    if fallback is None:
+        return None
+    h, w = fallback.frame_h, fallback.frame_w  # reading ``prepared.frame`` would decode it
     return Placement(
         h, w, fallback.model_h, fallback.model_w, w / fallback.model_w, h / fallback.model_h
     )

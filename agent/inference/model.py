@@ -115,6 +115,9 @@ def _assemble(
             o.name: read_labels(manifest, model_dir, o.labels) for o in manifest.outputs if o.labels
         }
     spec = manifest.inputs[0]
+    preprocessor = Preprocessor(list(manifest.inputs), max_pixels)
+    if any(t.kind == "image" for t in manifest.inputs):
+        preprocessor.warm()  # Pillow's import and first resize at load, not on a request
     labels: tuple[str, ...] = ()
     if backend.flat:
         classes = manifest.outputs[0].shape[-1]
@@ -128,7 +131,7 @@ def _assemble(
         offset=spec.offset,
         labels=labels,
         label_maps=label_maps,
-        preprocessor=Preprocessor(list(manifest.inputs), max_pixels),
+        preprocessor=preprocessor,
         bundle_dir=model_dir,
         decoder=build_decoder(
             manifest,

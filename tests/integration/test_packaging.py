@@ -345,13 +345,6 @@ def test_onnx_model_that_refuses_zeros_says_why(tmp_path: Path, package: Package
     assert "input [-1, -1], state [2, -1, 128], sr []" in err and "probe value" in err
 
 
-@pytest.mark.xfail(
-    reason="two gaps outside packaging, reported to their owners: shared.preprocess makes "
-    "the 0-d sr input [1] (np.ascontiguousarray of a 0-d array is 1-d), and shared.decode's "
-    "custom decoder wants every output batch-first (stateN is [2, batch, 128]). Strict: "
-    "passes once both are fixed",
-    strict=True,
-)
 def test_onnx_model_with_several_inputs(tmp_path: Path, package: Package) -> None:
     """silero-vad (ONNX): three inputs with dynamic dims and an INT64 scalar, two outputs,
     all read from the model. With the contract file fixing the window and state and giving
