@@ -90,7 +90,8 @@ def _loaded(code: str) -> set[str]:
 
 def test_importing_the_agent_stays_light() -> None:
     loaded = _loaded(
-        "import agent, agent.cli, agent.settings, agent.inference.core, agent.device.service"
+        "import agent, agent.cli, agent.settings, agent.inference.core, agent.device.service, "
+        "agent.inference.model, shared.preprocess, shared.decode, shared.bundle"
     )
     heavy = RUNTIMES | WEB | {"onnx", "matplotlib", "sklearn", "cloud", "PIL"}
     assert {m for m in loaded if m.split(".")[0] in heavy} == set()
