@@ -372,3 +372,20 @@ def test_a_v2_release_updates_over_mqtt_with_its_bundle_files(fleet: Fleet) -> N
     assert state(3) == ("REJECTED", "input contract changed: task detection -> classification")
     assert not [p for p in fleet.server.registry_paths[before:] if "/faces/3/" in p]
     assert service.agent.model.manifest.version == 2
+
+
+def test_a_four_output_landmark_model_returns_every_output_by_name(tmp_path: Path) -> None:
+    """MediaPipe's hand landmarks (image in, four outputs) on the TFLite backend: every
+    output comes back by its name, in its shape; the hand score is low on a cat."""
+    folder = publish(tmp_path, real_model("hand_landmark_lite"), "hand", task="custom")
+    with Agent(settings(folder)) as agent:
+        result = agent.infer(photo("chelsea"), mode="edge")
+        outputs = result.prediction.outputs
+        assert {k: np.asarray(v).shape for k, v in outputs.items()} == {
+            "Identity": (1, 63),
+            "Identity_1": (1, 1),
+            "Identity_2": (1, 1),
+            "Identity_3": (1, 63),
+        }
+        hand_flag = float(np.asarray(outputs["Identity_1"]).reshape(-1)[0])
+        assert hand_flag < 0.5, hand_flag
