@@ -458,3 +458,59 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
 
     assert peak_decoders(2) == 2  # positive control: two do meet
     assert peak_decoders(1) == 1
+
+
+# ------------------------------------------------- an agent escalating pictures to it
+
+EDGE_CONTRACT = """
+task = "custom"
+[inputs.images]
+kind = "image"
+shape = [1, 16, 16, 3]
+std = [255.0]
+[cloud]
+model = "img"
+input = "images"
+send = "{send}"
+"""
+
+
+@pytest.mark.parametrize("send", ["frame", "encoded", "tensor"])
+def test_an_agent_escalates_pictures_as_its_manifest_says(tmp_path: Path, send: str) -> None:
+    """A packaged edge model of 16 x 16 pictures escalating to a cloud model of 32 x 32:
+    the caller's frame or JPEG goes, and the cloud preprocesses it for its own size. The
+    edge's 16 x 16 tensor (``send = "tensor"``) does not fit it: refused, answered locally."""
+    from agent import Agent, AgentSettings
+    from agent.inference.backends import OnnxSettings
+    from agent.settings import CloudSettings as AgentCloudSettings
+    from cloud.releases.package_model import ModelPackageRequest, package_model
+    from cloud.releases.registry import Registry
+    from shared.signing import SigningKey
+
+    mean_colour_model(tmp_path / "edge.onnx", 16, 16)
+    (tmp_path / "contract.toml").write_text(EDGE_CONTRACT.replace("{send}", send))
+    registry = Registry(tmp_path / "reg")
+    request = ModelPackageRequest(
+        edge=tmp_path / "edge.onnx", name="colours", contract=tmp_path / "contract.toml"
+    )
+    manifest = package_model(request, SigningKey.generate(), registry)
+    assert manifest.cloud is not None and manifest.cloud.send == send
+    repo = repo_of(tmp_path, img="max_batch_size = 8\n" + IMAGE_SECTION)
+    with serve_in_thread(create_app(CloudSettings(repo=repo, repo_poll_s=0))) as url:
+        settings = AgentSettings(
+            model_dir=registry.release_dir("colours", manifest.version),
+            state_dir=tmp_path / "state",
+            backend=OnnxSettings(),
+            cloud=AgentCloudSettings(url=url, binary=True),
+        )
+        with Agent(settings) as agent:
+            jpeg = agent.infer(encoded(GREEN, 120, 90, "JPEG"), mode="cloud")
+            frame = agent.infer(picture(BLUE, 64, 48), mode="cloud")
+        metrics = httpx.get(f"{url}/metrics").text
+    for result, colour in ((jpeg, GREEN), (frame, BLUE)):
+        assert result.source == ("edge" if send == "tensor" else "cloud"), result
+        outputs = result.prediction.to_tensors()
+        np.testing.assert_allclose(outputs["boxes"], expected(colour)["boxes"][None], atol=2 / 255)
+    status = "400" if send == "tensor" else "200"
+    counted = dict(model="img", version="1", status=status)
+    assert sample(metrics, "tandem_inference_requests_total", **counted) == 2
