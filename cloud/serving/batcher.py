@@ -70,12 +70,14 @@ class Batcher:
         self._mixed = False  # the queue holds requests of more than one key since it was empty
         self._arrivals = 0  # requests ever queued: the quiet watch compares it turn to turn
         self._wait = 0  # which wait for company the quiet watch belongs to
-        self._waiting = 0  # requests admitted and not yet answered (unbatched path)
-        self._decoding = 0  # requests admitted whose pictures are being (or wait to be) decoded
+        # requests admitted and not in the queue: unbatched ones not yet answered, and those
+        # whose pictures are being (or wait to be) decoded
+        self._waiting = 0
         # asyncio's primitives bind to the running loop at first use, not here
         self._more = asyncio.Event()
         self._slots = asyncio.Semaphore(config.instances)
         self._decoders = asyncio.Semaphore(DECODERS)
+        self._pictures = bool(model.images)  # the model has image inputs
         self._worker: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._working = False  # the worker task is running (set here, cleared by it)
         self._expiry: asyncio.TimerHandle | None = None
@@ -89,7 +91,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue) + self._waiting + self._decoding
+        return len(self._queue) + self._waiting
 
     def _admit(self) -> None:
         if self.depth >= self.config.max_queue_size:
@@ -103,7 +105,7 @@ class Batcher:
         """The request's response; a failure is counted under its status (successes are
         counted per batch)."""
         try:
-            if self.model.images:
+            if self._pictures:
                 feeds, wanted = await self._prepare_pictures(request)
             else:
                 feeds, wanted = self.model.prepare(request)
@@ -145,20 +147,22 @@ class Batcher:
     async def _prepare_pictures(
         self, request: InferRequest
     ) -> tuple[dict[str, np.ndarray], list[str]]:
-        """``model.prepare`` for a model with image inputs: in a worker thread, admitted to
-        the queue's depth, when the request holds pictures to decode (a request of too many
-        is refused before any is decoded)."""
+        """``model.prepare`` for a model with image inputs, its pictures made tensors first:
+        in a worker thread, admitted to the queue's depth, unless they are small frames (a
+        request of too many pictures is refused before any is decoded)."""
         rows, inline = self.model.pictures(request)
-        if inline:
-            return self.model.prepare(request)
-        self._check_rows(rows)
-        self._admit()
-        self._decoding += 1
-        try:
-            async with self._decoders:
-                return await run_in_threadpool(self.model.prepare, request)
-        finally:
-            self._decoding -= 1
+        if rows and inline:
+            request = self.model.with_tensors(request)
+        elif rows:
+            self._check_rows(rows)
+            self._admit()
+            self._waiting += 1
+            try:
+                async with self._decoders:
+                    request = await run_in_threadpool(self.model.with_tensors, request)
+            finally:
+                self._waiting -= 1
+        return self.model.prepare(request)
 
     async def _alone(self, feeds: dict[str, np.ndarray], wanted: list[str]) -> list[np.ndarray]:
         self._admit()

@@ -3,7 +3,8 @@
 Checks every request against the session's own inputs (names, datatype, shape, with symbolic
 dimensions free) before running it, so a client's mistake is a 400 with a message, never an
 onnxruntime exception turned into a 500. An input with an image section in ``config.toml``
-also takes pictures (``cloud/serving/image_inputs.py``), made into its tensor in ``prepare``.
+also takes pictures (``cloud/serving/image_inputs.py``), made into its tensor by
+``with_tensors`` before ``prepare`` checks it.
 """
 
 from __future__ import annotations
@@ -187,19 +188,20 @@ class OnnxModel:
                     rows, inline = max(rows, n), inline and image.inline(tensor)
         return rows, inline
 
-    def _feed(self, tensor: InferTensor) -> np.ndarray:
-        image = self.images.get(tensor.name)
-        if image is not None and image.pictures(tensor):
-            return image.convert(tensor)
-        return self._check(tensor)
+    def with_tensors(self, request: InferRequest) -> InferRequest:
+        """``request`` with its pictures made the model's tensors (for ``prepare`` to check
+        as any others): a new request, the caller's left as it was."""
+        inputs = []
+        for tensor in request.inputs:
+            image = self.images.get(tensor.name)
+            if image is not None and image.pictures(tensor):
+                tensor = InferTensor(tensor.name, image.datatype, image.convert(tensor))
+            inputs.append(tensor)
+        return InferRequest(inputs, request.outputs, request.id, request.parameters)
 
     def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[str]]:
-        """Checked feeds (pictures made tensors) and the output names to compute;
-        ``InvalidRequestError`` if not."""
-        if self.images:
-            feeds = {t.name: self._feed(t) for t in request.inputs}
-        else:  # the hot path: no function call more per tensor
-            feeds = {t.name: self._check(t) for t in request.inputs}
+        """Checked feeds and the output names to compute; ``InvalidRequestError`` if not."""
+        feeds = {t.name: self._check(t) for t in request.inputs}
         if len(feeds) != len(self._input_names):  # every name was checked to be an input
             missing = set(self._input_names) - set(feeds)
             raise InvalidRequestError(f"missing inputs {sorted(missing)}")

@@ -384,18 +384,18 @@ def test_pictures_are_decoded_off_the_event_loop_but_small_frames(
 ) -> None:
     batcher = image_batcher(tmp_path)
     threads: list[int] = []
-    prepare = batcher.model.prepare
+    convert = batcher.model.with_tensors
 
-    def recording(request: InferRequest) -> object:
+    def recording(request: InferRequest) -> InferRequest:
         threads.append(threading.get_ident())
-        return prepare(request)
+        return convert(request)
 
-    monkeypatch.setattr(batcher.model, "prepare", recording)
+    monkeypatch.setattr(batcher.model, "with_tensors", recording)
     requests = [
         bytes_tensor(encoded(RED, 8, 8, "PNG")),  # tiny, but encoded: its header could lie
         InferTensor.of("images", picture(RED, 640, 480)),  # a big frame
         InferTensor.of("images", picture(RED, 8, 8)),  # a small frame: on the loop
-        InferTensor.of("images", np.zeros((1, 32, 32, 3), np.float32)),  # a tensor: on the loop
+        InferTensor.of("images", np.zeros((1, 32, 32, 3), np.float32)),  # a tensor: as it is
     ]
 
     async def each() -> int:
@@ -404,7 +404,7 @@ def test_pictures_are_decoded_off_the_event_loop_but_small_frames(
         return threading.get_ident()
 
     loop_thread = asyncio.run(each())
-    assert [t == loop_thread for t in threads] == [False, False, True, True]
+    assert [t == loop_thread for t in threads] == [False, False, True]
 
 
 def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
@@ -433,9 +433,9 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
         together = threading.Barrier(2)
         active = peak = 0
         lock = threading.Lock()
-        prepare = b.model.prepare
+        convert = b.model.with_tensors
 
-        def overlapping(request: InferRequest) -> object:
+        def overlapping(request: InferRequest) -> InferRequest:
             nonlocal active, peak
             with lock:
                 active += 1
@@ -446,9 +446,9 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
                 together.reset()
             with lock:
                 active -= 1
-            return prepare(request)
+            return convert(request)
 
-        monkeypatch.setattr(b.model, "prepare", overlapping)
+        monkeypatch.setattr(b.model, "with_tensors", overlapping)
 
         async def three() -> None:
             await asyncio.gather(*(b.infer(picture_request(jpeg)) for _ in range(3)))
