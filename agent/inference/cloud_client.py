@@ -181,7 +181,10 @@ class CloudClient:
             inputs=inputs,
             outputs=[RequestedOutput(name=name, binary_data=binary) for name in outputs],
         )
-        body, headers = encode_request(request, binary_inputs=binary)
+        # an encoded image is not text: JSON cannot carry it, so it goes binary even to a
+        # server not known to read that (one that does not answers 4xx: a local answer)
+        binary_in = binary or any(t.datatype == "BYTES" for t in inputs)
+        body, headers = encode_request(request, binary_inputs=binary_in)
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, self.connect_timeout_s))
         try:
             reply = self._http.post(

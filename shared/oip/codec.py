@@ -114,7 +114,13 @@ def _tensor_binary(tensor: InferTensor) -> bytes | bytearray:
 
 def _tensor_json_data(tensor: InferTensor) -> list[Any]:
     if tensor.datatype == "BYTES":
-        return [e.decode("utf-8", errors="replace") for e in _bytes_elements(tensor.data)]
+        try:  # JSON carries text: anything else would arrive mangled, not refused
+            return [e.decode("utf-8") for e in _bytes_elements(tensor.data)]
+        except UnicodeDecodeError:
+            raise InvalidRequestError(
+                f"BYTES tensor {tensor.name!r} holds data that is not UTF-8 text (an encoded "
+                "image?): JSON cannot carry it; send it as binary tensor data"
+            ) from None
     data: list[Any] = np.asarray(tensor.data).ravel().tolist()
     return data
 

@@ -475,11 +475,18 @@ send = "{send}"
 """
 
 
-@pytest.mark.parametrize("send", ["frame", "encoded", "tensor"])
-def test_an_agent_escalates_pictures_as_its_manifest_says(tmp_path: Path, send: str) -> None:
+@pytest.mark.parametrize(
+    ("send", "binary"),
+    [("frame", True), ("encoded", True), ("tensor", True), ("encoded", False)],
+)
+def test_an_agent_escalates_pictures_as_its_manifest_says(
+    tmp_path: Path, send: str, binary: bool
+) -> None:
     """A packaged edge model of 16 x 16 pictures escalating to a cloud model of 32 x 32:
     the caller's frame or JPEG goes, and the cloud preprocesses it for its own size. The
-    edge's 16 x 16 tensor (``send = "tensor"``) does not fit it: refused, answered locally."""
+    edge's 16 x 16 tensor (``send = "tensor"``) does not fit it: refused, answered locally.
+    An agent told to send JSON still sends an encoded image binary: JSON carries text, and
+    a JPEG went mangled (U+FFFD for every byte that is not UTF-8)."""
     from agent import Agent, AgentSettings
     from agent.inference.backends import OnnxSettings
     from agent.settings import CloudSettings as AgentCloudSettings
@@ -501,7 +508,7 @@ def test_an_agent_escalates_pictures_as_its_manifest_says(tmp_path: Path, send: 
             model_dir=registry.release_dir("colours", manifest.version),
             state_dir=tmp_path / "state",
             backend=OnnxSettings(),
-            cloud=AgentCloudSettings(url=url, binary=True),
+            cloud=AgentCloudSettings(url=url, binary=binary),
         )
         with Agent(settings) as agent:
             jpeg = agent.infer(encoded(GREEN, 120, 90, "JPEG"), mode="cloud")
