@@ -24,6 +24,7 @@ import numpy as np
 
 from agent.errors import BackendError
 from agent.inference.core import Agent
+from shared.contract import probe_inputs
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,19 @@ def watchdog_interval_s(environ: Mapping[str, str] = os.environ) -> float | None
 
 
 def model_probe(agent: Agent) -> Callable[[], None]:
-    """One real local inference on the serving model (its first golden input, or zeros),
+    """One real local inference on the serving model (a flat classifier's first golden
+    input, or zeros; any other model's load-time probe),
     through the same backend and lock as requests: it hangs when serving hangs. It goes
     to the backend rather than ``Agent.infer`` so probes never count as requests in
     telemetry or in an update's health watch."""
 
     def probe() -> None:
         model = agent.model
+        if not model.flat:  # any model: its load-time probe (a streaming model hears silence)
+            outputs = model.backend.run(probe_inputs(model.manifest.inputs))
+            if not all(np.all(np.isfinite(v)) for v in outputs.values()):
+                raise BackendError(f"{model.manifest.ref} answered a non-finite output")
+            return
         golden = model.manifest.golden
         row = golden[0].input if golden else [0.0] * model.features
         out, _, _ = model.backend.infer_one(np.asarray([row], dtype=np.float32))

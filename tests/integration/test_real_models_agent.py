@@ -18,6 +18,7 @@ from PIL import Image
 from agent import Agent, AgentSettings
 from agent.cli import main as agent_main
 from agent.device.service import AgentService
+from agent.device.systemd import model_probe
 from agent.errors import ModelLoadError
 from agent.inference.backends import OnnxSettings, TFLiteSettings
 from agent.inference.model import check_golden, load_model
@@ -389,3 +390,23 @@ def test_a_four_output_landmark_model_returns_every_output_by_name(tmp_path: Pat
         }
         hand_flag = float(np.asarray(outputs["Identity_1"]).reshape(-1)[0])
         assert hand_flag < 0.5, hand_flag
+
+
+@pytest.mark.parametrize("name", ["faces", "nabu"])
+def test_the_systemd_watchdog_probe_runs_any_model(name: str, faces: Path, tmp_path: Path) -> None:
+    """The watchdog pings only after a real inference: on a detector or a keyword spotter
+    it is the model's load-time probe (it fed feature zeros to ``infer_one`` and failed on
+    every model but a flat one, so systemd restarted the agent every WatchdogSec)."""
+    if name == "faces":
+        folder = faces
+    else:
+        (tmp_path / "wake.txt").write_text("okay_nabu\n")
+        folder = publish(
+            tmp_path,
+            real_model("okay_nabu"),
+            "nabu",
+            task="multilabel",
+            labels=tmp_path / "wake.txt",
+        )
+    with Agent(settings(folder)) as agent:
+        model_probe(agent)()  # raises BackendError if the model cannot run
