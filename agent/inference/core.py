@@ -40,8 +40,9 @@ from agent.inference.result import InferenceResult, Latency, Reason, Source
 from agent.inference.routing import ROUTE_MODES, Decision, RouteMode, Router, RoutingPolicy
 from agent.inference.stats import RequestStats
 from agent.settings import AgentSettings
+from shared.contract import OutputSpec
 from shared.errors import InvalidRequestError
-from shared.manifest import CloudTarget, ConfidenceMetric, OutputKind
+from shared.manifest import CloudTarget, ConfidenceMetric, Manifest, OutputKind
 from shared.oip.types import InferTensor
 from shared.placement import Placement
 
@@ -81,6 +82,9 @@ class _Active:
     cloud: CloudTarget | None
     edge_ref: str
     health: ModelHealth
+    #: Decodes a non-flat model's outputs (the model's own decoder, or one rebuilt when
+    #: the settings override the manifest's metric or temperature).
+    decoder: Decoder | None = None
     #: Decodes the cloud's answer for a non-flat model (its outputs may be named apart).
     cloud_decoder: Decoder | None = None
 
@@ -152,7 +156,8 @@ class Agent:
             cloud=cloud,
             edge_ref=m.ref,
             health=ModelHealth(),
-            cloud_decoder=_cloud_decoder(model, cloud),
+            decoder=_edge_decoder(model, r.metric, r.temperature),
+            cloud_decoder=_cloud_decoder(model, cloud, r.metric),
         )
 
     @property
@@ -494,7 +499,8 @@ class Agent:
         decode and score (``shared.decode``), route, maybe ask the cloud; the same
         guarantees as the flat path."""
         model = active.model
-        assert model.preprocessor is not None and model.decoder is not None
+        decoder = active.decoder
+        assert model.preprocessor is not None and decoder is not None
         budget = self._deadline_ms if deadline_ms is None else deadline_ms
         if not 0.0 < budget <= self._max_deadline_ms:  # NaN fails both comparisons
             raise InvalidRequestError(_deadline_error(budget, self._max_deadline_ms))
@@ -529,8 +535,8 @@ class Agent:
             raise BackendError(
                 f"local model {active.edge_ref} failed and the cloud cannot answer"
             ) from None
-        prediction = model.decoder.decode(outputs, prepared.placement)
-        conf = model.decoder.confidence(prediction)
+        prediction = decoder.decode(outputs, prepared.placement)
+        conf = decoder.confidence(prediction)
         local_ms = (self._clock() - start) * 1000.0
         self._local_ms += 0.05 * (local_ms - self._local_ms)
         local: tuple[Any, float, Source, str | None] = (prediction, conf, "edge", None)
@@ -607,7 +613,7 @@ class Agent:
                 InferTensor(name=t.name, datatype="FP32", data=prepared.real(t.name))
                 for t in manifest.inputs
             ]
-        names = [o.name for o in (target.outputs or manifest.outputs)]
+        names = [o.name for o in _cloud_outputs(manifest, target)]
         answer = self._guarded_cloud_call(
             active,
             lambda timeout_s: self._cloud_tensors(inputs, names, target, timeout_s),
@@ -672,23 +678,60 @@ def _frame_placement(prepared: Prepared, fallback: Placement | None) -> Placemen
     )
 
 
-def _cloud_decoder(model: LoadedModel, cloud: CloudTarget | None) -> Decoder | None:
-    """The decoder of a non-flat model's cloud answers: the edge's, unless the cloud's
-    outputs are named apart (``cloud.outputs``), then one built for those, each taking
-    the labels of the edge output with its role."""
-    if cloud is None or model.decoder is None or model.flat:
-        return None
-    if not cloud.outputs:
+def _edge_decoder(
+    model: LoadedModel, metric: ConfidenceMetric | None, temperature: float | None
+) -> Decoder | None:
+    """A non-flat model's decoder with the settings' metric and temperature, when they
+    override the manifest's (else the model's own)."""
+    if model.flat or model.decoder is None or (metric is None and temperature is None):
         return model.decoder
     from shared.decode import build_decoder
 
     m = model.manifest
+    return build_decoder(
+        m,
+        model.label_maps or {},
+        temperature=temperature or m.routing.temperature,
+        metric=metric or m.routing.metric,
+    )
+
+
+def _cloud_outputs(manifest: Manifest, cloud: CloudTarget) -> list[OutputSpec]:
+    """The outputs asked of the cloud: ``cloud.outputs`` when given; for a model with one
+    output, that output under the cloud's name ``cloud.output`` (read per
+    ``cloud.output_kind`` when it holds scores: a cloud classifier names its own output);
+    else the edge's own outputs."""
+    if cloud.outputs:
+        return list(cloud.outputs)
+    if len(manifest.outputs) == 1 and not manifest.is_v1:
+        (edge,) = manifest.outputs
+        update: dict[str, object] = {"name": cloud.output, "quantization": None}
+        if edge.role == "scores":
+            update["activation"] = cloud.output_kind
+        return [edge.model_copy(update=update)]
+    return list(manifest.outputs)
+
+
+def _cloud_decoder(
+    model: LoadedModel, cloud: CloudTarget | None, metric: ConfidenceMetric | None
+) -> Decoder | None:
+    """The decoder of a non-flat model's cloud answers: built for the outputs asked of
+    the cloud (``_cloud_outputs``), each taking the labels of the edge output with its
+    role; temperature 1 (a temperature is fitted to the edge model)."""
+    if cloud is None or model.decoder is None or model.flat:
+        return None
+    from shared.decode import build_decoder
+
+    m = model.manifest
+    outputs = _cloud_outputs(m, cloud)
+    if outputs == list(m.outputs) and m.routing.temperature == 1.0 and metric is None:
+        return model.decoder
     maps = model.label_maps or {}
     by_role = {o.role: maps[o.name] for o in m.outputs if o.name in maps}
-    labels = {o.name: by_role[o.role] for o in cloud.outputs if o.role in by_role}
+    labels = {o.name: by_role[o.role] for o in outputs if o.role in by_role}
     return build_decoder(
-        m.model_copy(update={"outputs": cloud.outputs}),
+        m.model_copy(update={"outputs": outputs}),
         labels,
         temperature=1.0,
-        metric=m.routing.metric,
+        metric=metric or m.routing.metric,
     )

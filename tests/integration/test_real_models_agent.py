@@ -29,7 +29,7 @@ from cloud.releases.registry import Registry
 from shared.decode import Classification, Detections, MultiLabel, Regression
 from shared.errors import InvalidRequestError
 from shared.oip.codec import decode_response, encode_request, parse_header_length
-from shared.oip.types import InferRequest, InferTensor
+from shared.oip.types import InferRequest, InferResponse, InferTensor
 from shared.signing import SigningKey
 from tests.fleet import FLEET, Fleet, wait_for
 from tests.helpers import serve_in_thread
@@ -202,6 +202,14 @@ def test_emotion_classifier_reads_a_gray_face(tmp_path: Path) -> None:
         assert result.label == "happy" and result.index == EMOTIONS.index("happy")
         assert len(result.probs) == 7 and math.isclose(sum(result.probs), 1.0, abs_tol=1e-3)
         assert result.prediction.top_k[0][0] == "happy"
+    probs = sorted(result.probs)
+    # the settings' metric and temperature apply to any model, not only feature vectors
+    with Agent(settings(folder, routing={"metric": "margin"})) as agent:
+        margin = agent.infer(face, mode="edge").confidence
+    assert margin == pytest.approx(probs[-1] - probs[-2], abs=1e-5)
+    with Agent(settings(folder, routing={"temperature": 3.0})) as agent:
+        softer = agent.infer(face, mode="edge").confidence
+    assert softer < result.confidence
 
 
 def test_sine_regression_runs_and_routes_on_mode_and_budget_only(tmp_path: Path) -> None:
@@ -410,3 +418,47 @@ def test_the_systemd_watchdog_probe_runs_any_model(name: str, faces: Path, tmp_p
         )
     with Agent(settings(folder)) as agent:
         model_probe(agent)()  # raises BackendError if the model cannot run
+
+
+def test_an_image_classifier_escalates_to_a_cloud_classifier_under_its_own_names(
+    tmp_path: Path,
+) -> None:
+    """fer escalating (``mode="cloud"``): the preprocessed 64x64x1 tensor goes as FP32
+    under ``cloud.input``, and the cloud's scores come back under its own output name
+    (``cloud.output``), not the TFLite tensor name ``Identity``; decoded with the edge's
+    labels."""
+    from agent.inference.cloud_client import CloudClient
+    from shared.oip.codec import decode_request as decode_oip_request
+    from shared.oip.codec import encode_response
+
+    seen: list[InferRequest] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        req = decode_oip_request(request.content, parse_header_length(request.headers))
+        seen.append(req)
+        probs = np.array([[0.02, 0.02, 0.02, 0.02, 0.02, 0.88, 0.02]], np.float32)
+        resp = InferResponse(
+            model_name="emotions-big", model_version="3", outputs=[InferTensor.of("scores", probs)]
+        )
+        content, headers = encode_response(resp, req)
+        return httpx.Response(200, content=content, headers=headers)
+
+    (tmp_path / "emotions.txt").write_text("\n".join(EMOTIONS) + "\n")
+    (tmp_path / "fer.toml").write_text(
+        'task = "classification"\nlabels = "emotions.txt"\n'
+        '[inputs.x]\nkind = "image"\ncolour = "GRAY"\nmean = [127.5]\nstd = [127.5]\n'
+        '[cloud]\nmodel = "emotions-big"\ninput = "faces"\noutput = "scores"\n'
+    )
+    folder = publish(
+        tmp_path, real_model("fer_emotion"), "emotions", contract=tmp_path / "fer.toml"
+    )
+    cloud = CloudClient("http://cloud.test", transport=httpx.MockTransport(handler))
+    with Agent(settings(folder), cloud=cloud) as agent:
+        result = agent.infer(photo("astronaut")[40:200, 150:300], mode="cloud")
+    assert result.source == "cloud" and result.cloud_model == "emotions-big:3"
+    assert result.label == "surprise" and result.reason == Reason.FORCED_CLOUD
+    (req,) = seen
+    (tensor,) = req.inputs
+    assert (tensor.name, tensor.datatype, tensor.data.shape) == ("faces", "FP32", (1, 64, 64, 1))
+    assert float(tensor.data.min()) >= -1.0 and float(tensor.data.max()) <= 1.0
+    assert [o.name for o in req.outputs or []] == ["scores"]
