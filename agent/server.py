@@ -36,6 +36,7 @@ from agent.inference.result import InferenceResult
 from agent.inference.routing import ROUTE_MODES
 from agent.version import __version__
 from shared.errors import InvalidRequestError, ModelNotFoundError
+from shared.manifest import Manifest
 from shared.oip.http import add_oip_routes, docs_routes_last, install_error_handlers
 from shared.oip.types import (
     SERVER_EXTENSIONS,
@@ -92,9 +93,7 @@ class AgentDataPlane:
                     TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
                     for t in m.inputs
                 ],
-                outputs=[
-                    TensorMetadata(name=o.name, datatype="FP32", shape=o.shape) for o in m.outputs
-                ],
+                outputs=_any_outputs(m),
             )
         spec_in = m.inputs[0]
         return ModelMetadata(
@@ -280,6 +279,26 @@ def _response(agent: Agent, request: InferRequest, results: list[InferenceResult
         outputs=[InferTensor.of(name, columns[name]) for name in wanted],
         parameters=params,
     )
+
+
+def _any_outputs(m: Manifest) -> list[TensorMetadata]:
+    """What infer returns for a non-flat model: its task's result tensors (the prediction
+    type's ``TENSORS``; a custom model's raw outputs) and the routing columns."""
+    from shared.decode import predictions
+
+    by_task = {
+        cls.task: cls.TENSORS
+        for cls in (
+            predictions.Classification,
+            predictions.MultiLabel,
+            predictions.Detections,
+            predictions.Segmentation,
+            predictions.Regression,
+        )
+    }
+    tensors = by_task.get(m.task) or tuple((o.name, "FP32", o.shape) for o in m.outputs)
+    routing = (("confidence", "FP32", [-1]), ("source", "BYTES", [-1]), ("reason", "BYTES", [-1]))
+    return [TensorMetadata(name=n, datatype=d, shape=list(s)) for n, d, s in (*tensors, *routing)]
 
 
 def _any_response(

@@ -64,6 +64,14 @@ class Classification:
     probs: list[float]
     top_k: list[tuple[str, float]]
     task: ClassVar[Task] = "classification"
+    #: What ``to_tensors`` gives: (name, OIP datatype, shape; -1 varies).
+    TENSORS: ClassVar[tuple[tuple[str, str, list[int]], ...]] = (
+        ("label", "BYTES", [1]),
+        ("index", "INT64", [1]),
+        ("probabilities", "FP32", [1, -1]),
+        ("top_k_labels", "BYTES", [1, -1]),
+        ("top_k_scores", "FP32", [1, -1]),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +102,12 @@ class MultiLabel:
     labels: list[tuple[str, float]]
     probs: list[float]
     task: ClassVar[Task] = "multilabel"
+    #: What ``to_tensors`` gives: (name, OIP datatype, shape; -1 varies).
+    TENSORS: ClassVar[tuple[tuple[str, str, list[int]], ...]] = (
+        ("labels", "BYTES", [1, -1]),
+        ("scores", "FP32", [1, -1]),
+        ("probabilities", "FP32", [1, -1]),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +158,14 @@ class Detections:
     candidate_scores: tuple[float, ...] = ()
     threshold: float = 0.0
     task: ClassVar[Task] = "detection"
+    #: What ``to_tensors`` gives: (name, OIP datatype, shape; -1 varies).
+    TENSORS: ClassVar[tuple[tuple[str, str, list[int]], ...]] = (
+        ("boxes", "FP32", [1, -1, 4]),
+        ("scores", "FP32", [1, -1]),
+        ("classes", "INT64", [1, -1]),
+        ("labels", "BYTES", [1, -1]),
+        ("count", "INT64", [1]),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "detections": [d.to_dict() for d in self.items]}
@@ -179,6 +201,12 @@ class Segmentation:
     max_prob_quantile: float = 1.0
     placement: Placement | None = None
     task: ClassVar[Task] = "segmentation"
+    #: What ``to_tensors`` gives: (name, OIP datatype, shape; -1 varies).
+    TENSORS: ClassVar[tuple[tuple[str, str, list[int]], ...]] = (
+        ("mask", "INT32", [1, -1, -1]),
+        ("area_labels", "BYTES", [1, -1]),
+        ("areas", "FP32", [1, -1]),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -228,6 +256,8 @@ class Regression:
 
     values: list[float]
     task: ClassVar[Task] = "regression"
+    #: What ``to_tensors`` gives: (name, OIP datatype, shape; -1 varies).
+    TENSORS: ClassVar[tuple[tuple[str, str, list[int]], ...]] = (("values", "FP32", [1, -1]),)
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "values": [_round(v) for v in self.values]}

@@ -133,6 +133,7 @@ def test_local_endpoint_serves_the_detector_to_an_oip_client(faces: Path) -> Non
     with Agent(settings(faces)) as agent, serve_in_thread(create_app(agent)) as url:
         meta = httpx.get(f"{url}/v2/models/faces").json()
         assert [i["name"] for i in meta["inputs"]] == ["input"]
+        declared = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
         request = InferRequest(
             inputs=[InferTensor("input", "BYTES", np.array([jpeg], dtype=np.object_))]
         )
@@ -142,6 +143,12 @@ def test_local_endpoint_serves_the_detector_to_an_oip_client(faces: Path) -> Non
         )
         assert reply.status_code == 200, reply.text
         response = decode_response(reply.content, parse_header_length(reply.headers))
+        # the metadata names every output infer gives, with its datatype and rank
+        assert declared == {o.name: (o.datatype, declared[o.name][1]) for o in response.outputs}, (
+            declared
+        )
+        for o in response.outputs:
+            assert len(o.shape) == len(declared[o.name][1]), o.name
         boxes = response.output("boxes").data
         assert boxes.shape[-1] == 4 and inside_face(tuple(boxes.reshape(-1, 4)[0].tolist()))
         frame = photo("astronaut")[0:300, 100:420]
