@@ -200,12 +200,13 @@ def _input(t: TensorSpec, entry: InputEntry, meta: TensorMetadata, onnx: bool) -
             layout: Layout = entry.layout or ("NCHW" if onnx and _channels_first(shape) else "NHWC")
             channels = shape[1] if layout == "NCHW" else shape[3]
             colour: Colour = entry.colour or meta.colour or ("GRAY" if channels == 1 else "RGB")
+            mean, std = _pixel_normalisation(t, entry.mean, entry.std, meta.mean, meta.std)
             image = ImageSpec(
                 layout=layout,
                 colour=colour,
                 resize=entry.resize or "squash",
-                mean=entry.mean or meta.mean or [0.0],
-                std=entry.std or meta.std or [1.0],
+                mean=mean,
+                std=std,
             )
         elif kind == "audio":
             if entry.sample_rate is None:
@@ -225,6 +226,27 @@ def _input(t: TensorSpec, entry: InputEntry, meta: TensorMetadata, onnx: bool) -
         )
     except ValidationError as exc:
         raise ContractError(f"input {t.name!r}: {_first(exc)}") from None
+
+
+def _pixel_normalisation(
+    t: TensorSpec,
+    mean: list[float] | None,
+    std: list[float] | None,
+    meta_mean: list[float] | None,
+    meta_std: list[float] | None,
+) -> tuple[list[float], list[float]]:
+    """An image input's mean/std: the contract file's, else (for a float input) the
+    metadata's, else what feeds the pixels in as they are. A quantized uint8 input takes
+    raw pixels (TFLite Metadata's normalisation is for float inputs, TFLite Support does not
+    apply it to quantized ones): mean = zero point, std = 1 / scale makes the quantized
+    value the pixel itself (mean 0, std 1 would saturate every pixel above 0 at 255 on a
+    (1/128, 128) input, and the model would answer the same for every picture)."""
+    if mean is not None or std is not None:
+        return mean or [0.0], std or [1.0]
+    if t.datatype == "UINT8" and t.quantization is not None:
+        q = t.quantization
+        return [float(q.zero_point)], [1.0 / q.scale]
+    return meta_mean or [0.0], meta_std or [1.0]
 
 
 def _channels_first(shape: list[int]) -> bool:

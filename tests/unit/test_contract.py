@@ -161,3 +161,31 @@ def test_a_v1_release_signed_before_v2_existed_still_verifies() -> None:
     assert m.is_v1 and m.labels == ["a", "b", "c"]
     with pytest.raises(SignatureError):
         trust.verify(m.model_copy(update={"version": 2}))
+
+
+def test_a_quantized_uint8_image_input_takes_raw_pixels_by_default() -> None:
+    """With no mean/std in the contract file, a quantized uint8 image input gets mean =
+    zero point, std = 1/scale: the quantized value is the pixel, and the frame goes in as
+    it is. Mean 0, std 1 (the float default) saturated every pixel above 0 at 255 on a
+    (1/128, 128) input; the metadata's normalisation is for float inputs."""
+    import numpy as np
+
+    from cloud.releases.contract_builder import _pixel_normalisation
+    from shared.contract import ImageSpec, InputSpec, Quantization, TensorSpec
+    from shared.preprocess import Preprocessor
+
+    t = TensorSpec(
+        name="x",
+        shape=[1, 8, 8, 3],
+        datatype="UINT8",
+        quantization=Quantization(scale=1 / 128, zero_point=128),
+    )
+    mean, std = _pixel_normalisation(t, None, None, [127.5], [127.5])
+    assert (mean, std) == ([128.0], [128.0])
+    assert _pixel_normalisation(t, [0.0], [255.0], None, None) == ([0.0], [255.0])
+    float_input = t.model_copy(update={"datatype": "FP32", "quantization": None})
+    assert _pixel_normalisation(float_input, None, None, [127.5], [127.5]) == ([127.5], [127.5])
+    spec = InputSpec(**t.model_dump(), kind="image", image=ImageSpec(mean=mean, std=std))
+    frame = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    (tensor,) = Preprocessor([spec], 1_000_000).prepare(frame).tensors.values()
+    assert np.array_equal(tensor[0], frame) and np.shares_memory(tensor, frame)
