@@ -9,7 +9,8 @@ Two pairs, each an int8 TFLite edge model and a bigger ONNX cloud model
 Writes under ``--out`` (default ``out/image``) a folder per edge model (``model.tflite``,
 ``contract.toml``, ``labels.txt``, golden PNGs, ``reference.npz``), the cloud repository
 ``cloud/`` (serve it with ``tandem-cloud serve --repo OUT/cloud``) and ``metrics.json``;
-prints the table. ``--quick 0.3`` trains on 30% of the pictures and epochs (the tests).
+prints the table. ``--quick 0.3`` trains on 30% of the pictures and epochs (the tests);
+``--only detector`` builds one pair (``metrics.json`` keeps the other's figures).
 
 Package an edge model with, e.g.::
 
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick is not None:
             settings = quick(settings, args.quick)
         figures[key] = build_pair(settings, out)
-    (out / "metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
+    # a pair built alone replaces its own figures and keeps the other's
+    metrics = out / "metrics.json"
+    kept = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    metrics.write_text(json.dumps({**kept, **figures}, indent=2) + "\n")
     print(table(figures))
     return 0
 

@@ -65,39 +65,63 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
 
 
+@dataclass(frozen=True)
+class Marked:
+    """One picture's detections marked right or wrong against its truth, and the classes
+    of its truth boxes: all mAP needs, whichever other pictures it is pooled with."""
+
+    scores: np.ndarray
+    classes: np.ndarray
+    hits: np.ndarray
+    truth_classes: np.ndarray
+
+
+def mark(found: Detections, truth: tuple[np.ndarray, np.ndarray], iou: float = 0.5) -> Marked:
+    """A detection is right when it overlaps a truth box of its class not yet matched by
+    a better detection by at least ``iou`` (its best-overlapping such box; VOC's rule).
+    Matching stays inside a picture, so it can be done once per picture."""
+    boxes, classes = truth
+    order = np.argsort(-found.scores, kind="stable")
+    hits = np.zeros(len(order), dtype=bool)
+    matched = np.zeros(len(classes), dtype=bool)
+    for j in order:
+        same = np.flatnonzero(classes == found.classes[j])
+        if not len(same):
+            continue
+        overlaps = box_iou(found.boxes[j], boxes[same])
+        k = int(overlaps.argmax())
+        if overlaps[k] >= iou and not matched[same[k]]:
+            matched[same[k]] = hits[j] = True
+    return Marked(found.scores, found.classes, hits, np.asarray(classes))
+
+
+def pooled_map(pictures: Sequence[Marked]) -> tuple[float, dict[int, float]]:
+    """mAP and each class's AP over ``pictures``; classes with no truth box are left out."""
+    scores = np.concatenate([m.scores for m in pictures]) if pictures else np.zeros(0)
+    classes = np.concatenate([m.classes for m in pictures]) if pictures else np.zeros(0)
+    hits = np.concatenate([m.hits for m in pictures]) if pictures else np.zeros(0, bool)
+    truth = np.concatenate([m.truth_classes for m in pictures]) if pictures else np.zeros(0)
+    per_class: dict[int, float] = {}
+    for c in sorted({int(v) for v in truth}):
+        mine = np.flatnonzero(classes == c)
+        ranked = hits[mine[np.argsort(-scores[mine], kind="stable")]]
+        if not len(ranked):
+            per_class[c] = 0.0
+            continue
+        tp = np.cumsum(ranked)
+        recall = tp / int((truth == c).sum())
+        per_class[c] = average_precision(recall, tp / np.arange(1, len(ranked) + 1))
+    return (float(np.mean(list(per_class.values()))) if per_class else 0.0), per_class
+
+
 def mean_average_precision(
     predictions: Sequence[Detections],
     truths: Sequence[tuple[np.ndarray, np.ndarray]],
     iou: float = 0.5,
 ) -> tuple[float, dict[int, float]]:
     """mAP@``iou`` and each class's AP. ``truths``: per picture, boxes ``[k, 4]`` and
-    classes ``[k]``. A detection is a true positive when it overlaps a not yet matched
-    truth box of its class by at least ``iou`` (detections taken best first over all
-    pictures); classes with no truth box are left out of the mean."""
-    per_class: dict[int, float] = {}
-    classes = sorted({int(c) for _, cs in truths for c in cs})
-    for c in classes:
-        total = sum(int((cs == c).sum()) for _, cs in truths)
-        found: list[tuple[float, int, np.ndarray]] = []
-        for i, d in enumerate(predictions):
-            for box, score in zip(d.boxes[d.classes == c], d.scores[d.classes == c]):
-                found.append((float(score), i, box))
-        found.sort(key=lambda f: -f[0])
-        matched = [np.zeros(int((cs == c).sum()), dtype=bool) for _, cs in truths]
-        hits = np.zeros(len(found), dtype=bool)
-        for j, (_, i, box) in enumerate(found):
-            gt = truths[i][0][truths[i][1] == c]
-            if not len(gt):
-                continue
-            overlaps = box_iou(box, gt)
-            k = int(overlaps.argmax())
-            if overlaps[k] >= iou and not matched[i][k]:
-                matched[i][k] = hits[j] = True
-        tp = np.cumsum(hits)
-        recall = tp / max(total, 1)
-        precision = tp / np.arange(1, len(found) + 1)
-        per_class[c] = average_precision(recall, precision) if len(found) else 0.0
-    return (float(np.mean(list(per_class.values()))) if per_class else 0.0), per_class
+    classes ``[k]``. Detections are ranked by score over all pictures (PASCAL VOC)."""
+    return pooled_map([mark(d, t, iou) for d, t in zip(predictions, truths, strict=True)])
 
 
 def confidence(scores: np.ndarray, floor: float) -> float:
@@ -122,11 +146,10 @@ def hybrid_curve(
 ) -> list[HybridPoint]:
     """A picture escalates when the edge's confidence is below the threshold."""
     conf = np.array([confidence(d.scores, floor) for d in edge])
+    marked = [[mark(d, t) for d, t in zip(side, truths, strict=True)] for side in (edge, cloud)]
     points = []
     for t in thresholds:
         escalate = conf < t
-        mixed = [c if e else d for d, c, e in zip(edge, cloud, escalate)]
-        points.append(
-            HybridPoint(float(t), float(escalate.mean()), mean_average_precision(mixed, truths)[0])
-        )
+        mixed = [marked[int(e)][i] for i, e in enumerate(escalate)]
+        points.append(HybridPoint(float(t), float(escalate.mean()), pooled_map(mixed)[0]))
     return points
