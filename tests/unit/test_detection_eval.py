@@ -54,6 +54,10 @@ def test_average_precision_is_the_monotone_area() -> None:
     assert average_precision(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])) == (
         pytest.approx(0.5 + 0.5 * 2 / 3)
     )
+    # a miss, then two hits: precision .5 at recall .5 counts as the 2/3 reached later
+    assert average_precision(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.5, 2 / 3])) == (
+        pytest.approx(2 / 3)
+    )
     assert average_precision(np.array([]), np.array([])) == 0.0
 
 
