@@ -167,8 +167,11 @@ def last_state(fleet: Fleet, device: str, version: int) -> tuple[str, str] | Non
 
 
 @contextmanager
-def running_fleet(tmp: Path, broker: Mosquitto, *, token: str | None = None) -> Iterator[Fleet]:
-    """The fleet; with ``token``, the cloud server requires it (registry included)."""
+def running_fleet(
+    tmp: Path, broker: Mosquitto, *, token: str | None = None, repo: Path = CLOUD_REPO
+) -> Iterator[Fleet]:
+    """The fleet; with ``token``, the cloud server requires it (registry included); its
+    cloud serves the model repository ``repo``."""
     key = SigningKey.generate()
     trust = TrustStore()
     trust.add(key.public_b64)
@@ -191,7 +194,7 @@ def running_fleet(tmp: Path, broker: Mosquitto, *, token: str | None = None) -> 
         (EDGE_INT8 / "model.tflite").read_bytes(),
     )
     tokens = [SecretStr(token)] if token else []
-    server = Asgi(create_app(CloudSettings(repo=CLOUD_REPO, registry=registry_dir, tokens=tokens)))
+    server = Asgi(create_app(CloudSettings(repo=repo, registry=registry_dir, tokens=tokens)))
     store = FleetStore(tmp / "fleet.db")
     controller = MqttClient(
         MqttSettings(url=broker.service_url, username="controller", password=SecretStr("ctl-pw")),
