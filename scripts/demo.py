@@ -6,8 +6,10 @@ prints accuracy, share escalated and latency per mode. Then a fleet of agents on
 (an embedded one unless ``--broker`` names one) receives a signed model update while they
 serve traffic (``demo_fleet.py``). It sweeps the routing threshold (from the measured
 per-sample edge and cloud answers) and writes the accuracy-versus-escalation curve as
-``curve.png`` and ``curve.json``. Last, it stops the cloud and shows that every request is
-still answered within its deadline. It stops everything it started.
+``curve.png`` and ``curve.json``. Then the image hybrid: Tandem's own detector pair
+(``models/image``) packaged, served and run on held-out synthetic scenes in each mode, with
+mAP@0.5 against escalation (``curve_detection.png``). Last, it stops the cloud and shows
+that every request is still answered within its deadline. It stops everything it started.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
+import hybrid_detection
 from demo_fleet import FLEET, fresh, run_fleet_demo
 from hybrid import ModeRun, run_mode, sweep
 from local_broker import local_broker
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         "else embedded; the default)",
     )
     parser.add_argument("--agents", type=int, default=3, help="agents in the fleet part")
+    parser.add_argument(
+        "--scenes", type=int, default=200, help="held-out scenes in the image hybrid (0: skip)"
+    )
     parser.add_argument(
         "--update-dir",
         type=Path,
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out / "cloud" / "fleet.db",
             args.hold_s,
         )
+        image = None
+        if args.scenes:
+            image = image_hybrid(stack, args)
         cloud.stop()
         down = run_mode(agent, "auto, cloud down", "auto", test, args.deadline_ms)
 
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threshold": threshold,
                 "modes": rows,
                 "fleet": fleet,
+                "image_hybrid": image,
             },
             indent=2,
         )
@@ -195,6 +205,32 @@ def main(argv: list[str] | None = None) -> int:
         f"\nwrote {args.out / 'curve.png'}, {args.out / 'curve.json'}, {args.out / 'results.json'}"
     )
     return 0
+
+
+def image_hybrid(stack: contextlib.ExitStack, args: argparse.Namespace) -> dict[str, Any]:
+    """The detector pair on held-out scenes: its own cloud process (the image repository),
+    every mode, the swept curve; printed, plotted and returned for ``results.json``."""
+    cloud = stack.enter_context(
+        CloudProcess(
+            hybrid_detection.IMAGE_REPO, delay_ms=args.wan_ms, log=args.out / "cloud-image.log"
+        )
+    )
+    print(
+        f"\nimage hybrid: {args.scenes} held-out scenes of 1-4 digits, the int8 edge detector "
+        f"escalating its frame to the cloud detector at {cloud.url}"
+    )
+    runs, curve, threshold = hybrid_detection.run_image_hybrid(
+        cloud.url, args.scenes, args.deadline_ms * 10, args.out
+    )
+    print(hybrid_detection.table(runs), flush=True)
+    hybrid_detection.plot(curve, runs, threshold, args.out / "curve_detection.png")
+    (args.out / "curve_detection.json").write_text(json.dumps(curve, indent=1) + "\n")
+    print(f"wrote {args.out / 'curve_detection.png'} (mAP@0.5 vs escalation)")
+    cloud.stop()
+    return {
+        "threshold": threshold,
+        "modes": {name: run.summary() for name, run in runs.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ the bundle's own threshold run for real in auto mode as a check on the sweep.
 Without ``--cloud-url`` it starts ``tandem-cloud serve`` on ``--repo`` with a simulated
 wide-area delay of ``--wan-ms``. Prints a table; writes ``eval_hybrid.json`` and
 ``eval_hybrid.png``.
+
+``--detection`` evaluates the image detector pair instead (``models/image``, see
+``hybrid_detection.py``): mAP@0.5 of edge, cloud and auto on ``--scenes`` held-out synthetic
+scenes, the share escalated, the swept curve (``eval_hybrid_detection.json``/``.png``).
+
+    python scripts/eval_hybrid.py --detection [--scenes 400] [--wan-ms 40]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset
+import hybrid_detection
 from demo import plot
 from hybrid import run_mode, sweep
 from procs import CloudProcess
@@ -35,13 +42,19 @@ from agent import Agent, AgentSettings
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True, help="model.tflite + manifest")
+    parser.add_argument("--bundle", type=Path, help="model.tflite + manifest (classifiers)")
     parser.add_argument("--cloud-url", help="a running OIP endpoint; default: start one")
     parser.add_argument("--repo", type=Path, default=dataset.ROOT / "models/cloud")
     parser.add_argument("--wan-ms", type=float, default=40.0, help="simulated round trip")
     parser.add_argument("--data", type=Path, default=dataset.DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "eval_hybrid")
+    parser.add_argument("--detection", action="store_true", help="the image detector pair")
+    parser.add_argument("--scenes", type=int, default=400, help="held-out scenes (--detection)")
     args = parser.parse_args(argv)
+    if args.detection:
+        return detection(args)
+    if args.bundle is None:
+        parser.error("--bundle is required (or --detection)")
     test = dataset.load(args.data).test
     args.out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -87,6 +100,41 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "eval_hybrid.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(curve, runs, threshold, args.out / "eval_hybrid.png")
     print(f"wrote {args.out / 'eval_hybrid.json'} and eval_hybrid.png")
+    return 0
+
+
+def detection(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        url = args.cloud_url
+        if url is None:
+            url = stack.enter_context(
+                CloudProcess(hybrid_detection.IMAGE_REPO, delay_ms=args.wan_ms)
+            ).url
+        runs, curve, threshold = hybrid_detection.run_image_hybrid(
+            url, args.scenes, 10_000.0, args.out
+        )
+    at = min(curve, key=lambda c: abs(c["threshold"] - threshold))
+    print(f"{'threshold':>9} {'mAP@0.5':>8} {'escalated':>9} {'mean ms':>8}")
+    for c in curve:
+        if round(c["threshold"] * 100) % 10 == 0 or c is at:
+            mark = "  <- release" if c is at else ""
+            print(
+                f"{c['threshold']:9.2f} {c['map50']:8.3f} {100 * c['escalated']:8.1f}% "
+                f"{c['mean_ms']:8.2f}{mark}"
+            )
+    print(hybrid_detection.table(runs))
+    result = {
+        "scenes": args.scenes,
+        "wan_ms": args.wan_ms if args.cloud_url is None else None,
+        "threshold": threshold,
+        "modes": {name: run.summary() for name, run in runs.items()},
+        "curve": curve,
+        "at_threshold": at,
+    }
+    (args.out / "eval_hybrid_detection.json").write_text(json.dumps(result, indent=2) + "\n")
+    hybrid_detection.plot(curve, runs, threshold, args.out / "eval_hybrid_detection.png")
+    print(f"wrote {args.out / 'eval_hybrid_detection.json'} and eval_hybrid_detection.png")
     return 0
 
 
