@@ -11,9 +11,7 @@ made again here from their seed, so every score below is measured in this proces
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +28,17 @@ from cloud.releases.contract_file import load_contract
 from cloud.settings import CloudSettings
 from shared.oip.codec import decode_response, encode_request, parse_header_length
 from shared.oip.types import InferRequest, InferTensor, RequestedOutput
-from tests.helpers import ROOT, serve_in_thread
+from tests.helpers import serve_in_thread
 
 pytestmark = pytest.mark.slow
-#: Share of the full build's pictures and epochs, per pair. The detector's is enough for
-#: both detectors to learn, the cloud one clearly ahead (mAP 0.77 against 0.27 here); the
-#: classifiers are only checked for what they are, not how well they learnt.
-QUICK = {"classifier": 0.1, "detector": 0.5}
 PAIRS: dict[str, PairSettings] = {"classifier": CLASSIFIER, "detector": DETECTOR}
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("image")
-    for pair, share in QUICK.items():
-        script = ["scripts/build_image_models.py", "--out", str(out), "--only", pair]
-        proc = subprocess.run(
-            [sys.executable, *script, "--quick", str(share)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert PAIRS[pair].cloud_name in proc.stdout  # the table
-    yield out, json.loads((out / "metrics.json").read_text())
+def built(image_models: Path) -> tuple[Path, dict[str, Any]]:
+    """The session's build (``tests/integration/conftest.py``: the classifier on 10%, the
+    detector on 50% of the full build's pictures and epochs) and its figures."""
+    return image_models, json.loads((image_models / "metrics.json").read_text())
 
 
 def _interpreter(path: Path) -> Any:
