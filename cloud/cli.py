@@ -163,9 +163,29 @@ def _model_package_v2(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_optimize(args: argparse.Namespace) -> int:
+    """``--task image-classifier|image-detector``: the image pair built end to end
+    (``cloud/pipeline/image_pipeline.py``: train, int8 TFLite edge, ONNX cloud, check,
+    measure, calibrate routing per task), its headline figures printed as JSON."""
+    if args.quick is not None and not 0 < args.quick <= 1:
+        raise SettingsError(f"--quick: a share in (0, 1], got {args.quick}")
+    from cloud.pipeline.image_pipeline import CLASSIFIER, DETECTOR, build_pair, quick
+
+    pair = CLASSIFIER if args.task == "image-classifier" else DETECTOR
+    if args.quick is not None:
+        pair = quick(pair, args.quick)
+    out: Path = args.out or Path("out/image")
+    out.mkdir(parents=True, exist_ok=True)
+    figures = build_pair(pair, out)
+    print(json.dumps({"task": args.task, "out": str(out), **figures}, default=str))
+    return 0
+
+
 def _model_optimize(args: argparse.Namespace) -> int:
     """Runs the model pipeline (needs the ``build`` extra) and prints its headline figures.
     Its settings are checked before the heavy pipeline is imported."""
+    if args.task != "digits":
+        return _image_optimize(args)
     from cloud.pipeline.settings import OptimizeSettings
 
     values: dict[str, Any] = load_toml(args.settings) if args.settings is not None else {}
@@ -286,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt = model.add_parser(
         "optimize",
         help="train, distill, quantize, prune, calibrate and measure edge variants (build extra)",
+    )
+    opt.add_argument(
+        "--task",
+        choices=("digits", "image-classifier", "image-detector"),
+        default="digits",
+        help="digits: the feature-vector MLP pipeline (the flags below); image-classifier / "
+        "image-detector: a CNN pair on synthetic pictures (int8 TFLite edge, ONNX cloud)",
+    )
+    opt.add_argument(
+        "--quick", type=float, help="image tasks: share of the pictures and epochs (0..1]"
     )
     opt.add_argument("--settings", type=Path, help="TOML with OptimizeSettings fields")
     opt.add_argument("--data", type=Path, help="split file (x, y, train, calib, test)")

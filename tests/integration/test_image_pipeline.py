@@ -11,6 +11,7 @@ made again here from their seed, so every score below is measured in this proces
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from cloud.releases.contract_file import load_contract
 from cloud.settings import CloudSettings
 from shared.oip.codec import decode_response, encode_request, parse_header_length
 from shared.oip.types import InferRequest, InferTensor, RequestedOutput
-from tests.helpers import serve_in_thread
+from tests.helpers import ROOT, serve_in_thread
 
 pytestmark = pytest.mark.slow
 PAIRS: dict[str, PairSettings] = {"classifier": CLASSIFIER, "detector": DETECTOR}
@@ -256,3 +257,25 @@ def test_cloud_server_serves_both_detector_outputs(built: tuple[Path, dict[str, 
 
 def test_tensorflow_never_loaded_here() -> None:
     assert "tensorflow" not in sys.modules
+
+
+def test_model_optimize_builds_an_image_pair_from_the_command_line(tmp_path: Path) -> None:
+    """``tandem-cloud model optimize --task image-detector`` is the same build (in its own
+    process: TensorFlow and the agent's runtime never share one)."""
+    cmd = [sys.executable, "-m", "cloud.cli", "model", "optimize", "--task", "image-detector"]
+    proc = subprocess.run(
+        [*cmd, "--quick", "0.05", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["task"] == "detection" and summary["metric"] == "map50"
+    assert (tmp_path / DETECTOR.name / "model.tflite").is_file()
+    assert (tmp_path / "cloud" / DETECTOR.cloud_name / "1" / "model.onnx").is_file()
+    contract = load_contract(tmp_path / DETECTOR.name / "contract.toml")
+    assert contract.spec.task == "detection"
+    bad = subprocess.run([*cmd, "--quick", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--quick" in bad.stderr
