@@ -253,25 +253,42 @@ def _response(agent: Agent, request: InferRequest, results: list[InferenceResult
         "source": np.array([r.source.encode() for r in results], dtype=object),
         "reason": np.array([r.reason.encode() for r in results], dtype=object),
     }
+    return _reply(agent, columns, wanted, _parameters(agent, results))
+
+
+def _parameters(agent: Agent, results: list[InferenceResult]) -> dict[str, Param]:
+    """The response parameters: for one result the fields of ``InferenceResult`` (and,
+    beyond a flat classifier, ``task`` and the whole result as JSON); for several, how many
+    went to the cloud."""
     params: dict[str, Param] = {"edge_model": agent.model.manifest.ref}
-    if len(results) == 1:
-        r = results[0]
-        params.update(
-            label=r.label,
-            confidence=r.confidence,
-            source=r.source,
-            reason=r.reason,
-            edge_model=r.edge_model,
-            latency_total_ms=r.latency.total_ms,
-        )
-        if r.cloud_model:
-            params["cloud_model"] = r.cloud_model
-        if r.latency.local_ms is not None:
-            params["latency_local_ms"] = r.latency.local_ms
-        if r.latency.cloud_ms is not None:
-            params["latency_cloud_ms"] = r.latency.cloud_ms
-    else:
+    if len(results) != 1:
         params["escalated"] = sum(r.source == "cloud" for r in results)
+        return params
+    (r,) = results
+    params.update(
+        confidence=r.confidence,
+        source=r.source,
+        reason=r.reason,
+        edge_model=r.edge_model,
+        latency_total_ms=r.latency.total_ms,
+    )
+    if r.index >= 0:
+        params["label"] = r.label
+    if r.cloud_model:
+        params["cloud_model"] = r.cloud_model
+    if r.latency.local_ms is not None:
+        params["latency_local_ms"] = r.latency.local_ms
+    if r.latency.cloud_ms is not None:
+        params["latency_cloud_ms"] = r.latency.cloud_ms
+    if r.prediction is not None:
+        params["task"] = r.task
+        params["result"] = json.dumps(r.to_dict(), separators=(",", ":"))
+    return params
+
+
+def _reply(
+    agent: Agent, columns: dict[str, np.ndarray], wanted: Any, params: dict[str, Param]
+) -> InferResponse:
     m = agent.model.manifest
     return InferResponse(
         model_name=m.model,
@@ -322,28 +339,9 @@ def _any_response(
     unknown = [w for w in wanted if w not in columns]
     if unknown:
         raise InvalidRequestError(f"unknown outputs {unknown}; outputs are {list(columns)}")
-    params: dict[str, Param] = {"edge_model": agent.model.manifest.ref, "task": first.task}
-    if len(results) == 1:
-        params.update(
-            confidence=first.confidence,
-            source=first.source,
-            reason=first.reason,
-            latency_total_ms=first.latency.total_ms,
-            result=json.dumps(first.to_dict(), separators=(",", ":")),
-        )
-        if first.index >= 0:
-            params["label"] = first.label
-        if first.cloud_model:
-            params["cloud_model"] = first.cloud_model
-    else:
-        params["escalated"] = sum(r.source == "cloud" for r in results)
-    m = agent.model.manifest
-    return InferResponse(
-        model_name=m.model,
-        model_version=str(m.version),
-        outputs=[InferTensor.of(name, columns[name]) for name in wanted],
-        parameters=params,
-    )
+    params = _parameters(agent, results)
+    params["task"] = first.task
+    return _reply(agent, columns, wanted, params)
 
 
 def create_app(agent: Agent) -> FastAPI:
