@@ -14,8 +14,8 @@ from agent.inference.backends.fake import FakeBackend
 from agent.inference.cloud_client import CloudClient
 from agent.inference.model import LoadedModel
 from shared.manifest import (
-    CloudTarget,
     MANIFEST_SCHEMA_V1,
+    CloudTarget,
     EdgeArtifact,
     Manifest,
     RoutingDefaults,

@@ -10,8 +10,8 @@ from typing import Any
 
 from cloud.releases.packaging import tensor_spec
 from shared.manifest import (
-    MANIFEST_SCHEMA_V1,
     MANIFEST_FILE,
+    MANIFEST_SCHEMA_V1,
     CloudTarget,
     EdgeArtifact,
     GoldenSample,

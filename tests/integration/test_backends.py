@@ -99,7 +99,7 @@ def test_a_contract_the_artifact_contradicts_is_a_load_error(
         load_model(tmp_path, TFLiteSettings())
     wide = m.model_copy(update={"output": m.output.model_copy(update={"shape": [-1, 1, 10]})})
     (tmp_path / "manifest.json").write_text(wide.to_json())
-    with pytest.raises(ModelLoadError, match="TFLite output .* has shape"):
+    with pytest.raises(ModelLoadError, match=r"TFLite output .* has shape"):
         load_model(tmp_path, TFLiteSettings())
 
 
