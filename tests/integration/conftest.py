@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +54,26 @@ def image_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+#: ``model package --name`` through the CLI: ``(edge, name, *flags) -> (exit code, stdout,
+#: stderr)``, into ``tmp_path/reg`` with a key made in ``tmp_path/keys``.
+PackageCli = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def package_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> PackageCli:
+    from cloud.cli import main as cloud_main
+
+    assert cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")]) == 0
+    capsys.readouterr()
+
+    def run(edge: Path, name: str, *flags: str) -> tuple[int, str, str]:
+        key = tmp_path / "keys" / "operator.key"
+        argv = ["model", "package", "--edge", str(edge), "--name", name]
+        code = cloud_main([*argv, "--registry", str(tmp_path / "reg"), "--key", str(key), *flags])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err, err
+        return code, out, err
+
+    return run

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud.cli import main as cloud_main
 from cloud.releases.registry import Registry
 from shared.bundle import load_npz, read_golden, read_labels, verify_files
 from shared.decode import Classification, Detections, build_decoder
@@ -23,6 +22,7 @@ from shared.manifest import Manifest
 from shared.preprocess import Preprocessor
 from shared.signing import TrustStore
 from tests.helpers import serve_in_thread
+from tests.integration.conftest import PackageCli
 from tests.real_models import photo, photo_file, real_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,29 +37,11 @@ Package = Callable[..., tuple[int, dict[str, object], str]]
 
 
 @pytest.fixture
-def package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Package:
+def package(package_cli: PackageCli) -> Package:
     """``model package`` through the CLI into ``tmp_path/reg``: (exit code, JSON out, err)."""
-    assert cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")]) == 0
-    capsys.readouterr()
 
     def run(edge: Path, name: str, *flags: str) -> tuple[int, dict[str, object], str]:
-        code = cloud_main(
-            [
-                "model",
-                "package",
-                "--edge",
-                str(edge),
-                "--name",
-                name,
-                "--registry",
-                str(tmp_path / "reg"),
-                "--key",
-                str(tmp_path / "keys" / "operator.key"),
-                *flags,
-            ]
-        )
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
+        code, out, err = package_cli(edge, name, *flags)
         return code, (json.loads(out) if code == 0 else {}), err
 
     return run

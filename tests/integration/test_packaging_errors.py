@@ -18,6 +18,7 @@ from cloud.cli import main as cloud_main
 from cloud.releases.registry import Registry
 from shared.bundle import read_golden, read_labels, verify_files
 from shared.decode import Detections, build_decoder
+from tests.integration.conftest import PackageCli
 from tests.real_models import photo_file, real_model
 from tests.tflite_builder import waveform_model
 
@@ -25,29 +26,15 @@ EMOTIONS = "angry\ndisgust\nfear\nhappy\nsad\nsurprise\nneutral\n"
 
 
 class Packager:
-    def __init__(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.tmp, self.capsys = tmp_path, capsys
-        assert cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")]) == 0
-        capsys.readouterr()
+    """``package_cli`` with the checks every refusal here must pass: one line on stderr,
+    no traceback, nothing published."""
+
+    def __init__(self, tmp_path: Path, cli: PackageCli) -> None:
+        self.tmp, self.cli = tmp_path, cli
 
     def __call__(self, edge: Path, name: str, *flags: str) -> tuple[int, str]:
-        code = cloud_main(
-            [
-                "model",
-                "package",
-                "--edge",
-                str(edge),
-                "--name",
-                name,
-                "--registry",
-                str(self.tmp / "reg"),
-                "--key",
-                str(self.tmp / "keys" / "operator.key"),
-                *flags,
-            ]
-        )
-        out, err = self.capsys.readouterr()
-        assert "Traceback" not in err and "Error:" not in err, err
+        code, out, err = self.cli(edge, name, *flags)
+        assert "Error:" not in err, err
         if code == 0:
             json.loads(out)
         else:
@@ -65,8 +52,8 @@ class Packager:
 
 
 @pytest.fixture
-def package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Packager:
-    return Packager(tmp_path, capsys)
+def package(tmp_path: Path, package_cli: PackageCli) -> Packager:
+    return Packager(tmp_path, package_cli)
 
 
 def test_a_truncated_tflite_is_refused(package: Packager) -> None:

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cloud.cli import main as cloud_main
 from cloud.releases.registry import Registry
 from cloud.releases.tflite_file import _box_format, read_tflite
 from shared.bundle import read_golden, read_labels, verify_files
 from shared.errors import ContractError
+from tests.integration.conftest import PackageCli
 from tests.real_models import photo, real_model
 from tests.tflite_builder import metadata_buffer, with_metadata
 
@@ -33,28 +33,9 @@ EMOTIONS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
 @pytest.fixture
-def package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
-    assert cloud_main(["keys", "generate", "--dir", str(tmp_path / "keys")]) == 0
-    capsys.readouterr()
-
+def package(package_cli: PackageCli) -> Any:
     def run(edge: Path, name: str, *flags: str) -> tuple[int, str]:
-        code = cloud_main(
-            [
-                "model",
-                "package",
-                "--edge",
-                str(edge),
-                "--name",
-                name,
-                "--registry",
-                str(tmp_path / "reg"),
-                "--key",
-                str(tmp_path / "keys" / "operator.key"),
-                *flags,
-            ]
-        )
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err
+        code, out, err = package_cli(edge, name, *flags)
         if code == 0:
             json.loads(out)
         return code, err
