@@ -142,6 +142,25 @@ def _check_probabilities(
             )
 
 
+def _check_class_ids(outputs: list[OutputSpec], got: dict[str, np.ndarray], where: str) -> None:
+    """A ``classes`` output holds class ids: whole numbers. Exporters order an
+    SSD head's four outputs differently, and when scores and classes are taken for each
+    other nothing fails, the model just reports class 0 and 1 at scores 1.0 and 0.0; the
+    roles cannot be fixed by a later update (devices refuse a change of output role)."""
+    for spec in outputs:
+        if spec.role != "classes":
+            continue
+        value = got[spec.name]
+        if value.size == 0:
+            continue
+        if np.any(np.abs(value - np.round(value)) > 1e-3):
+            raise ContractError(
+                f"golden {where}: output {spec.name!r} (role classes) holds "
+                f"{float(value.ravel()[0]):.4g}, not class ids: are classes and scores "
+                "swapped? Say each output's role in the contract file ([outputs.NAME] role)"
+            )
+
+
 def make_golden(
     runner: ModelRunner,
     task: Task,
@@ -163,6 +182,7 @@ def make_golden(
     for i, (suffix, data, value, where) in enumerate(items):
         tensors = _prepare(pre, value, inputs, where)
         got = runner.run(tensors)
+        _check_class_ids(outputs, got, where)
         _check_probabilities(task, outputs, got, where)
         name_in, name_out = f"golden-{i}{suffix}", f"golden-{i}.expected.npz"
         result.files[name_in] = data

@@ -332,3 +332,20 @@ def test_an_ssd_head_is_recognised_with_coco_style_labels(package: Packager) -> 
     ).decode(golden.expected, None)
     assert isinstance(found, Detections)
     assert [(d.label, round(d.score, 2)) for d in found.items] == [("person", 0.9), ("car", 0.7)]
+
+
+def test_an_ssd_head_with_classes_and_scores_swapped_is_refused(package: Packager) -> None:
+    """An exporter that orders the head differently, roles given wrong: the "classes" then
+    hold 0.9, 0.7, 0.1, which no class id is. Packaged, it would report class 0 and 1 at
+    scores 1.0 and 0.0, and no later release could fix it (devices refuse a role change)."""
+    edge = package.file("ssd.onnx", ssd_head_onnx())
+    contract = package.file(
+        "ssd.toml",
+        '[inputs.image]\nkind = "image"\nlayout = "NHWC"\n'
+        '[outputs.detection_boxes]\nrole = "boxes"\n'
+        '[outputs.detection_classes]\nrole = "scores"\n'
+        '[outputs.detection_scores]\nrole = "classes"\n'
+        '[outputs.num_detections]\nrole = "count"\n',
+    )
+    code, err = package(edge, "ssd", "--task", "detection", "--contract", str(contract))
+    assert code == 1 and "not class ids" in err and "swapped" in err, err
