@@ -51,8 +51,9 @@ if TYPE_CHECKING:
     from shared.preprocess import Prepared
 
 _T = TypeVar("_T")
-#: Inputs that are never feature rows: an encoded image, named tensors.
-_NOT_ROWS = (bytes, bytearray, memoryview, dict)
+#: Inputs that are never feature rows: an encoded image, named tensors (a set of exact
+#: types: the hot path pays a hash lookup, not an ``isinstance`` of four).
+_NOT_ROWS = frozenset({bytes, bytearray, memoryview, dict})
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class _Active:
     cloud: CloudTarget | None
     edge_ref: str
     health: ModelHealth
+    #: Every input takes the any-model path (the model is not a flat classifier).
+    any_input: bool = False
     #: Decodes a non-flat model's outputs (the model's own decoder, or one rebuilt when
     #: the settings override the manifest's metric or temperature).
     decoder: Decoder | None = None
@@ -156,6 +159,7 @@ class Agent:
             cloud=cloud,
             edge_ref=m.ref,
             health=ModelHealth(),
+            any_input=not model.flat,
             decoder=_edge_decoder(model, r.metric, r.temperature),
             cloud_decoder=_cloud_decoder(model, cloud, r.metric),
         )
@@ -206,7 +210,7 @@ class Agent:
         t0 = clock()
         active = self._active
         model = active.model
-        if not model.flat or isinstance(features, _NOT_ROWS):
+        if active.any_input or type(features) in _NOT_ROWS:
             return self._infer_any(active, features, t0, deadline_ms, mode)
         raw = np.asarray(features, dtype=np.float32)
         if raw.size != model.features:
