@@ -5,9 +5,9 @@ The net is a small U-Net: an encoder of 3x3 ReLU convolutions and 2x2 max-pools 
 stride 8 (where the receptive field spans a whole digit, which is what tells a 3 from an
 8), then a decoder that doubles the resolution back to ``out_stride`` (2: a 48 x 48 mask),
 each step joining the encoder's features of that resolution (where the strokes are) by a
-separable 3x3 convolution. The head is a 1x1 convolution to ``CLASSES`` (background and
-ten digits) with a softmax inside the model: the TFLite's ``mask`` output is
-``[1, 48, 48, 11]`` probabilities (uint8).
+separable 3x3 convolution. Every convolution is batch-normalised in training. The head is
+a 1x1 convolution to ``CLASSES`` (background and ten digits) with a softmax inside the
+model: the TFLite's ``mask`` output is ``[1, 48, 48, 11]`` probabilities (uint8).
 
 Like the detector pair (``cloud.pipeline.image_models``, whose helpers this reuses), it
 trains on ``x / 255`` and folds the scale into the first convolution, so it takes raw
@@ -40,10 +40,10 @@ class SegmenterSpec:
     encoder: tuple[int, ...] = (8, 16, 24, 32)
     #: extra 3x3 convolutions at the deepest level (receptive field for the digit's identity)
     deep: int = 1
-    #: dilation of the deep convolutions (each widens the receptive field by
-    #: ``2 * dilation`` cells of the deepest level)
-    dilation: int = 1
     out_stride: int = 2
+    #: batch normalisation after every convolution (folded into it on export). Without
+    #: it the net sits for most of its budget on the plateau of "ink here, digit
+    #: unknown" (digit IoU near chance after 15 epochs; with it, 0.8 in 10)
     batch_norm: bool = True
     classes: int = CLASSES
 
@@ -68,7 +68,6 @@ def _conv(
     spec: SegmenterSpec,
     width: int,
     name: str,
-    dilation: int = 1,
     separable: bool = False,
 ) -> Any:
     """A 3x3 convolution (depthwise-separable if asked) and ReLU, with batch normalisation
@@ -77,10 +76,10 @@ def _conv(
     and bias."""
     kind = layers.SeparableConv2D if separable else layers.Conv2D
     if not spec.batch_norm:
-        return kind(width, 3, padding="same", dilation_rate=dilation, activation="relu", name=name)
+        return kind(width, 3, padding="same", activation="relu", name=name)
 
     def apply(x: Any) -> Any:
-        x = kind(width, 3, padding="same", dilation_rate=dilation, name=name)(x)
+        x = kind(width, 3, padding="same", name=name)(x)
         x = layers.BatchNormalization(name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
 
@@ -102,7 +101,7 @@ def build(spec: SegmenterSpec, batch: int | None = None) -> tuple[Any, Any]:
         skips.append(x)
     for k in range(spec.deep):
         width = spec.encoder[-1]
-        x = _conv(layers, spec, width, f"deep{k}", spec.dilation)(x)
+        x = _conv(layers, spec, width, f"deep{k}")(x)
     stop = int(np.log2(spec.out_stride))
     for level in range(len(spec.encoder) - 2, stop - 1, -1):
         x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}")(x)
