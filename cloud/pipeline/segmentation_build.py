@@ -183,6 +183,7 @@ def build_segmenter(settings: SegmenterSettings, out: Path) -> dict[str, Any]:
         "bytes": size,
         "gzip_bytes": packed,
         "invoke_ms": latency["edge"],
+        "invoke_runtime": "tensorflow (the build's interpreter)",
         "data_s": data_s,
         "train_s": train_s,
         "golden": golden,
