@@ -66,6 +66,7 @@ class Mosquitto:
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.service_url = f"mqtt://127.0.0.1:{self.service_port}"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started = False
         self._write_config()
 
     def _write_config(self) -> None:
@@ -122,6 +123,27 @@ class Mosquitto:
         self._add_password(user, password)
 
     def start(self) -> None:
+        """Start it and wait until both listeners accept. The first start may find a port
+        that ``free_port`` chose taken by then (another test's server, between the choice
+        and the bind): it moves to fresh ports. A restart keeps its ports, which clients
+        hold, and fails if they are gone."""
+        for _ in range(5):
+            why = self._start_once()
+            if why is None:
+                self._started = True
+                return
+            if self._started or "Address already in use" not in why:
+                break
+            self.port, self.service_port = free_port(), free_port()
+            self.url = f"mqtt://127.0.0.1:{self.port}"
+            self.service_url = f"mqtt://127.0.0.1:{self.service_port}"
+            self._write_config()
+        raise RuntimeError(f"mosquitto did not start: {why}")
+
+    def _start_once(self) -> str | None:
+        """None once both listeners accept, else why it did not start (its log's tail)."""
+        log = self.dir / "mosquitto.log"
+        seen = log.stat().st_size if log.exists() else 0
         self._proc = subprocess.Popen(
             [self.binary, "-c", str(self.dir / "mosquitto.conf")],
             stdout=subprocess.DEVNULL,
@@ -130,16 +152,18 @@ class Mosquitto:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited: {err}")
+                _, raw = self._proc.communicate()  # reads and closes its stderr
+                err = raw.decode(errors="replace") if raw else ""
+                tail = log.read_bytes()[seen:].decode(errors="replace") if log.exists() else ""
+                return f"exited: {err.strip()} {tail.strip()[-500:]}"
             try:
                 for port in (self.port, self.service_port):
                     with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                         pass
-                return
+                return None
             except OSError:
                 time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start listening")
+        return "did not start listening"
 
     def stop(self) -> None:
         if self._proc is not None:

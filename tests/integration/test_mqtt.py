@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -196,3 +197,25 @@ def test_stop_closes_every_socket(broker: Mosquitto) -> None:
     assert _open_fds() >= before + 3  # the broker connection and the wake-up pair
     c.stop()
     assert _open_fds() <= before
+
+
+def test_the_test_broker_moves_off_a_port_taken_before_its_first_start(
+    tmp_path: Path,
+) -> None:
+    """``free_port`` chooses a port that another process may bind before Mosquitto does
+    (the suite runs many servers): the first start moves to fresh ports instead of
+    failing the test that wanted a broker."""
+    from tests.conftest import BROKER_USERS
+
+    broker = Mosquitto(tmp_path / "mosquitto", BROKER_USERS)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", broker.port))
+    taken.listen()
+    try:
+        broker.start()
+        assert broker.port != taken.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=1):
+            pass
+    finally:
+        broker.stop()
+        taken.close()
