@@ -63,14 +63,11 @@ MEDIAPIPE_BOX = np.array([177.6, 82.9, 272.9, 178.2])
 
 
 def _interpreter(path: str) -> Any:
-    try:
-        from tflite_runtime.interpreter import Interpreter
-    except ImportError:
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            pytest.skip("no TFLite runtime (tflite_runtime or ai_edge_litert)")
-    return Interpreter(path)
+    """The runtime the agent finds (a base dependency: its absence is a failure here)."""
+    from agent.inference.backends.tflite import find_interpreter_class
+
+    _, interpreter = find_interpreter_class()
+    return interpreter(model_path=path)
 
 
 def _run(path: str, image: np.ndarray) -> dict[str, np.ndarray]:
