@@ -43,6 +43,19 @@ Kind = Literal["classifier", "detector"]
 #: A backbone: 3x3 ReLU convolutions by width, ``"M"`` for a 2x2 max-pool.
 Layer = int | Literal["M"]
 INPUT = "image"
+#: The contract file's section for every image net here: they take raw RGB pixels (the
+#: 1/255 is folded into the first convolution), so a uint8 frame of the model's size goes
+#: in as it is.
+RAW_PIXEL_INPUT = [
+    f"[inputs.{INPUT}]  # raw RGB pixels: a uint8 frame of the model's size goes in as it is",
+    'kind = "image"',
+    'layout = "NHWC"',
+    'colour = "RGB"',
+    'resize = "squash"',
+    "mean = [0.0]",
+    "std = [1.0]",
+    "",
+]
 #: Detector head logits are bounded to +-8 (sigmoid 0.0003..0.9997), in the loss (no push
 #: beyond) and in the model: int8 then spends its 256 steps on that range, not on a tail
 #: of ever more certain background cells, so scores keep their resolution.
@@ -247,9 +260,15 @@ def predict(model: Any, images: np.ndarray, batch: int = 128) -> dict[str, np.nd
 def to_tflite(model: Any, spec: NetSpec, representative: np.ndarray) -> bytes:
     """The int8 edge artifact: uint8 input of batch 1 with the identity quantization,
     int8 inside, uint8 outputs; tensors named as the Keras model's input and outputs."""
-    tf = _tf()
     fixed = build(spec, batch=1)[1]
     fixed.set_weights(model.get_weights())
+    return fixed_to_tflite(fixed, representative)
+
+
+def fixed_to_tflite(fixed: Any, representative: np.ndarray) -> bytes:
+    """``to_tflite`` of a Keras model already built with batch 1 (any image net of this
+    pipeline: the classifier, the detector, the segmenter)."""
+    tf = _tf()
     converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     samples = representative.astype(np.float32)

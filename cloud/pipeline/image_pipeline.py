@@ -363,14 +363,7 @@ def contract_toml(
         f"task = {_toml_value(settings.task)}",
         'labels = "labels.txt"',
         "",
-        "[inputs.image]  # raw RGB pixels: a uint8 frame of the model's size goes in as it is",
-        'kind = "image"',
-        'layout = "NHWC"',
-        'colour = "RGB"',
-        'resize = "squash"',
-        "mean = [0.0]",
-        "std = [1.0]",
-        "",
+        *image_models.RAW_PIXEL_INPUT,
     ]
     if settings.task == "classification":
         lines += ["[outputs.logits]", 'role = "scores"', 'activation = "logits"', ""]

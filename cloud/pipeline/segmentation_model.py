@@ -17,9 +17,6 @@ and the contract's image normalisation is mean 0, std 1. TensorFlow is imported 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,24 +152,6 @@ def train(
 def to_tflite(model: Any, spec: SegmenterSpec, representative: np.ndarray) -> bytes:
     """The int8 edge artifact: uint8 input of batch 1 with the identity quantization, int8
     inside, a uint8 ``mask``; tensors named ``image`` and ``mask``."""
-    tf = image_models._tf()
     fixed = build(spec, batch=1)[1]
     fixed.set_weights(model.get_weights())
-    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    samples = representative.astype(np.float32)
-    # the full pixel range is seen, so the input's quantization is scale 1, zero point 0
-    samples[0, 0, 0, 0], samples[0, 0, 0, 1] = 0.0, 255.0
-
-    def feed() -> Any:
-        for row in samples:
-            yield [row[None]]
-
-    converter.representative_dataset = feed
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
-        blob = bytes(converter.convert())
-    return image_models.name_tensors(blob)
+    return image_models.fixed_to_tflite(fixed, representative)
