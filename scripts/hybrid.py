@@ -37,19 +37,27 @@ class ModeRun:
         return float(np.percentile(self.wall_ms, q))
 
     def summary(self) -> dict[str, Any]:
-        reasons: dict[str, int] = {}
-        for r in self.results:
-            reasons[r.reason] = reasons.get(r.reason, 0) + 1
         return {
             "mode": self.name,
             "accuracy": self.accuracy,
-            "escalated": self.escalated,
-            "p50_ms": self.pct(50),
-            "p95_ms": self.pct(95),
-            "max_ms": max(self.wall_ms),
-            "mean_ms": float(np.mean(self.wall_ms)),
-            "reasons": reasons,
+            **timing(self.results, self.wall_ms),
         }
+
+
+def timing(results: list[InferenceResult], wall_ms: list[float]) -> dict[str, Any]:
+    """What a mode's run cost and why it went where it did: share escalated, wall-time
+    percentiles, and the count of each routing reason (every mode's summary has these)."""
+    reasons: dict[str, int] = {}
+    for r in results:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    return {
+        "escalated": float(np.mean([r.source == "cloud" for r in results])),
+        "p50_ms": float(np.percentile(wall_ms, 50)),
+        "p95_ms": float(np.percentile(wall_ms, 95)),
+        "max_ms": max(wall_ms),
+        "mean_ms": float(np.mean(wall_ms)),
+        "reasons": reasons,
+    }
 
 
 def run_mode(

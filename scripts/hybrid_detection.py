@@ -18,6 +18,7 @@ from typing import Any
 
 import dataset
 import numpy as np
+from hybrid import timing
 
 from agent import Agent, AgentSettings, InferenceResult
 from cloud.pipeline import detection_eval, scenes
@@ -79,18 +80,7 @@ class DetectionRun:
         return float(np.mean([r.source == "cloud" for r in self.results]))
 
     def summary(self) -> dict[str, Any]:
-        reasons: dict[str, int] = {}
-        for r in self.results:
-            reasons[r.reason] = reasons.get(r.reason, 0) + 1
-        return {
-            "mode": self.name,
-            "map50": self.map50,
-            "escalated": self.escalated,
-            "p50_ms": float(np.percentile(self.wall_ms, 50)),
-            "p95_ms": float(np.percentile(self.wall_ms, 95)),
-            "mean_ms": float(np.mean(self.wall_ms)),
-            "reasons": reasons,
-        }
+        return {"mode": self.name, "map50": self.map50, **timing(self.results, self.wall_ms)}
 
 
 def run_mode(
