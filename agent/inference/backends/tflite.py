@@ -61,8 +61,32 @@ class TFLiteSettings(BaseBackendSettings):
     pool_size: int = Field(default=2, ge=1, description="interpreters serving in parallel")
 
 
+#: The outcome of the one runtime search of this process: (package, class) or the error.
+_found: tuple[str, Any] | RuntimeMissingError | None = None
+_found_lock = threading.Lock()
+
+
 def find_interpreter_class() -> tuple[str, Any]:
-    """The first TFLite ``Interpreter`` class that imports, and its package's name."""
+    """The first TFLite ``Interpreter`` class that imports, and its package's name.
+
+    Searched once per process, under a lock: a failed import is not cached by Python, so
+    retrying ``ai_edge_litert`` at every model load walks ``sys.path`` again under the
+    import lock, and models loading at once convoy on it. The answer (found or missing)
+    holds until the process ends; installing a runtime takes a restart anyway."""
+    global _found
+    with _found_lock:
+        if _found is None:
+            try:
+                _found = _search_runtimes()
+            except RuntimeMissingError as exc:
+                _found = exc
+        found = _found
+    if isinstance(found, RuntimeMissingError):
+        raise RuntimeMissingError(found.message) from found
+    return found
+
+
+def _search_runtimes() -> tuple[str, Any]:
     for package, module in _RUNTIMES:
         try:
             if package == "tensorflow":
