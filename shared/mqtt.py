@@ -7,6 +7,12 @@ what it catches, and never raises, so the thread needs no watchdog. Handlers mus
 (hand work to a queue). Subscriptions are remembered and re-made on every
 (re)connect; reconnects back off between ``reconnect_min_s`` and ``reconnect_max_s``.
 ``publish`` takes a ``shared.topics.Topic``, so QoS and retain always follow the design.
+
+Devices speak MQTT 3.1.1 (``protocol="3.1.1"``, the default: every broker and managed service
+takes it); the cloud's clients speak MQTT 5 for session expiry. A subscription may join a
+shared group (``$share/<group>/<filter>``: the broker hands each message to one member), so
+several cloud instances split telemetry ingest. paho reports reason codes of both versions as
+``ReasonCode`` (a v3.1.1 CONNACK code or SUBACK 0x80 is converted), so one check fits both.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from shared.errors import TandemError
+from shared.identifiers import check_identifier
 from shared.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,20 @@ class MqttSettings(BaseModel):
         description="keep the session (subscriptions, queued QoS 1 messages) while offline: "
         "for collectors, which must not miss telemetry; needs a stable client id",
     )
+    protocol: Literal["3.1.1", "5"] = Field(
+        default="3.1.1",
+        description="MQTT version; 5 for session expiry and shared subscriptions (the cloud's "
+        "clients), 3.1.1 for devices and brokers that need it",
+    )
+    session_expiry_s: int = Field(
+        default=86400,
+        ge=0,
+        le=0xFFFFFFFF,
+        description="MQTT 5 Session Expiry Interval of a persistent session: how long the "
+        "broker keeps it (and queues its messages) while the client is away; when it expires "
+        "the queued messages are dropped. 3.1.1 sessions follow the broker's "
+        "persistent_client_expiration",
+    )
 
     @property
     def host_port(self) -> tuple[str, int, bool]:
@@ -65,6 +88,8 @@ class MqttSettings(BaseModel):
 @dataclass
 class MqttCounters:
     handler_errors: int = 0
+    subscribe_refused: int = 0
+    publish_refused: int = 0
     connects: int = 0
     disconnects: int = 0
 
@@ -87,13 +112,15 @@ class MqttClient:
         self._on_connect_hook = on_connect
         self._on_ack = on_ack
         self._on_disconnect_hook = on_disconnect
-        self._subs: dict[str, Handler] = {}
+        self._subs: dict[str, Handler] = {}  # by the filter as subscribed ($share/... too)
+        self._v5 = settings.protocol == "5"
         self._lock = threading.Lock()
         self._client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=paho.MQTTv311,
-            clean_session=not settings.persistent_session,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            # MQTT 5 has no clean session: clean start and the session expiry (at connect)
+            clean_session=None if self._v5 else not settings.persistent_session,
         )
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
@@ -116,6 +143,7 @@ class MqttClient:
         self._client.on_connect = self._safe(self._handle_connect)
         self._client.on_disconnect = self._safe(self._handle_disconnect)
         self._client.on_publish = self._safe(self._handle_publish)
+        self._client.on_subscribe = self._safe(self._handle_subscribe)
         self._client.on_message = self._safe(self._handle_unmatched)
 
     # --------------------------------------------------------------- wrapped callbacks
@@ -133,9 +161,11 @@ class MqttClient:
     def _handle_connect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if reason.is_failure:
+        if reason.is_failure:  # a ReasonCode in both versions (paho converts v3.1.1's)
             log.warning("broker refused %s: %s", self.client_id, reason)
             return
+        if self.settings.persistent_session and not flags.session_present:
+            log.info("%s: the broker had no session for it (new, or expired)", self.client_id)
         self.counters.connects += 1
         with self._lock:
             filters = list(self._subs)
@@ -158,26 +188,47 @@ class MqttClient:
     def _handle_publish(
         self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any
     ) -> None:
+        if reason.is_failure:  # MQTT 5 only: a v3.1.1 broker acknowledges even what it drops
+            self.counters.publish_refused += 1
+            log.warning("broker refused message %d from %s: %s", mid, self.client_id, reason)
         if self._on_ack is not None:
             self._on_ack(mid)
+
+    def _handle_subscribe(
+        self, client: Any, userdata: Any, mid: int, reasons: list[Any], properties: Any
+    ) -> None:
+        # v3.1.1's failure (0x80) and v5's codes (0x87 not authorised, 0x9E shared
+        # subscriptions not supported, ...) all arrive as ReasonCode
+        for reason in reasons:
+            if reason.is_failure:
+                self.counters.subscribe_refused += 1
+                log.warning("broker refused a subscription of %s: %s", self.client_id, reason)
 
     def _handle_unmatched(self, client: Any, userdata: Any, msg: Any) -> None:
         log.debug("message on %s matched no handler", msg.topic)
 
     # ----------------------------------------------------------------------- public
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, *, share_group: str | None = None
+    ) -> None:
         """Deliver messages matching ``topic_filter`` to ``handler`` (from the network
-        thread; keep it quick). Kept across reconnects."""
+        thread; keep it quick). Kept across reconnects. With ``share_group`` the client joins
+        ``$share/<group>/<filter>``: each message goes to one member of the group (MQTT 5;
+        Mosquitto 2.0 also takes it from 3.1.1 clients). Messages carry their real topic, so
+        the handler is matched on the plain filter."""
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             handler(msg.topic, bytes(msg.payload), bool(msg.retain))
 
+        wire = topic_filter
+        if share_group is not None:
+            wire = "/".join(("$share", check_identifier(share_group, "share group"), topic_filter))
         with self._lock:
-            self._subs[topic_filter] = handler
+            self._subs[wire] = handler
         self._client.message_callback_add(topic_filter, self._safe(on_message))
         if self.connected.is_set():
-            self._client.subscribe(topic_filter, qos=1)
+            self._client.subscribe(wire, qos=1)
 
     def publish(self, topic: Topic, payload: bytes) -> paho.MQTTMessageInfo:
         """Queue a message (paho keeps QoS 1 messages in memory until PUBACK)."""
@@ -196,7 +247,21 @@ class MqttClient:
         """Connect in the background (retrying forever); optionally wait for the first
         connection and raise ``MqttError`` if it does not come in ``wait_s``."""
         host, port, _ = self.settings.host_port
-        self._client.connect_async(host, port, keepalive=self.settings.keepalive_s)
+        if self._v5:
+            # clean start unless persistent: paho's default (clean on the first connect only)
+            # would drop the session a restarted collector comes back for
+            persistent = self.settings.persistent_session
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.settings.session_expiry_s if persistent else 0
+            self._client.connect_async(
+                host,
+                port,
+                keepalive=self.settings.keepalive_s,
+                clean_start=not persistent,
+                properties=properties,
+            )
+        else:
+            self._client.connect_async(host, port, keepalive=self.settings.keepalive_s)
         self._client.loop_start()
         if wait_s is not None and not self.connected.wait(wait_s):
             self.stop()

@@ -219,3 +219,90 @@ def test_the_test_broker_moves_off_a_port_taken_before_its_first_start(
     finally:
         broker.stop()
         taken.close()
+
+
+def _member(
+    broker: Mosquitto,
+    client_id: str,
+    inbox: Inbox,
+    status: Inbox | None = None,
+    **settings: object,
+) -> MqttClient:
+    """A collector account's client in share group ``g`` on every device's telemetry (and
+    on their status, if given an inbox for it)."""
+    c = MqttClient(broker.settings_for("collector", **settings), client_id)
+    c.subscribe(topics.fleet_device_filter("f", "telemetry"), inbox, share_group="g")
+    if status is not None:
+        c.subscribe(topics.fleet_device_filter("f", "status"), status, share_group="g")
+    c.start(wait_s=5)
+    return c
+
+
+def _vanish(c: MqttClient) -> None:
+    """The process dies: no DISCONNECT, the broker sees the socket close."""
+    c._client._sock.close()  # type: ignore[union-attr]
+    c._client.loop_stop()
+
+
+def test_a_shared_group_hands_each_message_to_one_member(broker: Mosquitto) -> None:
+    """An MQTT 5 member and a 3.1.1 one (Mosquitto 2.0 takes ``$share`` from both) split the
+    stream: every message reaches exactly one of them, under its real topic. Mosquitto also
+    sends the retained messages to each member as it subscribes (MQTT 5 says a shared
+    subscription gets none; other brokers follow that)."""
+    ctl = client(broker, "controller")
+    ctl.start(wait_s=5)
+    assert ctl.publish_wait(topics.device_status("f", "dev-1"), b"retained")  # not telemetry
+    a, b, status = Inbox(), Inbox(), Inbox()
+    member_a = _member(broker, "collector-a", a, protocol="5", status=status)
+    member_b = _member(broker, "collector-b", b, status=status)
+    assert status.wait(2)  # the retained status, to each member
+    assert [p for _, p, r in status.items if r] == [b"retained", b"retained"]
+    sent = [f"m{i}".encode() for i in range(20)]
+    for payload in sent:
+        assert ctl.publish_wait(topics.device_telemetry("f", "dev-1"), payload)
+    assert a.wait(1) and b.wait(1)
+    deadline = time.monotonic() + 5
+    while len(a.items) + len(b.items) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = [p for _, p, _ in a.items + b.items]
+    assert sorted(got) == sorted(sent)  # each once
+    assert {t for t, _, _ in a.items + b.items} == {topics.device_telemetry("f", "dev-1").name}
+    assert member_a.counters.subscribe_refused == member_b.counters.subscribe_refused == 0
+    for c in (member_a, member_b, ctl):
+        c.stop()
+
+
+def test_a_vanished_persistent_member_keeps_its_share_queued_until_it_returns(
+    broker: Mosquitto,
+) -> None:
+    """Mosquitto 2.0.11 goes on handing a member whose process died its turn of the round
+    robin: with a persistent session (MQTT 5, session expiry) the broker queues those
+    messages, and the member drains them when it comes back under the same client id; the
+    other member never sees them. (With a clean session they would be dropped.)"""
+    ctl = client(broker, "controller")
+    ctl.start(wait_s=5)
+    a, b = Inbox(), Inbox()
+    persistent = {"protocol": "5", "persistent_session": True, "session_expiry_s": 300}
+    member_a = _member(broker, "collector-a", a, **persistent)
+    member_b = _member(broker, "collector-b", b, **persistent)
+    _vanish(member_a)
+    sent = [f"m{i}".encode() for i in range(20)]
+    for payload in sent:
+        assert ctl.publish_wait(topics.device_telemetry("f", "dev-1"), payload)
+    # a marker pair after the stream: b gets one of the two, and a member receives its
+    # messages in order, so once b has it, b has had everything the broker gave it
+    markers = [b"end-1", b"end-2"]
+    for payload in markers:
+        assert ctl.publish_wait(topics.device_telemetry("f", "dev-1"), payload)
+    deadline = time.monotonic() + 5
+    while not any(p in markers for _, p, _ in b.items) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen_by_b = [p for _, p, _ in b.items if p not in markers]
+    assert 0 < len(seen_by_b) < len(sent)  # the rest waits in a's session
+    member_a.stop()
+    back = Inbox()
+    member_a = _member(broker, "collector-a", back, **persistent)
+    assert back.wait(len(sent) + len(markers) - len(b.items))
+    assert sorted(seen_by_b + [p for _, p, _ in back.items if p not in markers]) == sorted(sent)
+    for c in (member_a, member_b, ctl):
+        c.stop()
