@@ -4,6 +4,7 @@ every fixture stops what it started."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from cloud.pipeline.data import SplitData, load_split
 from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_REPO, DIGITS, serve_in_thread
 from tests.mosquitto import Mosquitto
+from tests.postgres import Postgres
 
 #: Accounts every test broker knows: the cloud's two, and devices dev-0 .. dev-9.
 BROKER_USERS = {"controller": "ctl-pw", "collector": "col-pw"} | {
@@ -41,3 +43,24 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL for the session; call it for a fresh database's URL per test."""
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL for ``open_store``: a fresh SQLite file, then a fresh PostgreSQL database
+    (the server starts only when a test asks for this one)."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'fleet.db'}"
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.database()

@@ -1,0 +1,121 @@
+"""The fleet store's schema, versioned: table ``schema_version`` holds the versions applied,
+and ``migrate()`` applies the missing ones on start, in one transaction under the
+database's migration lock (two instances starting at once: the second waits, then finds
+nothing to do).
+
+Version 1 is the schema as it was before it had versions (``CREATE ... IF NOT EXISTS``), so a
+``fleet.db`` made by that code upgrades in place: its tables are kept, version 1 is recorded,
+and the later versions are applied. Types are spelled so both engines read them the same
+way: ``BIGINT`` and ``DOUBLE PRECISION`` (SQLite's integer and real affinities; PostgreSQL's
+``REAL`` would be 4-byte), timestamps ISO-8601 ``TEXT`` in UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from cloud.fleet.store.backend import Backend, Dialect
+from shared.settings_files import SettingsError
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    #: statements both engines run; ``{serial}`` is the backend's auto-numbered key
+    common: tuple[str, ...]
+    #: statements one engine spells its own way (a trigger), after the common ones
+    dialect: dict[Dialect, tuple[str, ...]] = field(default_factory=dict)
+
+    def statements(self, backend: Backend) -> list[str]:
+        common = [s.replace("{serial}", backend.serial_key) for s in self.common]
+        return common + list(self.dialect.get(backend.dialect, ()))
+
+
+_V1 = Migration(
+    1,
+    (
+        "CREATE TABLE IF NOT EXISTS devices ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, grp TEXT, state TEXT NOT NULL,"
+        " agent_version TEXT, session BIGINT, models TEXT NOT NULL DEFAULT '[]',"
+        " last_seen TEXT NOT NULL, PRIMARY KEY (fleet, device))",
+        "CREATE TABLE IF NOT EXISTS jobs ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL,"
+        " version BIGINT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',"
+        " ts TEXT NOT NULL, PRIMARY KEY (fleet, device, model, version))",
+        "CREATE TABLE IF NOT EXISTS rollouts ("
+        " id {serial}, fleet TEXT NOT NULL, model TEXT NOT NULL,"
+        " version BIGINT NOT NULL, target_kind TEXT NOT NULL, target TEXT,"
+        " canary TEXT NOT NULL, waves BIGINT NOT NULL, max_failure_rate DOUBLE PRECISION NOT NULL,"
+        " wave_timeout_s DOUBLE PRECISION NOT NULL, state TEXT NOT NULL,"
+        " current_wave BIGINT NOT NULL DEFAULT 0, wave_started TEXT,"
+        " detail TEXT NOT NULL DEFAULT '', created TEXT NOT NULL, updated TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS telemetry ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, session BIGINT NOT NULL,"
+        " seq BIGINT NOT NULL, ts TEXT NOT NULL, received TEXT NOT NULL,"
+        " requests BIGINT NOT NULL, edge BIGINT NOT NULL, cloud BIGINT NOT NULL,"
+        " errors BIGINT NOT NULL, offload_rate DOUBLE PRECISION NOT NULL,"
+        " p50_ms DOUBLE PRECISION, p95_ms DOUBLE PRECISION, p99_ms DOUBLE PRECISION,"
+        " local_p50_ms DOUBLE PRECISION, cloud_p50_ms DOUBLE PRECISION, rss_bytes BIGINT,"
+        " cpu_temp_c DOUBLE PRECISION, dropped BIGINT, body TEXT NOT NULL,"
+        " PRIMARY KEY (fleet, device, session, seq))",
+        "CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (fleet, ts)",
+        "CREATE TABLE IF NOT EXISTS rollout_devices ("
+        " rollout BIGINT NOT NULL, wave BIGINT NOT NULL, device TEXT NOT NULL,"
+        " published BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (rollout, device))",
+    ),
+)
+
+_V2 = Migration(
+    2,
+    (
+        # one rollout controller at a time across instances (FleetStore.try_lease)
+        "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires TEXT NOT NULL)",
+        # retention deletes by age across fleets; each device's latest job report
+        "CREATE INDEX telemetry_age ON telemetry (ts)",
+        "CREATE INDEX jobs_by_ts ON jobs (fleet, ts)",
+    ),
+    {
+        # A stored telemetry message marks its device seen, in the same statement as the
+        # insert (one round trip per message at ingest); a duplicate, not inserted, does not.
+        "sqlite": (
+            "CREATE TRIGGER telemetry_seen AFTER INSERT ON telemetry BEGIN"
+            " UPDATE devices SET last_seen = NEW.received"
+            " WHERE fleet = NEW.fleet AND device = NEW.device; END",
+        ),
+        "postgres": (
+            "CREATE FUNCTION tandem_telemetry_seen() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN UPDATE devices SET last_seen = NEW.received"
+            " WHERE fleet = NEW.fleet AND device = NEW.device; RETURN NULL; END $$",
+            "CREATE TRIGGER telemetry_seen AFTER INSERT ON telemetry"
+            " FOR EACH ROW EXECUTE FUNCTION tandem_telemetry_seen()",
+        ),
+    },
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+LATEST = MIGRATIONS[-1].version
+
+
+def migrate(backend: Backend) -> int:
+    """Apply the missing migrations; the schema's version afterwards. A database newer
+    than this code is refused rather than written with an older idea of its tables."""
+    with backend.transaction() as tx:
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version BIGINT PRIMARY KEY, applied TEXT NOT NULL)"
+        )
+        current = int(tx.query("SELECT MAX(version) AS v FROM schema_version")[0]["v"] or 0)
+        if current > LATEST:
+            raise SettingsError(
+                f"the fleet database has schema version {current}, newer than this "
+                f"tandem-cloud knows ({LATEST}): upgrade tandem-cloud"
+            )
+        for m in MIGRATIONS[current:]:
+            for statement in m.statements(backend):
+                tx.execute(statement)
+            tx.execute(
+                "INSERT INTO schema_version (version, applied) VALUES (?, ?)",
+                (m.version, datetime.now(timezone.utc).isoformat()),
+            )
+    return max(current, LATEST)
