@@ -18,7 +18,7 @@ from cloud import __version__
 from cloud.auth import install_bearer_auth
 from cloud.fleet.api import DASHBOARD_DIR, FleetMetrics, fleet_router
 from cloud.fleet.collector import Collector
-from cloud.fleet.store import FleetStore
+from cloud.fleet.store import FleetStore, open_store
 from cloud.releases.registry import Registry, registry_router
 from cloud.serving.dataplane import CloudDataPlane
 from cloud.serving.repository import ModelRepository, repository_router
@@ -40,7 +40,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     collector: Collector | None = None
     mqtt: MqttClient | None = None
     if settings.mqtt is not None:
-        store = FleetStore(settings.state_dir / "fleet.db")
+        store = open_store(settings.database_url, settings.state_dir)
         collector = Collector(store, settings.fleet, retention_days=settings.retention_days)
         mqtt_settings = settings.mqtt.model_copy(update={"persistent_session": True})
         mqtt = MqttClient(mqtt_settings, client_id=f"collector-{settings.fleet}")

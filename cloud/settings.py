@@ -54,6 +54,11 @@ class CloudSettings(FileSettings):
     ort: OrtSettings = Field(default_factory=OrtSettings)
     fleet: Identifier = "default"
     state_dir: Path = Field(default=Path("state/cloud"), description="fleet.db (SQLite)")
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="the fleet store: postgresql://user:password@host/db (several instances "
+        "share it) or sqlite://PATH; None: SQLite at state_dir/fleet.db",
+    )
     mqtt: MqttSettings | None = Field(
         default=None, description="broker for the controller (user: controller)"
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 from cloud.fleet.listener import FleetListener
 from cloud.fleet.rollout import RolloutController, RolloutError
-from cloud.fleet.store import FleetStore
+from cloud.fleet.store import FleetStore, open_store
 from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient, MqttSettings
@@ -87,7 +87,7 @@ def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
 
 def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
     """``settings`` already carry the fleet flags (``fleet_overrides``)."""
-    store = FleetStore(settings.state_dir / "fleet.db")
+    store = open_store(settings.database_url, settings.state_dir)
     mqtt = _connect(settings, store)
     try:
         if args.action == "status":

@@ -466,3 +466,20 @@ def test_open_store_picks_the_engine_from_the_url(tmp_path: Path, postgres: Post
     with pytest.raises(SettingsError, match="cannot connect") as refused:
         open_store(f"postgresql://postgres:secret@127.0.0.1:{postgres.port}/missing", tmp_path)
     assert "secret" not in str(refused.value)
+
+
+def test_the_cloud_settings_name_the_database(
+    tmp_path: Path, postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud.settings import CloudSettings
+
+    monkeypatch.setenv("TANDEM_CLOUD_DATABASE_URL", postgres.database())
+    settings = CloudSettings(state_dir=tmp_path)
+    assert "postgresql://" not in repr(settings)  # a password in it stays out of logs
+    store = open_store(settings.database_url, settings.state_dir)
+    assert store.dialect == "postgres"
+    store.close()
+    monkeypatch.delenv("TANDEM_CLOUD_DATABASE_URL")
+    store = open_store(CloudSettings(state_dir=tmp_path).database_url, tmp_path)
+    assert store.dialect == "sqlite" and (tmp_path / "fleet.db").exists()
+    store.close()
