@@ -18,7 +18,6 @@ several cloud instances split telemetry ingest. paho reports reason codes of bot
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from shared.errors import TandemError
 from shared.identifiers import check_identifier
+from shared.settings_files import SettingsError
+from shared.tls import TlsFiles
 from shared.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,17 @@ class MqttSettings(BaseModel):
     url: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt:// or mqtts://")
     username: str | None = None
     password: SecretStr | None = None
-    ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle for mqtts://; None: the system's CAs"
+    )
+    cert_file: Path | None = Field(
+        default=None,
+        description="client certificate (PEM) for mqtts://: the device's X.509 identity, "
+        "for brokers that take the certificate's CN as the username (AWS IoT Core: required)",
+    )
+    key_file: Path | None = Field(
+        default=None, description="cert_file's private key (PEM); None: in cert_file"
+    )
     keepalive_s: int = Field(default=30, ge=5)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
@@ -126,11 +137,11 @@ class MqttClient:
             password = settings.password.get_secret_value() if settings.password else None
             self._client.username_pw_set(settings.username, password)
         _, _, tls = settings.host_port
+        tls_files = TlsFiles(settings.ca_file, settings.cert_file, settings.key_file)
         if tls:
-            self._client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            self._client.tls_set_context(tls_files.context())
+        elif tls_files.has_identity:
+            raise SettingsError(f"a client certificate needs an mqtts:// URL, not {settings.url}")
         if will is not None:
             topic, payload = will
             self._client.will_set(topic.name, payload, qos=topic.qos, retain=topic.retain)

@@ -9,6 +9,12 @@ several connections at once (a rollout and a ``fleet status``), which one id per
 would forbid, and no device can log in there at all. The ACL lets a device publish only its
 own ``status``/``telemetry``/``update`` and read only manifests and its own commands.
 ``stop()``/``start()`` restart it on the same ports (for the reconnect tests).
+
+With ``tls``, a third listener (``tls_url``, mqtts://) takes devices by X.509 certificate
+alone, as docs/operations.md sets a fleet up: ``require_certificate`` (no certificate from
+the fleet CA, no connection), ``use_identity_as_username`` (the certificate's CN is the
+username the ACL's ``%u`` stands for, whatever the client claims) and
+``use_username_as_clientid``; the same ACL.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,15 @@ pattern read tandem/v1/+/groups/+/models/+/manifest
 """
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """The broker's side of TLS: the CA whose certificates it accepts, and its own pair."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 #: Accounts of the cloud's own clients: they log in on the service listener.
 SERVICE_USERS = frozenset({"controller", "collector"})
 
@@ -54,20 +70,32 @@ def mosquitto_binary() -> str | None:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, users: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, users: dict[str, str], *, tls: TlsListener | None = None
+    ) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.binary = binary
         self.dir = workdir
-        self.port = free_port()
-        self.service_port = free_port()
+        self.tls = tls
         self.users = dict(users)
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.service_url = f"mqtt://127.0.0.1:{self.service_port}"
+        self._choose_ports()
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = False
         self._write_config()
+
+    def _choose_ports(self) -> None:
+        self.port = free_port()
+        self.service_port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.service_url = f"mqtt://127.0.0.1:{self.service_port}"
+        self.tls_port = free_port() if self.tls else 0
+        self.tls_url = f"mqtts://127.0.0.1:{self.tls_port}" if self.tls else ""
+
+    @property
+    def _ports(self) -> tuple[int, ...]:
+        return (self.port, self.service_port) + ((self.tls_port,) if self.tls else ())
 
     def _write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +119,21 @@ class Mosquitto:
             f"{common}"
             f"listener {self.service_port} 127.0.0.1\n"
             f"password_file {self.dir / 'passwd-services'}\n"
+            f"{common}"
+            f"{self._tls_listener(common)}"
+        )
+
+    def _tls_listener(self, common: str) -> str:
+        if self.tls is None:
+            return ""
+        return (
+            f"listener {self.tls_port} 127.0.0.1\n"
+            f"cafile {self.tls.ca_file}\n"
+            f"certfile {self.tls.cert_file}\n"
+            f"keyfile {self.tls.key_file}\n"
+            "require_certificate true\n"
+            "use_identity_as_username true\n"
+            "use_username_as_clientid true\n"
             f"{common}"
         )
 
@@ -117,13 +160,30 @@ class Mosquitto:
         }
         return MqttSettings(**(values | overrides))
 
+    def tls_settings(
+        self, cert_file: Path | None, key_file: Path | None, **overrides: Any
+    ) -> MqttSettings:
+        """Client settings for the TLS listener: the broker's CA, this client certificate
+        (no username or password: the certificate is the login)."""
+        if self.tls is None:
+            raise RuntimeError("this broker has no TLS listener (Mosquitto(..., tls=...))")
+        values: dict[str, Any] = {
+            "url": self.tls_url,
+            "ca_file": self.tls.ca_file,
+            "cert_file": cert_file,
+            "key_file": key_file,
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 1,
+        }
+        return MqttSettings(**(values | overrides))
+
     def add_user(self, user: str, password: str) -> None:
         """Takes effect at the next start (tests add users before starting)."""
         self.users[user] = password
         self._add_password(user, password)
 
     def start(self) -> None:
-        """Start it and wait until both listeners accept. The first start may find a port
+        """Start it and wait until every listener accepts. The first start may find a port
         that ``free_port`` chose taken by then (another test's server, between the choice
         and the bind): it moves to fresh ports. A restart keeps its ports, which clients
         hold, and fails if they are gone."""
@@ -134,14 +194,12 @@ class Mosquitto:
                 return
             if self._started or "Address already in use" not in why:
                 break
-            self.port, self.service_port = free_port(), free_port()
-            self.url = f"mqtt://127.0.0.1:{self.port}"
-            self.service_url = f"mqtt://127.0.0.1:{self.service_port}"
+            self._choose_ports()
             self._write_config()
         raise RuntimeError(f"mosquitto did not start: {why}")
 
     def _start_once(self) -> str | None:
-        """None once both listeners accept, else why it did not start (its log's tail)."""
+        """None once every listener accepts, else why it did not start (its log's tail)."""
         log = self.dir / "mosquitto.log"
         seen = log.stat().st_size if log.exists() else 0
         self._proc = subprocess.Popen(
@@ -157,7 +215,7 @@ class Mosquitto:
                 tail = log.read_bytes()[seen:].decode(errors="replace") if log.exists() else ""
                 return f"exited: {err.strip()} {tail.strip()[-500:]}"
             try:
-                for port in (self.port, self.service_port):
+                for port in self._ports:
                     with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                         pass
                 return None
