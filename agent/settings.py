@@ -153,7 +153,23 @@ class AgentTestingSettings(_Section):
 
 
 class TelemetrySettings(_Section):
-    interval_s: float = Field(default=10.0, gt=0, description="one message per interval")
+    interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="one message per interval; 60 s keeps an idle device near 1.5 MB a day "
+        "over the air (scripts/bench_idle_bytes.py), 10 s costs about six times that",
+    )
+    daily_budget_bytes: int | None = Field(
+        default=2_000_000,
+        ge=1,
+        description="the device's own MQTT bytes per UTC day (births, telemetry, job states, "
+        "manifests, the connection; not downloads or escalations): once spent, telemetry "
+        "comes every over_budget_interval_s until the day ends, each message covering the "
+        "whole interval; births and job states are never held back. None: no budget",
+    )
+    over_budget_interval_s: float = Field(
+        default=3600.0, gt=0, description="telemetry interval once the day's budget is spent"
+    )
     outbox_max_rows: int = Field(default=10_000, ge=1)
     outbox_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     replay_per_s: float = Field(default=50.0, gt=0, description="backlog sent after reconnect")

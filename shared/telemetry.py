@@ -86,6 +86,14 @@ class OutboxState(_Msg):
     dropped: int = Field(ge=0, description="telemetry dropped because the outbox was full")
 
 
+class WireBytes(_Msg):
+    """Bytes one category of the device's traffic sent and received (see
+    ``agent.device.wire`` for what is counted)."""
+
+    sent: int = Field(ge=0)
+    received: int = Field(ge=0)
+
+
 class Telemetry(_Msg):
     device: Identifier
     session: int = Field(ge=1)
@@ -106,3 +114,14 @@ class Telemetry(_Msg):
     rss_bytes: int | None = None
     cpu_temp_c: float | None = None
     outbox: OutboxState | None = None
+    wire_bytes: dict[str, WireBytes] | None = Field(
+        default=None,
+        description="bytes on the wire by category (births, telemetry, job_states, manifests, "
+        "session, downloads, escalations), cumulative for the session; the telemetry "
+        "category holds the messages sent before this one",
+    )
+    budget_backoff: bool | None = Field(
+        default=None,
+        description="true: the day's byte budget is spent and telemetry comes at the "
+        "longer over-budget interval (each message covers all of it)",
+    )

@@ -4,6 +4,10 @@ the updater fed. ``Agent`` stays usable on its own (tests, embedding); this wire
 
 Boot order, all offline: the store's current slot; failing that, its previous slot; failing
 that, the factory model (``model_dir``), which is imported into the store on first boot.
+
+Every byte the agent's MQTT and HTTP clients move is counted by category (``WireCounter``:
+births, telemetry, job states, manifests, the connection, downloads, escalations) and
+reported in its telemetry, which keeps to the day's byte budget.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from typing import Literal
 from agent.device.download import download_client
 from agent.device.outbox import Outbox, OutboxSender
 from agent.device.store import ModelStore, atomic_write
-from agent.device.telemetry import TelemetryReporter
+from agent.device.telemetry import DailyBudget, TelemetryReporter
 from agent.device.updater import Updater
+from agent.device.wire import CountingMqttClient, WireCounter, count_http, http_hooks
 from agent.errors import AgentError, ModelLoadError
 from agent.inference.core import Agent
 from agent.inference.model import LoadedModel, load_model
@@ -30,7 +35,6 @@ from agent.version import __version__
 from shared import topics
 from shared.errors import ContractError
 from shared.manifest import Manifest
-from shared.mqtt import MqttClient
 from shared.signing import TrustStore
 from shared.status import DeviceStatus, ModelVersion
 from shared.update import UpdateReport
@@ -69,7 +73,11 @@ class AgentService:
         self._lock_fd = lock_state_dir(settings.state_dir)
         self.store = ModelStore(settings.state_dir)
         self.session = next_session(settings.state_dir)
-        self.agent = Agent(settings, model=self._boot())
+        #: Bytes on the wire by category, for this session (reported in telemetry).
+        self.wire = WireCounter()
+        self.agent = Agent(
+            settings, model=self._boot(), cloud_hooks=http_hooks(self.wire, "escalations")
+        )
         trust = (
             TrustStore.load(settings.update.trust_store) if settings.update.trust_store else None
         )
@@ -78,7 +86,8 @@ class AgentService:
         self.http = download_client(
             settings.cloud.token, [settings.cloud.url, settings.update.registry_url]
         )
-        self.mqtt: MqttClient | None = None
+        count_http(self.http, self.wire, "downloads")  # artifacts and bundle files
+        self.mqtt: CountingMqttClient | None = None
         self.updater = Updater(
             self.agent,
             self.store,
@@ -99,9 +108,10 @@ class AgentService:
         self.telemetry: TelemetryReporter | None = None
         if settings.mqtt is not None:
             offline = self._status("offline")
-            self.mqtt = MqttClient(
+            self.mqtt = CountingMqttClient(
                 settings.mqtt,
                 client_id=settings.device,
+                wire=self.wire,
                 will=(topics.device_status(settings.fleet, settings.device), offline),
                 on_connect=self._on_connect,
                 on_ack=self._on_ack,
@@ -116,6 +126,11 @@ class AgentService:
                 self.session,
                 t.interval_s,
                 on_put=self.sender.notify,
+                wire=self.wire,
+                budget=DailyBudget(t.daily_budget_bytes, self.wire)
+                if t.daily_budget_bytes is not None
+                else None,
+                over_budget_interval_s=t.over_budget_interval_s,
             )
             for f in topics.agent_manifest_filters(settings.fleet, settings.device, settings.group):
                 self.mqtt.subscribe(f, self._on_manifest)

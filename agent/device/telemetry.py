@@ -1,6 +1,13 @@
 """The telemetry reporter: every ``interval_s`` it takes the agent's request statistics,
-adds cloud health, model versions, process RSS and CPU temperature, numbers the message
-(session, seq) and writes it to the outbox, which sends it when it can.
+adds cloud health, model versions, process RSS, CPU temperature and the bytes on the wire so
+far, numbers the message (session, seq) and writes it to the outbox, which sends it when it
+can.
+
+A metered link gets a daily byte budget (``DailyBudget``): once the device's own MQTT bytes
+of the UTC day reach it, telemetry comes every ``over_budget_interval_s`` instead, until the
+day ends. Nothing is lost by that: a message covers its whole interval (the statistics are
+swapped at each report), so a longer interval only makes them coarser. Births and job states
+do not pass through here and are never held back.
 """
 
 from __future__ import annotations
@@ -10,10 +17,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from agent.device.outbox import Outbox
+from agent.device.wire import BUDGETED, WireCounter
 from agent.inference.core import Agent
 from agent.inference.stats import RequestStats
 from shared.status import ModelVersion
@@ -50,6 +58,43 @@ def _zone_type(zone: Path) -> str:
         return ""
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DailyBudget:
+    """The device's own MQTT bytes (``wire.BUDGETED``) of the current UTC day, against a
+    limit. The day's count starts from the counter's total when the day (or the agent)
+    started: bytes of an earlier session on the same day are not known, so a restart
+    begins a fresh budget (a device that restarts all day long is not idle)."""
+
+    def __init__(
+        self, limit_bytes: int, wire: WireCounter, now: Callable[[], datetime] = _utc_now
+    ) -> None:
+        self.limit_bytes = limit_bytes
+        self.wire = wire
+        self._now = now
+        self._day: date = now().date()
+        self._base = wire.total(BUDGETED)
+
+    def spent(self) -> int:
+        """Bytes spent today (a new day starts from zero)."""
+        total = self.wire.total(BUDGETED)
+        today = self._now().date()
+        if today != self._day:
+            self._day, self._base = today, total
+        return total - self._base
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent() >= self.limit_bytes
+
+    def seconds_to_next_day(self) -> float:
+        now = self._now()
+        midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), now.tzinfo)
+        return max((midnight - now).total_seconds(), 0.0)
+
+
 class TelemetryReporter:
     def __init__(
         self,
@@ -60,6 +105,10 @@ class TelemetryReporter:
         session: int,
         interval_s: float,
         on_put: Callable[[], None] = lambda: None,
+        *,
+        wire: WireCounter | None = None,
+        budget: DailyBudget | None = None,
+        over_budget_interval_s: float = 3600.0,
     ) -> None:
         self.agent = agent
         self.outbox = outbox
@@ -68,6 +117,11 @@ class TelemetryReporter:
         self.session = session
         self.interval_s = interval_s
         self._on_put = on_put
+        self.wire = wire
+        self.budget = budget
+        self.over_budget_interval_s = max(over_budget_interval_s, interval_s)
+        #: True while the day's budget is spent: reports come at the longer interval.
+        self.backing_off = False
         self.seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,8 +137,19 @@ class TelemetryReporter:
         if flush:
             self.report()
 
+    def next_wait_s(self) -> float:
+        """The time to the next report: ``interval_s``, or once the day's budget is spent,
+        ``over_budget_interval_s`` (cut short at the end of the UTC day, when a new budget
+        begins)."""
+        self.backing_off = self.budget is not None and self.budget.exhausted
+        if not self.backing_off:
+            return self.interval_s
+        assert self.budget is not None
+        to_next_day = self.budget.seconds_to_next_day() + 1.0
+        return max(self.interval_s, min(self.over_budget_interval_s, to_next_day))
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(self.next_wait_s()):
             try:
                 self.report()
             except Exception:  # telemetry must never take the agent down
@@ -121,12 +186,16 @@ class TelemetryReporter:
             rss_bytes=process_rss_bytes(),
             cpu_temp_c=cpu_temperature_c(),
             outbox=OutboxState(pending=self.outbox.pending, dropped=self.outbox.dropped),
+            wire_bytes=self.wire.snapshot() if self.wire is not None else None,
+            budget_backoff=True if self.backing_off else None,
         )
 
     def report(self) -> Telemetry:
         """Close the current interval: one message into the outbox."""
         stats = self.agent.swap_stats()
         message = self.build(stats, time.monotonic() - stats.started)
-        self.outbox.put(self.topic, message.model_dump_json().encode())
+        # fields that are None are left out (the schema's default): bytes a metered link
+        # would pay for nothing
+        self.outbox.put(self.topic, message.model_dump_json(exclude_none=True).encode())
         self._on_put()
         return message

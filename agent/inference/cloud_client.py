@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -74,6 +75,7 @@ class CloudClient:
         max_connections: int = 16,
         transport: httpx.BaseTransport | None = None,
         probe_backoff_s: tuple[float, float] = (0.5, 60.0),
+        event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: What requests are sent as now; with ``binary="auto"``, False until the server
@@ -88,6 +90,8 @@ class CloudClient:
             ),
             transport=transport,
         )
+        if event_hooks:  # set before the probe's first request (the device counts bytes)
+            self._http.event_hooks = {k: list(v) for k, v in event_hooks.items()}
         self._closed = threading.Event()
         #: Set once the server's extensions are known (with ``binary="auto"`` only).
         self.probed = threading.Event()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -100,7 +100,10 @@ class Agent:
         model: LoadedModel | None = None,
         cloud: CloudClient | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        cloud_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
+        """``cloud_hooks``: httpx event hooks for the cloud client this builds (the
+        device's byte counters)."""
         self.settings = settings
         r = settings.routing
         if cloud is None and settings.cloud.url:
@@ -111,6 +114,7 @@ class Agent:
                 binary=settings.cloud.binary,
                 connect_timeout_s=settings.cloud.connect_timeout_s,
                 max_connections=settings.cloud.max_connections,
+                event_hooks=cloud_hooks,
             )
         self._cloud = cloud
         self.router = Router(
