@@ -5,13 +5,26 @@ Layout under ``state_dir``::
     models/<model>/slots/v<version>-<sha12>/   manifest.json + the artifact (immutable)
     models/<model>/pointer.json                {"current": slot, "previous": slot|null}
     models/<model>/staging/                    partial downloads (resumable) + their ETags
-    models/<model>/job.json                    the update in progress (survives kill -9)
+    models/<model>/job.json                    the update in progress
     accepted.json                              highest version ever accepted, per model
 
-Every file that matters is written by temp file + fsync + rename + fsync of the folder, so a
-``kill -9`` or power cut leaves either the old or the new content, never a torn one. The
-pointer names both the current and the previous slot in one file: activation and rollback
-are one rename each. Only those two slots are kept; ``prune`` removes the rest.
+Two kinds of failure, two guarantees:
+
+- ``kill -9`` (the process dies, the kernel keeps its page cache): every file is replaced
+  by temp file + rename, so readers see the old or the new content, never a torn one. No
+  fsync is needed for this.
+- Power cut or kernel crash (what was not forced to disk may be lost, in any order): one
+  commit per update is forced to disk, the slot and then the pointer naming it (``install``
+  then ``activate``; six fsyncs, each said where it is made). A pointer that survives names
+  a slot whose files survived. Nothing else is forced: what a power cut may take of the rest
+  is harmless. The job record lost means no resume: the retained manifest starts the update
+  again (the record is also the in-flight acceptance, see below, so the two go together).
+  An ``accepted.json`` that lost its last write still has a floor: ``highest_accepted`` is
+  never below a version the pointer names. Only a rollback forces it, since a rolled-back
+  version is accepted but named by no pointer.
+
+The pointer names both the current and the previous slot in one file: activation and
+rollback are one rename each. Only those two slots are kept; ``prune`` removes the rest.
 """
 
 from __future__ import annotations
@@ -31,28 +44,41 @@ from shared.manifest import MANIFEST_FILE, Manifest
 log = logging.getLogger(__name__)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole."""
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole.
+
+    ``durable``: forced to disk before returning (the file, then the folder's entry), so a
+    power cut keeps the new content. Without it the replacement is still atomic for a
+    ``kill -9``; after a power cut the file may hold the old content, or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())  # the data, before a name can point at it
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)  # the rename itself
 
 
 def fsync_dir(path: Path) -> None:
+    """Force the names in folder ``path`` (files created, renamed in) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Force the data of file ``path`` to disk."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _read_json(path: Path) -> Any:
@@ -111,6 +137,8 @@ class ModelStore:
         return Pointer(doc["current"], doc.get("previous"))
 
     def _write_pointer(self, model: str, pointer: Pointer) -> None:
+        """The commit: durable (the pointer's data, then its rename in the model folder),
+        made only once the slots it names are (``install``)."""
         doc = {"current": pointer.current, "previous": pointer.previous}
         atomic_write(self.model_dir(model) / "pointer.json", json.dumps(doc).encode())
 
@@ -135,7 +163,12 @@ class ModelStore:
     ) -> Path:
         """Make a slot from a verified artifact and bundle files (moved in) and its manifest.
         The slot is written under a hidden name and renamed into place, so it exists whole
-        or not."""
+        or not (a hidden one is crash debris, removed at the next start).
+
+        Durable on return, being what the pointer is about to name (four fsyncs for a bare
+        artifact): each file's data, then the slot folder (the names in it), then after the
+        rename the slots folder (the slot's name). The manifest is written straight into the
+        hidden folder: nobody reads it before the rename."""
         final = self.slot_path(manifest.model, self.slot_name(manifest))
         if final.exists():
             shutil.rmtree(final)
@@ -146,10 +179,10 @@ class ModelStore:
         shutil.move(str(artifact), tmp / manifest.edge.file)
         for name, path in (bundle or {}).items():
             shutil.move(str(path), tmp / name)
-        for name in [manifest.edge.file, *(bundle or {})]:
-            with (tmp / name).open("rb") as f:
-                os.fsync(f.fileno())
-        atomic_write(tmp / MANIFEST_FILE, manifest.to_json().encode())
+        (tmp / MANIFEST_FILE).write_bytes(manifest.to_json().encode())
+        for name in [manifest.edge.file, *(bundle or {}), MANIFEST_FILE]:
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         tmp.replace(final)
         fsync_dir(final.parent)
         return final
@@ -179,6 +212,9 @@ class ModelStore:
         old = self.pointer(model)
         if old is None or old.previous is None:
             return None
+        # the version rolled back from stays accepted, and no pointer will name it again:
+        # only ``accepted.json`` remembers it, so that is forced to disk first
+        self.accept(model, _slot_version(old.current) or 0, durable=True)
         self._write_pointer(model, Pointer(old.previous, None))
         return self.slot_path(model, old.previous)
 
@@ -205,16 +241,30 @@ class ModelStore:
     # ------------------------------------------------------------------ anti-rollback
 
     def highest_accepted(self, model: str) -> int:
+        """The highest version ever accepted: the record, the update in progress (its job
+        is its acceptance until it ends) and, as a floor a power cut cannot lower, the
+        versions the pointer names."""
         doc = _read_json(self.root / "accepted.json") or {}
         value = doc.get(model, 0) if isinstance(doc, dict) else 0
-        return int(value) if isinstance(value, int) else 0
+        recorded = int(value) if isinstance(value, int) else 0
+        job = self.job(model)
+        pointer = self.pointer(model)
+        named = [pointer.current, pointer.previous] if pointer else []
+        return max(
+            recorded,
+            job.manifest.version if job else 0,
+            *(_slot_version(n) or 0 for n in named if n),
+        )
 
-    def accept(self, model: str, version: int) -> None:
-        """Record ``version`` as accepted; never lowers the recorded value."""
+    def accept(self, model: str, version: int, *, durable: bool = False) -> None:
+        """Record ``version`` as accepted; never lowers the recorded value. Not forced to
+        disk unless ``durable``: what it adds is covered by the pointer's floor once the
+        version is active, and an acceptance still in progress is the job's."""
         doc = _read_json(self.root / "accepted.json")
         doc = doc if isinstance(doc, dict) else {}
         doc[model] = max(version, int(doc.get(model, 0) or 0))
-        atomic_write(self.root / "accepted.json", json.dumps(doc, sort_keys=True).encode())
+        data = json.dumps(doc, sort_keys=True).encode()
+        atomic_write(self.root / "accepted.json", data, durable=durable)
 
     # ----------------------------------------------------------------------- jobs
 
@@ -228,12 +278,19 @@ class ModelStore:
             return None
 
     def save_job(self, manifest: Manifest, state: str) -> None:
+        """Record the update in progress (atomic, not forced to disk). After a ``kill -9``
+        the next start resumes it; what it has reached is read from the store (a slot whole
+        or not, the pointer moved or not), so it is written once, not at every state. A
+        power cut may take it: the retained manifest starts the update again, and since
+        the job also holds the acceptance, none is left behind to refuse that as a replay."""
         doc = {"manifest": manifest.document(), "state": state}
-        atomic_write(self.model_dir(manifest.model) / "job.json", json.dumps(doc).encode())
+        path = self.model_dir(manifest.model) / "job.json"
+        atomic_write(path, json.dumps(doc).encode(), durable=False)
 
     def clear_job(self, model: str) -> None:
+        """Forget the finished job (not forced: the job a power cut brings back resumes,
+        finds its work done and reports its state again)."""
         (self.model_dir(model) / "job.json").unlink(missing_ok=True)
-        fsync_dir(self.model_dir(model))
 
 
 @dataclass(frozen=True)
@@ -244,3 +301,9 @@ class Job:
 
 def _names(manifest: Manifest) -> list[str | None]:
     return [f.name for f in manifest.files]
+
+
+def _slot_version(slot: str) -> int | None:
+    """The version in a slot's name (``v<version>-<sha12>``), or None."""
+    head = slot.split("-", 1)[0]
+    return int(head[1:]) if head.startswith("v") and head[1:].isdigit() else None

@@ -20,8 +20,11 @@ wins. A worker thread, never paho's network thread, takes them through the job s
 5. health watch: error rate, share of unsure answers, golden drift at the end. Passing:
    ``ACTIVE``; failing: pointer and agent go back to the previous model, ``ROLLED_BACK``.
 
-The job is recorded in the store at every step, so a ``kill -9`` at any point resumes at
-the next start (with the partial download) instead of starting over or being refused.
+The job is recorded in the store once, when it is queued, and cleared when it ends; a
+``kill -9`` at any point resumes it at the next start (with the partial download) instead of
+starting over or being refused. Where it had got to is read from the store, not from the
+record: a slot exists whole or not at all, the pointer has moved or not. The store's
+docstring says what a power cut may take and why that is harmless.
 """
 
 from __future__ import annotations
@@ -234,8 +237,8 @@ class Updater:
             self._emit(manifest, UpdateState.REJECTED, exc.reason)
             return UpdateState.REJECTED
         self._done.add(digest)
-        if not resuming:
-            self.store.accept(manifest.model, manifest.version)
+        # the job record is the acceptance while the job runs (``highest_accepted`` counts
+        # it); ``_finish`` moves it into the anti-rollback record
         self.store.save_job(manifest, UpdateState.QUEUED.value)
         self._emit(manifest, UpdateState.QUEUED)
         try:
@@ -256,8 +259,10 @@ class Updater:
 
     def _finish(self, manifest: Manifest, state: UpdateState, reason: str) -> None:
         """Report the terminal state, then forget the job (a crash in between repeats the
-        report at the next start, never loses it)."""
+        report at the next start, never loses it). Its acceptance outlives it, recorded
+        first."""
         self._emit(manifest, state, reason)
+        self.store.accept(manifest.model, manifest.version)
         self.store.clear_job(manifest.model)
         if state == UpdateState.ACTIVE:
             self.store.prune(manifest.model)
@@ -313,7 +318,6 @@ class Updater:
         model_name = manifest.model
         slot = self.store.slot_path(model_name, self.store.slot_name(manifest))
         if not slot.is_dir():
-            self.store.save_job(manifest, UpdateState.DOWNLOADING.value)
             self._emit(manifest, UpdateState.DOWNLOADING)
             artifact_url = self._artifact_url(manifest)
             try:
@@ -337,14 +341,12 @@ class Updater:
             except (DownloadError, httpx.HTTPError) as exc:
                 return UpdateState.FAILED, f"download: {exc}"
             slot = self.store.install(manifest, staged, bundle)
-        self.store.save_job(manifest, UpdateState.VERIFYING.value)
         self._emit(manifest, UpdateState.VERIFYING)
         try:
             new = load_model(slot, self.backend, self.agent.max_pixels)
         except (ModelLoadError, ContractError) as exc:
             shutil.rmtree(slot, ignore_errors=True)
             return UpdateState.FAILED, f"validation: {exc.message}"
-        self.store.save_job(manifest, UpdateState.ACTIVATING.value)
         self._emit(manifest, UpdateState.ACTIVATING)
         self.store.activate(model_name, slot)
         old = self.agent.activate(new)
@@ -413,7 +415,7 @@ class Updater:
         if job is None:
             return
         manifest = job.manifest
-        log.info("resuming %s, interrupted in %s", manifest.ref, job.state)
+        log.info("resuming %s, interrupted after %s", manifest.ref, job.state)
         if served.version == manifest.version and served.edge.sha256 == manifest.edge.sha256:
             # the pointer had moved: the crash came during the health watch
             self._done.add(manifest_digest(manifest))

@@ -132,3 +132,37 @@ def test_forged_manifests_are_remembered_within_a_bound(harness: Harness) -> Non
     harness.updater.process(forger.sign(manifest(version=9999)))
     harness.updater.process(forger.sign(manifest(version=10000)))
     assert harness.updater.process(first) is not None  # forgotten: reported again
+
+
+class _PowerCut(BaseException):
+    """The machine stops here: nothing after this line runs, nothing is cleaned up."""
+
+
+def test_a_crash_before_the_job_is_recorded_leaves_no_acceptance_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job record is the acceptance while the job runs: a crash before it is written
+    (or a power cut that takes it) must not leave the genuine manifest refused as a replay
+    at the next start."""
+    genuine = release()
+    first = Harness(tmp_path)
+
+    def cut(*_: object) -> None:
+        raise _PowerCut
+
+    monkeypatch.setattr(first.updater.store, "save_job", cut)
+    with pytest.raises(_PowerCut):
+        first.updater.process(genuine)
+    first.agent.close()
+    again = Harness(tmp_path)  # the next start, same store
+    try:
+        again.updater.process(genuine)
+        assert passed_its_checks(again), again.states()
+        # once the job has ended its acceptance is on record: the same manifest is a replay
+        assert again.updater.store.highest_accepted("toy") == 2
+        third = Harness(tmp_path)
+        third.updater.process(genuine)
+        assert third.states()[0][0] == "REJECTED" and "not newer" in third.states()[0][1]
+        third.agent.close()
+    finally:
+        again.agent.close()
