@@ -29,10 +29,10 @@ FLEET = "tele"
 
 
 class Harness:
-    def __init__(self, tmp: Path, broker: Mosquitto) -> None:
+    def __init__(self, tmp: Path, broker: Mosquitto, store_url: str) -> None:
         self.tmp = tmp
         self.broker = broker
-        self.store = FleetStore(tmp / "fleet.db")
+        self.store = FleetStore(store_url)  # SQLite, then PostgreSQL
         self.collector = Collector(self.store, FLEET)
         self.mqtt = MqttClient(
             broker.settings_for("collector", persistent_session=True),
@@ -66,8 +66,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path, broker: Mosquitto) -> Iterator[Harness]:
-    h = Harness(tmp_path, broker)
+def harness(tmp_path: Path, broker: Mosquitto, store_url: str) -> Iterator[Harness]:
+    h = Harness(tmp_path, broker, store_url)
     yield h
     h.close()
 
