@@ -62,13 +62,14 @@ def test_agent_telemetry_reaches_the_fleet_api(
                     for r in cloud.get("/fleet/devices/dev-1").json().get("series", [])
                 )
                 == 200
-                if cloud.get("/fleet/devices").json()
+                if cloud.get("/fleet/devices").json()["devices"]
                 else False
             ),
             what="all requests counted in the API",
         )
-        devices = cloud.get("/fleet/devices").json()
-        d = devices[0]
+        page = cloud.get("/fleet/devices").json()
+        assert page["total"] == 1 and page["next"] is None
+        d = page["devices"][0]
         assert (d["device"], d["group"], d["online"]) == ("dev-1", "lab", True)
         assert d["models"] == [{"model": "digits", "version": 1}]
         assert 0 < d["offload_rate"] < 1 and d["p95_ms"] is not None
@@ -91,7 +92,10 @@ def test_agent_telemetry_reaches_the_fleet_api(
         assert cloud.get("/fleet/devices/nobody").status_code == 404
     finally:
         service.stop()
-    wait_for(lambda: not cloud.get("/fleet/devices").json()[0]["online"], what="offline")
+    wait_for(lambda: not cloud.get("/fleet/devices").json()["devices"][0]["online"], what="offline")
+    offline = cloud.get("/fleet/devices", params={"state": "offline", "group": "lab"}).json()
+    assert [d["device"] for d in offline["devices"]] == ["dev-1"]
+    assert cloud.get("/fleet/devices", params={"state": "online"}).json()["total"] == 0
 
 
 def test_dashboard_files_are_served(cloud: httpx.Client) -> None:
@@ -129,3 +133,27 @@ def test_summary_refuses_windows_that_make_no_sense(
 def test_summary_takes_sane_windows(brokerless: httpx.Client) -> None:
     r = brokerless.get("/fleet/summary", params={"minutes": "0.5", "bucket_s": "3600"})
     assert r.status_code == 200 and r.json()["devices"] == 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": "0"},
+        {"limit": "1001"},
+        {"limit": "x"},
+        {"state": "asleep"},
+        {"after": "a/b"},
+        {"group": ""},
+    ],
+)
+def test_device_paging_refuses_what_makes_no_sense(
+    brokerless: httpx.Client, params: dict[str, str]
+) -> None:
+    r = brokerless.get("/fleet/devices", params=params)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and next(iter(params)) in r.json()["error"]
+
+
+def test_device_paging_of_an_empty_fleet(brokerless: httpx.Client) -> None:
+    r = brokerless.get("/fleet/devices", params={"limit": "1000", "state": "online"})
+    assert r.status_code == 200 and r.json() == {"devices": [], "total": 0, "next": None}

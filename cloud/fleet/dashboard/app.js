@@ -1,6 +1,10 @@
 "use strict";
-// The fleet dashboard: polls /fleet/summary and /fleet/devices, draws with <canvas>.
+// The fleet dashboard: polls /fleet/summary and a page of /fleet/devices, draws with <canvas>.
 // No framework and no CDN: everything it needs is in this file.
+
+const PAGE = 50;  // devices per page of the table (the API pages by a cursor: ?after=)
+// the cursor of each page seen so far: pages[0] is the first (no cursor)
+const pages = [null];
 
 const COLORS = ["#3465a4", "#f57900", "#4e9a06", "#75507b", "#cc0000", "#c4a000", "#06989a", "#555753"];
 
@@ -124,11 +128,26 @@ function renderRollouts(rollouts) {
   });
 }
 
+function devicesUrl() {
+  const after = pages[pages.length - 1];
+  return "/fleet/devices?limit=" + PAGE + (after ? "&after=" + encodeURIComponent(after) : "");
+}
+
+function renderPager(page) {
+  const first = (pages.length - 1) * PAGE;
+  $("page-info").textContent = page.devices.length
+    ? (first + 1) + "–" + (first + page.devices.length) + " of " + page.total
+    : page.total + " devices";
+  $("prev").disabled = pages.length === 1;
+  $("next").disabled = page.next === null;
+  $("next").dataset.cursor = page.next || "";
+}
+
 async function refresh() {
   try {
-    const [summary, devices] = await Promise.all([
+    const [summary, page] = await Promise.all([
       fetch("/fleet/summary").then(r => r.json()),
-      fetch("/fleet/devices").then(r => r.json()),
+      fetch(devicesUrl()).then(r => r.json()),
     ]);
     $("fleet").textContent = summary.fleet;
     $("online").textContent = String(summary.online);
@@ -147,13 +166,21 @@ async function refresh() {
     lineChart($("latency-chart"), per.map(([name, rows]) => ({
       name, points: rows.filter(r => r.p95_ms !== null).map(r => [Date.parse(r.ts), r.p95_ms]) })),
       { log: true, fmt: v => v.toFixed(2) });
-    renderDevices(devices);
+    renderDevices(page.devices);
+    renderPager(page);
     renderRollouts(summary.rollouts);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (err) {
     $("updated").textContent = "cannot reach the server: " + err;
   }
 }
+
+$("next").addEventListener("click", () => {
+  if ($("next").dataset.cursor) { pages.push($("next").dataset.cursor); refresh(); }
+});
+$("prev").addEventListener("click", () => {
+  if (pages.length > 1) { pages.pop(); refresh(); }
+});
 
 refresh();
 setInterval(refresh, 2000);
