@@ -20,6 +20,7 @@ from shared.identifiers import Identifier
 from shared.manifest import ConfidenceMetric
 from shared.mqtt import MqttSettings
 from shared.settings_files import FileSettings
+from shared.tls import TlsFiles
 from shared.update import UpdateState
 
 
@@ -80,6 +81,32 @@ class CloudSettings(_Section):
     )
     connect_timeout_s: float = Field(default=1.0, gt=0)
     max_connections: int = Field(default=16, ge=1)
+    ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) every HTTPS server the agent calls is verified against: "
+        "the cloud, the registry, artifact hosts; None: the usual public CAs",
+    )
+    cert_file: Path | None = Field(
+        default=None,
+        description="client certificate (PEM) presented to the cloud and the registry only, "
+        "for servers that require one",
+    )
+    key_file: Path | None = Field(
+        default=None, description="cert_file's private key (PEM); None: in cert_file"
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> CloudSettings:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without a cert_file")
+        return self
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """What the cloud client and downloads verify and present; None: httpx's defaults."""
+        if self.ca_file is None and self.cert_file is None:
+            return None
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file)
 
 
 class ServerSettings(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,11 @@ def _serve(settings: CloudSettings) -> int:
     import uvicorn
 
     from cloud.app import create_app
+    from shared.tls import server_context
 
+    tls = settings.tls
+    if tls.cert_file is not None:  # a bad file: one line now, not a traceback from uvicorn
+        server_context(tls.cert_file, tls.key_file, tls.client_ca_file)
     app = create_app(settings)
     # the loaded models, FastAPI and pydantic are long-lived: keeping them out of the garbage
     # collector's generations makes its full passes short (they stalled requests for tens of ms)
@@ -41,6 +46,10 @@ def _serve(settings: CloudSettings) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        ssl_certfile=tls.cert_file,
+        ssl_keyfile=tls.key_file,
+        ssl_ca_certs=str(tls.client_ca_file) if tls.client_ca_file else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
     )
     return 0
 

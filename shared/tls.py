@@ -72,11 +72,15 @@ def client_context(
     ``cert_file``/``key_file`` if given. ``SettingsError`` for files that cannot be used."""
     if key_file is not None and cert_file is None:
         raise SettingsError(f"key_file {key_file} is set without a cert_file")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    # PROTOCOL_TLS_CLIENT: certificate and hostname checked; no CA loaded yet, so that a
+    # ca_file is the only one trusted (create_default_context would add the system's)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.sslsocket_class = _ClosingSSLSocket
     if ca_file is not None:
         _load_ca(context, ca_file, "CA file")
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cert_file is not None:
         _load_identity(context, cert_file, key_file)
     return context
@@ -87,7 +91,7 @@ def server_context(
 ) -> ssl.SSLContext:
     """A server context: ``cert_file``/``key_file`` presented; with ``client_ca_file``,
     every client must present a certificate that CA issued."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_identity(context, cert_file, key_file)
     if client_ca_file is not None:

@@ -33,6 +33,7 @@ from pydantic import SecretStr
 from agent.device.store import atomic_write
 from agent.errors import DigestError, DownloadError, IncompleteDownloadError
 from agent.settings import DownloadSettings
+from shared.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,25 @@ class OriginAuth(httpx.Auth):
         yield request
 
 
-def download_client(token: SecretStr | None, origins: Iterable[str | None]) -> httpx.Client:
-    """The HTTP client for artifacts: the token, if any, only for ``origins``."""
-    if token is None:
-        return httpx.Client()
-    return httpx.Client(auth=OriginAuth(token.get_secret_value(), origins))
+def download_client(
+    token: SecretStr | None, origins: Iterable[str | None], tls: TlsFiles | None = None
+) -> httpx.Client:
+    """The HTTP client for artifacts: the token, if any, only for ``origins``. With ``tls``,
+    every server is verified against its CA, and its client certificate, like the token,
+    is presented to ``origins`` only (an artifact URL on another host does not learn which
+    device asks)."""
+    allowed = [u for u in origins if u]
+    auth = OriginAuth(token.get_secret_value(), allowed) if token is not None else None
+    if tls is None:
+        return httpx.Client(auth=auth)
+    mounts: dict[str, httpx.BaseTransport | None] = {}
+    if tls.has_identity:
+        identity = tls.context()
+        for url in allowed:
+            u = httpx.URL(url)
+            if u.scheme == "https":  # a URL without a port: its host, at any port
+                mounts[f"https://{u.netloc.decode()}"] = httpx.HTTPTransport(verify=identity)
+    return httpx.Client(auth=auth, verify=tls.context(identity=False), mounts=mounts)
 
 
 # ------------------------------------------------------------------------ download

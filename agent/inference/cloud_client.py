@@ -32,6 +32,7 @@ from shared.errors import InvalidRequestError
 from shared.manifest import CloudTarget
 from shared.oip.codec import decode_response, encode_request, parse_header_length
 from shared.oip.types import InferRequest, InferTensor, RequestedOutput, ServerMetadata
+from shared.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class CloudClient:
         transport: httpx.BaseTransport | None = None,
         probe_backoff_s: tuple[float, float] = (0.5, 60.0),
         event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: What requests are sent as now; with ``binary="auto"``, False until the server
@@ -89,6 +91,8 @@ class CloudClient:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             transport=transport,
+            # the cloud's private CA and this device's certificate; None: the usual CAs
+            verify=tls.context() if tls is not None else True,
         )
         if event_hooks:  # set before the probe's first request (the device counts bytes)
             self._http.event_hooks = {k: list(v) for k, v in event_hooks.items()}
