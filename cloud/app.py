@@ -41,9 +41,18 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     mqtt: MqttClient | None = None
     if settings.mqtt is not None:
         store = open_store(settings.database_url, settings.state_dir)
-        collector = Collector(store, settings.fleet, retention_days=settings.retention_days)
+        collector = Collector(
+            store,
+            settings.fleet,
+            retention_days=settings.retention_days,
+            share_group=settings.collector_share_group,
+        )
+        # persistent, under this instance's own id: a restarted instance drains the share of
+        # telemetry the broker queued for it (another instance's id would push that one off)
         mqtt_settings = settings.mqtt.model_copy(update={"persistent_session": True})
-        mqtt = MqttClient(mqtt_settings, client_id=f"collector-{settings.fleet}")
+        mqtt = MqttClient(
+            mqtt_settings, client_id=f"collector-{settings.fleet}-{settings.instance}"
+        )
         collector.attach(mqtt)
 
     async def poll_repository() -> None:

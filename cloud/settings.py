@@ -6,9 +6,12 @@ Sources, strongest first: CLI flags, ``TANDEM_CLOUD_*`` environment variables (n
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud.serving.settings import OrtSettings
@@ -31,31 +34,6 @@ class CloudTestingSettings(BaseModel):
     )
 
 
-class ServerTlsSettings(BaseModel):
-    """HTTPS for ``serve``: the server's certificate, and optionally a CA whose client
-    certificates it requires (devices' certificates from the fleet CA). Bearer tokens
-    still authorise requests; a client certificate decides who may connect at all."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cert_file: Path | None = Field(
-        default=None, description="server certificate chain (PEM); None: plain HTTP"
-    )
-    key_file: Path | None = Field(
-        default=None, description="cert_file's private key (PEM); None: in cert_file"
-    )
-    client_ca_file: Path | None = Field(
-        default=None,
-        description="CA bundle (PEM) of the client certificates required; None: none asked",
-    )
-
-    @model_validator(mode="after")
-    def _needs_certificate(self) -> ServerTlsSettings:
-        if self.cert_file is None and (self.key_file or self.client_ca_file):
-            raise ValueError("key_file and client_ca_file need a cert_file (HTTPS)")
-        return self
-
-
 class CloudSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_CLOUD_", env_nested_delimiter="__", extra="forbid"
@@ -66,7 +44,6 @@ class CloudSettings(FileSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    tls: ServerTlsSettings = Field(default_factory=lambda: ServerTlsSettings())
     registry: Path | None = Field(
         default=None, description="model bundles served under /registry; None: not served"
     )
@@ -86,7 +63,21 @@ class CloudSettings(FileSettings):
         "share it) or sqlite://PATH; None: SQLite at state_dir/fleet.db",
     )
     mqtt: MqttSettings | None = Field(
-        default=None, description="broker for the controller (user: controller)"
+        default=None,
+        description="broker for the collector and the controller; MQTT 5 unless the section "
+        'says protocol = "3.1.1" (shared subscriptions need 5, or Mosquitto 2.0)',
+    )
+    collector_share_group: Identifier | None = Field(
+        default="collectors",
+        description="the collectors' shared subscription group ($share/<group>/...): the "
+        "instances of a fleet split its telemetry; None: each takes all of it (a broker "
+        "without shared subscriptions)",
+    )
+    instance_id: Identifier | None = Field(
+        default=None,
+        description="this instance's name, stable across restarts and unique among the "
+        "instances: the collector's MQTT client id, whose persistent session keeps the "
+        "instance's share of telemetry while it restarts; None: <hostname>-<port>",
     )
     signing_key: Path | None = Field(default=None, description="for rollback releases")
     retention_days: float = Field(default=30.0, gt=0, description="telemetry kept this long")
@@ -98,3 +89,22 @@ class CloudSettings(FileSettings):
     repo_poll_s: float = Field(default=2.0, ge=0, description="rescan the repository; 0: never")
     testing: CloudTestingSettings = Field(default_factory=lambda: CloudTestingSettings())
     log_level: str = "INFO"
+
+    @field_validator("mqtt", mode="before")
+    @classmethod
+    def _cloud_speaks_mqtt5(cls, value: Any) -> Any:
+        """The cloud's clients speak MQTT 5 unless told otherwise (devices keep 3.1.1)."""
+        if isinstance(value, dict) and "protocol" not in value:
+            return {**value, "protocol": "5"}
+        if isinstance(value, MqttSettings) and "protocol" not in value.model_fields_set:
+            return value.model_copy(update={"protocol": "5"})
+        return value
+
+    @property
+    def instance(self) -> str:
+        """``instance_id``, or one made of the host's name and the port (stable across
+        restarts of the same service, distinct for two on one host)."""
+        if self.instance_id is not None:
+            return self.instance_id
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+        return f"{host}-{self.port}"

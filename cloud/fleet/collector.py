@@ -5,6 +5,12 @@ message is counted (per kind of problem) and logged at most once per device per
 ``log_interval_s``; it never stops the collector. Telemetry is stored once per
 (device, session, seq): at-least-once delivery from the agents' outboxes becomes
 exactly-once here. Old telemetry is deleted after ``retention_days``.
+
+Several instances of the cloud split a fleet's telemetry through a shared subscription
+(``share_group``): the broker hands each message to one of them, and the store's key on
+(device, session, seq) keeps a redelivered message (an instance killed before its PUBACK)
+stored once across all of them. The handler stores before it returns, and paho acknowledges
+only then, so a message is never acknowledged unstored.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ class Collector:
         *,
         retention_days: float = 30.0,
         log_interval_s: float = 60.0,
+        share_group: str | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.retention_days = retention_days
         self.log_interval_s = log_interval_s
+        self.share_group = share_group
         self.listener = FleetListener(store, fleet)
         self.counts: Counter[str] = Counter()  # stored, duplicate, malformed, oversized, ...
         self._logged: dict[str, float] = {}
@@ -47,7 +55,11 @@ class Collector:
 
     def attach(self, mqtt: MqttClient) -> None:
         self.listener.attach(mqtt)
-        mqtt.subscribe(topics.fleet_device_filter(self.fleet, "telemetry"), self._on_telemetry)
+        mqtt.subscribe(
+            topics.fleet_device_filter(self.fleet, "telemetry"),
+            self._on_telemetry,
+            share_group=self.share_group,
+        )
 
     def _count(self, what: str) -> None:
         with self._lock:

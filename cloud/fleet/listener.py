@@ -1,6 +1,11 @@
 """``FleetListener``: keeps the fleet store current from the devices' retained ``status``
 and ``update`` topics. The collector and the rollout controller each attach one to their
-MQTT connection."""
+MQTT connection.
+
+Not through a shared subscription, unlike telemetry: every instance takes every status and
+job report. MQTT 5 sends no retained messages to a shared subscription (Mosquitto 2.0 does,
+other brokers do not), and the retained ones are how a new instance or database learns the
+fleet; the writes are idempotent upserts, and these topics are few next to telemetry."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -225,8 +226,9 @@ def _member(
     broker: Mosquitto,
     client_id: str,
     inbox: Inbox,
+    *,
     status: Inbox | None = None,
-    **settings: object,
+    **settings: Any,
 ) -> MqttClient:
     """A collector account's client in share group ``g`` on every device's telemetry (and
     on their status, if given an inbox for it)."""
@@ -282,7 +284,11 @@ def test_a_vanished_persistent_member_keeps_its_share_queued_until_it_returns(
     ctl = client(broker, "controller")
     ctl.start(wait_s=5)
     a, b = Inbox(), Inbox()
-    persistent = {"protocol": "5", "persistent_session": True, "session_expiry_s": 300}
+    persistent: dict[str, Any] = {
+        "protocol": "5",
+        "persistent_session": True,
+        "session_expiry_s": 300,
+    }
     member_a = _member(broker, "collector-a", a, **persistent)
     member_b = _member(broker, "collector-b", b, **persistent)
     _vanish(member_a)

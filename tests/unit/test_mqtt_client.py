@@ -120,10 +120,12 @@ def test_refused_subscriptions_and_publishes_are_counted_in_both_versions() -> N
 
     acked: list[int] = []
     c = MqttClient(MqttSettings(protocol="5"), "c", on_ack=acked.append)
+    on_subscribe: Any = c._client.on_subscribe  # as paho calls them (VERSION2)
+    on_publish: Any = c._client.on_publish
     suback = [ReasonCode(PacketTypes.SUBACK, identifier=i) for i in (0x01, 0x80, 0x87, 0x9E)]
-    c._client.on_subscribe(c._client, None, 1, suback, None)  # type: ignore[misc]
+    on_subscribe(c._client, None, 1, suback, None)
     assert c.counters.subscribe_refused == 3
-    c._client.on_publish(c._client, None, 7, ReasonCode(PacketTypes.PUBACK, identifier=0x87), None)  # type: ignore[misc]
-    c._client.on_publish(c._client, None, 8, ReasonCode(PacketTypes.PUBACK, identifier=0x10), None)  # type: ignore[misc]
+    on_publish(c._client, None, 7, ReasonCode(PacketTypes.PUBACK, identifier=0x87), None)
+    on_publish(c._client, None, 8, ReasonCode(PacketTypes.PUBACK, identifier=0x10), None)
     assert c.counters.publish_refused == 1 and acked == [7, 8]  # dropped, not to be retried
     assert c.counters.handler_errors == 0
