@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud.serving.settings import OrtSettings
@@ -34,6 +34,31 @@ class CloudTestingSettings(BaseModel):
     )
 
 
+class ServerTlsSettings(BaseModel):
+    """HTTPS for ``serve``: the server's certificate, and optionally a CA whose client
+    certificates it requires (devices' certificates from the fleet CA). Bearer tokens
+    still authorise requests; a client certificate decides who may connect at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = Field(
+        default=None, description="server certificate chain (PEM); None: plain HTTP"
+    )
+    key_file: Path | None = Field(
+        default=None, description="cert_file's private key (PEM); None: in cert_file"
+    )
+    client_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) of the client certificates required; None: none asked",
+    )
+
+    @model_validator(mode="after")
+    def _needs_certificate(self) -> ServerTlsSettings:
+        if self.cert_file is None and (self.key_file or self.client_ca_file):
+            raise ValueError("key_file and client_ca_file need a cert_file (HTTPS)")
+        return self
+
+
 class CloudSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_CLOUD_", env_nested_delimiter="__", extra="forbid"
@@ -44,6 +69,7 @@ class CloudSettings(FileSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    tls: ServerTlsSettings = Field(default_factory=lambda: ServerTlsSettings())
     registry: Path | None = Field(
         default=None, description="model bundles served under /registry; None: not served"
     )
