@@ -8,11 +8,14 @@ requires one (``[tls] client_ca_file``), to the configured origins only.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from subprocess import Popen
 
 import httpx
 import numpy as np
@@ -46,23 +49,54 @@ def _toml(values: dict[str, object]) -> str:
     )
 
 
+def _up_or_gone(proc: Popen[bytes], url: str, context: ssl.SSLContext) -> bool:
+    if proc.poll() is not None:
+        return True
+    try:
+        return httpx.get(f"{url}/v2/health/ready", verify=context).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _start(workdir: Path, settings: str, ready_context: ssl.SSLContext) -> tuple[Popen[bytes], str]:
+    """One ``tandem-cloud serve`` on a free port, once it answers over HTTPS. A port taken
+    between ``free_port`` and the bind (the suite's other servers) means another port."""
+    for _ in range(3):
+        port = free_port()
+        config = workdir / "cloud.toml"
+        config.write_text(f"port = {port}\n{settings}")
+        with (workdir / "cloud.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cloud.cli", "--config", str(config), "serve"],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"https://127.0.0.1:{port}"
+        ready = partial(_up_or_gone, proc, url, ready_context)
+        wait_for(ready, 60, "tandem-cloud serve over HTTPS")
+        if proc.poll() is None:
+            return proc, url
+        why = (workdir / "cloud.log").read_text(errors="replace")
+        if "address already in use" not in why:
+            break
+    raise AssertionError(f"tandem-cloud serve did not start: {why}")
+
+
 @contextmanager
 def https_cloud(workdir: Path, pki: Pki, *, client_ca: Path | None) -> Iterator[str]:
     """``tandem-cloud serve`` in a child process with ``[tls]`` settings and a registry
     holding the factory model's release; its https:// URL once it answers."""
     registry = workdir / "registry"
     Registry(registry).publish(EDGE, (EDGE_INT8 / EDGE.edge.file).read_bytes())
-    port = free_port()
     tls: dict[str, object] = {"cert_file": pki.server.cert, "key_file": pki.server.key}
     if client_ca is not None:
         tls["client_ca_file"] = client_ca
-    config = workdir / "cloud.toml"
-    config.write_text(
+    settings = (
         _toml(
             {
                 "repo": CLOUD_REPO,
                 "registry": registry,
-                "port": port,
                 "state_dir": workdir / "state",
                 "repo_poll_s": 0,
                 "log_level": "WARNING",
@@ -71,27 +105,9 @@ def https_cloud(workdir: Path, pki: Pki, *, client_ca: Path | None) -> Iterator[
         + "[tls]\n"
         + _toml(tls)
     )
-    log = (workdir / "cloud.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "--config", str(config), "serve"],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"https://localhost:{port}"
     device = pki.device("dev-1")
-    context = client_context(pki.ca_file, device.cert, device.key)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError((workdir / "cloud.log").read_text(errors="replace"))
-        try:
-            return httpx.get(f"{url}/v2/health/ready", verify=context).status_code == 200
-        except httpx.TransportError:
-            return False
-
+    proc, url = _start(workdir, settings, client_context(pki.ca_file, device.cert, device.key))
     try:
-        wait_for(ready, 60, "tandem-cloud serve over HTTPS")
         yield url
     finally:
         proc.terminate()
@@ -100,7 +116,6 @@ def https_cloud(workdir: Path, pki: Pki, *, client_ca: Path | None) -> Iterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
