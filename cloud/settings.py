@@ -96,8 +96,8 @@ class CloudSettings(FileSettings):
     collector_share_group: Identifier | None = Field(
         default="collectors",
         description="the collectors' shared subscription group ($share/<group>/...): the "
-        "instances of a fleet split its telemetry; None: each takes all of it (a broker "
-        "without shared subscriptions)",
+        'instances of a fleet split its telemetry; None or "": each takes all of it (a '
+        "broker without shared subscriptions)",
     )
     instance_id: Identifier | None = Field(
         default=None,
@@ -125,6 +125,12 @@ class CloudSettings(FileSettings):
         if isinstance(value, MqttSettings) and "protocol" not in value.model_fields_set:
             return value.model_copy(update={"protocol": "5"})
         return value
+
+    @field_validator("collector_share_group", mode="before")
+    @classmethod
+    def _no_group(cls, value: Any) -> Any:
+        """TOML has no null: an empty name turns the shared subscription off."""
+        return None if value == "" else value
 
     @property
     def instance(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,10 @@ def test_each_instance_has_a_stable_id_of_its_own() -> None:
     assert CloudSettings().collector_share_group == "collectors"
     with pytest.raises(ValueError):
         CloudSettings(collector_share_group="a/b")
+
+
+def test_an_empty_share_group_turns_sharing_off(tmp_path: Path) -> None:
+    """TOML has no null: ``collector_share_group = ""`` is how a file says None."""
+    config = tmp_path / "cloud.toml"
+    config.write_text('collector_share_group = ""\n')
+    assert CloudSettings.load(config).collector_share_group is None
