@@ -38,6 +38,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent.cli")
 
+#: Modules that dependencies import when they are installed and that an agent's process
+#: never uses; each importer takes their absence as "not installed" (ImportError) and goes
+#: on. Marked absent by ``run`` and ``serve`` only, before the service is imported: 4.2 MB
+#: of the device's RSS (``scripts/bench_agent_rss.py``, docs/benchmarks.md).
+UNUSED_MODULES = (
+    "httpx._main",  # httpx's command line: rich, pygments and click, 3.2 MB
+    "pydantic.v1",  # FastAPI checks routes for pydantic 1 models, of which there are none
+    "uvicorn.supervisors.watchfilesreload",  # ``--reload``'s watcher (uvicorn falls back)
+)
+
+
+def skip_unused_modules() -> None:
+    """Mark ``UNUSED_MODULES`` absent in this process (one already imported stays)."""
+    for name in UNUSED_MODULES:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # the import system's "absent"
+
 
 def read_rows(path: Path) -> np.ndarray:
     """Rows of raw features from a file; one row may be given as a flat list."""
@@ -242,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_level)
         if args.command == "infer":
             return _infer(settings, args)
+        skip_unused_modules()  # a device's process: before the service is imported
         stop = StopRequest()
         stop.install()  # before anything starts: see agent/stop.py
         return _run(settings, stop) if args.command == "run" else _serve(settings, stop)

@@ -62,6 +62,23 @@ def _server_class() -> Callable[[uvicorn.Config, Callable[[], None], StopRequest
     return Server
 
 
+def server_config(app: Any, settings: ServerSettings, log_level: str) -> uvicorn.Config:
+    """uvicorn's configuration of the endpoint. The endpoint has no WebSocket route, and
+    the standard event loop serves a device's request rate: uvicorn's defaults ("auto")
+    would import websockets and uvloop, 2 MB of RSS for nothing (scripts/bench_agent_rss.py)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        access_log=False,
+        ws="none",
+        loop="asyncio",
+    )
+
+
 def serve(
     app: Any,
     settings: ServerSettings,
@@ -71,13 +88,5 @@ def serve(
 ) -> None:
     """Serve ``app`` until ``stop`` is requested; ``on_listening`` runs once the socket
     listens."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        access_log=False,
-    )
+    config = server_config(app, settings, log_level)
     _server_class()(config, on_listening, stop).run()
