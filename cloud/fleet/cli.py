@@ -3,27 +3,43 @@
     tandem-cloud fleet rollout digits@5 [--group G | --devices a,b] [--canary 1|10%]
                                         [--waves 2] [--max-failure-rate 0] [--wave-timeout 300]
     tandem-cloud fleet resume ID
+    tandem-cloud fleet controller [--lease-ttl 15] [--poll 1]
     tandem-cloud fleet rollback digits [--to 4]
     tandem-cloud fleet status
 
 Broker and fleet come from the cloud settings (``TANDEM_CLOUD_MQTT__URL``,
 ``..._USERNAME``/``_PASSWORD``, ``TANDEM_CLOUD_FLEET``) or ``--broker``/``--fleet``.
+
+One controller acts on a fleet's rollouts at a time: the holder of the lease
+``rollouts:<fleet>`` in the fleet store. ``controller`` runs until stopped (SIGTERM), taking
+the lease when it is free and running every unfinished rollout; run one on each of several
+instances and the others take over when the holder dies. ``rollout`` and ``resume`` run the
+rollout themselves when they get the lease, or else wait for the controller that holds it
+(and take over if it dies).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from cloud.fleet.controller import ControllerSettings, FleetController, default_holder, lease_name
+from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.listener import FleetListener
 from cloud.fleet.rollout import RolloutController, RolloutError
-from cloud.fleet.store import FleetStore, open_store
+from cloud.fleet.store import FleetStore, Rollout, open_store
 from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient, MqttSettings
+from shared.settings_files import SettingsError, describe
 from shared.signing import SigningKey
+
+FINISHED = ("COMPLETED", "ABORTED")
 
 
 def add_fleet_parser(sub: Any) -> None:
@@ -33,6 +49,7 @@ def add_fleet_parser(sub: Any) -> None:
     for p in (
         fleet.add_parser("rollout", help="canary, then waves, then the whole target"),
         fleet.add_parser("resume", help="carry on an interrupted rollout"),
+        fleet.add_parser("controller", help="run rollouts as they come (one instance acts)"),
         fleet.add_parser("rollback", help="a new release with the previous artifact"),
         fleet.add_parser("status", help="each device's model version and job state"),
     ):
@@ -42,6 +59,9 @@ def add_fleet_parser(sub: Any) -> None:
         p.add_argument("--password")
         p.add_argument("--registry", type=Path)
         p.add_argument("--state-dir", type=Path)
+        if p.prog.endswith(("rollout", "resume", "controller")):
+            p.add_argument("--lease-ttl", type=float, help="seconds (default 15)")
+            p.add_argument("--poll", type=float, help="seconds between looks for new rollouts")
         if p.prog.endswith("rollout"):
             p.add_argument("release", help="MODEL@VERSION")
             target = p.add_mutually_exclusive_group()
@@ -77,6 +97,15 @@ def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return updates
 
 
+def controller_settings(args: argparse.Namespace) -> ControllerSettings:
+    """The controller's flags, validated like settings."""
+    given = {"lease_ttl_s": getattr(args, "lease_ttl", None), "poll_s": getattr(args, "poll", None)}
+    try:
+        return ControllerSettings.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(f"invalid flag: {describe(exc)}") from None
+
+
 def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
     mqtt = MqttClient(settings.mqtt or MqttSettings(), client_id=f"controller-{time.time_ns()}")
     FleetListener(store, settings.fleet).attach(mqtt)
@@ -95,16 +124,31 @@ def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
             return 0
         if settings.registry is None:
             raise RolloutError("a registry folder is needed (--registry or TANDEM_CLOUD_REGISTRY)")
-        controller = RolloutController(
-            store, mqtt, Registry(settings.registry), settings.fleet, progress=print
-        )
-        if args.action == "rollback":
+        registry = Registry(settings.registry)
+        if args.action == "controller":
+            return _serve_controller(
+                FleetController(
+                    store,
+                    mqtt,
+                    registry,
+                    settings.fleet,
+                    controller_settings(args),
+                    progress=lambda line: print(line, flush=True),
+                )
+            )
+        if args.action == "rollback":  # an operator's act of its own: no lease
+            controller = RolloutController(store, mqtt, registry, settings.fleet)
             key_path = args.key or settings.signing_key
             if key_path is None:
                 raise RolloutError("rollback signs a release: --key or TANDEM_CLOUD_SIGNING_KEY")
             release = controller.rollback(args.model, SigningKey.load(key_path), args.to)
             print(f"published {release.model}@{release.version} (artifact {release.edge.url})")
             return 0
+        ctl = controller_settings(args)
+        lease = Lease(store, lease_name(settings.fleet), default_holder(), ctl.lease_ttl_s)
+        controller = RolloutController(
+            store, mqtt, registry, settings.fleet, progress=print, lease=lease
+        )
         if args.action == "rollout":
             model, _, version = args.release.partition("@")
             if not version.isdigit():
@@ -122,12 +166,48 @@ def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
         else:
             rollout_id = args.id
         print(f"rollout {rollout_id}")
-        result = controller.run(rollout_id)
+        result = _run_or_follow(controller, lease, rollout_id)
         print(f"rollout {result.id}: {result.state} {result.detail}".rstrip())
         return 0 if result.state == "COMPLETED" else 3
     finally:
         mqtt.stop()
         store.close()
+
+
+def _serve_controller(controller: FleetController) -> int:
+    """Until SIGTERM or SIGINT: the holder then stops acting, releases the lease and exits."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: controller.stop())
+    try:
+        controller.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _run_or_follow(controller: RolloutController, lease: Lease, rollout_id: int) -> Rollout:
+    """Run the rollout while holding the lease; while another instance holds it, follow the
+    rollout in the store until it ends, taking over if that instance goes away."""
+    store = controller.store
+    told = False
+    while True:
+        if lease.acquire():
+            try:
+                return controller.run(rollout_id)
+            except LeaseLostError as exc:
+                print(f"rollout {rollout_id}: {exc}")
+            finally:
+                lease.release()
+        r = store.rollout(rollout_id)
+        if r.state in FINISHED:
+            return r
+        if not told:
+            holder = store.lease_holder(lease.name) or "another instance"
+            print(f"rollout {rollout_id}: run by {holder}; following it")
+            told = True
+        time.sleep(lease.renew_every_s)
 
 
 def print_status(store: FleetStore, fleet: str) -> None:

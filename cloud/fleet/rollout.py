@@ -9,6 +9,11 @@ states devices report (retained too, so none is missed while it was down). A dro
 connection or a restarted broker is ridden out the same way: the client reconnects by itself
 (and re-subscribes, so the retained job states come again), and a publish the broker did not
 acknowledge is simply made again, until the wave's own deadline.
+
+Several instances may run a controller: given a ``Lease`` (``cloud/fleet/lease.py``), this one
+checks it before every act (a store write, a publish, each poll of a wave) and stops with
+``LeaseLostError`` the moment it no longer holds it, so that the instance that takes the lease
+over finds the plan as this one last wrote it (``cloud/fleet/controller.py`` runs the loop).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from cloud.fleet.lease import Lease
 from cloud.fleet.store import FleetStore, Rollout
 from cloud.releases.packaging import rollback_release
 from cloud.releases.registry import Registry
@@ -73,6 +79,7 @@ class RolloutController:
         progress: Callable[[str], None] = lambda line: None,
         ack_timeout_s: float = 5.0,
         publish_deadline_s: float = 300.0,
+        lease: Lease | None = None,
     ) -> None:
         self.store = store
         self.mqtt = mqtt
@@ -82,6 +89,13 @@ class RolloutController:
         self.progress = progress
         self.ack_timeout_s = ack_timeout_s
         self.publish_deadline_s = publish_deadline_s
+        self.lease = lease
+
+    def _may_act(self) -> None:
+        """Raise ``LeaseLostError`` if another instance may be acting now (no lease: a single
+        controller, always)."""
+        if self.lease is not None:
+            self.lease.check()
 
     def _publish(
         self, topic: Topic, payload: bytes, what: str, deadline: float | None = None
@@ -94,6 +108,7 @@ class RolloutController:
             deadline = time.monotonic() + self.publish_deadline_s
         tries = 0
         while True:
+            self._may_act()
             left = deadline - time.monotonic()
             if self.mqtt.connected.wait(max(0.0, min(self.ack_timeout_s, left))):
                 left = deadline - time.monotonic()
@@ -160,6 +175,7 @@ class RolloutController:
             targets = self._targets(r)
             if not targets:
                 raise RolloutError(f"no devices to roll {r.model}@{r.version} out to")
+            self._may_act()
             self.store.plan_waves(r.id, plan(targets, r.canary, r.waves))
             planned = self.store.waves(r.id)
             self.store.update_rollout(r.id, state="RUNNING")
@@ -181,11 +197,14 @@ class RolloutController:
                 )
                 for device in list(outcome.failed) + outcome.timed_out:
                     self._clear(topics.manifest(self.fleet, r.model, device=device))
+                self._may_act()
                 self.store.update_rollout(r.id, state="ABORTED", detail=detail)
                 self.progress(f"aborted: {detail}")
                 return self.store.rollout(r.id)
+            self._may_act()
             self.store.update_rollout(r.id, current_wave=index + 1, wave_started=None)
         self._promote(r, manifest, [d for wave in planned for d, _ in wave])
+        self._may_act()
         self.store.update_rollout(r.id, state="COMPLETED", detail="")
         self.progress(f"completed: {r.model}@{r.version}")
         return self.store.rollout(r.id)
@@ -197,6 +216,7 @@ class RolloutController:
         started = current.wave_started if current.current_wave == index else None
         if started is None:
             started = datetime.now(timezone.utc).isoformat()
+            self._may_act()
             self.store.update_rollout(r.id, wave_started=started)
         payload = manifest.to_json().encode()
         deadline = datetime.fromisoformat(started).timestamp() + r.wave_timeout_s
@@ -205,9 +225,11 @@ class RolloutController:
             if not published:
                 topic = topics.manifest(self.fleet, r.model, device=device)
                 self._publish(topic, payload, f"the manifest for {device}", publish_by)
+                # a fact, recorded even if the lease was lost since: the next holder skips it
                 self.store.mark_published(r.id, device)
         names = [d for d, _ in wave]
         while True:
+            self._may_act()
             states = self.store.job_states(self.fleet, r.model, r.version)
             done = {d: states[d] for d in names if d in states and states[d][0].terminal}
             if len(done) == len(names) or time.time() >= deadline:
