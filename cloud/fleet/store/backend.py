@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 Dialect = Literal["sqlite", "postgres"]
+
+#: how long a SQLite write waits for another process's to finish
+BUSY_TIMEOUT_S = 30.0
 
 
 class Transaction(Protocol):
@@ -29,6 +33,26 @@ class Transaction(Protocol):
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int: ...
 
     def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+
+def insert_new_sql(table: str, columns: Sequence[str], key: Sequence[str], n_rows: int = 1) -> str:
+    """INSERT of ``n_rows`` rows that skips each whose ``key`` is stored already."""
+    row = "(" + ",".join("?" * len(columns)) + ")"
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES {','.join([row] * n_rows)}"
+        f" ON CONFLICT ({', '.join(key)}) DO NOTHING"
+    )
+
+
+def first_of_each(rows: Sequence[Sequence[Any]], at: Sequence[int]) -> list[tuple[Any, ...] | None]:
+    """Each row's key (its values at ``at``), None for a repeat of an earlier row's key."""
+    seen: set[tuple[Any, ...]] = set()
+    keys: list[tuple[Any, ...] | None] = []
+    for row in rows:
+        k = tuple(row[i] for i in at)
+        keys.append(None if k in seen else k)
+        seen.add(k)
+    return keys
 
 
 class Backend(Protocol):
@@ -49,9 +73,17 @@ class Backend(Protocol):
         """Run an INSERT of one row and return its auto-numbered ``key``."""
         ...
 
-    def transaction(self) -> Any:
-        """A context manager yielding a ``Transaction``. It holds the database's migration
-        lock too, so that instances starting at once migrate one after the other."""
+    def insert_new(
+        self, table: str, columns: Sequence[str], key: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> list[bool]:
+        """Insert the rows whose ``key`` is not stored yet, in one transaction; for each row,
+        whether it was inserted (of rows repeating a key, the first only)."""
+        ...
+
+    def transaction(self, *, exclusive: bool = False) -> Any:
+        """A context manager yielding a ``Transaction``; ``exclusive``: holding the
+        database's migration lock as well, so that instances starting at once migrate one
+        after the other."""
         ...
 
     def epoch_sql(self, column: str) -> str: ...
@@ -90,13 +122,27 @@ class SqliteBackend:
         if isinstance(path, Path):
             path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
-            str(path), check_same_thread=False, isolation_level=None, timeout=30.0
+            str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
         )
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._wal()
             self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _wal(self) -> None:
+        """Switch to WAL. A switch needs the file to itself and SQLite answers "locked" at
+        once, without waiting for the busy timeout, while another process opens it at the
+        same time: try again until the busy timeout's worth of time has passed."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -112,10 +158,20 @@ class SqliteBackend:
         assert rowid is not None  # an INSERT of one row into a rowid table
         return rowid
 
+    def insert_new(
+        self, table: str, columns: Sequence[str], key: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> list[bool]:
+        # row by row in one transaction: in-process calls, one commit (no RETURNING, which
+        # would need SQLite 3.35)
+        sql = insert_new_sql(table, columns, key)
+        with self.transaction() as tx:
+            return [bool(tx.execute(sql, row)) for row in rows]
+
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """``BEGIN IMMEDIATE``: the write lock is taken at the start, so two processes
-        migrating one file run one after the other instead of failing at their first write."""
+    def transaction(self, *, exclusive: bool = False) -> Iterator[Transaction]:
+        """``BEGIN IMMEDIATE`` (exclusive or not: SQLite has one writer): the write lock is
+        taken at the start, so two processes migrating one file run one after the other
+        instead of failing at their first write."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:

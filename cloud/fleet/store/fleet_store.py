@@ -12,13 +12,13 @@ microseconds (fixed width: they sort as text).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cloud.fleet.store.backend import Backend, Dialect, SqliteBackend
+from cloud.fleet.store.backend import Backend, Dialect, SqliteBackend, insert_new_sql
 from cloud.fleet.store.schema import migrate
 from shared.status import DeviceStatus
 from shared.telemetry import Telemetry
@@ -68,9 +68,12 @@ class Rollout:
 _ROLLOUT_FIELDS = frozenset(f.name for f in fields(Rollout)) - {"id", "fleet"}
 
 _TELEMETRY_COLUMNS = (
-    "fleet, device, session, seq, ts, received, requests, edge, cloud, errors, offload_rate,"
-    " p50_ms, p95_ms, p99_ms, local_p50_ms, cloud_p50_ms, rss_bytes, cpu_temp_c, dropped, body"
+    *("fleet", "device", "session", "seq", "ts", "received", "requests", "edge", "cloud"),
+    *("errors", "offload_rate", "p50_ms", "p95_ms", "p99_ms", "local_p50_ms", "cloud_p50_ms"),
+    *("rss_bytes", "cpu_temp_c", "dropped", "body"),
 )
+_TELEMETRY_KEY = ("fleet", "device", "session", "seq")
+_INSERT_TELEMETRY = insert_new_sql("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY)
 
 
 def _backend(target: Path | str, pool_size: int) -> Backend:
@@ -208,35 +211,39 @@ class FleetStore:
         """Store one message; False if (device, session, seq) was already stored (by this
         instance or another). One statement: the ``telemetry_seen`` trigger marks the
         device seen."""
+        return bool(self._db.execute(_INSERT_TELEMETRY, self._telemetry_row(fleet, t)))
+
+    def record_telemetry_many(self, fleet: str, messages: Sequence[Telemetry]) -> list[bool]:
+        """Store several messages in one transaction (one commit; on PostgreSQL one round
+        trip): for each, whether it was new, as ``record_telemetry`` says. For a collector
+        that drains what arrived since its last write, which a busy broker makes many."""
+        rows = [self._telemetry_row(fleet, t) for t in messages]
+        return self._db.insert_new("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY, rows)
+
+    def _telemetry_row(self, fleet: str, t: Telemetry) -> tuple[Any, ...]:
         total = t.latency_total
-        stored = self._db.execute(
-            f"INSERT INTO telemetry ({_TELEMETRY_COLUMNS})"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (fleet, device, session, seq) DO NOTHING",
-            (
-                fleet,
-                t.device,
-                t.session,
-                t.seq,
-                _iso(t.ts),
-                self._now(),
-                t.requests,
-                t.routes.get("edge", 0),
-                t.routes.get("cloud", 0),
-                t.errors,
-                t.offload_rate,
-                _finite(total.quantile(0.5)),
-                _finite(total.quantile(0.95)),
-                _finite(total.quantile(0.99)),
-                _finite(t.latency_local.quantile(0.5)),
-                _finite(t.latency_cloud.quantile(0.5)),
-                t.rss_bytes,
-                t.cpu_temp_c,
-                t.outbox.dropped if t.outbox else None,
-                t.model_dump_json(),
-            ),
+        return (
+            fleet,
+            t.device,
+            t.session,
+            t.seq,
+            _iso(t.ts),
+            self._now(),
+            t.requests,
+            t.routes.get("edge", 0),
+            t.routes.get("cloud", 0),
+            t.errors,
+            t.offload_rate,
+            _finite(total.quantile(0.5)),
+            _finite(total.quantile(0.95)),
+            _finite(total.quantile(0.99)),
+            _finite(t.latency_local.quantile(0.5)),
+            _finite(t.latency_cloud.quantile(0.5)),
+            t.rss_bytes,
+            t.cpu_temp_c,
+            t.outbox.dropped if t.outbox else None,
+            t.model_dump_json(),
         )
-        return bool(stored)
 
     def telemetry_seqs(self, fleet: str, device: str, session: int) -> list[int]:
         rows = self._db.query(

@@ -83,12 +83,18 @@ _V2 = Migration(
             " UPDATE devices SET last_seen = NEW.received"
             " WHERE fleet = NEW.fleet AND device = NEW.device; END",
         ),
+        # PostgreSQL's fires once per statement, over the rows it inserted: a batch of
+        # messages updates each device once (row by row, a device's row would be rewritten
+        # once per message, each version on the previous one's chain).
         "postgres": (
             "CREATE FUNCTION tandem_telemetry_seen() RETURNS trigger LANGUAGE plpgsql AS $$"
-            " BEGIN UPDATE devices SET last_seen = NEW.received"
-            " WHERE fleet = NEW.fleet AND device = NEW.device; RETURN NULL; END $$",
+            " BEGIN UPDATE devices d SET last_seen = n.received"
+            " FROM (SELECT fleet, device, MAX(received) AS received FROM inserted"
+            " GROUP BY fleet, device) n"
+            " WHERE d.fleet = n.fleet AND d.device = n.device; RETURN NULL; END $$",
             "CREATE TRIGGER telemetry_seen AFTER INSERT ON telemetry"
-            " FOR EACH ROW EXECUTE FUNCTION tandem_telemetry_seen()",
+            " REFERENCING NEW TABLE AS inserted"
+            " FOR EACH STATEMENT EXECUTE FUNCTION tandem_telemetry_seen()",
         ),
     },
 )
@@ -100,7 +106,7 @@ LATEST = MIGRATIONS[-1].version
 def migrate(backend: Backend) -> int:
     """Apply the missing migrations; the schema's version afterwards. A database newer
     than this code is refused rather than written with an older idea of its tables."""
-    with backend.transaction() as tx:
+    with backend.transaction(exclusive=True) as tx:
         tx.execute(
             "CREATE TABLE IF NOT EXISTS schema_version"
             " (version BIGINT PRIMARY KEY, applied TEXT NOT NULL)"
