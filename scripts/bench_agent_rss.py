@@ -63,6 +63,13 @@ def status(pid: int) -> dict[str, int]:
 
 
 def _config(work: Path, broker_url: str, port: int) -> Path:
+    """A device's settings: the factory model, the broker, a trust store (updates on), the
+    endpoint."""
+    from shared.signing import SigningKey, TrustStore
+
+    trust = TrustStore()
+    trust.add(SigningKey.generate().public_b64)
+    trust.save(work / "trust.json")
     path = work / "agent.toml"
     lines = [
         f'model_dir = "{MODEL}"',
@@ -74,6 +81,8 @@ def _config(work: Path, broker_url: str, port: int) -> Path:
         f'url = "{broker_url}"',
         "[server]",
         f"port = {port}",
+        "[update]",
+        f'trust_store = "{work / "trust.json"}"',
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -107,9 +116,17 @@ def _settled(pid: int) -> dict[str, int]:
     return last
 
 
-def run_agent(work: Path, requests: int, imports_to: Path | None = None) -> dict[str, Any]:
+def run_agent(
+    work: Path, requests: int, pycache: Path, imports_to: Path | None = None
+) -> dict[str, Any]:
     """``tandem-agent run`` with the endpoint; its memory at ready and after requests.
-    With ``imports_to``: run by ``_WRAPPER``, which writes its import breakdown there."""
+    With ``imports_to``: run by ``_WRAPPER``, which writes its import breakdown there.
+
+    Bytecode as on a device (pip compiles it at install), kept in ``pycache``
+    (``PYTHONPYCACHEPREFIX``): the checkout's own ``__pycache__`` is left alone."""
+    work.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = work / "agent.log"
@@ -117,7 +134,7 @@ def run_agent(work: Path, requests: int, imports_to: Path | None = None) -> dict
         start = ["-c", _WRAPPER, str(imports_to)] if imports_to else ["-m", "agent.cli"]
         cmd = [sys.executable, *start, "--config", str(_config(work, broker.url, port)), "run"]
         with log.open("wb") as err:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
             _wait(lambda: proc.poll() is None and _ready(url), "the endpoint")
             _wait(lambda: b"connected to" in log.read_bytes(), "MQTT", 20)
@@ -197,20 +214,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "out/bench/bench_agent_rss.json")
+    parser.add_argument(
+        "--pycache", type=Path, default=ROOT / "out/bench/pycache", help="bytecode folder"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tandem-rss-") as tmp:
         work = Path(tmp)
-        (work / "a").mkdir()
-        (work / "b").mkdir()
-        run = run_agent(work / "a", args.requests)
-        weighed = run_agent(work / "b", 0, imports_to=work / "imports.json")
+        run_agent(work / "warm", 0, args.pycache)  # compiles what is not compiled yet
+        run = run_agent(work / "a", args.requests, args.pycache)
+        weighed = run_agent(work / "b", 0, args.pycache, imports_to=work / "imports.json")
         imports = import_breakdown(work / "imports.json")
     rss = run["after_requests"]["VmRSS"]
     doc = {
         "bench": "agent_rss",
         "command": "python scripts/bench_agent_rss.py",
         "model": "digits-int8 (models/edge)",
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHON"))},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OPENBLAS"))},
         "run": run,
         "imports": imports,
         "weighed_run": weighed,
