@@ -1,0 +1,192 @@
+"""Two rollout controllers (``tandem-cloud fleet controller``, real processes) on one fleet
+store, SQLite and PostgreSQL: the one holding the lease runs the rollout; killed with
+SIGKILL mid-wave, the other takes the lease once it expires and finishes the rollout from the
+store's plan: no wave planned again, no device's manifest published twice, every device on
+the release."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from cloud.fleet.controller import lease_name
+from cloud.fleet.store import FleetStore, open_store
+from shared import topics
+from shared.mqtt import MqttClient, MqttSettings
+from tests.fleet import FLEET, Fleet, retained_json, wait_for
+from tests.helpers import ROOT
+
+TTL_S = 1.5
+DEVICES = [f"dev-{i}" for i in range(5)]
+
+
+@dataclass
+class ControllerProcess:
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def holder_suffix(self) -> str:
+        return f":{self.proc.pid}"
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+
+def _start_controller(fleet: Fleet, url: str, tmp: Path, name: str) -> ControllerProcess:
+    argv = [sys.executable, "-u", "-m", "cloud.cli", "fleet", "controller"]
+    argv += ["--fleet", FLEET, "--broker", fleet.broker.service_url]
+    argv += ["--username", "controller", "--password", "ctl-pw"]
+    argv += ["--registry", str(fleet.registry.root), "--state-dir", str(tmp / name)]
+    argv += ["--lease-ttl", str(TTL_S), "--poll", "0.1"]
+    env = {**os.environ, "TANDEM_CLOUD_DATABASE_URL": url}
+    with (tmp / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    controller = ControllerProcess(proc)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            controller.lines.append(line.rstrip())
+
+    threading.Thread(target=read, daemon=True).start()
+    return controller
+
+
+class ManifestSpy:
+    """Every live (not retained) non-empty device manifest publish, per device."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.counts: Counter[str] = Counter()
+        self._client = MqttClient(
+            MqttSettings(
+                url=fleet.broker.service_url, username="controller", password=SecretStr("ctl-pw")
+            ),
+            client_id="manifest-spy",
+        )
+        for device in DEVICES:
+            topic = topics.manifest(FLEET, "digits", device=device).name
+            self._client.subscribe(topic, self._take(device))
+
+    def _take(self, device: str) -> Callable[[str, bytes, bool], None]:
+        def on(topic: str, payload: bytes, retained: bool) -> None:
+            if payload and not retained:
+                self.counts[device] += 1
+
+        return on
+
+    def __enter__(self) -> ManifestSpy:
+        self._client.start(wait_s=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.stop()
+
+
+@pytest.fixture
+def controllers(tmp_path: Path) -> Iterator[list[ControllerProcess]]:
+    started: list[ControllerProcess] = []
+    yield started
+    for c in started:
+        if c.proc.poll() is None:
+            c.proc.kill()
+        c.proc.wait(timeout=30)
+        if c.proc.stdout:
+            c.proc.stdout.close()
+
+
+def test_killed_controller_is_taken_over_mid_wave(
+    fleet: Fleet, store_url: str, tmp_path: Path, controllers: list[ControllerProcess]
+) -> None:
+    fleet.release()  # digits@2
+    for device in DEVICES:
+        fleet.start_agent(device, group="lab")
+    store: FleetStore = open_store(store_url, tmp_path)
+    try:
+        with ManifestSpy(fleet) as spy:
+            controllers += [
+                _start_controller(fleet, store_url, tmp_path, name) for name in ("a", "b")
+            ]
+            wait_for(lambda: len(store.devices(FLEET)) == 5, what="births in the store")
+            # dev-2 goes away: the wave it is in cannot end until it is back
+            fleet.agents["dev-2"].stop()
+            wait_for(
+                lambda: (
+                    {d["device"]: d["state"] for d in store.devices(FLEET)}["dev-2"] == "offline"
+                ),
+                what="dev-2 offline",
+            )
+            wait_for(lambda: store.lease_holder(lease_name(FLEET)) is not None, what="a holder")
+            holder = store.lease_holder(lease_name(FLEET))
+            assert holder is not None
+            first, second = (
+                controllers if holder.endswith(controllers[0].holder_suffix) else controllers[::-1]
+            )
+            assert holder.endswith(first.holder_suffix)
+
+            rid = store.create_rollout(FLEET, "digits", 2, "fleet", None, "1", 2, 0.0, 60.0)
+            # canary [dev-0], then [dev-1, dev-2], then [dev-3, dev-4]
+            wait_for(
+                lambda: (
+                    store.rollout(rid).current_wave == 1
+                    and all(published for _, published in store.waves(rid)[1])
+                ),
+                timeout=60,
+                what="the canary done and wave 1 published",
+            )
+            planned = store.waves(rid)
+            assert [[d for d, _ in w] for w in planned] == [
+                ["dev-0"],
+                ["dev-1", "dev-2"],
+                ["dev-3", "dev-4"],
+            ]
+            assert store.job_states(FLEET, "digits", 2)["dev-0"][0].value == "ACTIVE"
+            assert not second.said("holds the lease")
+
+            first.proc.send_signal(signal.SIGKILL)
+            assert first.proc.wait(timeout=10) == -signal.SIGKILL
+            fleet.start_agent("dev-2", group="lab")  # back: it finds its manifest retained
+
+            wait_for(
+                lambda: store.rollout(rid).state in ("COMPLETED", "ABORTED"),
+                timeout=60,
+                what="the rollout finished by the second controller",
+            )
+            result = store.rollout(rid)
+            assert result.state == "COMPLETED", result.detail
+            now = store.lease_holder(lease_name(FLEET))
+            assert now is not None and now.endswith(second.holder_suffix)
+            assert second.said(f"rollout {rid} (digits@2): resuming at wave 1"), second.lines
+            assert not second.said("starting")
+            # the same plan, every device published exactly once
+            assert [[d for d, _ in w] for w in store.waves(rid)] == [
+                [d for d, _ in w] for w in planned
+            ]
+            assert store.query(
+                "SELECT COUNT(*) AS n FROM rollout_devices WHERE rollout = ?", (rid,)
+            ) == [{"n": 5}]
+            wait_for(lambda: sum(spy.counts.values()) >= 5, what="the spy saw every publish")
+            assert spy.counts == dict.fromkeys(DEVICES, 1)
+        for device, service in fleet.agents.items():
+            assert service.agent.model.manifest.version == 2, device
+            assert store.job_states(FLEET, "digits", 2)[device][0].value == "ACTIVE"
+        assert retained_json(topics.manifest(FLEET, "digits").name, fleet.broker)["version"] == 2
+
+        # a clean stop hands the lease over at once
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(timeout=30) == 0
+        assert store.lease_holder(lease_name(FLEET)) is None
+    finally:
+        store.close()
