@@ -17,7 +17,9 @@ several cloud instances split telemetry ingest. paho reports reason codes of bot
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +102,7 @@ class MqttSettings(BaseModel):
 class MqttCounters:
     handler_errors: int = 0
     subscribe_refused: int = 0
+    redeliveries: int = 0  # connections dropped so that the broker sends a message again
     publish_refused: int = 0
     connects: int = 0
     disconnects: int = 0
@@ -221,16 +224,33 @@ class MqttClient:
     # ----------------------------------------------------------------------- public
 
     def subscribe(
-        self, topic_filter: str, handler: Handler, *, share_group: str | None = None
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        share_group: str | None = None,
+        redeliver_on_error: bool = False,
     ) -> None:
         """Deliver messages matching ``topic_filter`` to ``handler`` (from the network
         thread; keep it quick). Kept across reconnects. With ``share_group`` the client joins
         ``$share/<group>/<filter>``: each message goes to one member of the group (MQTT 5;
         Mosquitto 2.0 also takes it from 3.1.1 clients). Messages carry their real topic, so
-        the handler is matched on the plain filter."""
+        the handler is matched on the plain filter.
+
+        paho acknowledges a QoS 1 message when the handler returns, even if it raised: the
+        message is gone. With ``redeliver_on_error`` a handler that raises (its store is
+        down) drops the connection before paho can acknowledge, and the broker sends the
+        message again after the reconnect: from the session of a persistent client, as a
+        retained message to any. For handlers that raise only when they could not keep
+        the message; one that always raises on it would have it sent forever."""
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
-            handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+            try:
+                handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+            except Exception:
+                if redeliver_on_error and msg.qos > 0:
+                    self._drop_unacknowledged(msg.topic)
+                raise  # counted and logged by _safe
 
         wire = topic_filter
         if share_group is not None:
@@ -240,6 +260,16 @@ class MqttClient:
         self._client.message_callback_add(topic_filter, self._safe(on_message))
         if self.connected.is_set():
             self._client.subscribe(wire, qos=1)
+
+    def _drop_unacknowledged(self, topic: str) -> None:
+        """Shut the connection down from paho's thread, before paho queues the PUBACK: it is
+        never sent, paho reconnects (backing off), and the broker sends the message again."""
+        self.counters.redeliveries += 1
+        log.warning("%s could not take a message on %s: reconnecting", self.client_id, topic)
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket too
+            with contextlib.suppress(OSError):  # already gone
+                sock.shutdown(socket.SHUT_RDWR)
 
     def publish(self, topic: Topic, payload: bytes) -> paho.MQTTMessageInfo:
         """Queue a message (paho keeps QoS 1 messages in memory until PUBACK)."""

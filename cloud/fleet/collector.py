@@ -10,7 +10,9 @@ Several instances of the cloud split a fleet's telemetry through a shared subscr
 (``share_group``): the broker hands each message to one of them, and the store's key on
 (device, session, seq) keeps a redelivered message (an instance killed before its PUBACK)
 stored once across all of them. The handler stores before it returns, and paho acknowledges
-only then, so a message is never acknowledged unstored.
+only then; a store that cannot take it now raises, and the client drops the connection
+before acknowledging, so the broker sends it again (counted ``store_unavailable``). A
+message the store refuses for good is counted ``unstorable`` and dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 
-from cloud.fleet.listener import FleetListener
+from cloud.fleet.listener import FleetListener, store_unavailable
 from cloud.fleet.store import FleetStore
 from shared import topics
 from shared.mqtt import MqttClient
@@ -59,6 +61,7 @@ class Collector:
             topics.fleet_device_filter(self.fleet, "telemetry"),
             self._on_telemetry,
             share_group=self.share_group,
+            redeliver_on_error=True,
         )
 
     def _count(self, what: str) -> None:
@@ -91,9 +94,19 @@ class Collector:
         if message.device != parsed.device:
             self._complain(parsed.device, "unexpected", f"claims to be {message.device}")
             return
-        stored = self.store.record_telemetry(self.fleet, message)
+        try:
+            stored = self.store.record_telemetry(self.fleet, message)
+        except Exception as exc:
+            if store_unavailable(exc):
+                self._count("store_unavailable")
+                raise  # not acknowledged: sent again after the reconnect
+            self._complain(parsed.device, "unstorable", f"{type(exc).__name__}: {exc}")
+            return
         self._count("stored" if stored else "duplicate")
-        self._expire()
+        try:
+            self._expire()
+        except Exception:  # the message is stored: retention tries again in a minute
+            log.exception("retention failed")
 
     def _expire(self) -> None:
         now = time.monotonic()

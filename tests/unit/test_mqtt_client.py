@@ -129,3 +129,36 @@ def test_refused_subscriptions_and_publishes_are_counted_in_both_versions() -> N
     on_publish(c._client, None, 8, ReasonCode(PacketTypes.PUBACK, identifier=0x10), None)
     assert c.counters.publish_refused == 1 and acked == [7, 8]  # dropped, not to be retried
     assert c.counters.handler_errors == 0
+
+
+def test_a_failed_handler_can_leave_its_message_unacknowledged() -> None:
+    """``redeliver_on_error``: the handler raised, so the connection is shut down before paho
+    sends the PUBACK (the broker sends the message again after the reconnect); without it,
+    or for QoS 0, the error is only counted."""
+    import socket
+
+    def failing(topic: str, payload: bytes, retained: bool) -> None:
+        raise OSError("store down")
+
+    c = MqttClient(MqttSettings(protocol="5"), "collector-a")
+    c.subscribe("t/redeliver", failing, redeliver_on_error=True)
+    c.subscribe("t/once", failing)
+    ours, broker_side = socket.socketpair()
+    c._client._sock = ours
+    try:
+        for topic, qos in (("t/once", 1), ("t/redeliver", 0)):
+            message = paho.MQTTMessage(mid=1, topic=topic.encode())
+            message.qos = qos
+            c._client._handle_on_message(message)
+        assert c.counters.redeliveries == 0 and c.counters.handler_errors == 2
+        message = paho.MQTTMessage(mid=2, topic=b"t/redeliver")
+        message.qos = 1
+        c._client._handle_on_message(message)
+        assert c.counters.redeliveries == 1 and c.counters.handler_errors == 3
+        assert broker_side.recv(1) == b""  # the connection is down: no PUBACK can follow
+        with pytest.raises(OSError):
+            ours.send(b"x")
+    finally:
+        c._client._sock = None
+        ours.close()
+        broker_side.close()
