@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -190,3 +191,54 @@ def test_killed_controller_is_taken_over_mid_wave(
         assert store.lease_holder(lease_name(FLEET)) is None
     finally:
         store.close()
+
+
+def test_rollout_command_hands_over_to_the_running_controller(
+    fleet: Fleet,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``fleet rollout`` while a controller holds the lease: the command records the rollout,
+    the controller runs it, the command follows it to the end and says how it ended."""
+    from cloud.cli import main as cloud_main
+
+    fleet.release()
+    for device in DEVICES[:2]:
+        fleet.start_agent(device)
+    url = f"sqlite://{tmp_path / 'ctl' / 'fleet.db'}"
+    controllers.append(_start_controller(fleet, url, tmp_path, "a"))
+    wait_for(lambda: controllers[0].said("holds the lease"), what="the controller's lease")
+    code = cloud_main(
+        [
+            "fleet",
+            "rollout",
+            "digits@2",
+            "--fleet",
+            FLEET,
+            "--broker",
+            fleet.broker.service_url,
+            "--username",
+            "controller",
+            "--password",
+            "ctl-pw",
+            "--registry",
+            str(fleet.registry.root),
+            "--state-dir",
+            str(tmp_path / "ctl"),
+            "--waves",
+            "1",
+            "--wave-timeout",
+            "30",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (
+        f"rollout 1: run by {socket.gethostname()}:{controllers[0].proc.pid}; following it" in out
+    )
+    assert out.rstrip().endswith("rollout 1: COMPLETED"), out
+    assert "canary:" not in out  # the controller ran it, not the command
+    wait_for(lambda: controllers[0].said("rollout 1: COMPLETED"), what="the controller's word")
+    for device, service in fleet.agents.items():
+        assert service.agent.model.manifest.version == 2, device
