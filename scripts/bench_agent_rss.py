@@ -13,8 +13,10 @@
    and written out when the agent exits. The RSS before the first import is the
    interpreter's own.
 
-The rest, run RSS minus imports, is what running costs: the model and its interpreters,
-the threads' stacks, the heap of MQTT, the endpoint and the first requests.
+The rest, the second run's RSS minus its imports, is what booting costs: the model and its
+interpreters, the threads' stacks, the heap of MQTT and of the endpoint; then what the
+requests added in the first run. A third run without the endpoint (``run --no-serve``)
+says what the endpoint costs as a whole.
 
     python scripts/bench_agent_rss.py [--requests 200] [--out out/bench/bench_agent_rss.json]
 
@@ -62,7 +64,7 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
-def _config(work: Path, broker_url: str, port: int) -> Path:
+def _config(work: Path, broker_url: str, port: int, serve: bool) -> Path:
     """A device's settings: the factory model, the broker, a trust store (updates on), the
     endpoint."""
     from shared.signing import SigningKey, TrustStore
@@ -81,6 +83,7 @@ def _config(work: Path, broker_url: str, port: int) -> Path:
         f'url = "{broker_url}"',
         "[server]",
         f"port = {port}",
+        f"enabled = {str(serve).lower()}",
         "[update]",
         f'trust_store = "{work / "trust.json"}"',
     ]
@@ -117,10 +120,15 @@ def _settled(pid: int) -> dict[str, int]:
 
 
 def run_agent(
-    work: Path, requests: int, pycache: Path, imports_to: Path | None = None
+    work: Path,
+    requests: int,
+    pycache: Path,
+    imports_to: Path | None = None,
+    serve: bool = True,
 ) -> dict[str, Any]:
     """``tandem-agent run`` with the endpoint; its memory at ready and after requests.
     With ``imports_to``: run by ``_WRAPPER``, which writes its import breakdown there.
+    Without ``serve``: no endpoint (``server.enabled = false``), memory once connected.
 
     Bytecode as on a device (pip compiles it at install), kept in ``pycache``
     (``PYTHONPYCACHEPREFIX``): the checkout's own ``__pycache__`` is left alone."""
@@ -132,16 +140,18 @@ def run_agent(
     log = work / "agent.log"
     with local_broker(workdir=work / "broker") as broker:
         start = ["-c", _WRAPPER, str(imports_to)] if imports_to else ["-m", "agent.cli"]
-        cmd = [sys.executable, *start, "--config", str(_config(work, broker.url, port)), "run"]
+        config = _config(work, broker.url, port, serve)
+        cmd = [sys.executable, *start, "--config", str(config), "run"]
         with log.open("wb") as err:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
-            _wait(lambda: proc.poll() is None and _ready(url), "the endpoint")
-            _wait(lambda: b"connected to" in log.read_bytes(), "MQTT", 20)
+            if serve:
+                _wait(lambda: proc.poll() is None and _ready(url), "the endpoint")
+            _wait(lambda: b"connected to" in log.read_bytes(), "MQTT", 60)
             at_ready = _settled(proc.pid)
             x = dataset.load().test.x
             with httpx.Client(base_url=url) as client:
-                for i in range(requests):
+                for i in range(requests if serve else 0):
                     row = x[i % len(x)]
                     tensor = {"name": "input", "shape": [1, row.size], "datatype": "FP32"}
                     body = {"inputs": [{**tensor, "data": row.astype(float).tolist()}]}
@@ -224,6 +234,7 @@ def main() -> None:
         run = run_agent(work / "a", args.requests, args.pycache)
         weighed = run_agent(work / "b", 0, args.pycache, imports_to=work / "imports.json")
         imports = import_breakdown(work / "imports.json")
+        headless = run_agent(work / "c", 0, args.pycache, serve=False)
     rss = run["after_requests"]["VmRSS"]
     doc = {
         "bench": "agent_rss",
@@ -233,6 +244,7 @@ def main() -> None:
         "run": run,
         "imports": imports,
         "weighed_run": weighed,
+        "without_endpoint": headless["at_ready"],
     }
     print(f"tandem-agent run, endpoint on, digits int8, {args.requests} requests served")
     for when in ("at_ready", "after_requests"):
@@ -241,6 +253,8 @@ def main() -> None:
             f"  {when:15} VmRSS {s['VmRSS'] / MB:6.1f} MB  (anon {s['RssAnon'] / MB:5.1f}, "
             f"file {s['RssFile'] / MB:5.1f})  threads {s['Threads']}"
         )
+    s = headless["at_ready"]
+    print(f"  {'no endpoint':15} VmRSS {s['VmRSS'] / MB:6.1f} MB  (run --no-serve)")
     print("where it goes                 MB")
     print(f"  {'interpreter (no import)':26}{imports['interpreter'] / MB:6.1f}")
     for package, grown in imports["by_package"].items():
@@ -248,8 +262,10 @@ def main() -> None:
             print(f"  {'import ' + package:26}{grown / MB:6.1f}")
     small = sum(g for g in imports["by_package"].values() if g < 0.3 * MB)
     print(f"  {'imports under 0.3 MB each':26}{small / MB:6.1f}")
-    rest = rss - imports["interpreter"] - imports["total"]
-    print(f"  {'running (model, threads..)':26}{rest / MB:6.1f}")
+    booted = weighed["at_ready"]["VmRSS"] - imports["interpreter"] - imports["total"]
+    print(f"  {'booted (model, threads..)':26}{booted / MB:6.1f}")
+    served = run["after_requests"]["VmRSS"] - run["at_ready"]["VmRSS"]
+    print(f"  {f'{args.requests} requests served':26}{served / MB:6.1f}")
     print(f"  {'total':26}{rss / MB:6.1f}")
     write_json(args.out, doc)
 
