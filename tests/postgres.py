@@ -141,8 +141,20 @@ class Postgres:
 
     __call__ = database
 
+    def restart(self) -> None:
+        """Stop and start again on the same port, data kept: clients' connections are cut."""
+        self._shutdown()
+        why = self._start_once(self.port)
+        if why is not None:
+            raise RuntimeError(f"postgres did not restart: {why}")
+
     def stop(self) -> None:
-        """Fast shutdown (SIGINT to the postmaster: it ends its sessions), then the folder."""
+        """Fast shutdown, then the folder."""
+        self._shutdown()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _shutdown(self) -> None:
+        """SIGINT to the postmaster (fast shutdown: it ends its sessions)."""
         if self._proc is not None:
             pid_file = self.data / "postmaster.pid"
             try:
@@ -155,4 +167,3 @@ class Postgres:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -332,6 +332,37 @@ def test_a_lease_holds_across_processes_until_it_expires(store_url: str) -> None
         store.close()
 
 
+def test_postgres_store_carries_on_after_the_server_restarts() -> None:
+    """Pooled connections cut by a restart are replaced: the next calls succeed (a server
+    of its own: restarting the session's would cut the other tests')."""
+    server = Postgres()
+    try:
+        server.start()
+        store = FleetStore(server.database())
+        try:
+            barrier = threading.Barrier(3)
+
+            def hold() -> None:  # three connections in the pool, all cut by the restart
+                barrier.wait()
+                store.query("SELECT 1 AS one")
+
+            threads = [threading.Thread(target=hold) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert store.record_telemetry("f", telemetry("dev-1", 1))
+            server.restart()
+            assert store.record_telemetry("f", telemetry("dev-1", 2))
+            assert store.record_telemetry_many("f", [telemetry("dev-1", 3)]) == [True]
+            assert store.telemetry_seqs("f", "dev-1", 1) == [1, 2, 3]
+            assert store.try_lease("rollouts", "a", 10)
+        finally:
+            store.close()
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------- SQL for other modules
 
 

@@ -11,17 +11,23 @@ means the same on every instance.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloud.fleet.store.backend import Dialect, Transaction, first_of_each, insert_new_sql
 from shared.settings_files import SettingsError
 
 if TYPE_CHECKING:
     import psycopg
+
+    _Connection = psycopg.Connection[dict[str, Any]]
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 #: Rows per INSERT of ``insert_new``. psycopg caches its parse of a query only up to 4 kB
 #: of text: longer ones (more rows) are parsed again at every call, which costs more than
@@ -60,7 +66,9 @@ def _args(sql: str, args: Sequence[Any]) -> tuple[str, Sequence[Any] | None]:
 
 class _Pool:
     """Up to ``size`` connections, opened when first needed; one is given back only if it
-    is idle and healthy (a broken one is closed and replaced on next use)."""
+    is idle and healthy (a broken one is closed and replaced on next use). ``connection()``
+    also says whether the connection was reused: one that waited in the pool may have been
+    cut meanwhile (the server restarted), which only a statement finds out."""
 
     def __init__(self, url: str, size: int) -> None:
         self._url = url
@@ -82,7 +90,7 @@ class _Pool:
             raise SettingsError(f"cannot connect to the fleet database: {first}") from exc
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    def connection(self) -> Iterator[tuple[psycopg.Connection[dict[str, Any]], bool]]:
         from psycopg.pq import TransactionStatus
 
         with self._slots:
@@ -90,10 +98,11 @@ class _Pool:
                 if self._closed:
                     raise RuntimeError("the fleet store is closed")
                 conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.closed:
+            reused = conn is not None and not conn.closed
+            if conn is None or not reused:
                 conn = self._connect()
             try:
-                yield conn
+                yield conn, reused
             finally:
                 healthy = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
                 with self._lock:
@@ -103,12 +112,17 @@ class _Pool:
                 if conn is not None:
                     conn.close()
 
-    def close(self) -> None:
+    def discard_idle(self) -> None:
+        """Close the waiting connections (one of them was found cut: so were the others)."""
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.discard_idle()
 
 
 class _PostgresTransaction:
@@ -139,17 +153,32 @@ class PostgresBackend:
             ) from exc
         self._pool = _Pool(url, pool_size)
 
+    def _run(self, work: Callable[[_Connection], _T], *, again: bool = True) -> _T:
+        """``work`` on a pooled connection; once more on a fresh one if a reused one turns
+        out cut (``again``: for statements that may run twice, as all but ``insert``'s do:
+        upserts, conditional updates, reads)."""
+        import psycopg
+
+        for attempt in range(2):
+            with self._pool.connection() as (conn, reused):
+                try:
+                    return work(conn)
+                except psycopg.OperationalError:
+                    if attempt or not again or not reused or not conn.broken:
+                        raise
+                    log.warning("the fleet database connection was cut: reconnecting")
+                    self._pool.discard_idle()
+        raise AssertionError("unreachable")
+
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._pool.connection() as conn:
-            return conn.execute(*_args(sql, args)).fetchall()
+        return self._run(lambda conn: conn.execute(*_args(sql, args)).fetchall())
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        with self._pool.connection() as conn:
-            return conn.execute(*_args(sql, args)).rowcount
+        return self._run(lambda conn: conn.execute(*_args(sql, args)).rowcount)
 
     def insert(self, sql: str, args: Sequence[Any], key: str) -> int:
-        with self._pool.connection() as conn:
-            row = conn.execute(to_psycopg(f"{sql} RETURNING {key}"), args).fetchone()
+        returning = to_psycopg(f"{sql} RETURNING {key}")
+        row = self._run(lambda conn: conn.execute(returning, args).fetchone(), again=False)
         assert row is not None
         return int(row[key])
 
@@ -159,14 +188,19 @@ class PostgresBackend:
         """Multi-row INSERTs returning the keys they stored: one round trip per
         ``INSERT_ROWS`` rows, one commit."""
         keys = first_of_each(rows, [columns.index(k) for k in key])
-        stored: set[tuple[Any, ...]] = set()
-        with self._pool.connection() as conn, conn.transaction():
-            for at in range(0, len(rows), INSERT_ROWS):
-                part = rows[at : at + INSERT_ROWS]
-                sql = insert_new_sql(table, columns, key, len(part))
-                args = [v for row in part for v in row]
-                returned = conn.execute(to_psycopg(f"{sql} RETURNING {', '.join(key)}"), args)
-                stored.update(tuple(r[k] for k in key) for r in returned.fetchall())
+
+        def work(conn: _Connection) -> set[tuple[Any, ...]]:
+            stored: set[tuple[Any, ...]] = set()
+            with conn.transaction():
+                for at in range(0, len(rows), INSERT_ROWS):
+                    part = rows[at : at + INSERT_ROWS]
+                    sql = insert_new_sql(table, columns, key, len(part))
+                    args = [v for row in part for v in row]
+                    returned = conn.execute(to_psycopg(f"{sql} RETURNING {', '.join(key)}"), args)
+                    stored.update(tuple(r[k] for k in key) for r in returned.fetchall())
+            return stored
+
+        stored = self._run(work)
         return [k is not None and k in stored for k in keys]
 
     @contextmanager
@@ -174,7 +208,7 @@ class PostgresBackend:
         """``exclusive``: holding the migration lock (an advisory lock, freed at the
         transaction's end), so that instances starting at once migrate one after the other,
         each seeing what the previous one committed."""
-        with self._pool.connection() as conn, conn.transaction():
+        with self._pool.connection() as (conn, _), conn.transaction():
             if exclusive:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             yield _PostgresTransaction(conn)
