@@ -99,3 +99,53 @@ def test_dashboard_shows_the_running_demo(tmp_path: Path) -> None:
             demo.wait()
         if demo.stdout:
             demo.stdout.close()
+
+
+def test_dashboard_pages_the_device_table(tmp_path: Path) -> None:
+    """120 devices: the table shows 50 at a time, and next/previous walk the pages."""
+    from playwright.sync_api import sync_playwright
+
+    from cloud.app import create_app
+    from cloud.fleet.store import FleetStore
+    from cloud.settings import CloudSettings
+    from shared.mqtt import MqttSettings
+    from shared.status import DeviceStatus
+    from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
+
+    store = FleetStore(tmp_path / "fleet.db")
+    for i in range(120):
+        store.record_status("paged", DeviceStatus(device=f"d{i:03d}", state="online"))
+    store.close()
+    settings = CloudSettings(
+        repo=CLOUD_REPO,
+        fleet="paged",
+        state_dir=tmp_path,
+        mqtt=MqttSettings(url=closed_port_url().replace("http://", "mqtt://")),
+    )
+    errors: list[str] = []
+    with serve_in_thread(create_app(settings)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/dashboard/")
+
+        def rows() -> list[str]:
+            return page.eval_on_selector_all(
+                "#devices tbody tr", "trs => trs.map(t => t.dataset.device)"
+            )
+
+        page.wait_for_function("document.querySelector('#page-info').textContent !== ''")
+        assert page.inner_text("#page-info") == "1–50 of 120"
+        assert rows() == [f"d{i:03d}" for i in range(50)] and page.is_disabled("#prev")
+        page.click("#next")
+        page.wait_for_function("document.querySelector('#page-info').textContent.startsWith('51')")
+        assert rows() == [f"d{i:03d}" for i in range(50, 100)]
+        page.click("#next")
+        page.wait_for_function("document.querySelector('#page-info').textContent.startsWith('101')")
+        assert page.inner_text("#page-info") == "101–120 of 120"
+        assert rows() == [f"d{i:03d}" for i in range(100, 120)] and page.is_disabled("#next")
+        page.click("#prev")
+        page.wait_for_function("document.querySelector('#page-info').textContent.startsWith('51')")
+        assert rows()[0] == "d050"
+        browser.close()
+    assert errors == []
