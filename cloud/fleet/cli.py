@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cloud.fleet import queries
 from cloud.fleet.controller import ControllerSettings, FleetController, default_holder, lease_name
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.listener import FleetListener
@@ -213,33 +214,33 @@ def _run_or_follow(controller: RolloutController, lease: Lease, rollout_id: int)
 def print_status(store: FleetStore, fleet: str) -> None:
     """The fleet at a glance: devices, what they serve, their last job and, where the
     collector's database is at hand (same ``--state-dir``), their latest key figures."""
-    jobs = store.latest_jobs(fleet)
-    figures = store.latest_telemetry(fleet)
     rows = []
-    devices = store.devices(fleet)
-    for d in devices:
-        models = ", ".join(f"{m['model']}:{m['version']}" for m in d["models"]) or "-"
-        job = jobs.get(d["device"])
-        job_text = f"{job['model']}@{job['version']} {job['state']}" if job else "-"
-        reason = job["reason"] if job else ""
-        t = figures.get(d["device"], {})
-        offload = f"{100 * t['offload_rate']:.1f}%" if t else "-"
-        p95 = f"{t['p95_ms']:.1f}" if t.get("p95_ms") is not None else "-"
-        rows.append(
-            (
-                d["device"],
-                d["group"] or "-",
-                d["state"],
-                models,
-                job_text,
-                offload,
-                p95,
-                d["last_seen"][11:19],
-                reason,
+    after = None
+    while True:  # page by page, the API's own queries
+        page = queries.device_page(store, fleet, limit=1000, after=after)
+        for d in page.devices:
+            models = ", ".join(f"{m['model']}:{m['version']}" for m in d["models"]) or "-"
+            job = d["job"]
+            job_text = f"{job['model']}@{job['version']} {job['state']}" if job else "-"
+            rate, p95 = d["offload_rate"], d["p95_ms"]
+            rows.append(
+                (
+                    d["device"],
+                    d["group"] or "-",
+                    "online" if d["online"] else "offline",
+                    models,
+                    job_text,
+                    f"{100 * rate:.1f}%" if rate is not None else "-",
+                    f"{p95:.1f}" if p95 is not None else "-",
+                    d["last_seen"][11:19],
+                    job["reason"] if job else "",
+                )
             )
-        )
-    online = sum(d["state"] == "online" for d in devices)
-    print(f"fleet {fleet}: {len(devices)} devices, {online} online")
+        if page.next is None:
+            break
+        after = page.next
+    total, online = queries.online_counts(store, fleet)
+    print(f"fleet {fleet}: {total} devices, {online} online")
     head = (
         "device",
         "group",
