@@ -233,6 +233,20 @@ def real_model(name: str) -> Path:
     return dest
 
 
+#: MediaPipe's op in selfie_segmentation, and a name of the same length no runtime registers.
+#: ai-edge-litert has ``Convolution2DTransposeBias`` built in (tflite-runtime 2.14 does not),
+#: so a test of "a custom op the runtime lacks" swaps the name in place: the same flatbuffer.
+MEDIAPIPE_OP = b"Convolution2DTransposeBias"
+UNKNOWN_OP = b"TandemNoSuchOpAnywhere0001"
+
+
+def unknown_op_model() -> bytes:
+    """selfie_segmentation with its custom op renamed to ``UNKNOWN_OP``."""
+    blob = real_model("selfie_segmentation").read_bytes()
+    assert MEDIAPIPE_OP in blob and len(MEDIAPIPE_OP) == len(UNKNOWN_OP)
+    return blob.replace(MEDIAPIPE_OP, UNKNOWN_OP)
+
+
 def photo_file(name: str) -> Path:
     """The photo ``name`` of ``PHOTOS`` as its encoded file (PNG or JPEG)."""
     project, member = PHOTOS[name]

@@ -33,7 +33,7 @@ from shared.oip.types import InferRequest, InferResponse, InferTensor
 from shared.signing import SigningKey
 from tests.fleet import FLEET, Fleet, wait_for
 from tests.helpers import serve_in_thread
-from tests.real_models import photo, photo_file, real_model
+from tests.real_models import photo, photo_file, real_model, unknown_op_model
 
 ROOT = Path(__file__).resolve().parents[2]
 FACE_TOML = ROOT / "docs" / "examples" / "face_detector.toml"
@@ -281,10 +281,11 @@ def test_onnx_model_with_several_inputs_runs_on_the_onnx_backend(tmp_path: Path)
 
 
 def test_a_model_the_runtime_cannot_run_is_refused_at_load(tmp_path: Path) -> None:
-    """selfie_segmentation needs a custom op: refused when loaded, never on a request."""
+    """A model needing a custom op the runtime lacks is refused when loaded, never on a
+    request (``unknown_op_model``: selfie_segmentation with its op renamed)."""
     from shared.manifest import EdgeArtifact, Manifest
 
-    artifact = real_model("selfie_segmentation")
+    blob = unknown_op_model()
     base = Manifest.model_validate(
         {
             "model": "selfie",
@@ -305,7 +306,7 @@ def test_a_model_the_runtime_cannot_run_is_refused_at_load(tmp_path: Path) -> No
             ],
         }
     )
-    (tmp_path / "model.tflite").write_bytes(artifact.read_bytes())
+    (tmp_path / "model.tflite").write_bytes(blob)
     (tmp_path / "manifest.json").write_text(base.to_json())
     with pytest.raises(ModelLoadError, match=r"(?i)custom|op|not a loadable"):
         load_model(tmp_path, TFLiteSettings())
