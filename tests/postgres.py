@@ -36,7 +36,9 @@ def postgres_bin() -> Path | None:
 
 
 class Postgres:
-    def __init__(self) -> None:
+    """``durable``: fsync and synchronous commits on, as in production (benchmarks)."""
+
+    def __init__(self, durable: bool = False) -> None:
         bin_dir = postgres_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
@@ -51,6 +53,11 @@ class Postgres:
             self._as_user = ["runuser", "-u", USER, "--"]
         self._proc: subprocess.Popen[bytes] | None = None
         self._names = itertools.count()
+        self._durability = (
+            ["-c", "fsync=on", "-c", "synchronous_commit=on"]
+            if durable
+            else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        )
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
@@ -102,13 +109,8 @@ class Postgres:
                     "-c",
                     "listen_addresses=127.0.0.1",
                     "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
                     "max_connections=200",
+                    *self._durability,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
