@@ -60,11 +60,12 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
         return {"devices": page.devices, "total": page.total, "next": page.next}
 
     @router.get("/fleet/devices/{device}")
-    def device(device: str, since: str | None = None) -> dict[str, Any]:
+    def device(device: str, since: datetime | None = None) -> dict[str, Any]:
         view = queries.device(store, fleet, device) if IDENTIFIER_RE.match(device) else None
         if view is None:
             raise ModelNotFoundError(f"unknown device {device!r}")
-        return {**view, "series": store.series(fleet, device, since)}
+        after = queries.utc_text(since) if since is not None else None
+        return {**view, "series": store.series(fleet, device, after)}
 
     @router.get("/fleet/summary")
     def summary(
@@ -73,7 +74,7 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
         per_device: Annotated[int, Query(ge=0, le=MAX_PER_DEVICE)] = DEFAULT_PER_DEVICE,
     ) -> dict[str, Any]:
         total, online = queries.online_counts(store, fleet)
-        since = (datetime.now(timezone.utc) - timedelta(minutes=minutes)).isoformat()
+        since = queries.utc_text(datetime.now(timezone.utc) - timedelta(minutes=minutes))
         return {
             "fleet": fleet,
             "devices": total,

@@ -100,7 +100,8 @@ class FleetController:
         holding = False
         try:
             while not self._stop.is_set():
-                if self.lease.acquire():
+                # held: the renewal thread keeps it; else one try to take it
+                if self.lease.held or self.lease.acquire():
                     if not holding:
                         self.progress(f"{self.lease.holder} holds the lease {self.lease.name}")
                         holding = True

@@ -42,6 +42,14 @@ _LATEST_JOINS = (
 )
 
 
+def utc_text(t: datetime) -> str:
+    """A time in the store's one text form (UTC, microseconds always: text order is time
+    order in SQL); a naive time is taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
 def _floor(store: FleetStore, expr: str) -> str:
     """``expr`` (a non-negative number) rounded down to an integer: PostgreSQL's CAST rounds
     to the nearest, SQLite's truncates."""

@@ -157,3 +157,8 @@ def test_device_paging_refuses_what_makes_no_sense(
 def test_device_paging_of_an_empty_fleet(brokerless: httpx.Client) -> None:
     r = brokerless.get("/fleet/devices", params={"limit": "1000", "state": "online"})
     assert r.status_code == 200 and r.json() == {"devices": [], "total": 0, "next": None}
+
+
+def test_device_series_refuses_a_since_that_is_no_time(brokerless: httpx.Client) -> None:
+    r = brokerless.get("/fleet/devices/dev-1", params={"since": "yesterday"})
+    assert r.status_code == 400 and "since" in r.json()["error"]

@@ -212,6 +212,14 @@ def test_one_device_is_looked_up(big: tuple[httpx.Client, FleetStore, Expected])
     assert len(one["series"]) == 3  # device 5000: two messages in session 1, one in 2
     assert one["job"]["state"] == "FAILED" and one["job"]["version"] == 2
     assert http.get("/fleet/devices/dev-10000").status_code == 404
+    # since: an instant in any ISO spelling ("Z", another offset) means the same rows
+    times = sorted(datetime.fromisoformat(r["ts"]) for r in one["series"])
+    for since in (
+        times[1].strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        times[1].astimezone(timezone(timedelta(hours=-5))).isoformat(),
+    ):
+        later = http.get(f"/fleet/devices/{_dev(5000)}", params={"since": since}).json()
+        assert [datetime.fromisoformat(r["ts"]) for r in later["series"]] == times[1:], since
 
 
 def test_summary_counts_in_sql(big: tuple[httpx.Client, FleetStore, Expected]) -> None:
