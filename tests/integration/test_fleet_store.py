@@ -21,7 +21,6 @@ from shared.settings_files import SettingsError
 from shared.status import DeviceStatus, ModelVersion
 from shared.telemetry import CONFIDENCE_BUCKETS, Histogram, Telemetry
 from shared.update import UpdateReport, UpdateState
-from tests.fleet import wait_for
 from tests.helpers import ROOT
 from tests.postgres import Postgres
 
@@ -303,14 +302,14 @@ def test_of_instances_racing_for_a_lease_exactly_one_wins(store_url: str) -> Non
             s.close()
 
 
-def _lease_in_process(url: str, holder: str, ttl_s: float) -> bool:
-    """try_lease from another process (another instance)."""
+def _lease_in_process(url: str, name: str, holder: str) -> bool:
+    """try_lease (30 s) from another process: another instance."""
     code = (
         "import sys; from cloud.fleet.store import FleetStore; s = FleetStore(sys.argv[1]);"
-        " print(s.try_lease('rollouts', sys.argv[2], float(sys.argv[3]))); s.close()"
+        " print(s.try_lease(sys.argv[2], sys.argv[3], 30)); s.close()"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, url, holder, str(ttl_s)],
+        [sys.executable, "-c", code, url, name, holder],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -319,17 +318,24 @@ def _lease_in_process(url: str, holder: str, ttl_s: float) -> bool:
     return done.stdout.strip() == "True"
 
 
-def test_a_lease_holds_across_processes_until_it_expires(store_url: str) -> None:
+def test_a_lease_holds_across_processes_until_released_or_expired(store_url: str) -> None:
     store = FleetStore(store_url)
+    # a holder whose clock runs a minute behind: its 30 s lease is over by everyone else's
+    late = FleetStore(store_url, clock=lambda: datetime.now(timezone.utc) - timedelta(minutes=1))
     try:
-        assert store.try_lease("rollouts", "here", 0.5)
-        assert not _lease_in_process(store_url, "there", 30)
-        # the lease expires half a second after it was taken: the other process gets it
-        wait_for(lambda: _lease_in_process(store_url, "there", 30), timeout=30)
+        assert store.try_lease("rollouts", "here", 30)
+        assert not _lease_in_process(store_url, "rollouts", "there")
+        assert store.lease_holder("rollouts") == "here"
+        store.release_lease("rollouts", "here")
+        assert _lease_in_process(store_url, "rollouts", "there")
         assert store.lease_holder("rollouts") == "there"
         assert not store.try_lease("rollouts", "here", 30)
+        assert late.try_lease("expired", "late", 30)
+        assert _lease_in_process(store_url, "expired", "there")
+        assert store.lease_holder("expired") == "there"
     finally:
         store.close()
+        late.close()
 
 
 def test_postgres_store_carries_on_after_the_server_restarts() -> None:
