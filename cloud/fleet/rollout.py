@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from cloud.fleet.lease import Lease
+from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.store import FleetStore, Rollout
 from cloud.releases.packaging import rollback_release
 from cloud.releases.registry import Registry
@@ -38,6 +38,23 @@ from shared.topics import Topic
 from shared.update import UpdateState
 
 log = logging.getLogger(__name__)
+
+
+#: Device manifests of a wave published together before their acknowledgements are awaited
+#: (paho holds them until PUBACK) and marked published in the store in one statement.
+PUBLISH_WINDOW = 500
+
+
+def mark_published(store: FleetStore, rollout_id: int, devices: list[str]) -> None:
+    """Record that these devices' manifests were acknowledged: one statement per window
+    (``FleetStore.mark_published`` takes one device)."""
+    if devices:
+        store.execute(
+            "UPDATE rollout_devices SET published = 1 WHERE rollout = ? AND device IN ("
+            + ", ".join("?" for _ in devices)
+            + ")",
+            [rollout_id, *devices],
+        )
 
 
 class RolloutError(TandemError):
@@ -100,19 +117,60 @@ class RolloutController:
     def _publish(
         self, topic: Topic, payload: bytes, what: str, deadline: float | None = None
     ) -> None:
-        """Publish until the broker acknowledges, or raise ``RolloutError`` at ``deadline``
-        (monotonic; default ``publish_deadline_s`` from now). While the connection is down
-        the client reconnects by itself; each try waits for it, then publishes again: the
-        same retained message twice is the same state."""
+        """One message, as ``_publish_all``."""
+        self._publish_all([(topic, payload)], what, deadline)
+
+    def _publish_all(
+        self,
+        messages: list[tuple[Topic, bytes]],
+        what: str,
+        deadline: float | None = None,
+        acked: list[int] | None = None,
+    ) -> None:
+        """Publish every message until the broker acknowledges it, or raise ``RolloutError``
+        at ``deadline`` (monotonic; default ``publish_deadline_s`` from now). The messages go
+        out together and their acknowledgements are then awaited together (a wave of
+        thousands costs a round trip per window, not per device). While the connection is
+        down the client reconnects by itself; each try waits for it, then publishes again
+        what is unacknowledged: the same retained message twice is the same state.
+
+        The lease is checked before each message: once it is lost nothing more goes out,
+        the acknowledgements of what went out are still collected, then ``LeaseLostError``
+        is raised. ``acked`` receives the index of each message acknowledged, as it is."""
         if deadline is None:
             deadline = time.monotonic() + self.publish_deadline_s
+        done: set[int] = set()
         tries = 0
         while True:
             self._may_act()
             left = deadline - time.monotonic()
             if self.mqtt.connected.wait(max(0.0, min(self.ack_timeout_s, left))):
-                left = deadline - time.monotonic()
-                if self.mqtt.publish_wait(topic, payload, max(0.1, min(self.ack_timeout_s, left))):
+                lost: LeaseLostError | None = None
+                sent = []
+                for i, (topic, payload) in enumerate(messages):
+                    if i in done:
+                        continue
+                    try:
+                        self._may_act()
+                    except LeaseLostError as exc:
+                        lost = exc
+                        break
+                    sent.append((i, self.mqtt.publish(topic, payload)))
+                round_end = time.monotonic() + max(
+                    0.1, min(self.ack_timeout_s, deadline - time.monotonic())
+                )
+                for i, info in sent:
+                    try:
+                        info.wait_for_publish(timeout=max(0.0, round_end - time.monotonic()))
+                    except (RuntimeError, ValueError):  # not connected / queue full
+                        continue
+                    if info.is_published():
+                        done.add(i)
+                        if acked is not None:
+                            acked.append(i)
+                if lost is not None:
+                    raise lost
+                if len(done) == len(messages):
                     if tries:
                         log.info("broker acknowledged %s after %d retries", what, tries)
                     return
@@ -221,12 +279,17 @@ class RolloutController:
         payload = manifest.to_json().encode()
         deadline = datetime.fromisoformat(started).timestamp() + r.wave_timeout_s
         publish_by = time.monotonic() + max(0.0, deadline - time.time())
-        for device, published in wave:
-            if not published:
-                topic = topics.manifest(self.fleet, r.model, device=device)
-                self._publish(topic, payload, f"the manifest for {device}", publish_by)
-                # a fact, recorded even if the lease was lost since: the next holder skips it
-                self.store.mark_published(r.id, device)
+        todo = [device for device, published in wave if not published]
+        for start in range(0, len(todo), PUBLISH_WINDOW):
+            window = todo[start : start + PUBLISH_WINDOW]
+            messages = [(topics.manifest(self.fleet, r.model, device=d), payload) for d in window]
+            what = f"the manifest for {window[0]}" if len(window) == 1 else "the manifests"
+            acked: list[int] = []
+            try:
+                self._publish_all(messages, f"{what} of wave {index}", publish_by, acked)
+            finally:
+                # a fact, recorded even if the lease was lost since: the next holder skips them
+                mark_published(self.store, r.id, [window[i] for i in acked])
         names = [d for d, _ in wave]
         while True:
             self._may_act()

@@ -124,6 +124,16 @@ def test_background_renewal_keeps_the_lease_and_drop_stops_it(tmp_path: Path) ->
         store.close()
 
 
+class Acked:
+    """A publish the broker has acknowledged (paho's ``MQTTMessageInfo``, done)."""
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_published(self) -> bool:
+        return True
+
+
 class FakeMqtt:
     """Connected, every publish acknowledged; ``on_publish`` runs inside each publish."""
 
@@ -133,11 +143,11 @@ class FakeMqtt:
         self.manifests: list[str] = []  # topics of the non-empty publishes, in order
         self.on_publish: Callable[[], None] = lambda: None
 
-    def publish_wait(self, topic: Topic, payload: bytes, timeout_s: float = 5.0) -> bool:
+    def publish(self, topic: Topic, payload: bytes) -> Acked:
         if payload:
             self.manifests.append(topic.name)
         self.on_publish()
-        return True
+        return Acked()
 
 
 def test_controller_stops_acting_when_its_renewal_fails(
