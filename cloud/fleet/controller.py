@@ -105,7 +105,10 @@ class FleetController:
                     if not holding:
                         self.progress(f"{self.lease.holder} holds the lease {self.lease.name}")
                         holding = True
-                    self.run_unfinished()
+                    try:
+                        self.run_unfinished()
+                    except Exception:  # the store is away: the next pass tries again
+                        log.exception("looking for unfinished rollouts failed")
                     wait = self.settings.poll_s
                 else:
                     if holding:

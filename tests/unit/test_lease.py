@@ -200,3 +200,63 @@ def test_controller_stops_acting_when_its_renewal_fails(
         device_topic["dev-c"],
         topics.manifest("f", manifest.model).name,  # promoted
     ]
+
+
+def test_controllers_take_turns_by_the_lease(tmp_path: Path) -> None:
+    """Two ``FleetController``s on one store (real clock, short ttl): the holder runs the
+    rollout, the other only waits; a stopped holder hands the lease over at once."""
+    from cloud.fleet.controller import ControllerSettings, FleetController, lease_name
+
+    store = FleetStore(tmp_path / "fleet.db")
+    key = SigningKey.generate()
+    registry = Registry(tmp_path / "registry")
+    manifest = Manifest.load(EDGE_INT8)
+    registry.publish(key.sign(manifest), (EDGE_INT8 / "model.tflite").read_bytes())
+    store.record_status("f", DeviceStatus(device="dev-a", state="online"))
+    mqtt = FakeMqtt()
+
+    def device_reports() -> None:  # each device manifest is taken at once
+        store.execute(
+            "INSERT INTO jobs (fleet, device, model, version, state, reason, ts)"
+            " VALUES ('f', 'dev-a', ?, ?, 'ACTIVE', '', '2026-01-01T00:00:00.000000+00:00')"
+            " ON CONFLICT DO NOTHING",
+            (manifest.model, manifest.version),
+        )
+
+    mqtt.on_publish = device_reports
+    settings = ControllerSettings(lease_ttl_s=0.3, poll_s=0.02, wave_poll_s=0.01)
+    said: dict[str, list[str]] = {"a": [], "b": []}
+    a, b = (
+        FleetController(
+            store,
+            cast(MqttClient, mqtt),
+            registry,
+            "f",
+            settings,
+            holder=name,
+            progress=said[name].append,
+        )
+        for name in ("a", "b")
+    )
+    threads = [threading.Thread(target=c.serve) for c in (a, b)]
+    try:
+        threads[0].start()
+        wait_for(lambda: store.lease_holder(lease_name("f")) == "a", what="a's lease")
+        threads[1].start()
+        rid = store.create_rollout(
+            "f", manifest.model, manifest.version, "fleet", None, "0", 1, 0.0, 30.0
+        )
+        wait_for(lambda: store.rollout(rid).state == "COMPLETED", what="the rollout")
+        assert f"rollout {rid}: COMPLETED" in said["a"] and said["b"] == []
+        a.stop()
+        threads[0].join(timeout=10)
+        wait_for(lambda: said["b"] == ["b holds the lease rollouts:f"], what="b's lease")
+        assert store.lease_holder(lease_name("f")) == "b"
+        assert store.rollout(rid).state == "COMPLETED"  # nothing left to run
+    finally:
+        for c in (a, b):
+            c.stop()
+        for t in threads:
+            if t.is_alive():
+                t.join(timeout=10)
+        store.close()
