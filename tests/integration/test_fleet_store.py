@@ -527,7 +527,12 @@ def test_open_store_picks_the_engine_from_the_url(tmp_path: Path, postgres: Post
     by_url.close()
     pg = open_store(postgres.database(), tmp_path)
     assert pg.dialect == "postgres"
+    assert pg.query("SHOW timezone") == [{"TimeZone": "UTC"}]
     pg.close()
+    tuned = open_store(f"{postgres.database()}?options=-c%20statement_timeout%3D12345", tmp_path)
+    assert tuned.query("SHOW statement_timeout") == [{"statement_timeout": "12345ms"}]
+    assert tuned.query("SHOW timezone") == [{"TimeZone": "UTC"}]
+    tuned.close()
     with pytest.raises(SettingsError, match="'mysql'"):
         open_store("mysql://u:secret@host/db", tmp_path)
     with pytest.raises(SettingsError, match="cannot connect") as refused:

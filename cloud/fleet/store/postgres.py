@@ -71,7 +71,12 @@ class _Pool:
     cut meanwhile (the server restarted), which only a statement finds out."""
 
     def __init__(self, url: str, size: int) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
         self._url = url
+        # the URL's own server options (``?options=-c ...``) kept, UTC added
+        given = str(conninfo_to_dict(url).get("options") or "")
+        self._options = f"{given} -c timezone=UTC".strip()
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._idle: list[psycopg.Connection[dict[str, Any]]] = []
@@ -83,7 +88,7 @@ class _Pool:
 
         try:
             return psycopg.connect(
-                self._url, autocommit=True, row_factory=dict_row, options="-c timezone=UTC"
+                self._url, autocommit=True, row_factory=dict_row, options=self._options
             )
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
