@@ -312,8 +312,7 @@ class RolloutController:
         group = r.target if r.target_kind == "group" else None
         topic = topics.manifest(self.fleet, r.model, group=group)
         self._publish(topic, manifest.to_json().encode(), "the promoted manifest")
-        for device in devices:
-            self._clear(topics.manifest(self.fleet, r.model, device=device))
+        self._clear_all([topics.manifest(self.fleet, r.model, device=d) for d in devices])
 
     def rollback(self, model: str, key: SigningKey, to_version: int | None = None) -> Manifest:
         """Publish a new release pointing at an earlier artifact to the whole fleet, and
@@ -322,12 +321,26 @@ class RolloutController:
         self._publish(
             topics.manifest(self.fleet, model), release.to_json().encode(), "the rollback manifest"
         )
-        for group in self.store.groups(self.fleet):
-            self._clear(topics.manifest(self.fleet, model, group=group))
-        for device in self.store.devices(self.fleet):
-            self._clear(topics.manifest(self.fleet, model, device=device["device"]))
+        self._clear_all(
+            [topics.manifest(self.fleet, model, group=g) for g in self.store.groups(self.fleet)]
+            + [
+                topics.manifest(self.fleet, model, device=d["device"])
+                for d in self.store.devices(self.fleet)
+            ]
+        )
         return release
 
     def _clear(self, topic: Topic) -> None:
         """Delete a retained manifest (an empty retained payload), acknowledged."""
         self._publish(Topic(topic.name, topic.qos, True), b"", f"the clearing of {topic.name}")
+
+    def _clear_all(self, manifests: list[Topic]) -> None:
+        """``_clear`` of many, a window at a time."""
+        for start in range(0, len(manifests), PUBLISH_WINDOW):
+            window = manifests[start : start + PUBLISH_WINDOW]
+            self._publish_all(
+                [(Topic(t.name, t.qos, True), b"") for t in window],
+                f"the clearing of {window[0].name}"
+                if len(window) == 1
+                else f"the clearing of {len(window)} manifests",
+            )
