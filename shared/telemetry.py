@@ -6,6 +6,9 @@ start) and a sequence number that increases within the session: consumers dedupl
 
 Latency histograms use fixed bucket bounds (milliseconds), so that histograms from many
 devices and intervals add up; percentiles are estimated from the buckets.
+
+Agents leave out fields at their schema default (a ``None``, an empty histogram as ``{}``):
+parse a message with ``Telemetry`` and they are there again.
 """
 
 from __future__ import annotations
