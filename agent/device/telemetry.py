@@ -196,7 +196,7 @@ class TelemetryReporter:
         message = self.build(stats, time.monotonic() - stats.started)
         # fields at their default (None, an empty histogram) are left out: the schema fills
         # them in again, and a metered link would pay for them for nothing (an idle
-        # message: 0.43 KB instead of 0.56)
+        # message: about 0.50 KB instead of 0.63)
         self.outbox.put(self.topic, message.model_dump_json(exclude_defaults=True).encode())
         self._on_put()
         return message
