@@ -3,7 +3,7 @@
 Layout under ``state_dir``::
 
     models/<model>/slots/v<version>-<sha12>/   manifest.json + the artifact (immutable)
-    models/<model>/pointer.json                {"current": slot, "previous": slot|null}
+    models/<model>/pointer.json                {"current", "previous", "watching"}
     models/<model>/staging/                    partial downloads (resumable) + their ETags
     models/<model>/job.json                    the update in progress
     accepted.json                              highest version ever accepted, per model
@@ -17,8 +17,11 @@ Two kinds of failure, two guarantees:
   commit per update is forced to disk, the slot and then the pointer naming it (``install``
   then ``activate``; six fsyncs, each said where it is made). A pointer that survives names
   a slot whose files survived. Nothing else is forced: what a power cut may take of the rest
-  is harmless. The job record lost means no resume: the retained manifest starts the update
-  again (the record is also the in-flight acceptance, see below, so the two go together).
+  is harmless. The job record lost before the pointer moved means no resume: the retained
+  manifest starts the update again (the record is also the in-flight acceptance, see below,
+  so the two go together); lost after, the job is re-derived from the commit itself: the
+  pointer says its health watch has not ended (``watching``) and the slot holds its
+  manifest.
   An ``accepted.json`` that lost its last write still has a floor: ``highest_accepted`` is
   never below a version the pointer names. Only a rollback forces it, since a rolled-back
   version is accepted but named by no pointer.
@@ -95,6 +98,9 @@ def _read_json(path: Path) -> Any:
 class Pointer:
     current: str
     previous: str | None
+    #: From an update's activation until its health watch ends: the watch is resumed at
+    #: the next start even if a power cut took the job record.
+    watching: bool = False
 
 
 class ModelStore:
@@ -134,13 +140,19 @@ class ModelStore:
         doc = _read_json(self.model_dir(model) / "pointer.json")
         if not isinstance(doc, dict) or not isinstance(doc.get("current"), str):
             return None
-        return Pointer(doc["current"], doc.get("previous"))
+        return Pointer(doc["current"], doc.get("previous"), doc.get("watching") is True)
 
-    def _write_pointer(self, model: str, pointer: Pointer) -> None:
+    def _write_pointer(self, model: str, pointer: Pointer, *, durable: bool = True) -> None:
         """The commit: durable (the pointer's data, then its rename in the model folder),
         made only once the slots it names are (``install``)."""
-        doc = {"current": pointer.current, "previous": pointer.previous}
-        atomic_write(self.model_dir(model) / "pointer.json", json.dumps(doc).encode())
+        doc: dict[str, str | bool | None] = {
+            "current": pointer.current,
+            "previous": pointer.previous,
+        }
+        if pointer.watching:
+            doc["watching"] = True
+        path = self.model_dir(model) / "pointer.json"
+        atomic_write(path, json.dumps(doc).encode(), durable=durable)
 
     def models(self) -> list[str]:
         base = self.root / "models"
@@ -199,13 +211,21 @@ class ModelStore:
             shutil.copyfile(source / f.name, bundle[f.name])
         return self.install(manifest, staged, bundle)
 
-    def activate(self, model: str, slot: Path) -> None:
-        """Make ``slot`` current; what was current becomes previous. One atomic rename."""
+    def activate(self, model: str, slot: Path, *, watching: bool = False) -> None:
+        """Make ``slot`` current; what was current becomes previous. One atomic rename.
+        ``watching``: an update's activation, whose health watch ``confirm`` ends."""
         old = self.pointer(model)
         previous = (
             old.current if old and old.current != slot.name else (old.previous if old else None)
         )
-        self._write_pointer(model, Pointer(slot.name, previous))
+        self._write_pointer(model, Pointer(slot.name, previous, watching))
+
+    def confirm(self, model: str) -> None:
+        """The health watch of the current slot has ended. Not forced to disk: a power cut
+        that takes this runs the watch again at the next start, and reports it again."""
+        old = self.pointer(model)
+        if old is not None and old.watching:
+            self._write_pointer(model, Pointer(old.current, old.previous), durable=False)
 
     def rollback(self, model: str) -> Path | None:
         """Make the previous slot current again; returns it, or None if there is none."""

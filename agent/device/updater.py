@@ -262,6 +262,7 @@ class Updater:
         report at the next start, never loses it). Its acceptance outlives it, recorded
         first."""
         self._emit(manifest, state, reason)
+        self.store.confirm(manifest.model)  # the watch, if it came to one, is over
         self.store.accept(manifest.model, manifest.version)
         self.store.clear_job(manifest.model)
         if state == UpdateState.ACTIVE:
@@ -348,7 +349,7 @@ class Updater:
             shutil.rmtree(slot, ignore_errors=True)
             return UpdateState.FAILED, f"validation: {exc.message}"
         self._emit(manifest, UpdateState.ACTIVATING)
-        self.store.activate(model_name, slot)
+        self.store.activate(model_name, slot, watching=True)
         old = self.agent.activate(new)
         return self._watch(manifest, new, old)
 
@@ -413,16 +414,24 @@ class Updater:
         served = self.agent.model.manifest
         job = self.store.job(served.model)
         if job is None:
+            pointer = self.store.pointer(served.model)
+            if pointer and pointer.watching and pointer.current == self.store.slot_name(served):
+                # a power cut took the job record during the health watch: the commit says
+                # a watch was on, and the served slot's manifest is the job's
+                log.info("resuming the health watch of %s", served.ref)
+                self._resume_watch(served)
             return
         manifest = job.manifest
         log.info("resuming %s, interrupted after %s", manifest.ref, job.state)
         if served.version == manifest.version and served.edge.sha256 == manifest.edge.sha256:
-            # the pointer had moved: the crash came during the health watch
-            self._done.add(manifest_digest(manifest))
-            state, reason = self._watch(manifest, self.agent.model, None)
-            self._finish(manifest, state, reason)
+            self._resume_watch(manifest)  # the pointer had moved: the crash came in the watch
             return
         self.process(manifest, resuming=True)
+
+    def _resume_watch(self, manifest: Manifest) -> None:
+        self._done.add(manifest_digest(manifest))
+        state, reason = self._watch(manifest, self.agent.model, None)
+        self._finish(manifest, state, reason)
 
 
 def contract_change(served: Manifest, new: Manifest) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.device.store import ModelStore
+from agent.device.store import ModelStore, Pointer
 from shared.manifest import Manifest
 from tests.helpers import EDGE_F32, EDGE_INT8
 
@@ -186,3 +186,23 @@ def test_a_rolled_back_version_stays_accepted_durably(
     assert store.rollback("digits") is not None
     assert disk.fsyncs()[:2] == ["fsync .accepted.json.tmp", "fsync ."], disk.events
     assert store.pointer("digits") is not None and store.highest_accepted("digits") == 2
+
+
+def test_an_update_s_activation_says_its_watch_is_on_until_confirmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ModelStore(tmp_path)
+    first = store.import_dir(EDGE_INT8)
+    store.activate("digits", first)  # the factory model: no watch
+    assert store.pointer("digits") == Pointer(first.name, None)
+    manifest, staged = _release(store, tmp_path / "src", 2)
+    slot = store.install(manifest, staged)
+    store.activate("digits", slot, watching=True)
+    assert store.pointer("digits") == Pointer(slot.name, first.name, watching=True)
+    disk = _DiskLog(monkeypatch, tmp_path.absolute())
+    store.confirm("digits")  # a power cut that takes this only repeats the watch
+    assert disk.fsyncs() == []
+    assert store.pointer("digits") == Pointer(slot.name, first.name)
+    store.activate("digits", slot, watching=True)
+    store.rollback("digits")
+    assert store.pointer("digits") == Pointer(first.name, None)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from agent import Agent, AgentSettings
-from agent.device.store import ModelStore
+from agent.device.store import ModelStore, Pointer
 from agent.device.updater import REFUSED_MEMORY, Updater
 from agent.inference.backends import TFLiteSettings
 from agent.settings import UpdateSettings
@@ -166,3 +166,25 @@ def test_a_crash_before_the_job_is_recorded_leaves_no_acceptance_behind(
         third.agent.close()
     finally:
         again.agent.close()
+
+
+def test_a_health_watch_a_power_cut_interrupted_resumes_without_its_job_record(
+    tmp_path: Path,
+) -> None:
+    """The job record is not forced to disk; the pointer is, and says a watch was on: the
+    next start watches the served model and reports the job's end."""
+    h = Harness(tmp_path)
+    try:
+        h.updater.settings = UpdateSettings(health_watch_s=0)
+        store = h.updater.store
+        served = h.agent.model.manifest
+        store._write_pointer("toy", Pointer(store.slot_name(served), None, watching=True))
+        assert store.job("toy") is None  # what the power cut left
+        h.updater._resume_job()
+        assert [(r.state.value, r.version) for r in h.reports] == [("ACTIVE", served.version)]
+        pointer = store.pointer("toy")
+        assert pointer is not None and not pointer.watching
+        h.updater._resume_job()  # the watch is over: nothing more to resume
+        assert len(h.reports) == 1
+    finally:
+        h.agent.close()
