@@ -326,14 +326,14 @@ def main() -> None:
             "command": "python scripts/bench_update_io.py",
         }
     )
-    print(f"{'':22}{'fsync':>7}{'rename':>8}{'open':>6}")
+    print(f"{'':38}{'fsync':>7}{'rename':>8}{'open':>6}")
     for source in ("syscalls", "python"):
         if source in doc:
             c = doc[source]
-            print(f"{'total (' + source + ')':22}{c['fsync']:>7}{c['rename']:>8}{c['open']:>6}")
+            print(f"{'total (' + source + ')':38}{c['fsync']:>7}{c['rename']:>8}{c['open']:>6}")
     for kind, ops in doc["python"]["by_file"].items():
         row = (ops.get("fsync", 0), ops.get("rename", 0), ops.get("open", 0))
-        print(f"  {kind:20}{row[0]:>7}{row[1]:>8}{row[2]:>6}")
+        print(f"  {kind:36}{row[0]:>7}{row[1]:>8}{row[2]:>6}")
     write_json(args.out, doc)
 
 
