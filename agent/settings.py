@@ -183,8 +183,8 @@ class TelemetrySettings(_Section):
     interval_s: float = Field(
         default=60.0,
         gt=0,
-        description="one message per interval; 60 s keeps an idle device near 1.5 MB a day "
-        "over the air (scripts/bench_idle_bytes.py), 10 s costs about six times that",
+        description="one message per interval; at 60 s an idle device moves about 1.7 MB a "
+        "day over TLS, framing and keepalive included (scripts/bench_idle_bytes.py)",
     )
     daily_budget_bytes: int | None = Field(
         default=2_000_000,
