@@ -7,6 +7,10 @@ same document, whatever order or spacing it travelled in.
 A key id is the first 16 hex digits of the SHA-256 of the raw public key. The trust store is
 a JSON file of key ids and public keys that devices pin; a manifest is accepted only if its
 ``key_id`` is in it and the signature verifies under that key.
+
+``cryptography`` (about 8 MB of a device's resident memory, OpenSSL's bindings) is imported
+only when a key is made, loaded or used: a device holds raw 32-byte public keys and pays for
+the library when the first manifest arrives, not at boot.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import TandemError
 from shared.manifest import Manifest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+#: An Ed25519 public key's raw length.
+PUBLIC_KEY_BYTES = 32
 
 
 class SignatureError(TandemError):
@@ -60,12 +66,14 @@ def manifest_digest(manifest: Manifest) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def key_id_of(key: Ed25519PublicKey) -> str:
-    return hashlib.sha256(_raw_public(key)).hexdigest()[:16]
+def key_id_of(raw_public: bytes) -> str:
+    return hashlib.sha256(raw_public).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -75,21 +83,28 @@ class SigningKey:
 
     @classmethod
     def generate(cls) -> SigningKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         private = Ed25519PrivateKey.generate()
-        return cls(private, key_id_of(private.public_key()))
+        return cls(private, key_id_of(_raw_public(private)))
 
     @classmethod
     def load(cls, path: Path) -> SigningKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         try:
             private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise KeyFileError(f"cannot read private key {path}: {exc}") from None
         if not isinstance(private, Ed25519PrivateKey):
             raise KeyFileError(f"{path} is not an Ed25519 private key")
-        return cls(private, key_id_of(private.public_key()))
+        return cls(private, key_id_of(_raw_public(private)))
 
     def save(self, path: Path) -> None:
         """Write the private key as PKCS#8 PEM, readable by its owner only."""
+        from cryptography.hazmat.primitives import serialization
+
         pem = self.private.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -101,8 +116,12 @@ class SigningKey:
             f.write(pem)
 
     @property
+    def public_raw(self) -> bytes:
+        return _raw_public(self.private)
+
+    @property
     def public_b64(self) -> str:
-        return base64.b64encode(_raw_public(self.private.public_key())).decode()
+        return base64.b64encode(self.public_raw).decode()
 
     def sign(self, manifest: Manifest) -> Manifest:
         """The manifest with ``key_id`` set and ``signature`` over its canonical JSON."""
@@ -112,18 +131,22 @@ class SigningKey:
 
 
 class TrustStore:
-    """Public keys a device accepts manifests from, by key id."""
+    """Public keys a device accepts manifests from: raw 32-byte Ed25519 keys by key id."""
 
-    def __init__(self, keys: dict[str, Ed25519PublicKey] | None = None) -> None:
+    def __init__(self, keys: dict[str, bytes] | None = None) -> None:
         self.keys = dict(keys or {})
 
     def add(self, public_b64: str) -> str:
         try:
-            key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64, validate=True))
+            raw = base64.b64decode(public_b64, validate=True)
         except (ValueError, binascii.Error) as exc:
             raise KeyFileError(f"not an Ed25519 public key: {exc}") from None
-        kid = key_id_of(key)
-        self.keys[kid] = key
+        if len(raw) != PUBLIC_KEY_BYTES:
+            raise KeyFileError(
+                f"not an Ed25519 public key: {len(raw)} bytes, not {PUBLIC_KEY_BYTES}"
+            )
+        kid = key_id_of(raw)
+        self.keys[kid] = raw
         return kid
 
     @classmethod
@@ -143,7 +166,7 @@ class TrustStore:
     def save(self, path: Path) -> None:
         doc = {
             "keys": [
-                {"key_id": kid, "public_key": base64.b64encode(_raw_public(k)).decode()}
+                {"key_id": kid, "public_key": base64.b64encode(k).decode()}
                 for kid, k in sorted(self.keys.items())
             ]
         }
@@ -157,9 +180,12 @@ class TrustStore:
         key = self.keys.get(manifest.key_id)
         if key is None:
             raise SignatureError(f"manifest signed by unknown key {manifest.key_id}")
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             sig = base64.b64decode(manifest.signature, validate=True)
-            key.verify(sig, manifest_signing_bytes(manifest))
+            Ed25519PublicKey.from_public_bytes(key).verify(sig, manifest_signing_bytes(manifest))
         except (InvalidSignature, ValueError, binascii.Error):
             raise SignatureError(
                 f"signature of {manifest.ref} does not verify under key {manifest.key_id}"

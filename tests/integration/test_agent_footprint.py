@@ -75,3 +75,20 @@ def test_a_module_marked_absent_is_refused_as_not_installed() -> None:
         "assert callable(httpx.main)  # httpx's stand-in that says the CLI is not installed\n"
     )
     assert "uvicorn.supervisors.statreload" in loaded
+
+
+def test_a_trust_store_loads_no_cryptography_until_a_manifest_is_verified() -> None:
+    """A device boots with its trust store: OpenSSL's bindings (about 8 MB resident) wait
+    for the first manifest."""
+    boot = "from shared.signing import TrustStore\nTrustStore().add('A' * 43 + '=')\n"
+    assert "cryptography" not in _packages(_loaded(boot))
+    verify = boot + (
+        "from shared.signing import SignatureError, SigningKey\n"
+        "from tests.helpers import EDGE_INT8\n"
+        "from shared.manifest import Manifest\n"
+        "key = SigningKey.generate()\n"
+        "m = key.sign(Manifest.from_json((EDGE_INT8 / 'manifest.json').read_text()))\n"
+        "t = TrustStore({key.key_id: key.public_raw})\n"
+        "t.verify(m)\n"
+    )
+    assert "cryptography" in _packages(_loaded(verify))  # positive control: it does verify
