@@ -84,7 +84,9 @@ class AgentService:
         # the cloud's token goes to the cloud and registry origins only, not to any host
         # an artifact URL names
         self.http = download_client(
-            settings.cloud.token, [settings.cloud.url, settings.update.registry_url]
+            settings.cloud.token,
+            [settings.cloud.url, settings.update.registry_url],
+            settings.cloud.tls,
         )
         count_http(self.http, self.wire, "downloads")  # artifacts and bundle files
         self.mqtt: CountingMqttClient | None = None

@@ -115,6 +115,7 @@ class Agent:
                 connect_timeout_s=settings.cloud.connect_timeout_s,
                 max_connections=settings.cloud.max_connections,
                 event_hooks=cloud_hooks,
+                tls=settings.cloud.tls,
             )
         self._cloud = cloud
         self.router = Router(

@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 
 from agent.device.download import Downloader, download_client
+from agent.device.service import AgentService
 from agent.errors import CloudUnavailableError, DownloadError
 from agent.inference.cloud_client import CloudClient
-from agent.settings import DownloadSettings
+from agent.inference.core import Agent
+from agent.settings import AgentSettings, DownloadSettings
 from cloud.releases.registry import Registry
 from shared.manifest import CloudTarget, Manifest
 from shared.tls import TlsFiles, client_context
@@ -214,3 +216,43 @@ def test_downloads_present_the_device_certificate_to_the_configured_origins_only
     assert got.read_bytes() == (EDGE_INT8 / EDGE.edge.file).read_bytes()
     with pytest.raises(DownloadError):
         download(cloud_mtls, tls, tmp_path / "b.part", ["https://registry.example"])
+
+
+# ------------------------------------------------------------ the agent's own settings
+
+
+def _agent_settings(tmp_path: Path, url: str, **cloud: object) -> AgentSettings:
+    return AgentSettings(
+        model_dir=EDGE_INT8, state_dir=tmp_path / "state", cloud={"url": url, **cloud}
+    )
+
+
+def test_the_agent_escalates_over_https_with_the_ca_of_its_settings(
+    cloud_https: str, pki: Pki, tmp_path: Path
+) -> None:
+    """``[cloud] ca_file`` reaches the running agent's cloud client: with it the cloud
+    answers; without it the agent cannot verify the server and answers locally."""
+    sample = X[0]
+    with Agent(_agent_settings(tmp_path, cloud_https, ca_file=pki.ca_file)) as agent:
+        assert agent.infer(sample, mode="cloud", deadline_ms=10_000).source == "cloud"
+    with Agent(_agent_settings(tmp_path, cloud_https)) as agent:
+        refused = agent.infer(sample, mode="cloud", deadline_ms=10_000)
+        assert refused.source == "edge"
+
+
+def test_the_services_downloads_use_the_ca_and_certificate_of_its_settings(
+    cloud_mtls: str, pki: Pki, tmp_path: Path
+) -> None:
+    device = pki.device("dev-1")
+    settings = _agent_settings(
+        tmp_path, cloud_mtls, ca_file=pki.ca_file, cert_file=device.cert, key_file=device.key
+    )
+    service = AgentService(settings)
+    try:
+        downloader = Downloader(service.http, DownloadSettings(attempts=1, timeout_s=10))
+        got = downloader.fetch(
+            cloud_mtls + ARTIFACT, tmp_path / "a.part", EDGE.edge.size, EDGE.edge.sha256
+        )
+        assert got.read_bytes() == (EDGE_INT8 / EDGE.edge.file).read_bytes()
+    finally:
+        service.stop()
