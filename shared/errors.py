@@ -20,6 +20,7 @@ to the code: every error class, its parent and its status.
     ├── SettingsError (500)                     shared.settings_files
     ├── MqttError (500)                         shared.mqtt
     ├── RolloutError (500)                      cloud.fleet.rollout
+    ├── LeaseLostError (500)                    cloud.fleet.lease
     └── AgentError (500)                        agent.errors
         ├── RuntimeMissingError (500)
         ├── ModelLoadError (500)
