@@ -142,13 +142,26 @@ def device_page(
 
 
 def device(store: FleetStore, fleet: str, device_id: str) -> dict[str, Any] | None:
-    """One device as in ``device_page``, or None."""
+    """One device as in ``device_page``, or None; with what its latest telemetry says of its
+    bytes on the wire (``wire_bytes`` by category, cumulative over its session, and whether
+    it is holding telemetry back for its daily budget), which a page leaves out."""
     rows = store.query(
         "WITH page AS (SELECT device FROM devices WHERE fleet = ? AND device = ?)"
         f" SELECT {_DEVICE_COLUMNS} FROM page{_LATEST_JOINS}",
         [fleet, device_id, fleet, fleet],
     )
-    return _device_view(rows[0]) if rows else None
+    if not rows:
+        return None
+    view = _device_view(rows[0])
+    latest = store.query(
+        "SELECT body FROM telemetry WHERE fleet = ? AND device = ?"
+        " ORDER BY session DESC, seq DESC LIMIT 1",
+        [fleet, device_id],
+    )
+    body = json.loads(latest[0]["body"]) if latest else {}
+    view["wire_bytes"] = body.get("wire_bytes")
+    view["budget_backoff"] = bool(body.get("budget_backoff"))
+    return view
 
 
 def online_counts(store: FleetStore, fleet: str) -> tuple[int, int]:

@@ -75,6 +75,8 @@ def test_agent_telemetry_reaches_the_fleet_api(
         assert 0 < d["offload_rate"] < 1 and d["p95_ms"] is not None
         one = cloud.get("/fleet/devices/dev-1").json()
         assert sum(r["requests"] for r in one["series"]) == 200
+        assert one["wire_bytes"]["births"]["sent"] > 0, one["wire_bytes"]
+        assert one["budget_backoff"] is False
         summary = cloud.get("/fleet/summary").json()
         assert summary["online"] == 1 and summary["versions"] == {"digits:1": 1}
         assert sum(b["requests"] for b in summary["series"]) == 200
