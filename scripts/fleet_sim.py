@@ -46,9 +46,11 @@ import asyncio
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,6 +66,7 @@ from sim_cluster import (
     SimBroker,
     SimPostgres,
     StoreProbe,
+    die_with_parent,
     memory,
     prepare_releases,
     raise_fd_limit,
@@ -71,6 +74,9 @@ from sim_cluster import (
 from sim_device import DeviceConfig
 from sim_report import fmt, merge_json, percentiles, report, walk_pages
 from sim_worker import Worker
+
+from agent.settings import TelemetrySettings, UpdateSettings
+from shared.mqtt import MqttSettings
 
 FLEET = "sim"
 PHASES = ("connect", "rollout", "ingest", "outage", "api")
@@ -93,6 +99,8 @@ class Sim:
         self.results: dict[str, Any] = {}
         self.memory: dict[str, dict[str, dict[str, int]]] = {}
         self.env: dict[str, str] = {}
+        #: telemetry messages a phase found never stored (the next phases expect them not)
+        self.lost = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -109,9 +117,12 @@ class Sim:
             "TANDEM_CLOUD_FLEET": FLEET,
             "TANDEM_CLOUD_STATE_DIR": str(state_dir),
             "TANDEM_CLOUD_REPO_POLL_S": "0",
-            "TANDEM_CLOUD_LOG_LEVEL": "WARNING",
+            "TANDEM_CLOUD_LOG_LEVEL": a.cloud_log_level,
             "PYTHONUNBUFFERED": "1",
         }
+        for pair in a.cloud_env:
+            key, _, value = pair.partition("=")
+            self.env[key] = value
         store_url = f"sqlite:///{state_dir / 'fleet.db'}"
         if a.store == "postgres":
             from cloud.settings import CloudSettings
@@ -237,6 +248,7 @@ class Sim:
             env={**os.environ, **self.env},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         lines: list[tuple[float, str]] = []
 
@@ -255,6 +267,8 @@ class Sim:
             releases = [s["releases"].get(str(r.version), {}) for s in stats]
             if sum(x.get("active", 0) for x in releases) >= self.n:
                 all_active = max(x["last_active"] for x in releases if x.get("last_active"))
+                break
+            if proc.returncode is not None:  # it ended (aborted) before all were ACTIVE
                 break
             await asyncio.sleep(0.25)
         try:
@@ -296,15 +310,44 @@ class Sim:
         )
         self.sample_memory("rollout")
 
-    async def _caught_up(self, timeout_s: float) -> bool:
-        """Wait until the store holds every telemetry message made so far."""
-        deadline = time.monotonic() + timeout_s
+    async def _wait_stored(
+        self, target: int, deadline: float, until: str | None = None
+    ) -> tuple[float | None, int]:
+        """Poll the store until it holds ``target`` telemetry rows (made at ``until`` or
+        before): when it did (None: never) and the last count. Gives up at ``deadline``, or
+        once nothing is on its way (every device connected, every message acknowledged by
+        the broker) and the count has not moved for ``--stall-s``: the rest was lost."""
+        count, moved = -1, time.monotonic()
         while time.monotonic() < deadline:
-            generated = self.total(await self.stats(), "generated")
-            if await self.store_count() >= generated:
-                return True
-            await asyncio.sleep(0.2)
-        return False
+            now_count = await self.store_count(until)
+            now = time.monotonic()
+            if now_count >= target:
+                return now, now_count
+            if now_count != count:
+                count, moved = now_count, now
+            elif now - moved > self.args.stall_s:
+                stats = await self.stats()
+                idle = all(s["pending"] == 0 and s["connected"] == s["devices"] for s in stats)
+                if idle:
+                    return None, count
+            await asyncio.sleep(0.05)
+        return None, count
+
+    async def _caught_up(self, timeout_s: float) -> bool:
+        """Wait until the store holds every telemetry message made so far (but those an
+        earlier phase found lost)."""
+        expected = self.total(await self.stats(), "generated") - self.lost
+        done, count = await self._wait_stored(expected, time.monotonic() + timeout_s)
+        if done is None:
+            self.lost += max(0, expected - count)
+        return done is not None
+
+    async def _wait_acked(self, target: int, deadline: float) -> float | None:
+        while time.monotonic() < deadline:
+            if self.total(await self.stats(), "acked") >= target:
+                return time.monotonic()
+            await asyncio.sleep(0.05)
+        return None
 
     async def ingest(self) -> None:
         a = self.args
@@ -316,27 +359,19 @@ class Sim:
         answers = await asyncio.gather(*(w.ask("burst", count=burst) for w in self.workers))
         t_first = min(x["t_first"] for x in answers)
         messages = sum(x["messages"] for x in answers)
-        target = c0 + messages
         deadline = time.monotonic() + a.ingest_timeout
-        t_stored = t_acked = None
-        count = c0
-        while time.monotonic() < deadline:
-            if t_acked is None:
-                stats = await self.stats()
-                if self.total(stats, "acked") >= acked0 + messages:
-                    t_acked = time.monotonic()
-            count = await self.store_count()
-            if count >= target:
-                t_stored = time.monotonic()
-                break
-            await asyncio.sleep(0.05)
+        acked = asyncio.create_task(self._wait_acked(acked0 + messages, deadline))
+        t_stored, count = await self._wait_stored(c0 + messages, deadline)
+        t_acked = await acked
         await asyncio.gather(*(w.ask("telemetry", on=True) for w in self.workers))
+        self.lost += c0 + messages - count if t_stored is None else 0
         self.results["ingest"] = {
             "instances": a.instances,
             "store": a.store,
             "per_device": burst,
             "messages": messages,
             "stored": count - c0,
+            "lost": messages - (count - c0),
             "settled_before": settled,
             "store_msg_per_s": None if t_stored is None else messages / (t_stored - t_first),
             "broker_acked_msg_per_s": None if t_acked is None else messages / (t_acked - t_first),
@@ -355,29 +390,37 @@ class Sim:
         await asyncio.sleep(a.outage_s)
         self.broker.start()
         t_restart = time.monotonic()
+        # first what was made, then the time: a message made in between counts as stored
+        # early rather than never
         g_restart = self.total(await self.stats(), "generated")
         until = datetime.now(timezone.utc).isoformat()
+        expected = g_restart - self.lost
         deadline = t_restart + a.outage_timeout
-        reconnected = caught_up = None
-        while time.monotonic() < deadline:
-            stats = await self.stats()
-            now = time.monotonic()
-            if reconnected is None and sum(s["connected"] for s in stats) >= self.n:
-                reconnected = now
-            if caught_up is None and await self.store_count(until) >= g_restart:
-                caught_up = time.monotonic()
-            if reconnected and caught_up:
-                break
-            await asyncio.sleep(0.1)
+        reconnected = asyncio.create_task(self._wait_connected(deadline))
+        caught_up, count = await self._wait_stored(expected, deadline, until)
+        t_reconnected = await reconnected
+        lost = max(0, expected - count)
+        self.lost += lost
         self.results["outage"] = {
             "outage_s": a.outage_s,
             "queued_during_outage": g_restart - g_stop,
-            "devices_reconnected_s": None if reconnected is None else reconnected - t_restart,
+            "devices_reconnected_s": None if t_reconnected is None else t_reconnected - t_restart,
             "lag_s": None if caught_up is None else caught_up - t_restart,
+            "lost": lost,
+            "generated_before_restart": g_restart,
+            "restarted_at": until,
             "device_reconnect_max_s": a.reconnect_max_s,
         }
         log(f"outage: {self.results['outage']}")
         self.sample_memory("outage")
+
+    async def _wait_connected(self, deadline: float) -> float | None:
+        while time.monotonic() < deadline:
+            stats = await self.stats()
+            if sum(s["connected"] for s in stats) >= self.n:
+                return time.monotonic()
+            await asyncio.sleep(0.1)
+        return None
 
     async def api(self) -> None:
         a = self.args
@@ -425,7 +468,15 @@ class Sim:
 
 
 async def run(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="tandem-fleet-sim-"))
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop what was started, then exit
+        loop.add_signal_handler(sig, main_task.cancel)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=False)
+        args.keep = True
+    work = args.work or Path(tempfile.mkdtemp(prefix="tandem-fleet-sim-"))
     sim = Sim(args, work)
     code = 0
     try:
@@ -434,11 +485,11 @@ async def run(args: argparse.Namespace) -> int:
         for phase in args.phases:
             if phase != "connect":
                 await getattr(sim, phase)()
-    except Exception as exc:
+    except Exception as exc:  # the table still shows what was measured before
+        traceback.print_exc()
         log(f"failed: {type(exc).__name__}: {exc} (logs in {work})")
         code = 1
         args.keep = True
-        raise
     finally:
         await sim.shutdown()
         doc = report(args, sim.n, sim.results, sim.memory)
@@ -458,18 +509,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     p.add_argument("--procs", type=int, default=2, help="simulator processes (one loop each)")
     p.add_argument("--connect-rate", type=float, default=1000.0, help="connects a second")
-    p.add_argument("--interval", type=float, default=10.0, help="telemetry interval, s")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=TelemetrySettings().interval_s,
+        help="telemetry interval, s (default: the agent's)",
+    )
     p.add_argument("--burst", type=int, default=0, help="messages per device (0: auto)")
     p.add_argument("--outage-s", type=float, default=60.0)
     p.add_argument("--canary", default="1%")
     p.add_argument("--waves", type=int, default=3)
-    p.add_argument("--settle-s", type=float, default=0.3, help="the updater's settle time")
+    p.add_argument("--settle-s", type=float, default=UpdateSettings().settle_s)
     p.add_argument("--verify-ms", type=float, default=20.0, help="simulated validation")
     p.add_argument("--health-watch-s", type=float, default=0.0, help="simulated health watch")
-    p.add_argument("--reconnect-max-s", type=float, default=30.0, help="devices' backoff cap")
+    p.add_argument(
+        "--reconnect-max-s",
+        type=float,
+        default=MqttSettings().reconnect_max_s,
+        help="devices' reconnect backoff cap (default: the agent's)",
+    )
     p.add_argument("--http-connections", type=int, default=50, help="per sim process")
     p.add_argument("--max-queued", type=int, default=2_000_000, help="broker, per session")
     p.add_argument("--max-inflight", type=int, default=20, help="broker, per session")
+    p.add_argument(
+        "--stall-s",
+        type=float,
+        default=15.0,
+        help="a store count still this long with nothing in flight: the rest is lost",
+    )
     p.add_argument("--api-requests", type=int, default=20)
     p.add_argument("--api-timeout", type=float, default=120.0)
     p.add_argument("--rollout-timeout", type=float, default=900.0)
@@ -477,6 +544,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outage-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=ROOT / "out/bench/fleet_sim.json")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    p.add_argument(
+        "--cloud-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the cloud instances and the controller "
+        "(TANDEM_CLOUD_COLLECTOR_SHARE_GROUP=, ...)",
+    )
+    p.add_argument("--cloud-log-level", default="WARNING", help="the cloud instances' logs")
+    p.add_argument("--work", type=Path, help="a new folder to work in (kept: logs, store)")
     args = p.parse_args(argv)
     if "connect" not in args.phases:
         args.phases.insert(0, "connect")
@@ -489,7 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     need = args.devices + 200
     if hard < need or hard < math.ceil(args.devices / args.procs) + 200:
         raise SystemExit(f"fleet_sim: {args.devices} devices need {need} open files, limit {hard}")
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except asyncio.CancelledError:  # SIGTERM or ^C: what was started has been stopped
+        return 130
 
 
 if __name__ == "__main__":

@@ -37,6 +37,15 @@ FACTORY = ROOT / "models/edge/digits-int8"
 UPDATE = ROOT / "models/edge/digits-f32"
 
 
+def die_with_parent() -> None:
+    """In a child, before ``exec``: the kernel sends it SIGTERM when the simulator dies, even
+    by SIGKILL (a test's timeout), so no broker, server or worker outlives a run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def raise_fd_limit() -> int:
     """The soft limit of open files raised to the hard one (children inherit it)."""
     import resource
@@ -136,7 +145,10 @@ class SimBroker:
 
         with (self.dir / "stderr.log").open("ab") as err:  # its run-as-root warning
             self._proc = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(self.conf)], stdout=err, stderr=err
+                [mosquitto_binary(), "-c", str(self.conf)],
+                stdout=err,
+                stderr=err,
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -218,6 +230,7 @@ class SimPostgres:
             [*self._as_user, str(self.bin / "postgres"), *where, *SERVER_OPTIONS],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -283,7 +296,14 @@ class CloudServer:
 
     def start(self, timeout_s: float = 60.0) -> None:
         out = self._log.open("ab")
-        self._proc = subprocess.Popen(self._cmd, cwd=ROOT, stdout=out, stderr=out, env=self._env)
+        self._proc = subprocess.Popen(
+            self._cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=out,
+            env=self._env,
+            preexec_fn=die_with_parent,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -39,41 +39,57 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.device.updater import REFUSED_MEMORY, contract_change
+from agent.settings import TelemetrySettings, UpdateSettings
 from agent.version import __version__, older_than
 from shared import topics
 from shared.errors import TandemError
 from shared.manifest import Manifest
+from shared.mqtt import MqttSettings
 from shared.signing import SignatureError, TrustStore, manifest_digest
 from shared.status import DeviceStatus, ModelVersion
-from shared.telemetry import LATENCY_BOUNDS_MS, CloudHealth, Histogram, OutboxState, Telemetry
+from shared.telemetry import (
+    LATENCY_BOUNDS_MS,
+    CloudHealth,
+    Histogram,
+    OutboxState,
+    Telemetry,
+    WireBytes,
+)
 from shared.topics import SCOPE_RANK, Scope
 from shared.update import UpdateReport, UpdateState
 
 log = logging.getLogger(__name__)
 
 
+_MQTT = MqttSettings()
+_TELEMETRY = TelemetrySettings()
+_UPDATE = UpdateSettings()
+#: Categories of the agent's byte counts (``agent.device.wire``), reported in telemetry.
+WIRE_CATEGORIES = ("births", "telemetry", "job_states", "manifests", "session", "downloads")
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
-    """What every device of a simulated fleet shares (the agent's defaults unless set)."""
+    """What every device of a simulated fleet shares: the agent's defaults unless set."""
 
     fleet: str
     broker_host: str
     broker_port: int
     registries: tuple[str, ...]  # base URLs; device i downloads from registries[i % n]
-    keepalive_s: int = 30
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    interval_s: float = 10.0
-    window: int = 32
-    replay_per_s: float = 50.0
-    outbox_max_rows: int = 10_000
-    settle_s: float = 0.3
-    max_manifest_bytes: int = 1024 * 1024
+    keepalive_s: int = _MQTT.keepalive_s
+    reconnect_min_s: float = _MQTT.reconnect_min_s
+    reconnect_max_s: float = _MQTT.reconnect_max_s
+    interval_s: float = _TELEMETRY.interval_s
+    window: int = _TELEMETRY.window
+    replay_per_s: float = _TELEMETRY.replay_per_s
+    outbox_max_rows: int = _TELEMETRY.outbox_max_rows
+    settle_s: float = _UPDATE.settle_s
+    max_manifest_bytes: int = _UPDATE.max_manifest_bytes
     verify_s: float = 0.02
     health_watch_s: float = 0.0
-    download_attempts: int = 5
-    download_backoff_s: float = 0.5
-    download_timeout_s: float = 30.0
+    download_attempts: int = _UPDATE.download.attempts
+    download_backoff_s: float = _UPDATE.download.backoff_s
+    download_timeout_s: float = _UPDATE.download.timeout_s
     groups: int = 10
 
 
@@ -336,8 +352,12 @@ class SimDevice:
                 rss_bytes=60_000_000 + self.index,
                 cpu_temp_c=None,
                 outbox=OutboxState(pending=len(self._pending), dropped=self.dropped),
+                wire_bytes={
+                    c: WireBytes(sent=900 * self.seq + i, received=120 * self.seq)
+                    for i, c in enumerate(WIRE_CATEGORIES)
+                },
             )
-            .model_dump_json()
+            .model_dump_json(exclude_none=True)  # as the agent sends it
             .encode()
         )
 

@@ -83,7 +83,8 @@ def report(
             (
                 f"ingest, {i['instances']} instance(s), {i['store']}",
                 f"{fmt(i['store_msg_per_s'], 0)} msg/s stored ({i['messages']:,} messages; "
-                f"broker acked {fmt(i['broker_acked_msg_per_s'], 0)} msg/s)",
+                f"broker acked {fmt(i['broker_acked_msg_per_s'], 0)} msg/s)"
+                + (f"; {i['lost']:,} LOST" if i.get("lost") else ""),
             )
         )
     if "outage" in r:
@@ -92,7 +93,8 @@ def report(
             (
                 f"broker outage {g['outage_s']:g} s",
                 f"lag {fmt(g['lag_s'])} s after restart ({g['queued_during_outage']:,} queued; "
-                f"devices back in {fmt(g['devices_reconnected_s'])} s)",
+                f"devices back in {fmt(g['devices_reconnected_s'])} s)"
+                + (f"; {g['lost']:,} LOST" if g.get("lost") else ""),
             )
         )
     for path, figures in r.get("api", {}).items():

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+from sim_cluster import die_with_parent
 from sim_device import DeviceConfig, HostState, SimDevice
 
 from agent.device.telemetry import process_rss_bytes
@@ -176,15 +177,20 @@ class Worker:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
                 limit=16 * 1024 * 1024,
+                preexec_fn=die_with_parent,
             )
         return cls(proc, spec["first"], spec["count"])
 
     async def ask(self, cmd: str, **kw: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         async with self._lock:
-            self.proc.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
-            await self.proc.stdin.drain()
-            line = await self.proc.stdout.readline()
+            try:
+                self.proc.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
+                await self.proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                line = b""
+            else:
+                line = await self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"sim worker {self.first} exited (rc {self.proc.returncode})")
         answer: dict[str, Any] = json.loads(line)
