@@ -129,7 +129,7 @@ class Sim:
 
             if "database_url" not in CloudSettings.model_fields:
                 raise SystemExit("fleet_sim: this tandem-cloud has no database URL (SQLite only)")
-            self.pg = SimPostgres(self.work / "pg")
+            self.pg = SimPostgres()
             self.pg.start()
             store_url = self.pg.url("fleet")
             self.env["TANDEM_CLOUD_DATABASE_URL"] = store_url

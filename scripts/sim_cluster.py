@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,17 @@ def raise_fd_limit() -> int:
 
 
 def memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes ({} if it is gone)."""
+    """VmRSS, VmHWM (peak) and Pss (shared pages divided among their sharers) of a
+    process, in bytes ({} if it is gone)."""
     out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "Pss":
                 out[key] = int(value.split()[0]) * 1024
     except OSError:
         return {}
@@ -195,12 +201,12 @@ SERVER_OPTIONS = (
 
 
 class SimPostgres:
-    """A PostgreSQL server in a temporary folder (as the ``postgres`` user when root)."""
+    """A PostgreSQL server in a temporary folder of its own in /tmp (as the ``postgres``
+    user when root: it must be able to enter every folder above its data)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         self.bin = postgres_bin()
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="tandem-sim-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
         self._as_user: list[str] = []
@@ -219,11 +225,13 @@ class SimPostgres:
     def start(self) -> None:
         import psycopg
 
-        subprocess.run(
+        done = subprocess.run(
             [*self._as_user, str(self.bin / "initdb"), "-D", str(self.data), *INITDB],
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stdout} {done.stderr}")
         log = (self.dir / "postgres.log").open("ab")
         where = ("-D", str(self.data), "-p", str(self.port), "-k", str(self.dir))
         self._proc = subprocess.Popen(
@@ -245,17 +253,16 @@ class SimPostgres:
             conn.execute('CREATE DATABASE "fleet"')
 
     def memory(self) -> dict[str, int]:
-        """The postmaster and all its backends, summed."""
+        """The server's processes (postmaster and backends) summed by Pss, which counts
+        their shared buffers once; VmRSS and VmHWM are then that sum too (a sum of RSS
+        would count the shared buffers once per backend)."""
         if self._proc is None:
             return {}
-        # runuser is the child; the postmaster is its child
-        pids = [self._proc.pid, *children(self._proc.pid)]
-        post = [c for p in pids for c in children(p)] + pids
-        total: dict[str, int] = {}
-        for pid in set(post):
-            for k, v in memory(pid).items():
-                total[k] = total.get(k, 0) + v
-        return total
+        # runuser is the child; the postmaster is its child, the backends are the postmaster's
+        postmasters = children(self._proc.pid)
+        pids = {*postmasters, *(c for p in postmasters for c in children(p))}
+        pss = sum(memory(pid).get("Pss", 0) for pid in pids)
+        return {"VmRSS": pss, "VmHWM": pss, "Pss": pss, "processes": len(pids)}
 
     def stop(self) -> None:
         if self._proc is None:
@@ -271,6 +278,7 @@ class SimPostgres:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the cloud
