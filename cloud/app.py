@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
@@ -25,6 +26,9 @@ from cloud.serving.repository import ModelRepository, repository_router
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient
 from shared.oip.http import LeanRoute, add_oip_routes, docs_routes_last, install_error_handlers
+
+if TYPE_CHECKING:
+    from cloud.fleet.controller import BackgroundController
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
             mqtt_settings, client_id=f"collector-{settings.fleet}-{settings.instance}"
         )
         collector.attach(mqtt)
+    controller = _background_controller(settings, store)
 
     async def poll_repository() -> None:
         while True:
@@ -67,12 +72,17 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if mqtt is not None:
             mqtt.start()  # connects in the background, retrying: the server never waits on it
+        if controller is not None:
+            controller.start()
         poller = asyncio.create_task(poll_repository()) if settings.repo_poll_s else None
         try:
             yield
         finally:
             if poller is not None:
                 poller.cancel()
+            # here, not in a signal handler: uvicorn re-raises SIGTERM once this has run
+            if controller is not None:
+                await run_in_threadpool(controller.stop)  # releases the lease
             if mqtt is not None:
                 mqtt.stop()
             if store is not None:
@@ -127,4 +137,34 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     app.state.plane = plane
     app.state.collector = collector
     app.state.store = store
+    app.state.controller = controller
     return app
+
+
+def _background_controller(
+    settings: CloudSettings, store: FleetStore | None
+) -> BackgroundController | None:
+    """The rollout controller this instance runs beside serving, when ``controller.
+    run_in_server`` and a broker and a registry are set: over an MQTT connection of its own
+    (the collector's is persistent, for its share of telemetry), under a client id unique to
+    this instance. Imported only then: a server without it does not load the rollout code."""
+    if not settings.controller.run_in_server:
+        return None
+    if settings.mqtt is None or store is None or settings.registry is None:
+        log.warning("controller.run_in_server needs mqtt and registry: no controller here")
+        return None
+    from cloud.fleet.controller import BackgroundController, FleetController
+
+    mqtt = MqttClient(
+        settings.mqtt.model_copy(update={"persistent_session": False}),
+        client_id=f"controller-{settings.fleet}-{settings.instance}",
+    )
+    controller = FleetController(
+        store,
+        mqtt,
+        Registry(settings.registry),
+        settings.fleet,
+        settings.controller,
+        progress=log.info,
+    )
+    return BackgroundController(controller, mqtt)

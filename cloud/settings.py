@@ -59,6 +59,30 @@ class ServerTlsSettings(BaseModel):
         return self
 
 
+class ControllerSettings(BaseModel):
+    """How rollout controllers share the work (``cloud/fleet/controller.py``): one acts at a
+    time, the holder of a lease in the fleet store. A shorter time to live makes a takeover
+    quicker and costs a store write per third of it. Defined here, not with the controller,
+    so that loading settings does not import the rollout code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_in_server: bool = Field(
+        default=False,
+        description="serve runs a controller too (needs mqtt and registry): each of N "
+        "instances takes part, one acts, another takes over when it dies",
+    )
+    lease_ttl_s: float = Field(
+        default=15.0, gt=0, description="a dead controller's rollouts wait this long at most"
+    )
+    poll_s: float = Field(
+        default=1.0, gt=0, description="how often the lease holder looks for new rollouts"
+    )
+    wave_poll_s: float = Field(
+        default=0.2, gt=0, description="how often a wave's job states are read"
+    )
+
+
 class CloudSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_CLOUD_", env_nested_delimiter="__", extra="forbid"
@@ -113,6 +137,7 @@ class CloudSettings(FileSettings):
         "routes; empty: no auth. Revoke by restarting with a new list",
     )
     repo_poll_s: float = Field(default=2.0, ge=0, description="rescan the repository; 0: never")
+    controller: ControllerSettings = Field(default_factory=lambda: ControllerSettings())
     testing: CloudTestingSettings = Field(default_factory=lambda: CloudTestingSettings())
     log_level: str = "INFO"
 

@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from cloud.fleet import queries
-from cloud.fleet.controller import ControllerSettings, FleetController, default_holder, lease_name
+from cloud.fleet.controller import FleetController, default_holder, lease_name
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.listener import FleetListener
 from cloud.fleet.rollout import RolloutController, RolloutError
@@ -37,7 +35,6 @@ from cloud.fleet.store import FleetStore, Rollout, open_store
 from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttClient, MqttSettings
-from shared.settings_files import SettingsError, describe
 from shared.signing import SigningKey
 
 FINISHED = ("COMPLETED", "ABORTED")
@@ -61,7 +58,7 @@ def add_fleet_parser(sub: Any) -> None:
         p.add_argument("--registry", type=Path)
         p.add_argument("--state-dir", type=Path)
         if p.prog.endswith(("rollout", "resume", "controller")):
-            p.add_argument("--lease-ttl", type=float, help="seconds (default 15)")
+            p.add_argument("--lease-ttl", type=float, help="seconds (default: settings, 15)")
             p.add_argument("--poll", type=float, help="seconds between looks for new rollouts")
         if p.prog.endswith("rollout"):
             p.add_argument("release", help="MODEL@VERSION")
@@ -95,16 +92,14 @@ def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if mqtt:
         updates["mqtt"] = mqtt
+    controller = {
+        key: value
+        for key, flag in (("lease_ttl_s", "lease_ttl"), ("poll_s", "poll"))
+        if (value := getattr(args, flag, None)) is not None
+    }
+    if controller:  # over the [controller] section (TANDEM_CLOUD_CONTROLLER__*)
+        updates["controller"] = controller
     return updates
-
-
-def controller_settings(args: argparse.Namespace) -> ControllerSettings:
-    """The controller's flags, validated like settings."""
-    given = {"lease_ttl_s": getattr(args, "lease_ttl", None), "poll_s": getattr(args, "poll", None)}
-    try:
-        return ControllerSettings.model_validate({k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        raise SettingsError(f"invalid flag: {describe(exc)}") from None
 
 
 def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
@@ -133,7 +128,7 @@ def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
                     mqtt,
                     registry,
                     settings.fleet,
-                    controller_settings(args),
+                    settings.controller,
                     progress=lambda line: print(line, flush=True),
                 )
             )
@@ -145,8 +140,8 @@ def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
             release = controller.rollback(args.model, SigningKey.load(key_path), args.to)
             print(f"published {release.model}@{release.version} (artifact {release.edge.url})")
             return 0
-        ctl = controller_settings(args)
-        lease = Lease(store, lease_name(settings.fleet), default_holder(), ctl.lease_ttl_s)
+        ttl_s = settings.controller.lease_ttl_s
+        lease = Lease(store, lease_name(settings.fleet), default_holder(), ttl_s)
         controller = RolloutController(
             store, mqtt, registry, settings.fleet, progress=print, lease=lease
         )

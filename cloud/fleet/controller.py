@@ -17,34 +17,24 @@ import socket
 import threading
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from cloud.fleet import queries
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.rollout import RolloutController
 from cloud.fleet.store import FleetStore
 from cloud.releases.registry import Registry
+from cloud.settings import ControllerSettings  # the [controller] section: one definition
 from shared.errors import TandemError
 from shared.mqtt import MqttClient
 
+__all__ = [
+    "BackgroundController",
+    "ControllerSettings",
+    "FleetController",
+    "default_holder",
+    "lease_name",
+]
+
 log = logging.getLogger(__name__)
-
-
-class ControllerSettings(BaseModel):
-    """How rollout controllers share the work. A shorter time to live makes a takeover
-    quicker and costs a store write per third of it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lease_ttl_s: float = Field(
-        default=15.0, gt=0, description="a dead controller's rollouts wait this long at most"
-    )
-    poll_s: float = Field(
-        default=1.0, gt=0, description="how often the lease holder looks for new rollouts"
-    )
-    wave_poll_s: float = Field(
-        default=0.2, gt=0, description="how often a wave's job states are read"
-    )
 
 
 def lease_name(fleet: str) -> str:
@@ -149,3 +139,36 @@ class FleetController:
                 continue
             self._failures.pop(rollout_id, None)
             self.progress(f"rollout {result.id}: {result.state} {result.detail}".rstrip())
+
+
+class BackgroundController:
+    """A ``FleetController`` on a thread of its own, over its own MQTT connection: what
+    ``tandem-cloud serve`` runs with ``controller.run_in_server``, so that each of N
+    instances behind a load balancer takes part in the lease and no extra process is needed.
+    ``stop()`` returns once the lease is released: the next instance need not wait for it to
+    expire."""
+
+    def __init__(self, controller: FleetController, mqtt: MqttClient) -> None:
+        self.controller = controller
+        self.mqtt = mqtt
+        self._thread = threading.Thread(
+            target=self._serve, name=f"controller-{controller.fleet}", daemon=True
+        )
+
+    def _serve(self) -> None:
+        try:
+            self.controller.serve()
+        except Exception:  # serve() handles the store's and the broker's errors itself
+            log.exception("the rollout controller stopped")
+
+    def start(self) -> None:
+        """Connect in the background (retrying) and start taking part; never waits."""
+        self.mqtt.start()
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop acting, release the lease, disconnect."""
+        self.controller.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self.mqtt.stop()
