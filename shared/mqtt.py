@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ class MqttClient:
         self.client_id = client_id
         self.counters = MqttCounters()
         self.connected = threading.Event()
+        #: set once the broker acknowledged the subscriptions made at the latest connect
+        #: (a message published before that may miss them)
+        self.subscribed = threading.Event()
+        self._pending_subacks: set[int] = set()
         self._on_connect_hook = on_connect
         self._on_ack = on_ack
         self._on_disconnect_hook = on_disconnect
@@ -181,10 +186,15 @@ class MqttClient:
         if self.settings.persistent_session and not flags.session_present:
             log.info("%s: the broker had no session for it (new, or expired)", self.client_id)
         self.counters.connects += 1
-        with self._lock:
-            filters = list(self._subs)
-        for f in filters:
-            self._client.subscribe(f, qos=1)
+        with self._lock:  # no SUBACK can come in between: it is read on this thread
+            self.subscribed.clear()
+            self._pending_subacks.clear()
+            for f in self._subs:
+                _, mid = self._client.subscribe(f, qos=1)
+                if mid is not None:
+                    self._pending_subacks.add(mid)
+            if not self._pending_subacks:
+                self.subscribed.set()
         self.connected.set()
         log.info("%s connected to %s", self.client_id, self.settings.url)
         if self._on_connect_hook is not None:
@@ -194,6 +204,7 @@ class MqttClient:
         self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         self.counters.disconnects += 1
         log.info("%s disconnected: %s", self.client_id, reason)
         if self._on_disconnect_hook is not None:
@@ -217,6 +228,10 @@ class MqttClient:
             if reason.is_failure:
                 self.counters.subscribe_refused += 1
                 log.warning("broker refused a subscription of %s: %s", self.client_id, reason)
+        with self._lock:
+            self._pending_subacks.discard(mid)
+            if not self._pending_subacks:
+                self.subscribed.set()
 
     def _handle_unmatched(self, client: Any, userdata: Any, msg: Any) -> None:
         log.debug("message on %s matched no handler", msg.topic)
@@ -286,7 +301,8 @@ class MqttClient:
 
     def start(self, wait_s: float | None = None) -> None:
         """Connect in the background (retrying forever); optionally wait for the first
-        connection and raise ``MqttError`` if it does not come in ``wait_s``."""
+        connection and the broker's acknowledgement of its subscriptions, and raise
+        ``MqttError`` if they do not come in ``wait_s``."""
         host, port, _ = self.settings.host_port
         if self._v5:
             # clean start unless persistent: paho's default (clean on the first connect only)
@@ -304,7 +320,13 @@ class MqttClient:
         else:
             self._client.connect_async(host, port, keepalive=self.settings.keepalive_s)
         self._client.loop_start()
-        if wait_s is not None and not self.connected.wait(wait_s):
+        if wait_s is None:
+            return
+        deadline = time.monotonic() + wait_s
+        if not (
+            self.connected.wait(wait_s)
+            and self.subscribed.wait(max(0.0, deadline - time.monotonic()))
+        ):
             self.stop()
             raise MqttError(f"{self.client_id}: no connection to {self.settings.url} in {wait_s}s")
 
@@ -316,6 +338,7 @@ class MqttClient:
         finally:
             self._client.loop_stop()
             self.connected.clear()
+            self.subscribed.clear()
             # closes every socket, paho's wake-up pair included, which paho otherwise leaves
             # to its __del__: in a reference cycle the collector may finalise the sockets
             # first, and they warn as unclosed

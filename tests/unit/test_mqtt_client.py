@@ -43,7 +43,7 @@ class _Spy:
 
         def subscribe(self: paho.Client, topic: str, qos: int = 0) -> tuple[int, int]:
             spy.subscribed.append((topic, qos))
-            return (0, 1)
+            return (0, len(spy.subscribed))  # the message id
 
         monkeypatch.setattr(paho.Client, "__init__", init)
         monkeypatch.setattr(paho.Client, "connect_async", connect_async)
@@ -162,3 +162,28 @@ def test_a_failed_handler_can_leave_its_message_unacknowledged() -> None:
         c._client._sock = None
         ours.close()
         broker_side.close()
+
+
+def test_subscribed_waits_for_every_suback_of_the_latest_connect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``start(wait_s)`` returns only once the broker acknowledged the subscriptions (a
+    message published before could miss them): a refused one counts as acknowledged."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    _Spy(monkeypatch)
+    c = MqttClient(MqttSettings(protocol="5"), "collector-a")
+    c.subscribe("a/#", lambda t, p, r: None, share_group="g")
+    c.subscribe("b/#", lambda t, p, r: None)
+    c._handle_connect(None, None, _Flags(False), _Reason(0), None)
+    assert c.connected.is_set() and not c.subscribed.is_set()
+    c._handle_subscribe(None, None, 1, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert not c.subscribed.is_set()
+    c._handle_subscribe(None, None, 2, [ReasonCode(PacketTypes.SUBACK, identifier=0x87)], None)
+    assert c.subscribed.is_set()
+    c._handle_disconnect(None, None, None, _Reason(0), None)
+    assert not c.subscribed.is_set()
+    bare = MqttClient(MqttSettings(), "dev-1")  # nothing to subscribe: ready at connect
+    bare._handle_connect(None, None, _Flags(False), _Reason(0), None)
+    assert bare.subscribed.is_set()
