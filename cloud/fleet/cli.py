@@ -15,7 +15,8 @@ One controller acts on a fleet's rollouts at a time: the holder of the lease
 the lease when it is free and running every unfinished rollout; run one on each of several
 instances and the others take over when the holder dies. ``rollout`` and ``resume`` run the
 rollout themselves when they get the lease, or else wait for the controller that holds it
-(and take over if it dies).
+(and take over if it dies). ``--lease-ttl`` and ``--poll`` override the ``[controller]``
+settings, which ``serve`` uses too when it takes part (``controller.run_in_server``).
 """
 
 from __future__ import annotations
