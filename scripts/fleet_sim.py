@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -172,6 +173,7 @@ class Sim:
                 "session": session,
                 "connect_rate": a.connect_rate / a.procs,
                 "http_connections": a.http_connections,
+                "profile": str(a.profile) if a.profile else None,
             }
             self.workers.append(
                 await Worker.spawn(
@@ -242,6 +244,7 @@ class Sim:
         cmd += ["--registry", str(self.work / "registry")]
         cmd += ["--state-dir", self.env["TANDEM_CLOUD_STATE_DIR"]]
         t0 = time.monotonic()
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = await asyncio.create_subprocess_exec(
             *cmd,
             cwd=ROOT,
@@ -277,6 +280,7 @@ class Sim:
             proc.kill()
             await proc.wait()
         t_done = time.monotonic()
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         await reader
         stats = await self.stats()
         releases = [s["releases"].get(str(r.version), {}) for s in stats]
@@ -299,6 +303,11 @@ class Sim:
             "not_modified": self.total(stats, "download_304"),
             "download_retries": self.total(stats, "download_retries"),
             "controller": [{"t_s": round(t, 3), "line": text} for t, text in lines],
+            # the controller is the only child that ends in this phase
+            "controller_cpu_s": children1.ru_utime
+            + children1.ru_stime
+            - children0.ru_utime
+            - children0.ru_stime,
         }
         log(
             "rollout: {active}/{n} ACTIVE, publish -> all ACTIVE {p} s, command {c:.1f} s".format(
@@ -481,6 +490,7 @@ async def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         await sim.setup()
+        sim.sample_memory("setup")
         await sim.connect()
         for phase in args.phases:
             if phase != "connect":
@@ -552,6 +562,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an environment variable for the cloud instances and the controller "
         "(TANDEM_CLOUD_COLLECTOR_SHARE_GROUP=, ...)",
     )
+    p.add_argument("--profile", type=Path, help="cProfile each sim process to PROFILE-<n>.prof")
     p.add_argument("--cloud-log-level", default="WARNING", help="the cloud instances' logs")
     p.add_argument("--work", type=Path, help="a new folder to work in (kept: logs, store)")
     args = p.parse_args(argv)

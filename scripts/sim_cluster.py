@@ -59,7 +59,7 @@ def raise_fd_limit() -> int:
 
 def memory(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM (peak) and Pss (shared pages divided among their sharers) of a
-    process, in bytes ({} if it is gone)."""
+    process in bytes, and the CPU time it has used (``cpu_ms``); {} if it is gone."""
     out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -70,6 +70,9 @@ def memory(pid: int) -> dict[str, int]:
             key, _, value = line.partition(":")
             if key == "Pss":
                 out[key] = int(value.split()[0]) * 1024
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        out["cpu_ms"] = (int(fields[11]) + int(fields[12])) * 1000 // ticks  # utime + stime
     except OSError:
         return {}
     return out
@@ -261,8 +264,10 @@ class SimPostgres:
         # runuser is the child; the postmaster is its child, the backends are the postmaster's
         postmasters = children(self._proc.pid)
         pids = {*postmasters, *(c for p in postmasters for c in children(p))}
-        pss = sum(memory(pid).get("Pss", 0) for pid in pids)
-        return {"VmRSS": pss, "VmHWM": pss, "Pss": pss, "processes": len(pids)}
+        figures = [memory(pid) for pid in pids]
+        pss = sum(f.get("Pss", 0) for f in figures)
+        cpu = sum(f.get("cpu_ms", 0) for f in figures)
+        return {"VmRSS": pss, "VmHWM": pss, "Pss": pss, "cpu_ms": cpu, "processes": len(pids)}
 
     def stop(self) -> None:
         if self._proc is None:

@@ -109,6 +109,7 @@ def report(
             )
         elif figures is not None:
             rows.append(("all device pages", f"{1000 * figures:,.0f} ms"))
+    rows += cpu_rows(memory)
     peak: dict[str, dict[str, int]] = {}
     for sample in memory.values():
         for name, m in sample.items():
@@ -139,6 +140,25 @@ def report(
         **r,
         "memory": memory,
     }
+
+
+def cpu_rows(samples: dict[str, dict[str, dict[str, int]]]) -> list[tuple[str, str]]:
+    """CPU seconds each process used in each phase (between its samples). A process that
+    restarted in a phase (the broker in the outage) counts from its restart."""
+    rows = []
+    before: dict[str, int] = {}
+    for phase, sample in samples.items():
+        used = []
+        for name, figures in sample.items():
+            now = figures.get("cpu_ms")
+            if now is None:
+                continue
+            start = before.get(name, 0)
+            used.append(f"{name} {(now - start if now >= start else now) / 1000:.1f}")
+            before[name] = now
+        if phase != "setup":
+            rows.append((f"cpu s in {phase}", ", ".join(used)))
+    return rows
 
 
 def merge_json(path: Path, key: str, doc: dict[str, Any]) -> None:

@@ -230,6 +230,13 @@ async def serve(spec: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("profile"):  # where the simulator's own time goes (fleet_sim --profile)
+        import cProfile
+
+        with cProfile.Profile() as profile:
+            asyncio.run(serve(spec))
+        profile.dump_stats(f"{spec['profile']}-{spec['first']}.prof")
+        return 0
     asyncio.run(serve(spec))
     return 0
 
