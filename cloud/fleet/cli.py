@@ -104,7 +104,8 @@ def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
-    mqtt = MqttClient(settings.mqtt or MqttSettings(), client_id=f"controller-{time.time_ns()}")
+    mqtt_settings = settings.mqtt or MqttSettings(protocol="5")  # the cloud speaks MQTT 5
+    mqtt = MqttClient(mqtt_settings, client_id=f"controller-{time.time_ns()}")
     FleetListener(store, settings.fleet).attach(mqtt)
     mqtt.start(wait_s=10.0)
     time.sleep(0.5)  # retained status and update messages arrive
