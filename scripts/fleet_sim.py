@@ -252,6 +252,7 @@ class Sim:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             preexec_fn=die_with_parent,
+            limit=64 * 1024 * 1024,  # an abort's line names every failed device
         )
         lines: list[tuple[float, str]] = []
 
@@ -259,6 +260,8 @@ class Sim:
             assert proc.stdout is not None
             while line := await proc.stdout.readline():
                 text = line.decode(errors="replace").rstrip()
+                if len(text) > 400:
+                    text = f"{text[:400]}... ({len(text):,} characters)"
                 lines.append((time.monotonic() - t0, text))
                 log(f"  controller: {text}")
 

@@ -548,9 +548,7 @@ class SimDevice:
             held = self.artifacts.get(url)
             headers = {"If-None-Match": held[1]} if held else {}
             try:
-                r = await self.host.http.get(
-                    url, headers=headers, timeout=self.config.download_timeout_s
-                )
+                r = await self.host.http.get(url, headers=headers)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:

@@ -53,7 +53,10 @@ class SimHost:
             max_connections=spec["http_connections"],
             max_keepalive_connections=spec["http_connections"],
         )
-        self.http = httpx.AsyncClient(limits=limits)
+        # no pool timeout: waiting for one of the process's pooled connections is the
+        # simulator's queue, not the device's (each real device has a connection of its own)
+        timeout = httpx.Timeout(self.config.download_timeout_s, pool=None)
+        self.http = httpx.AsyncClient(limits=limits, timeout=timeout)
         self.state = HostState()
         self.first, self.count = int(spec["first"]), int(spec["count"])
         self.factory = Manifest.from_json(Path(spec["factory"]).read_text())
