@@ -541,7 +541,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=MqttSettings().reconnect_max_s,
         help="devices' reconnect backoff cap (default: the agent's)",
     )
-    p.add_argument("--http-connections", type=int, default=50, help="per sim process")
+    p.add_argument(
+        "--http-connections",
+        type=int,
+        default=10,
+        help="per sim process: downloads at once (httpcore scans its pool per request)",
+    )
     p.add_argument("--max-queued", type=int, default=2_000_000, help="broker, per session")
     p.add_argument("--max-inflight", type=int, default=20, help="broker, per session")
     p.add_argument(

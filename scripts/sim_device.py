@@ -129,6 +129,7 @@ class Host(Protocol):
     config: DeviceConfig
     trust: TrustStore
     http: httpx.AsyncClient
+    http_slots: asyncio.Semaphore  # at most as many requests as the pool has connections
     state: HostState
 
     def request_connect(self, device: SimDevice) -> None: ...
@@ -548,7 +549,8 @@ class SimDevice:
             held = self.artifacts.get(url)
             headers = {"If-None-Match": held[1]} if held else {}
             try:
-                r = await self.host.http.get(url, headers=headers)
+                async with self.host.http_slots:
+                    r = await self.host.http.get(url, headers=headers)
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
