@@ -13,16 +13,23 @@ takes it); the cloud's clients speak MQTT 5 for session expiry. A subscription m
 shared group (``$share/<group>/<filter>``: the broker hands each message to one member), so
 several cloud instances split telemetry ingest. paho reports reason codes of both versions as
 ``ReasonCode`` (a v3.1.1 CONNACK code or SUBACK 0x80 is converted), so one check fits both.
+
+A batched subscription (``subscribe_batched``) hands messages to one writer thread in
+batches and acknowledges each only after its handler took the batch (paho's manual
+acknowledgements, client-wide: the client then acknowledges every other message itself,
+once all its handlers returned). See ``subscribe_batched`` for the window and the queue.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +37,7 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -44,6 +52,20 @@ log = logging.getLogger(__name__)
 
 #: ``handler(topic, payload, retained)``
 Handler = Callable[[str, bytes, bool], None]
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message of a batch."""
+
+    topic: str
+    payload: bytes
+    retained: bool
+
+
+#: ``handler_many(messages)``: returns once it has them all (they are acknowledged then);
+#: raises if it could keep none of them now (none is acknowledged: they come again)
+BatchHandler = Callable[[Sequence[Received]], None]
 
 
 class MqttError(TandemError):
@@ -109,6 +131,55 @@ class MqttCounters:
     disconnects: int = 0
 
 
+@dataclass(frozen=True)
+class _Plain:
+    handler: Handler
+    redeliver_on_error: bool
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A message of a batched subscription, waiting for the writer; acknowledged on the
+    connection it came on (``generation``) or not at all."""
+
+    generation: int
+    mid: int
+    qos: int
+    message: Received
+
+
+class _Batched:
+    """A batched subscription: its handler, its bounded queue and its writer thread."""
+
+    def __init__(
+        self, handler: BatchHandler, max_batch: int, max_delay_s: float, queue_size: int
+    ) -> None:
+        self.handler = handler
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=queue_size)
+        self.thread: threading.Thread | None = None
+
+    def take(self) -> list[_Pending] | None:
+        """The next batch: what waits, up to ``max_batch``, once the first message has waited
+        ``max_delay_s`` for company; None when stopped."""
+        first = self.queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.max_delay_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)  # seen by the next take(), after this batch
+                break
+            batch.append(item)
+        return batch
+
+
 class MqttClient:
     def __init__(
         self,
@@ -131,7 +202,16 @@ class MqttClient:
         self._on_connect_hook = on_connect
         self._on_ack = on_ack
         self._on_disconnect_hook = on_disconnect
-        self._subs: dict[str, Handler] = {}  # by the filter as subscribed ($share/... too)
+        self._subs: dict[str, None] = {}  # the filters as subscribed ($share/...), in order
+        # by the plain filter (messages carry their real topic): _Plain or _Batched
+        self._routes = MQTTMatcher()  # type: ignore[no-untyped-call]
+        self._batched: _Batched | None = None
+        self._receive_maximum: int | None = None
+        #: the connection a message came on: bumped at each disconnect, under _ack_lock, so
+        #: that no message is acknowledged on a later connection (where its id may be another's)
+        self._generation = 0
+        self._ack_lock = threading.Lock()
+        self._started = False
         self._v5 = settings.protocol == "5"
         self._lock = threading.Lock()
         self._client = paho.Client(
@@ -163,7 +243,7 @@ class MqttClient:
         self._client.on_disconnect = self._safe(self._handle_disconnect)
         self._client.on_publish = self._safe(self._handle_publish)
         self._client.on_subscribe = self._safe(self._handle_subscribe)
-        self._client.on_message = self._safe(self._handle_unmatched)
+        self._client.on_message = self._safe(self._dispatch)
 
     # --------------------------------------------------------------- wrapped callbacks
 
@@ -203,6 +283,8 @@ class MqttClient:
     def _handle_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        with self._ack_lock:  # before paho's reconnect() drops what waits to be written
+            self._generation += 1
         self.connected.clear()
         self.subscribed.clear()
         self.counters.disconnects += 1
@@ -233,8 +315,33 @@ class MqttClient:
             if not self._pending_subacks:
                 self.subscribed.set()
 
-    def _handle_unmatched(self, client: Any, userdata: Any, msg: Any) -> None:
-        log.debug("message on %s matched no handler", msg.topic)
+    def _dispatch(self, client: Any, userdata: Any, msg: Any) -> None:
+        """Every message, from paho's thread: to each matching handler, then acknowledged
+        (by paho, or here with manual acknowledgements) unless a handler that raised asks
+        for it again; a batched subscription's writer acknowledges what it hands on."""
+        routes = list(self._routes.iter_match(msg.topic))  # type: ignore[no-untyped-call]
+        if not routes:
+            log.debug("message on %s matched no handler", msg.topic)
+        batched: _Batched | None = None
+        for route in routes:
+            if isinstance(route, _Batched):
+                batched = route  # after the others: it acknowledges once it has it
+                continue
+            try:
+                route.handler(msg.topic, bytes(msg.payload), bool(msg.retain))
+            except Exception:
+                self.counters.handler_errors += 1
+                log.exception("MQTT handler for %s failed", msg.topic)
+                if route.redeliver_on_error and msg.qos > 0:
+                    self._drop_unacknowledged(msg.topic)
+                    return  # not acknowledged
+        if batched is not None:
+            message = Received(msg.topic, bytes(msg.payload), bool(msg.retain))
+            # blocks only past the broker's inflight window (see subscribe_batched): paho's
+            # thread then waits for the writer, which never waits for paho's thread
+            batched.queue.put(_Pending(self._generation, msg.mid, msg.qos, message))
+        elif self._batched is not None and msg.qos > 0:  # manual acknowledgements
+            self._client.ack(msg.mid, msg.qos)
 
     # ----------------------------------------------------------------------- public
 
@@ -259,22 +366,81 @@ class MqttClient:
         retained message to any. For handlers that raise only when they could not keep
         the message; one that always raises on it would have it sent forever."""
 
-        def on_message(client: Any, userdata: Any, msg: Any) -> None:
-            try:
-                handler(msg.topic, bytes(msg.payload), bool(msg.retain))
-            except Exception:
-                if redeliver_on_error and msg.qos > 0:
-                    self._drop_unacknowledged(msg.topic)
-                raise  # counted and logged by _safe
+        self._route(topic_filter, _Plain(handler, redeliver_on_error), share_group)
 
+    def subscribe_batched(
+        self,
+        topic_filter: str,
+        handler_many: BatchHandler,
+        *,
+        share_group: str | None = None,
+        max_batch: int = 200,
+        max_delay_s: float = 0.005,
+        inflight: int = 1000,
+    ) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler_many`` in batches, from a
+        writer thread of this subscription: up to ``max_batch`` messages, those that came
+        within ``max_delay_s`` of the first. Each is acknowledged to the broker only after
+        ``handler_many`` returned; if it raises, none of the batch is, the connection is
+        dropped, and the broker sends them again (from a persistent session; a clean one
+        loses them). One per client, made before ``start``: paho's manual acknowledgements
+        are client-wide, so from then on this client acknowledges every message itself.
+
+        The broker stops sending at its window of unacknowledged messages: with MQTT 5 the
+        Receive Maximum this client asks for at connect (``inflight``; Mosquitto's
+        ``max_inflight_messages``, 20 by default, for 3.1.1 clients); batches can fill only
+        if it is larger than ``max_batch``. The window bounds the queue: it holds at most
+        ``inflight`` messages of the current connection (and some of a lost one), so its
+        bound of twice that never blocks paho's thread with a broker that keeps the window.
+        Messages of a lost connection are never acknowledged on a later one: a persistent
+        session gets them again, so they are skipped; a clean one would not, so they are
+        still handed on."""
+        if self._started:
+            raise MqttError("subscribe_batched must come before start()")
+        if self._batched is not None:
+            raise MqttError("one batched subscription per client")
+        batched = _Batched(handler_many, max_batch, max_delay_s, queue_size=2 * inflight)
+        self._batched = batched
+        self._receive_maximum = inflight
+        self._client.manual_ack_set(True)
+        self._route(topic_filter, batched, share_group)
+
+    def _route(self, topic_filter: str, route: _Plain | _Batched, share_group: str | None) -> None:
         wire = topic_filter
         if share_group is not None:
             wire = "/".join(("$share", check_identifier(share_group, "share group"), topic_filter))
         with self._lock:
-            self._subs[wire] = handler
-        self._client.message_callback_add(topic_filter, self._safe(on_message))
+            self._subs[wire] = None
+            self._routes[topic_filter] = route
         if self.connected.is_set():
             self._client.subscribe(wire, qos=1)
+
+    def _write_batches(self, batched: _Batched) -> None:
+        """The writer thread of the batched subscription."""
+        while (batch := batched.take()) is not None:
+            for generation, group in itertools.groupby(batch, key=lambda p: p.generation):
+                try:
+                    self._hand_on(batched, generation, list(group))
+                except Exception:  # the writer must survive anything
+                    self.counters.handler_errors += 1
+                    log.exception("batched MQTT handler failed")
+
+    def _hand_on(self, batched: _Batched, generation: int, pending: list[_Pending]) -> None:
+        stale = generation != self._generation
+        if stale and self.settings.persistent_session:
+            return  # the broker sends them again in the session
+        try:
+            batched.handler([p.message for p in pending])
+        except Exception:
+            if not stale:  # a lost connection is down already
+                self._drop_unacknowledged(pending[0].message.topic)
+            raise
+        with self._ack_lock:
+            if generation != self._generation:
+                return  # the connection they came on is gone: so are their ids
+            for p in pending:
+                if p.qos > 0:
+                    self._client.ack(p.mid, p.qos)  # queued for paho's thread to write
 
     def _drop_unacknowledged(self, topic: str) -> None:
         """Shut the connection down from paho's thread, before paho queues the PUBACK: it is
@@ -304,12 +470,24 @@ class MqttClient:
         connection and the broker's acknowledgement of its subscriptions, and raise
         ``MqttError`` if they do not come in ``wait_s``."""
         host, port, _ = self.settings.host_port
+        self._started = True
+        batched = self._batched
+        if batched is not None and batched.thread is None:
+            batched.thread = threading.Thread(
+                target=self._write_batches,
+                args=(batched,),
+                name=f"mqtt-batches-{self.client_id}",
+                daemon=True,
+            )
+            batched.thread.start()
         if self._v5:
             # clean start unless persistent: paho's default (clean on the first connect only)
             # would drop the session a restarted collector comes back for
             persistent = self.settings.persistent_session
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.settings.session_expiry_s if persistent else 0
+            if self._receive_maximum is not None:  # unset: Mosquitto's window of 20
+                properties.ReceiveMaximum = self._receive_maximum
             self._client.connect_async(
                 host,
                 port,
@@ -339,6 +517,12 @@ class MqttClient:
             self._client.loop_stop()
             self.connected.clear()
             self.subscribed.clear()
+            batched = self._batched
+            if batched is not None and batched.thread is not None:
+                # what it has not taken stays unacknowledged: the broker keeps it
+                with contextlib.suppress(queue.Full):
+                    batched.queue.put(None, timeout=1.0)
+                    batched.thread.join(timeout=10.0)
             # closes every socket, paho's wake-up pair included, which paho otherwise leaves
             # to its __del__: in a reference cycle the collector may finalise the sockets
             # first, and they warn as unclosed
