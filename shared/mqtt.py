@@ -405,6 +405,12 @@ class MqttClient:
         self._client.manual_ack_set(True)
         self._route(topic_filter, batched, share_group)
 
+    @property
+    def batch_backlog(self) -> int:
+        """Messages of the batched subscription received and waiting for its writer (none
+        of them acknowledged yet)."""
+        return 0 if self._batched is None else self._batched.queue.qsize()
+
     def _route(self, topic_filter: str, route: _Plain | _Batched, share_group: str | None) -> None:
         wire = topic_filter
         if share_group is not None:
@@ -512,17 +518,18 @@ class MqttClient:
         """Disconnect cleanly (no Last Will) and stop the network thread. A stopped client
         is done with: make a new one to connect again."""
         try:
+            batched = self._batched
+            if batched is not None and batched.thread is not None:
+                # the writer hands on what came before this and acknowledges it before the
+                # goodbye; what comes after stays unacknowledged, and the broker keeps it
+                with contextlib.suppress(queue.Full):
+                    batched.queue.put(None, timeout=1.0)
+                    batched.thread.join(timeout=10.0)
             self._client.disconnect()
         finally:
             self._client.loop_stop()
             self.connected.clear()
             self.subscribed.clear()
-            batched = self._batched
-            if batched is not None and batched.thread is not None:
-                # what it has not taken stays unacknowledged: the broker keeps it
-                with contextlib.suppress(queue.Full):
-                    batched.queue.put(None, timeout=1.0)
-                    batched.thread.join(timeout=10.0)
             # closes every socket, paho's wake-up pair included, which paho otherwise leaves
             # to its __del__: in a reference cycle the collector may finalise the sockets
             # first, and they warn as unclosed
