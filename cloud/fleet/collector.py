@@ -59,6 +59,7 @@ class Collector:
         self.max_batch = max_batch
         self.listener = FleetListener(store, fleet)
         self.counts: Counter[str] = Counter()  # stored, duplicate, malformed, oversized, ...
+        self.batches = 0  # record_telemetry_many calls that went through
         self._logged: dict[str, float] = {}
         self._lock = threading.Lock()
         self._last_expiry = 0.0
@@ -124,7 +125,7 @@ class Collector:
         with self._lock:
             self.counts["stored"] += sum(stored)
             self.counts["duplicate"] += len(stored) - sum(stored)
-            self.counts["batches"] += 1
+            self.batches += 1
         try:
             self._expire()
         except Exception:  # the messages are stored: retention tries again in a minute
