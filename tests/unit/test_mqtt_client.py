@@ -7,7 +7,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from shared.mqtt import MqttClient, MqttSettings
+from shared.mqtt import MqttClient, MqttError, MqttSettings
 
 
 def test_reconnect_delays_keep_their_fractions(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +187,33 @@ def test_subscribed_waits_for_every_suback_of_the_latest_connect(
     bare = MqttClient(MqttSettings(), "dev-1")  # nothing to subscribe: ready at connect
     bare._handle_connect(None, None, _Flags(False), _Reason(0), None)
     assert bare.subscribed.is_set()
+
+
+def test_with_a_batched_subscription_the_client_acknowledges_each_other_message_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paho's manual acknowledgements are client-wide: a message of the other subscriptions
+    is acknowledged once all its handlers returned (once, even if two filters match it), and
+    not at all when a handler that asks for redelivery raised; one of the batched
+    subscription waits for its writer."""
+    acked: list[int] = []
+    monkeypatch.setattr(paho.Client, "ack", lambda self, mid, qos: acked.append(mid))
+    got: list[str] = []
+
+    def failing(topic: str, payload: bytes, retained: bool) -> None:
+        raise OSError("store down")
+
+    c = MqttClient(MqttSettings(protocol="5"), "collector-a")
+    c.subscribe_batched("f/+/telemetry", lambda batch: None)
+    c.subscribe("f/+/status", lambda t, p, r: got.append(t))
+    c.subscribe("f/#", lambda t, p, r: got.append(t))
+    c.subscribe("g/redeliver", failing, redeliver_on_error=True)
+    for mid, topic in enumerate(("f/d/status", "g/redeliver", "f/d/telemetry", "h/none"), 1):
+        message = paho.MQTTMessage(mid=mid, topic=topic.encode())
+        message.qos = 1
+        c._client._handle_on_message(message)
+    assert got == ["f/d/status", "f/d/status", "f/d/telemetry"]
+    assert acked == [1, 4]  # not 2 (to be sent again), not 3 (the writer's)
+    assert c.batch_backlog == 1
+    with pytest.raises(MqttError, match="one batched"):
+        c.subscribe_batched("x/#", lambda batch: None)
