@@ -110,14 +110,17 @@ def report(
         elif figures is not None:
             rows.append(("all device pages", f"{1000 * figures:,.0f} ms"))
     rows += cpu_rows(memory)
-    peak: dict[str, dict[str, int]] = {}
+    last: dict[str, int] = {}
+    peak: dict[str, int] = {}  # over the samples: a restarted broker's peak is its own
     for sample in memory.values():
         for name, m in sample.items():
             if m:
-                peak[name] = m
-    for name, m in peak.items():
-        rss, peak_rss = m.get("VmRSS", 0) / 2**20, m.get("VmHWM", 0) / 2**20
-        rows.append((f"memory {name}", f"RSS {rss:,.0f} MB, peak {peak_rss:,.0f} MB"))
+                last[name] = m.get("VmRSS", 0)
+                peak[name] = max(peak.get(name, 0), m.get("VmHWM", 0))
+    for name, rss in last.items():
+        rows.append(
+            (f"memory {name}", f"RSS {rss / 2**20:,.0f} MB, peak {peak[name] / 2**20:,.0f} MB")
+        )
     title = (
         f"fleet simulator: {n:,} devices, {a.instances} instance(s), {a.store}, "
         f"{a.procs} sim process(es), {os.cpu_count()} cores {platform.machine()}"
