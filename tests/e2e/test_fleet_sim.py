@@ -19,16 +19,19 @@ from tests.helpers import ROOT
 DEVICES = 20
 
 
-def _run(tmp: Path) -> dict[str, Any]:
+PHASES = ("connect", "rollout", "ingest", "outage", "api")
+
+
+def _run(tmp: Path, *extra: str, phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
     out = tmp / "fleet_sim.json"
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts" / "fleet_sim.py"),
             *("--devices", str(DEVICES), "--procs", "2", "--interval", "1"),
-            *("--phases", "connect", "rollout", "ingest", "outage", "api"),
+            *("--phases", *phases),
             *("--outage-s", "2", "--reconnect-max-s", "1", "--api-requests", "2"),
-            *("--burst", "8", "--out", str(out), "--work", str(tmp / "work")),
+            *("--burst", "8", "--out", str(out), "--work", str(tmp / "work"), *extra),
         ],
         capture_output=True,
         text=True,
@@ -85,3 +88,19 @@ def test_fleet_sim_reports_what_the_store_holds(tmp_path: Path) -> None:
             "SELECT COUNT(DISTINCT device) FROM telemetry WHERE fleet='sim'"
         ).fetchone()[0]
         assert per_device == DEVICES
+
+
+def test_fleet_sim_on_postgres_with_two_instances(tmp_path: Path) -> None:
+    """The same fleet split over two cloud instances (shared subscription) on PostgreSQL:
+    the release reaches every device and the burst is counted in PostgreSQL's table."""
+    runs = _run(
+        tmp_path,
+        *("--instances", "2", "--store", "postgres"),
+        phases=("connect", "rollout", "ingest"),
+    )
+    run = runs[f"n{DEVICES}-i2-postgres"]
+    assert run["rollout"]["command_rc"] == 0
+    assert run["rollout"]["active"] == DEVICES
+    assert run["rollout"]["downloads"] == DEVICES
+    assert run["ingest"]["stored"] == run["ingest"]["messages"] == DEVICES * 8
+    assert {"cloud-0", "cloud-1", "postgres"} <= run["memory"]["ingest"].keys()
