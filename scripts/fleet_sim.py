@@ -8,7 +8,9 @@ by the real packaging (the float32 digits model, checked in the real interpreter
 byte on the wire: each device is its own paho-mqtt client and TCP connection speaking
 Tandem's protocol through ``shared/`` (topics, status, telemetry, update reports, manifest
 parsing and Ed25519 verification against a pinned trust store, artifact download over HTTP
-with size, digest and ETag checks). See ``sim_device.py`` for the device side.
+with size, digest and ETag checks). The parts: ``sim_device.py`` (one device),
+``sim_config.py`` (their settings), ``sim_worker.py`` (a process of devices),
+``sim_cluster.py`` (the servers), ``sim_report.py`` (table and JSON), ``sim_args.py``.
 
 What is simulated: each device's interpreter (VERIFYING waits ``--verify-ms``; the health
 watch ``--health-watch-s``) and its disk (outbox and model store in memory). Devices run in
@@ -30,7 +32,8 @@ Phases (``--phases``; ``connect`` always runs first):
   ``--interval`` s, queued in their outboxes), then started again: the time until the store
   holds every message made before the restart;
 - ``api``: ``GET /fleet/summary`` and the device listing, ``--api-requests`` each, p50/p95;
-- memory: VmRSS/VmHWM of the broker, each cloud instance, PostgreSQL and the sim workers.
+- after each phase: VmRSS/VmHWM and CPU time of the broker, each cloud instance,
+  PostgreSQL and the sim processes (``--profile``: cProfile of the sim processes).
 
     python scripts/fleet_sim.py --devices 1000 [--instances 1|2] [--store sqlite|postgres]
         [--phases connect rollout ingest outage api] [--outage-s 60] [--procs 2]
@@ -60,8 +63,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
 from procs import ROOT
+from sim_args import parse_args
 from sim_cluster import (
     CloudServer,
     SimBroker,
@@ -72,15 +75,11 @@ from sim_cluster import (
     prepare_releases,
     raise_fd_limit,
 )
-from sim_device import DeviceConfig
-from sim_report import fmt, merge_json, percentiles, report, walk_pages
+from sim_config import DeviceConfig
+from sim_report import fmt, measure_api, merge_json, report
 from sim_worker import Worker
 
-from agent.settings import TelemetrySettings, UpdateSettings
-from shared.mqtt import MqttSettings
-
 FLEET = "sim"
-PHASES = ("connect", "rollout", "ingest", "outage", "api")
 
 
 def log(line: str) -> None:
@@ -436,30 +435,10 @@ class Sim:
 
     async def api(self) -> None:
         a = self.args
-        base = self.clouds[0].url
         paths = ["/fleet/summary", "/fleet/devices", "/fleet/devices?limit=1000"]
-        out: dict[str, Any] = {}
-        async with httpx.AsyncClient(timeout=a.api_timeout) as client:
-            for path in paths:
-                times: list[float] = []
-                size = 0
-                error = None
-                for _ in range(a.api_requests):
-                    t = time.perf_counter()
-                    try:
-                        r = await client.get(base + path)
-                    except httpx.HTTPError as exc:
-                        error = f"{type(exc).__name__} after {time.perf_counter() - t:.1f} s"
-                        break
-                    times.append(time.perf_counter() - t)
-                    size = len(r.content)
-                    if r.status_code != 200:
-                        error = f"HTTP {r.status_code}"
-                        break
-                out[path] = percentiles(times) | {"bytes": size, "error": error}
-                log(f"api {path}: {out[path]}")
-            out["all_pages_s"] = await walk_pages(client, base)
-        self.results["api"] = out
+        self.results["api"] = await measure_api(
+            self.clouds[0].url, paths, a.api_requests, a.api_timeout, log
+        )
         self.sample_memory("api")
 
     async def shutdown(self) -> None:
@@ -514,73 +493,8 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=200)
-    p.add_argument("--instances", type=int, choices=(1, 2), default=1)
-    p.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    p.add_argument("--procs", type=int, default=2, help="simulator processes (one loop each)")
-    p.add_argument("--connect-rate", type=float, default=1000.0, help="connects a second")
-    p.add_argument(
-        "--interval",
-        type=float,
-        default=TelemetrySettings().interval_s,
-        help="telemetry interval, s (default: the agent's)",
-    )
-    p.add_argument("--burst", type=int, default=0, help="messages per device (0: auto)")
-    p.add_argument("--outage-s", type=float, default=60.0)
-    p.add_argument("--canary", default="1%")
-    p.add_argument("--waves", type=int, default=3)
-    p.add_argument("--settle-s", type=float, default=UpdateSettings().settle_s)
-    p.add_argument("--verify-ms", type=float, default=20.0, help="simulated validation")
-    p.add_argument("--health-watch-s", type=float, default=0.0, help="simulated health watch")
-    p.add_argument(
-        "--reconnect-max-s",
-        type=float,
-        default=MqttSettings().reconnect_max_s,
-        help="devices' reconnect backoff cap (default: the agent's)",
-    )
-    p.add_argument(
-        "--http-connections",
-        type=int,
-        default=10,
-        help="per sim process: downloads at once (httpcore scans its pool per request)",
-    )
-    p.add_argument("--max-queued", type=int, default=2_000_000, help="broker, per session")
-    p.add_argument("--max-inflight", type=int, default=20, help="broker, per session")
-    p.add_argument(
-        "--stall-s",
-        type=float,
-        default=15.0,
-        help="a store count still this long with nothing in flight: the rest is lost",
-    )
-    p.add_argument("--api-requests", type=int, default=20)
-    p.add_argument("--api-timeout", type=float, default=120.0)
-    p.add_argument("--rollout-timeout", type=float, default=900.0)
-    p.add_argument("--ingest-timeout", type=float, default=600.0)
-    p.add_argument("--outage-timeout", type=float, default=600.0)
-    p.add_argument("--out", type=Path, default=ROOT / "out/bench/fleet_sim.json")
-    p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
-    p.add_argument(
-        "--cloud-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an environment variable for the cloud instances and the controller "
-        "(TANDEM_CLOUD_COLLECTOR_SHARE_GROUP=, ...)",
-    )
-    p.add_argument("--profile", type=Path, help="cProfile each sim process to PROFILE-<n>.prof")
-    p.add_argument("--cloud-log-level", default="WARNING", help="the cloud instances' logs")
-    p.add_argument("--work", type=Path, help="a new folder to work in (kept: logs, store)")
-    args = p.parse_args(argv)
-    if "connect" not in args.phases:
-        args.phases.insert(0, "connect")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__.splitlines()[0])
     hard = raise_fd_limit()
     need = args.devices + 200
     if hard < need or hard < math.ceil(args.devices / args.procs) + 200:

@@ -28,119 +28,28 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from sim_config import WIRE_CATEGORIES, Host, histogram
 
 from agent.device.updater import REFUSED_MEMORY, contract_change
-from agent.settings import TelemetrySettings, UpdateSettings
 from agent.version import __version__, older_than
 from shared import topics
 from shared.errors import TandemError
 from shared.manifest import Manifest
-from shared.mqtt import MqttSettings
-from shared.signing import SignatureError, TrustStore, manifest_digest
+from shared.signing import SignatureError, manifest_digest
 from shared.status import DeviceStatus, ModelVersion
-from shared.telemetry import (
-    LATENCY_BOUNDS_MS,
-    CloudHealth,
-    Histogram,
-    OutboxState,
-    Telemetry,
-    WireBytes,
-)
+from shared.telemetry import CloudHealth, OutboxState, Telemetry, WireBytes
 from shared.topics import SCOPE_RANK, Scope
 from shared.update import UpdateReport, UpdateState
 
 log = logging.getLogger(__name__)
-
-
-_MQTT = MqttSettings()
-_TELEMETRY = TelemetrySettings()
-_UPDATE = UpdateSettings()
-#: Categories of the agent's byte counts (``agent.device.wire``), reported in telemetry.
-WIRE_CATEGORIES = ("births", "telemetry", "job_states", "manifests", "session", "downloads")
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """What every device of a simulated fleet shares: the agent's defaults unless set."""
-
-    fleet: str
-    broker_host: str
-    broker_port: int
-    registries: tuple[str, ...]  # base URLs; device i downloads from registries[i % n]
-    keepalive_s: int = _MQTT.keepalive_s
-    reconnect_min_s: float = _MQTT.reconnect_min_s
-    reconnect_max_s: float = _MQTT.reconnect_max_s
-    interval_s: float = _TELEMETRY.interval_s
-    window: int = _TELEMETRY.window
-    replay_per_s: float = _TELEMETRY.replay_per_s
-    outbox_max_rows: int = _TELEMETRY.outbox_max_rows
-    settle_s: float = _UPDATE.settle_s
-    max_manifest_bytes: int = _UPDATE.max_manifest_bytes
-    verify_s: float = 0.02
-    health_watch_s: float = 0.0
-    download_attempts: int = _UPDATE.download.attempts
-    download_backoff_s: float = _UPDATE.download.backoff_s
-    download_timeout_s: float = _UPDATE.download.timeout_s
-    groups: int = 10
-
-
-@dataclass
-class VersionTimes:
-    """When a release first reached a device of this host, and when devices went ACTIVE."""
-
-    first_manifest: float | None = None
-    active: int = 0
-    first_active: float | None = None
-    last_active: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "first_manifest": self.first_manifest,
-            "active": self.active,
-            "first_active": self.first_active,
-            "last_active": self.last_active,
-        }
-
-
-@dataclass
-class HostState:
-    """Counters and times of all the devices of one ``SimHost`` (one process)."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-    versions: dict[int, VersionTimes] = field(default_factory=dict)
-
-    def version(self, v: int) -> VersionTimes:
-        return self.versions.setdefault(v, VersionTimes())
-
-
-class Host(Protocol):
-    """What a device uses of the process hosting it (``sim_worker.SimHost``)."""
-
-    loop: asyncio.AbstractEventLoop
-    config: DeviceConfig
-    trust: TrustStore
-    http: httpx.AsyncClient
-    http_slots: asyncio.Semaphore  # at most as many requests as the pool has connections
-    state: HostState
-
-    def request_connect(self, device: SimDevice) -> None: ...
-
-
-def _histogram(seed: int, total: int) -> Histogram:
-    """A plausible latency histogram: ``total`` requests over three neighbouring buckets."""
-    counts = [0] * (len(LATENCY_BOUNDS_MS) + 1)
-    b = 4 + seed % 5
-    counts[b - 1], counts[b], counts[b + 1] = total // 4, total // 2, total - 3 * (total // 4)
-    return Histogram(counts=counts)
 
 
 class SimDevice:
@@ -343,9 +252,9 @@ class SimDevice:
                 routes={"edge": requests - cloud, "cloud": cloud},
                 reasons={"confident": requests - cloud, "low_confidence": cloud},
                 errors=0,
-                latency_local=_histogram(self.seq, requests),
-                latency_cloud=_histogram(self.seq + 3, cloud),
-                latency_total=_histogram(self.seq + 1, requests),
+                latency_local=histogram(self.seq, requests),
+                latency_cloud=histogram(self.seq + 3, cloud),
+                latency_total=histogram(self.seq + 1, requests),
                 confidence=[0, 0, 0, 0, 1, 2, 4, 8, 16, requests - 31],
                 offload_rate=cloud / requests,
                 cloud=CloudHealth(breaker="closed", predicted_ms=42.0, last_ms=40.5),

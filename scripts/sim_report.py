@@ -14,12 +14,42 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 from results import write_json
+
+
+async def measure_api(
+    base: str, paths: list[str], requests: int, timeout_s: float, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``requests`` GETs of each path in turn (p50/p95, bytes; the first failure ends a
+    path's series and is reported), then every device page walked once."""
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        for path in paths:
+            times: list[float] = []
+            size = 0
+            error = None
+            for _ in range(requests):
+                t = time.perf_counter()
+                try:
+                    r = await client.get(base + path)
+                except httpx.HTTPError as exc:
+                    error = f"{type(exc).__name__} after {time.perf_counter() - t:.1f} s"
+                    break
+                times.append(time.perf_counter() - t)
+                size = len(r.content)
+                if r.status_code != 200:
+                    error = f"HTTP {r.status_code}"
+                    break
+            out[path] = percentiles(times) | {"bytes": size, "error": error}
+            log(f"api {path}: {out[path]}")
+        out["all_pages_s"] = await walk_pages(client, base)
+    return out
 
 
 async def walk_pages(client: httpx.AsyncClient, base: str) -> float | None:

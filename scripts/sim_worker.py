@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 from sim_cluster import die_with_parent
-from sim_device import DeviceConfig, HostState, SimDevice
+from sim_config import DeviceConfig, HostState
+from sim_device import SimDevice
 
 from agent.device.telemetry import process_rss_bytes
 from shared.manifest import Manifest
