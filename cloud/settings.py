@@ -83,6 +83,10 @@ class ControllerSettings(BaseModel):
     )
 
 
+#: The cloud's clients' longest wait between reconnect attempts (``[mqtt] reconnect_max_s``).
+CLOUD_RECONNECT_MAX_S = 2.0
+
+
 class CloudSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_CLOUD_", env_nested_delimiter="__", extra="forbid"
@@ -118,10 +122,13 @@ class CloudSettings(FileSettings):
         'says protocol = "3.1.1" (shared subscriptions need 5, or Mosquitto 2.0)',
     )
     collector_share_group: Identifier | None = Field(
-        default="collectors",
-        description="the collectors' shared subscription group ($share/<group>/...): the "
-        'instances of a fleet split its telemetry; None or "": each takes all of it (a '
-        "broker without shared subscriptions)",
+        default=None,
+        description="the collectors' shared subscription group ($share/<group>/...), for "
+        'several instances: they split the fleet\'s telemetry; None or "": each instance '
+        "takes all of it (one instance, or a broker without shared subscriptions). Off by "
+        "default: Mosquitto 2.0.11 does not restore a persistent session's shared "
+        "subscriptions when it restarts, so what devices send before the collectors are "
+        "back is lost; a plain subscription it restores, and nothing is lost",
     )
     instance_id: Identifier | None = Field(
         default=None,
@@ -144,11 +151,17 @@ class CloudSettings(FileSettings):
     @field_validator("mqtt", mode="before")
     @classmethod
     def _cloud_speaks_mqtt5(cls, value: Any) -> Any:
-        """The cloud's clients speak MQTT 5 unless told otherwise (devices keep 3.1.1)."""
-        if isinstance(value, dict) and "protocol" not in value:
-            return {**value, "protocol": "5"}
-        if isinstance(value, MqttSettings) and "protocol" not in value.model_fields_set:
-            return value.model_copy(update={"protocol": "5"})
+        """The cloud's clients speak MQTT 5 unless told otherwise (devices keep 3.1.1), and
+        retry a lost broker every ``CLOUD_RECONNECT_MAX_S`` at most, not a device's 30 s:
+        they are a few connections, and after a broker restart they must be back before the
+        devices replay their outboxes (with a shared subscription, Mosquitto keeps nothing
+        for them until they are)."""
+        defaults = {"protocol": "5", "reconnect_max_s": CLOUD_RECONNECT_MAX_S}
+        if isinstance(value, dict):
+            return {**defaults, **value}
+        if isinstance(value, MqttSettings):
+            missing = {k: v for k, v in defaults.items() if k not in value.model_fields_set}
+            return value.model_copy(update=missing)
         return value
 
     @field_validator("collector_share_group", mode="before")

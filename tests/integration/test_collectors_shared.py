@@ -121,6 +121,7 @@ def instance(tmp: Path, broker: Mosquitto, name: str, store_url: str) -> Instanc
         f'state_dir = "{tmp / name}"\n'
         f'database_url = "{store_url}"\n'
         f'instance_id = "{name}"\n'
+        'collector_share_group = "collectors"\n'
         "repo_poll_s = 0\n"
         'log_level = "WARNING"\n'
         "[mqtt]\n"

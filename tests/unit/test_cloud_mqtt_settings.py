@@ -28,6 +28,15 @@ def test_the_cloud_speaks_mqtt5_unless_its_section_says_otherwise(
     assert MqttSettings().protocol == "3.1.1"  # devices keep 3.1.1
 
 
+def test_the_clouds_clients_retry_a_lost_broker_quickly_unless_told_otherwise() -> None:
+    """Back before the devices replay their outboxes: 2 s at most, a device's 30 s."""
+    assert CloudSettings(mqtt={"url": "mqtt://b:1883"}).mqtt.reconnect_max_s == 2.0  # type: ignore[arg-type,union-attr]
+    assert CloudSettings(mqtt=MqttSettings(url="mqtt://b:1883")).mqtt.reconnect_max_s == 2.0  # type: ignore[union-attr]
+    slow = MqttSettings(url="mqtt://b:1883", reconnect_max_s=60)
+    assert CloudSettings(mqtt=slow).mqtt.reconnect_max_s == 60  # type: ignore[union-attr]
+    assert MqttSettings().reconnect_max_s == 30.0  # devices
+
+
 def test_each_instance_has_a_stable_id_of_its_own() -> None:
     """Two instances on one host differ by port; a restart keeps the id (and the collector's
     persistent session); an explicit id wins."""
@@ -37,7 +46,8 @@ def test_each_instance_has_a_stable_id_of_its_own() -> None:
     assert a.instance == re.sub(r"[^A-Za-z0-9_-]", "-", host)[:40] + "-8000"
     assert IDENTIFIER_RE.match(a.instance)  # fit for a client id and a lease holder
     assert CloudSettings(instance_id="cloud-0").instance == "cloud-0"
-    assert CloudSettings().collector_share_group == "collectors"
+    assert CloudSettings().collector_share_group is None  # one instance: a plain subscription
+    assert CloudSettings(collector_share_group="collectors").collector_share_group
     with pytest.raises(ValueError):
         CloudSettings(collector_share_group="a/b")
 
