@@ -120,6 +120,8 @@ class Sim:
             "TANDEM_CLOUD_LOG_LEVEL": a.cloud_log_level,
             "PYTHONUNBUFFERED": "1",
         }
+        if a.instances > 1:  # as docs/operations.md says: several instances share a group
+            self.env["TANDEM_CLOUD_COLLECTOR_SHARE_GROUP"] = "collectors"
         for pair in a.cloud_env:
             key, _, value = pair.partition("=")
             self.env[key] = value
