@@ -32,7 +32,9 @@ DEVICES = [f"dev-{i}" for i in range(5)]
 
 
 @dataclass
-class ControllerProcess:
+class FleetCommand:
+    """A ``tandem-cloud fleet ...`` process, its output read as it comes."""
+
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
 
@@ -44,26 +46,36 @@ class ControllerProcess:
         return any(text in line for line in self.lines)
 
 
-def _start_controller(fleet: Fleet, url: str, tmp: Path, name: str) -> ControllerProcess:
-    argv = [sys.executable, "-u", "-m", "cloud.cli", "fleet", "controller"]
+#: The controllers of these tests.
+ControllerProcess = FleetCommand
+
+
+def fleet_command(fleet: Fleet, url: str, tmp: Path, name: str, command: list[str]) -> FleetCommand:
+    """``tandem-cloud fleet COMMAND...`` on the test broker's controller account, the
+    registry and the store at ``url``; stderr to ``tmp/NAME.log``."""
+    argv = [sys.executable, "-u", "-m", "cloud.cli", "fleet", *command]
     argv += ["--fleet", FLEET, "--broker", fleet.broker.service_url]
     argv += ["--username", "controller", "--password", "ctl-pw"]
     argv += ["--registry", str(fleet.registry.root), "--state-dir", str(tmp / name)]
-    argv += ["--lease-ttl", str(TTL_S), "--poll", "0.1"]
     env = {**os.environ, "TANDEM_CLOUD_DATABASE_URL": url}
     with (tmp / f"{name}.log").open("w") as log:
         proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
         )
-    controller = ControllerProcess(proc)
+    started = FleetCommand(proc)
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            controller.lines.append(line.rstrip())
+            started.lines.append(line.rstrip())
 
     threading.Thread(target=read, daemon=True).start()
-    return controller
+    return started
+
+
+def _start_controller(fleet: Fleet, url: str, tmp: Path, name: str) -> ControllerProcess:
+    lease = ["--lease-ttl", str(TTL_S), "--poll", "0.1"]
+    return fleet_command(fleet, url, tmp, name, ["controller", *lease])
 
 
 class ManifestSpy:

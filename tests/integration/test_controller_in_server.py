@@ -12,9 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,13 @@ from cloud.fleet.store import FleetStore, open_store
 from shared import topics
 from tests.fleet import FLEET, Fleet, retained_json, wait_for
 from tests.helpers import ROOT, free_port
-from tests.integration.test_controller_failover import DEVICES, TTL_S, ManifestSpy
+from tests.integration.test_controller_failover import (
+    DEVICES,
+    TTL_S,
+    FleetCommand,
+    ManifestSpy,
+    fleet_command,
+)
 
 
 @dataclass
@@ -92,37 +97,9 @@ def _start_serve(fleet: Fleet, url: str, tmp: Path, name: str) -> ServeProcess:
     return ServeProcess(proc, f"http://127.0.0.1:{port}", log)
 
 
-@dataclass
-class Command:
-    """``tandem-cloud fleet rollout``, its output read as it comes."""
-
-    proc: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-
-def _rollout_command(fleet: Fleet, url: str, tmp: Path) -> Command:
-    argv = [sys.executable, "-u", "-m", "cloud.cli", "fleet", "rollout", "digits@2"]
-    argv += ["--fleet", FLEET, "--broker", fleet.broker.service_url]
-    argv += ["--username", "controller", "--password", "ctl-pw"]
-    argv += ["--registry", str(fleet.registry.root), "--state-dir", str(tmp / "cmd")]
-    argv += ["--canary", "1", "--waves", "2", "--wave-timeout", "60"]
-    env = {**os.environ, "TANDEM_CLOUD_DATABASE_URL": url}
-    with (tmp / "rollout.log").open("w") as log:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
-        )
-    command = Command(proc)
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            command.lines.append(line.rstrip())
-
-    threading.Thread(target=read, daemon=True).start()
-    return command
+def _rollout_command(fleet: Fleet, url: str, tmp: Path) -> FleetCommand:
+    rollout = ["rollout", "digits@2", "--canary", "1", "--waves", "2", "--wave-timeout", "60"]
+    return fleet_command(fleet, url, tmp, "rollout", rollout)
 
 
 @pytest.fixture
