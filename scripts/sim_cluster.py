@@ -15,13 +15,11 @@ runs ``synchronous=NORMAL``: both may lose the last commits at a power cut, neit
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from cloud.releases.packaging import PackageRequest, package
 from cloud.releases.registry import Registry
 from shared.manifest import Manifest
 from shared.signing import SigningKey, TrustStore
+from tests.postgres import Postgres
 
 FACTORY = ROOT / "models/edge/digits-int8"
 UPDATE = ROOT / "models/edge/digits-f32"
@@ -187,39 +186,18 @@ class SimBroker:
 # ---------------------------------------------------------------------- PostgreSQL
 
 
-def postgres_bin() -> Path:
-    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
-    if not found:
-        raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
-    return max(found, key=lambda b: tuple(int(x) for x in re.findall(r"\d+", b.parent.name)))
+#: Over tests/postgres.py's durable server: commits acknowledged before their WAL reaches the
+#: disk (fsync stays on: a crash loses the last few hundred milliseconds, never consistency),
+#: room for two instances' pools and the probe, and buffers for 10,000 devices' rows.
+SERVER_OPTIONS = ("synchronous_commit=off", "max_connections=300", "shared_buffers=256MB")
 
 
-INITDB = ("-U", "postgres", "--auth=trust", "--encoding=UTF8")
-SERVER_OPTIONS = (
-    *("-c", "listen_addresses=127.0.0.1"),
-    *("-c", "synchronous_commit=off"),
-    *("-c", "max_connections=300"),
-    *("-c", "shared_buffers=256MB"),
-)
-
-
-class SimPostgres:
-    """A PostgreSQL server in a temporary folder of its own in /tmp (as the ``postgres``
-    user when root: it must be able to enter every folder above its data)."""
+class SimPostgres(Postgres):
+    """tests/postgres.py's server (as the ``postgres`` user when root, in a folder of its own
+    in /tmp) with the simulator's settings, a ``fleet`` database, and its memory."""
 
     def __init__(self) -> None:
-        self.bin = postgres_bin()
-        self.dir = Path(tempfile.mkdtemp(prefix="tandem-sim-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        self._as_user: list[str] = []
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres", "postgres")
-            self._as_user = ["runuser", "-u", "postgres", "--"]
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        super().__init__(durable=True, options=SERVER_OPTIONS, preexec_fn=die_with_parent)
 
     @property
     def pid(self) -> int | None:
@@ -228,30 +206,7 @@ class SimPostgres:
     def start(self) -> None:
         import psycopg
 
-        done = subprocess.run(
-            [*self._as_user, str(self.bin / "initdb"), "-D", str(self.data), *INITDB],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed: {done.stdout} {done.stderr}")
-        log = (self.dir / "postgres.log").open("ab")
-        where = ("-D", str(self.data), "-p", str(self.port), "-k", str(self.dir))
-        self._proc = subprocess.Popen(
-            [*self._as_user, str(self.bin / "postgres"), *where, *SERVER_OPTIONS],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"postgres exited, see {self.dir / 'postgres.log'}")
-            try:
-                psycopg.connect(self.url(), connect_timeout=1).close()
-                break
-            except psycopg.OperationalError:
-                time.sleep(0.1)
+        super().start()
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute('CREATE DATABASE "fleet"')
 
@@ -268,22 +223,6 @@ class SimPostgres:
         pss = sum(f.get("Pss", 0) for f in figures)
         cpu = sum(f.get("cpu_ms", 0) for f in figures)
         return {"VmRSS": pss, "VmHWM": pss, "Pss": pss, "cpu_ms": cpu, "processes": len(pids)}
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        pid_file = self.data / "postmaster.pid"
-        try:
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
-        except (OSError, ValueError, IndexError):
-            self._proc.terminate()
-        try:
-            self._proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the cloud

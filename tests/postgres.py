@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.helpers import free_port
@@ -36,9 +37,17 @@ def postgres_bin() -> Path | None:
 
 
 class Postgres:
-    """``durable``: fsync and synchronous commits on, as in production (benchmarks)."""
+    """``durable``: fsync and synchronous commits on, as in production (benchmarks).
+    ``options``: more ``-c name=value`` server settings, after (so over) the durability ones;
+    ``preexec_fn``: run in the server's child before it starts (the simulator's
+    die-with-parent)."""
 
-    def __init__(self, durable: bool = False) -> None:
+    def __init__(
+        self,
+        durable: bool = False,
+        options: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         bin_dir = postgres_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
@@ -58,6 +67,8 @@ class Postgres:
             if durable
             else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         )
+        self._options = [arg for option in options for arg in ("-c", option)]
+        self._preexec_fn = preexec_fn
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
@@ -111,9 +122,11 @@ class Postgres:
                     "-c",
                     "max_connections=200",
                     *self._durability,
+                    *self._options,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._preexec_fn,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
