@@ -21,7 +21,6 @@ import multiprocessing
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,9 @@ from cloud.fleet.listener import store_unavailable
 from cloud.fleet.store import FleetStore
 from shared import topics
 from shared.mqtt import MqttClient, MqttSettings
-from shared.telemetry import Histogram, Telemetry
 from tests.mosquitto import Mosquitto
 from tests.postgres import Postgres
+from tests.telemetry_samples import sample_telemetry
 
 FLEET = "bench"
 
@@ -102,29 +101,6 @@ def _collector(
     store.close()
 
 
-def _telemetry(device: str, seq: int) -> bytes:
-    return (
-        Telemetry(
-            device=device,
-            session=1,
-            seq=seq,
-            ts=datetime.now(timezone.utc),
-            interval_s=10.0,
-            requests=10,
-            routes={"edge": 9, "cloud": 1},
-            reasons={"confident": 9, "low_confidence": 1},
-            errors=0,
-            latency_local=Histogram(),
-            latency_cloud=Histogram(),
-            latency_total=Histogram(),
-            confidence=[0] * 10,
-            offload_rate=0.1,
-        )
-        .model_dump_json()
-        .encode()
-    )
-
-
 def _publish(broker: Mosquitto, devices: int, messages: int) -> None:
     """The burst: ``messages`` in all, round robin over the devices, each acknowledged."""
     clients = []
@@ -136,7 +112,7 @@ def _publish(broker: Mosquitto, devices: int, messages: int) -> None:
     for i in range(messages):
         d = i % devices
         topic = topics.device_telemetry(FLEET, f"dev-{d}")
-        infos.append(clients[d].publish(topic, _telemetry(f"dev-{d}", i // devices + 1)))
+        infos.append(clients[d].publish(topic, sample_telemetry(f"dev-{d}", i // devices + 1)))
     for info in infos:
         info.wait_for_publish(timeout=120)
     for c in clients:

@@ -15,7 +15,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -24,10 +23,10 @@ import pytest
 from cloud.fleet.store import FleetStore, open_store
 from shared import topics
 from shared.mqtt import MqttClient
-from shared.telemetry import Histogram, Telemetry
 from tests.fleet import wait_for
 from tests.helpers import ROOT, free_port
 from tests.mosquitto import Mosquitto
+from tests.telemetry_samples import sample_telemetry
 
 FLEET = "shared"
 DEVICES = [f"dev-{i}" for i in range(5)]
@@ -37,26 +36,7 @@ MESSAGES = 300  # per device
 
 
 def telemetry(device: str, seq: int) -> bytes:
-    return (
-        Telemetry(
-            device=device,
-            session=1,
-            seq=seq,
-            ts=datetime.now(timezone.utc),
-            interval_s=1.0,
-            requests=10,
-            routes={"edge": 9, "cloud": 1},
-            reasons={"confident": 9, "low_confidence": 1},
-            errors=0,
-            latency_local=Histogram(),
-            latency_cloud=Histogram(),
-            latency_total=Histogram(),
-            confidence=[0] * 10,
-            offload_rate=0.1,
-        )
-        .model_dump_json()
-        .encode()
-    )
+    return sample_telemetry(device, seq, interval_s=1.0)
 
 
 @dataclass
