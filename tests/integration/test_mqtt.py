@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from shared import topics
 from shared.mqtt import MqttClient, MqttError, MqttSettings
+from tests.fleet import wait_for
 from tests.mosquitto import Mosquitto
 
 
@@ -264,9 +265,7 @@ def test_a_shared_group_hands_each_message_to_one_member(broker: Mosquitto) -> N
     for payload in sent:
         assert ctl.publish_wait(topics.device_telemetry("f", "dev-1"), payload)
     assert a.wait(1) and b.wait(1)
-    deadline = time.monotonic() + 5
-    while len(a.items) + len(b.items) < len(sent) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(a.items) + len(b.items) >= len(sent), 5, "the whole stream")
     got = [p for _, p, _ in a.items + b.items]
     assert sorted(got) == sorted(sent)  # each once
     assert {t for t, _, _ in a.items + b.items} == {topics.device_telemetry("f", "dev-1").name}
@@ -301,9 +300,7 @@ def test_a_vanished_persistent_member_keeps_its_share_queued_until_it_returns(
     markers = [b"end-1", b"end-2"]
     for payload in markers:
         assert ctl.publish_wait(topics.device_telemetry("f", "dev-1"), payload)
-    deadline = time.monotonic() + 5
-    while not any(p in markers for _, p, _ in b.items) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: any(p in markers for _, p, _ in b.items), 5, "a marker at b")
     seen_by_b = [p for _, p, _ in b.items if p not in markers]
     assert 0 < len(seen_by_b) < len(sent)  # the rest waits in a's session
     member_a.stop()
@@ -339,10 +336,11 @@ def test_a_persistent_mqtt5_session_and_its_queue_survive_a_broker_restart(
     back = Inbox()
     member = _member(broker, "collector-a", back, **persistent)
     # the probe too, if the member vanished between taking it and acknowledging it
-    deadline = time.monotonic() + 5
-    while len([p for _, p, _ in back.items if p != b"probe"]) < len(sent):
-        assert time.monotonic() < deadline, back.items
-        time.sleep(0.01)
+    wait_for(
+        lambda: len([p for _, p, _ in back.items if p != b"probe"]) >= len(sent),
+        5,
+        "the queued messages",
+    )
     assert [p for _, p, _ in back.items if p != b"probe"] == sent
     member.stop()
 
@@ -371,10 +369,7 @@ def test_what_a_restarted_broker_keeps_for_a_persistent_collector_that_is_not_ba
     member = _member(broker, "collector-a", back, group=group, **persistent)
     # a marker sent now reaches the member live: once it is in, anything queued came first
     assert ctl.publish_wait(topics.device_telemetry("f", "dev-1"), b"end")
-    deadline = time.monotonic() + 5
-    while b"end" not in [p for _, p, _ in back.items]:
-        assert time.monotonic() < deadline, back.items
-        time.sleep(0.01)
+    wait_for(lambda: b"end" in [p for _, p, _ in back.items], 5, "the live marker")
     queued = [p for _, p, _ in back.items if p != b"end"]
     assert queued == (sent if group is None else [])
     member.stop()
