@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -24,6 +25,17 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM (the server's own shutdown: Mosquitto writes its persistence, uvicorn drains),
+    then SIGKILL if it is not gone in ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class CloudProcess:
@@ -79,12 +91,7 @@ class CloudProcess:
     def stop(self) -> None:
         if self._proc is None:
             return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_process(self._proc, 10)
         self._proc = None
 
     def __enter__(self) -> CloudProcess:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from procs import ROOT, free_port
+from procs import ROOT, free_port, stop_process
 
 from cloud.releases.packaging import PackageRequest, package
 from cloud.releases.registry import Registry
@@ -174,12 +174,7 @@ class SimBroker:
         """SIGTERM: Mosquitto writes its persistence file, then exits."""
         if self._proc is None:
             return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_process(self._proc, 60)
         self._proc = None
 
 
@@ -272,12 +267,7 @@ class CloudServer:
     def stop(self) -> None:
         if self._proc is None:
             return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_process(self._proc, 30)
         self._proc = None
 
 
