@@ -78,6 +78,15 @@ def _start_controller(fleet: Fleet, url: str, tmp: Path, name: str) -> Controlle
     return fleet_command(fleet, url, tmp, name, ["controller", *lease])
 
 
+def take_offline(fleet: Fleet, store: FleetStore, device: str) -> None:
+    """Stop ``device``'s agent and wait until the store has it offline."""
+    fleet.agents[device].stop()
+    wait_for(
+        lambda: {d["device"]: d["state"] for d in store.devices(FLEET)}[device] == "offline",
+        what=f"{device} offline",
+    )
+
+
 class ManifestSpy:
     """Every live (not retained) non-empty device manifest publish, per device."""
 
@@ -134,13 +143,7 @@ def test_killed_controller_is_taken_over_mid_wave(
             ]
             wait_for(lambda: len(store.devices(FLEET)) == 5, what="births in the store")
             # dev-2 goes away: the wave it is in cannot end until it is back
-            fleet.agents["dev-2"].stop()
-            wait_for(
-                lambda: (
-                    {d["device"]: d["state"] for d in store.devices(FLEET)}["dev-2"] == "offline"
-                ),
-                what="dev-2 offline",
-            )
+            take_offline(fleet, store, "dev-2")
             wait_for(lambda: store.lease_holder(lease_name(FLEET)) is not None, what="a holder")
             holder = store.lease_holder(lease_name(FLEET))
             assert holder is not None

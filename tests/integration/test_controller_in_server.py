@@ -30,6 +30,7 @@ from tests.integration.test_controller_failover import (
     FleetCommand,
     ManifestSpy,
     fleet_command,
+    take_offline,
 )
 
 
@@ -132,13 +133,7 @@ def test_serve_instances_share_the_rollouts_and_take_over(
                 wait_for(server.answers, timeout=60, what="the instance serving")
             wait_for(lambda: len(store.devices(FLEET)) == 5, what="births in the store")
             # dev-2 goes away: the wave it is in cannot end until it is back
-            fleet.agents["dev-2"].stop()
-            wait_for(
-                lambda: (
-                    {d["device"]: d["state"] for d in store.devices(FLEET)}["dev-2"] == "offline"
-                ),
-                what="dev-2 offline",
-            )
+            take_offline(fleet, store, "dev-2")
             wait_for(lambda: store.lease_holder(lease_name(FLEET)) is not None, what="a holder")
             holder = store.lease_holder(lease_name(FLEET))
             first, second = servers if holder == servers[0].holder else servers[::-1]
