@@ -22,6 +22,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -145,7 +146,8 @@ def read_golden(manifest: Manifest, bundle: Path) -> list[Golden]:
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """A ``.npz`` of ``arrays`` (uncompressed: golden outputs are small)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # typed as Any: NumPy 2's stubs read a ``**dict`` as its ``allow_pickle`` flag too
+    np.savez(buf, **cast("dict[str, Any]", arrays))
     return buf.getvalue()
 
 

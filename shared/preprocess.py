@@ -469,7 +469,8 @@ def _to_model(
             np.add(q, precise(quant.zero_point), out=q)
         np.rint(q, out=q)
         np.clip(q, info.min, info.max, out=q)
-        return q.astype(dtype)
+        quantized: np.ndarray = q.astype(dtype)
+        return quantized
     if real.size:
         if real.dtype.kind == "f" and not (real == np.rint(real)).all():
             raise InvalidRequestError(f"input {name!r} takes integers ({dtype}); got fractions")

@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -185,7 +185,10 @@ def build_pair(settings: PairSettings, out: Path) -> dict[str, Any]:
     np.savez(
         edge_dir / "reference.npz",
         image=probes,
-        **{f"{role}.{k}": v for role, outs in keras.items() for k, v in outs.items()},
+        **cast(
+            "dict[str, Any]",
+            {f"{role}.{k}": v for role, outs in keras.items() for k, v in outs.items()},
+        ),
     )
 
     edge = image_models.TfliteImageModel(blob)

@@ -87,7 +87,7 @@ class ImageInput:
             raise InvalidRequestError(
                 f"input {self.name!r} takes {self.fixed_rows} picture(s) per request, got {rows}"
             )
-        return rows
+        return int(rows)
 
     def inline(self, tensor: InferTensor) -> bool:
         """Whether converting ``tensor`` costs less than a hop to a worker thread."""

@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 import numpy as np
 from pydantic import Field
 
+from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
 from agent.inference.backends.base import (
     BackendPlugin,
     BaseBackendSettings,
@@ -28,14 +29,21 @@ from agent.inference.backends.base import (
     check_shape,
     is_flat,
 )
-
-try:  # the raw ufunc: np.clip's Python wrapper costs more than the clipping itself
-    from numpy._core.umath import clip as _clip  # type: ignore[attr-defined]
-except ImportError:  # NumPy 1.x
-    from numpy.core.umath import clip as _clip  # type: ignore[attr-defined]
-from agent.errors import BackendError, ModelLoadError, RuntimeMissingError
 from shared.contract import probe_inputs
 from shared.manifest import Manifest
+
+
+def _raw_clip() -> Any:
+    """The raw ufunc: np.clip's Python wrapper costs more than the clipping itself. Looked
+    up by name, as NumPy 2 (``numpy._core``) and 1.x (``numpy.core``) place it apart."""
+    try:
+        umath = importlib.import_module("numpy._core.umath")
+    except ImportError:  # NumPy 1.x
+        umath = importlib.import_module("numpy.core.umath")
+    return umath.clip
+
+
+_clip = _raw_clip()
 
 #: What ``backend.kind`` names this backend by.
 BACKEND_KEY: Final = "tflite"
