@@ -44,6 +44,7 @@ __all__ = [
     "CloudTarget",
     "EdgeArtifact",
     "GoldenSample",
+    "Guarantee",
     "Manifest",
     "Preprocessing",
     "Quantization",
@@ -73,12 +74,31 @@ class Preprocessing(_Frozen):
     offset: float = 0.0
 
 
+class Guarantee(_Frozen):
+    """What the threshold promises, when it was chosen for a bound rather than a budget
+    (``cloud.pipeline.guarantee``): of the answers the edge gives itself (confidence at or
+    above the threshold), at most ``epsilon`` are wrong, with probability at least
+    ``1 - delta`` over the draw of the calibration set. "Wrong" means "not the cloud
+    model's answer" when ``reference`` is ``cloud``, or "not the true label". The agent
+    checks it live on its audit sample (``Telemetry.audit``)."""
+
+    epsilon: float = Field(gt=0.0, lt=1.0)
+    delta: float = Field(gt=0.0, lt=1.0)
+    reference: Literal["labels", "cloud"] = "labels"
+    method: str = Field(default="clopper-pearson fixed-sequence", max_length=100)
+    calibration_samples: int = Field(ge=0)
+    calibration_error: float = Field(ge=0.0, le=1.0, description="of the edge's own answers")
+    coverage: float = Field(ge=0.0, le=1.0, description="share the edge answers itself")
+
+
 class RoutingDefaults(_Frozen):
-    """The builder's recommended confidence metric, threshold and temperature."""
+    """The builder's recommended confidence metric, threshold and temperature, and the
+    guarantee the threshold carries, if any."""
 
     metric: ConfidenceMetric = "max_prob"
     threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     temperature: float = Field(default=1.0, gt=0.0)
+    guarantee: Guarantee | None = None
 
 
 class GoldenSample(_Frozen):
@@ -299,6 +319,11 @@ class Manifest(_Frozen):
         doc: dict[str, Any] = self.model_dump(
             mode="json", by_alias=True, include=self.signed_fields()
         )
+        # fields added after releases were signed are left out at their default, so that
+        # the bytes a signature covers stay those of the document as it was signed
+        routing = doc.get("routing")
+        if isinstance(routing, dict) and routing.get("guarantee", 0) is None:
+            del routing["guarantee"]
         return doc
 
     def file(self, name: str) -> BundleFile:

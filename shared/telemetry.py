@@ -97,6 +97,66 @@ class WireBytes(_Msg):
     received: int = Field(ge=0)
 
 
+class ShadowStats(_Msg):
+    """A shadow candidate beside the serving model over one interval (``agent.inference.
+    shadow``): on the requests it was run on, how often it agreed with the serving model,
+    and on those with a cloud label (escalations and audits), how often it and the serving
+    model each agreed with the cloud. The counts add up across intervals and devices: the
+    rollout's gate sums them (``cloud.fleet.gate``)."""
+
+    model: Identifier
+    version: int = Field(ge=1)
+    samples: int = Field(ge=0, description="requests the shadow ran on")
+    agree_serving: int = Field(ge=0, description="of those, same top-1 as the serving model")
+    labelled: int = Field(ge=0, description="shadow runs with a cloud label")
+    agree_cloud: int = Field(ge=0, description="of those, the shadow's top-1 is the cloud's")
+    serving_agree_cloud: int = Field(
+        ge=0, description="of the same labelled runs, the serving model's top-1 is the cloud's"
+    )
+    would_escalate: int = Field(
+        ge=0, description="shadow runs whose confidence is below the shadow's own threshold"
+    )
+    dropped: int = Field(default=0, ge=0, description="sampled but not run (queue full)")
+
+
+class FieldAccuracy(_Msg):
+    """The serving edge model checked against the cloud on field data: the audit sample of
+    confident answers (those the edge answered itself), asked of the cloud off the request
+    path. ``audited``/``wrong`` are this interval's; the session's totals give the measured
+    error of the edge's own answers with its ``1 - delta`` confidence interval
+    (Clopper-Pearson, ``shared.bounds``), to hold against the manifest's guarantee."""
+
+    model: Identifier
+    version: int = Field(ge=1)
+    audited: int = Field(ge=0)
+    wrong: int = Field(ge=0)
+    session_audited: int = Field(ge=0)
+    session_wrong: int = Field(ge=0)
+    error: float | None = Field(default=None, ge=0, le=1, description="session_wrong/audited")
+    error_low: float | None = Field(default=None, ge=0, le=1)
+    error_high: float | None = Field(default=None, ge=0, le=1)
+    epsilon: float | None = Field(default=None, description="the manifest's promised error")
+    delta: float | None = None
+    violated: bool | None = Field(
+        default=None, description="true: even the interval's lower end is above epsilon"
+    )
+
+
+class CaptureState(_Msg):
+    """Field-data capture on the device (``agent.device.capture``), cumulative for the
+    session except the spool's present size."""
+
+    enabled: bool
+    captured: int = Field(default=0, ge=0, description="samples written to the spool")
+    duplicates: int = Field(default=0, ge=0, description="not written: already captured")
+    skipped_budget: int = Field(default=0, ge=0, description="not written: byte budget spent")
+    dropped_full: int = Field(default=0, ge=0, description="oldest dropped: spool full")
+    pending: int = Field(default=0, ge=0, description="in the spool, not yet uploaded")
+    pending_bytes: int = Field(default=0, ge=0)
+    uploaded: int = Field(default=0, ge=0, description="accepted by the cloud")
+    rejected: int = Field(default=0, ge=0, description="refused by the cloud for good (4xx)")
+
+
 class Telemetry(_Msg):
     device: Identifier
     session: int = Field(ge=1)
@@ -123,6 +183,9 @@ class Telemetry(_Msg):
         "session, downloads, escalations), cumulative for the session; the telemetry "
         "category holds the messages sent before this one",
     )
+    shadow: ShadowStats | None = None
+    audit: FieldAccuracy | None = None
+    capture: CaptureState | None = None
     budget_backoff: bool | None = Field(
         default=None,
         description="true: the day's byte budget is spent and telemetry comes at the "

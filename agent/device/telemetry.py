@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from agent.device.outbox import Outbox
 from agent.device.wire import BUDGETED, WireCounter
@@ -122,6 +123,10 @@ class TelemetryReporter:
         self.over_budget_interval_s = max(over_budget_interval_s, interval_s)
         #: True while the day's budget is spent: reports come at the longer interval.
         self.backing_off = False
+        #: Sections other parts of the device add to each message (the learning loop's
+        #: ``capture``, ``audit``, ``shadow``): each returns ``Telemetry`` fields for the
+        #: interval that ends now, or ``{}``. One that raises is logged and left out.
+        self.extras: list[Callable[[], dict[str, Any]]] = []
         self.seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -188,7 +193,17 @@ class TelemetryReporter:
             outbox=OutboxState(pending=self.outbox.pending, dropped=self.outbox.dropped),
             wire_bytes=self.wire.snapshot() if self.wire is not None else None,
             budget_backoff=True if self.backing_off else None,
+            **self._extra_fields(),
         )
+
+    def _extra_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for extra in self.extras:
+            try:
+                fields.update(extra())
+            except Exception:  # a section's failure must not cost the whole message
+                log.exception("telemetry section %r failed", getattr(extra, "__name__", extra))
+        return fields
 
     def report(self) -> Telemetry:
         """Close the current interval: one message into the outbox."""

@@ -36,6 +36,7 @@ from agent.inference.cloud_client import CloudAnswer, CloudClient, CloudTensors
 from agent.inference.confidence import score
 from agent.inference.latency import LatencyEstimator
 from agent.inference.model import LoadedModel, load_model
+from agent.inference.observe import Observation, Observer
 from agent.inference.result import InferenceResult, Latency, Reason, Source
 from agent.inference.routing import ROUTE_MODES, Decision, RouteMode, Router, RoutingPolicy
 from agent.inference.stats import RequestStats
@@ -132,6 +133,8 @@ class Agent:
         self._swap_lock = threading.Lock()
         self._local_ms = 1.0  # running estimate, held back from cloud-first timeouts
         self._stats = RequestStats()
+        #: Called with each classifier answer (``agent.inference.observe``); None: nothing.
+        self.observer: Observer | None = None
         #: Decoded pixels an image input may have (``images.max_pixels``).
         self.max_pixels = settings.images.max_pixels
         self._active = self._resolve(
@@ -249,10 +252,18 @@ class Agent:
         if decision.escalate:
             answer = self._call_cloud(active, raw, budget - (clock() - t0) * 1000.0)
             if isinstance(answer, CloudAnswer):
-                return self._from_cloud(active, answer, decision.reason, t0, local_ms)
+                result = self._from_cloud(active, answer, decision.reason, t0, local_ms)
+                if self.observer is not None:
+                    self._observe(active, raw[0], None, scored, result)
+                return result
             decision = Decision(False, answer.reason)
         total_ms = (clock() - t0) * 1000.0
-        return self._result(active, scored, "edge", decision.reason, None, total_ms, local_ms, None)
+        result = self._result(
+            active, scored, "edge", decision.reason, None, total_ms, local_ms, None
+        )
+        if self.observer is not None:
+            self._observe(active, raw[0], None, scored, result)
+        return result
 
     def infer_batch(
         self,
@@ -327,8 +338,42 @@ class Agent:
             if result is None:
                 reason = failed if failed and decision.escalate else decision.reason
                 result = self._result(active, row, "edge", reason, None, total_ms, local_ms, None)
+            if self.observer is not None:
+                self._observe(active, raw[i], None, row, result)
             results.append(result)
         return results
+
+    def _observe(
+        self,
+        active: _Active,
+        features: np.ndarray | None,
+        encoded: bytes | None,
+        edge: tuple[list[float], float, int],
+        result: InferenceResult,
+    ) -> None:
+        """Hand one classifier answer to ``observer`` (set: the caller checked)."""
+        assert self.observer is not None
+        probs, conf, index = edge
+        cloud = result.source == "cloud"
+        m = active.model.manifest
+        self.observer(
+            Observation(
+                features=None if features is None else np.array(features, dtype=np.float32),
+                encoded=encoded,
+                edge_index=index,
+                edge_confidence=conf,
+                edge_probs=probs,
+                source=result.source,
+                reason=result.reason,
+                cloud_index=result.index if cloud else None,
+                cloud_confidence=result.confidence if cloud else None,
+                cloud_probs=result.probs if cloud else None,
+                model=m.model,
+                version=m.version,
+                threshold=active.policy.threshold,
+                ts=time.time(),
+            )
+        )
 
     def _result(
         self,
@@ -557,12 +602,20 @@ class Agent:
         decision = self.router.decide(
             mode, conf, budget - (self._clock() - t0) * 1000.0, active.policy
         )
+        result: InferenceResult | None = None
         if decision.escalate:
             answer = self._ask_cloud(active, prepared, budget - (self._clock() - t0) * 1000.0)
             if not isinstance(answer, CloudError):
-                return self._any_result(active, answer, decision.reason, t0, local_ms)
-            decision = Decision(False, answer.reason)
-        return self._any_result(active, local, decision.reason, t0, local_ms)
+                result = self._any_result(active, answer, decision.reason, t0, local_ms)
+            else:
+                decision = Decision(False, answer.reason)
+        if result is None:
+            result = self._any_result(active, local, decision.reason, t0, local_ms)
+        if self.observer is not None and model.manifest.task == "classification":
+            top: Any = prediction  # a Classification: the task says so
+            edge = (top.probs, conf, top.index)
+            self._observe(active, None, prepared.encoded, edge, result)
+        return result
 
     def _any_result(
         self,

@@ -99,7 +99,51 @@ _V2 = Migration(
     },
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+_V3 = Migration(
+    3,
+    (
+        # the learning loop's field samples: the index (the bytes are files beside the
+        # store, cloud/fleet/samples), deduplicated on (fleet, device, id = sha256 of them)
+        "CREATE TABLE samples ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, id TEXT NOT NULL,"
+        " model TEXT NOT NULL, version BIGINT NOT NULL, kind TEXT NOT NULL,"
+        " ts TEXT NOT NULL, received TEXT NOT NULL, encoding TEXT NOT NULL,"
+        " shape TEXT NOT NULL, media_type TEXT, size BIGINT NOT NULL,"
+        " edge_index BIGINT NOT NULL, edge_conf DOUBLE PRECISION NOT NULL,"
+        " cloud_index BIGINT, cloud_conf DOUBLE PRECISION, cloud_model TEXT,"
+        " threshold DOUBLE PRECISION, label BIGINT, label_source TEXT, path TEXT NOT NULL,"
+        " PRIMARY KEY (fleet, device, id))",
+        "CREATE INDEX samples_by_model ON samples (fleet, model, version, received)",
+        "CREATE INDEX samples_by_received ON samples (fleet, received)",
+        # what each device uploaded per UTC day, against its quota
+        "CREATE TABLE sample_quota ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, day TEXT NOT NULL,"
+        " bytes BIGINT NOT NULL, samples BIGINT NOT NULL, PRIMARY KEY (fleet, device, day))",
+    ),
+)
+
+_V4 = Migration(
+    4,
+    (
+        # telemetry's shadow and audit sections, one row per message (its key: stored once)
+        "CREATE TABLE shadow_stats ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, session BIGINT NOT NULL,"
+        " seq BIGINT NOT NULL, ts TEXT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,"
+        " serving_version BIGINT, samples BIGINT NOT NULL, agree_serving BIGINT NOT NULL,"
+        " labelled BIGINT NOT NULL, agree_cloud BIGINT NOT NULL,"
+        " serving_agree_cloud BIGINT NOT NULL, would_escalate BIGINT NOT NULL,"
+        " dropped BIGINT NOT NULL, PRIMARY KEY (fleet, device, session, seq))",
+        "CREATE INDEX shadow_by_version ON shadow_stats (fleet, model, version)",
+        "CREATE TABLE audit_stats ("
+        " fleet TEXT NOT NULL, device TEXT NOT NULL, session BIGINT NOT NULL,"
+        " seq BIGINT NOT NULL, ts TEXT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,"
+        " audited BIGINT NOT NULL, wrong BIGINT NOT NULL,"
+        " PRIMARY KEY (fleet, device, session, seq))",
+        "CREATE INDEX audit_by_version ON audit_stats (fleet, model, version)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
 LATEST = MIGRATIONS[-1].version
 
 

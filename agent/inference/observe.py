@@ -1,0 +1,116 @@
+"""What the learning loop sees of each answered request, handed over off the request path.
+
+``Agent.observer`` (None by default: then a request pays one attribute test) is called on
+the request's thread with an ``Observation`` after the answer is known: the edge model's
+own answer, and the cloud's when the request escalated. It must return at once: the
+device's consumers (capture, audit, shadow) sit behind an ``ObservationQueue``, whose
+``offer`` appends to a bounded queue that a thread of its own drains; when the queue is
+full the observation is dropped and counted, never waited for.
+
+Only classifiers are observed (flat rows, and any-input models whose task is
+``classification``): the loop's labels, agreement and error rates are top-1 classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Observation:
+    """One answered request. ``features`` is the raw row of a flat model (a copy: the
+    caller may reuse its array), ``encoded`` the caller's encoded image for an image model
+    (JPEG/PNG bytes as sent), one of them set. ``edge_*`` is the serving edge model's own
+    answer, ``cloud_*`` the cloud's when the request was answered there (else None)."""
+
+    features: np.ndarray | None
+    encoded: bytes | None
+    edge_index: int
+    edge_confidence: float
+    edge_probs: list[float]
+    source: str
+    reason: str
+    cloud_index: int | None
+    cloud_confidence: float | None
+    cloud_probs: list[float] | None
+    model: str
+    version: int
+    threshold: float
+    #: wall-clock time of the answer (``time.time()``)
+    ts: float
+
+    @property
+    def escalated(self) -> bool:
+        return self.cloud_index is not None
+
+
+Observer = Callable[[Observation], None]
+
+
+class ObservationQueue:
+    """A bounded hand-over from request threads to the loop's consumers: ``offer`` is
+    O(1) and never blocks; one daemon thread calls every consumer on each observation, in
+    order. A consumer that raises is logged (once per consumer) and does not stop the
+    others."""
+
+    def __init__(self, consumers: list[Observer], max_pending: int = 1024) -> None:
+        self.consumers = consumers
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._items: deque[Observation] = deque()
+        self._ready = threading.Condition()
+        self._stop = False
+        self._failed: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    def offer(self, observation: Observation) -> None:
+        """Queue one observation (dropped and counted when ``max_pending`` are waiting)."""
+        if len(self._items) >= self.max_pending:
+            self.dropped += 1
+            return
+        self._items.append(observation)
+        with self._ready:
+            self._ready.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tandem-observe", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._ready:
+            self._stop = True
+            self._ready.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def drain(self) -> None:
+        """Hand every queued observation to the consumers now, on this thread (tests, and
+        ``stop`` callers that want nothing left behind)."""
+        while self._items:
+            self._dispatch(self._items.popleft())
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._items and not self._stop:
+                    self._ready.wait(1.0)
+                if self._stop:
+                    return
+            self.drain()
+
+    def _dispatch(self, observation: Observation) -> None:
+        for i, consume in enumerate(self.consumers):
+            try:
+                consume(observation)
+            except Exception:
+                if i not in self._failed:
+                    self._failed.add(i)
+                    log.exception("an observation consumer failed (logged once)")
