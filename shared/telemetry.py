@@ -113,6 +113,16 @@ class ShadowStats(_Msg):
     serving_agree_cloud: int = Field(
         ge=0, description="of the same labelled runs, the serving model's top-1 is the cloud's"
     )
+    shadow_only_right: int = Field(
+        default=0,
+        ge=0,
+        description="labelled runs where the shadow matched the cloud and serving did not",
+    )
+    serving_only_right: int = Field(
+        default=0,
+        ge=0,
+        description="labelled runs where serving matched the cloud and the shadow did not",
+    )
     would_escalate: int = Field(
         ge=0, description="shadow runs whose confidence is below the shadow's own threshold"
     )
