@@ -1,0 +1,311 @@
+"""The learning loop's upload: field samples a device sends to ``POST /fleet/samples``.
+
+One request carries a batch. Its headers::
+
+    Authorization: Bearer <device token>          (``device_token``)
+    Tandem-Device: <device id>
+    Content-Type: application/vnd.tandem.samples
+    Tandem-Header-Length: <N>
+    Content-Encoding: gzip                        (optional, the whole body)
+
+and its body (after gzip is undone, which is the HTTP layer's business) is N bytes of JSON
+``UploadHeader{device, samples: [SampleMeta, ...]}`` followed by each sample's payload,
+concatenated in order, ``meta.size`` bytes each. A payload is a flat model's feature row
+(``uint8`` when every value is an integer in 0..255, the digits' 0..16 taking 64 bytes a
+sample, else little-endian ``float32``) or an image model's input as the caller's own
+JPEG/PNG bytes. A sample's ``id`` is the sha256 of its payload: the server's dedup key, so
+an upload retried after a lost answer stores nothing twice, and a payload that does not
+hash to its id is refused.
+
+Everything here comes from a device the server does not trust: ``decode_upload`` bounds
+each size before it is used, and the server reads a payload with ``np.frombuffer`` only
+(``decode_features``); nothing is executed or unpickled, and an encoded image is kept as
+bytes whose magic bytes must say the media type it claims.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip as gzip_module
+import hashlib
+import hmac
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import InvalidRequestError, PayloadTooLargeError
+from shared.identifiers import Identifier
+from shared.images import FORMATS
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DEVICE_HEADER",
+    "HEADER_LENGTH",
+    "MAX_CLASSES",
+    "MAX_HEADER_BYTES",
+    "MAX_SAMPLES",
+    "Answer",
+    "Encoding",
+    "SampleKind",
+    "SampleMeta",
+    "UploadHeader",
+    "UploadResult",
+    "check_device_token",
+    "decode_features",
+    "decode_upload",
+    "device_token",
+    "encode_features",
+    "encode_upload",
+    "sample_id",
+]
+
+CONTENT_TYPE = "application/vnd.tandem.samples"
+HEADER_LENGTH = "Tandem-Header-Length"
+DEVICE_HEADER = "Tandem-Device"
+#: Hard bounds of the format, whatever a server's settings (which are usually lower).
+MAX_SAMPLES = 4096
+MAX_CLASSES = 1024
+MAX_DIMS = 8
+#: The default bound of the JSON header (a server may pass its own to ``decode_upload``).
+MAX_HEADER_BYTES = 256 * 1024
+
+SampleKind = Literal["escalation", "audit"]
+Encoding = Literal["uint8", "float32", "encoded"]
+MediaType = Literal["image/jpeg", "image/png"]
+
+_ITEMSIZE: dict[str, int] = {"uint8": 1, "float32": 4}
+_DTYPE: dict[str, str] = {"uint8": "u1", "float32": "<f4"}
+_MAGIC: dict[str, bytes] = {"image/jpeg": FORMATS["JPEG"], "image/png": FORMATS["PNG"]}
+_SHA256_HEX = r"^[0-9a-f]{64}$"
+_DIGITS = re.compile(r"^[0-9]{1,12}$")
+
+
+class _Msg(BaseModel):
+    # allow_inf_nan: a NaN confidence or threshold would poison every sum it enters
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Answer(_Msg):
+    """One model's top-1 answer, and optionally its whole probability vector."""
+
+    index: int = Field(ge=0, lt=MAX_CLASSES)
+    confidence: float = Field(ge=0.0, le=1.0)
+    probs: list[float] | None = Field(default=None, max_length=MAX_CLASSES)
+
+
+class SampleMeta(_Msg):
+    """What the device knows of one sample: where it came from (``kind``: an escalation, or
+    an audit of a confident answer), the serving model's answer and the cloud's, and how
+    its payload is encoded. ``shape`` is the feature row's (empty for an encoded image)."""
+
+    id: str = Field(pattern=_SHA256_HEX, description="sha256 hex of the payload")
+    kind: SampleKind
+    model: Identifier
+    version: int = Field(ge=0)
+    ts: datetime
+    encoding: Encoding
+    shape: list[int] = Field(default_factory=list, max_length=MAX_DIMS)
+    media_type: MediaType | None = None
+    size: int = Field(ge=1)
+    edge: Answer
+    cloud: Answer | None = None
+    cloud_model: str | None = Field(default=None, min_length=1, max_length=128)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SampleMeta:
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"shape {self.shape} has a dimension below 1")
+        if self.encoding == "encoded":
+            if self.media_type is None:
+                raise ValueError("an encoded sample needs its media_type")
+            if self.shape:
+                raise ValueError("an encoded sample has no shape")
+        else:
+            if self.media_type is not None:
+                raise ValueError(f"a {self.encoding} sample has no media_type")
+            if not self.shape:
+                raise ValueError(f"a {self.encoding} sample needs its shape")
+            expected = math.prod(self.shape) * _ITEMSIZE[self.encoding]
+            if expected != self.size:
+                raise ValueError(
+                    f"shape {self.shape} of {self.encoding} is {expected} bytes, "
+                    f"not size {self.size}"
+                )
+        return self
+
+
+class UploadHeader(_Msg):
+    """The JSON document that opens an upload's body."""
+
+    device: Identifier
+    samples: list[SampleMeta] = Field(max_length=MAX_SAMPLES)
+
+
+class UploadResult(_Msg):
+    """The server's 200 answer: samples stored, and samples it already had (not stored twice)."""
+
+    stored: int = Field(ge=0)
+    duplicates: int = Field(ge=0)
+
+
+def sample_id(payload: bytes) -> str:
+    """A sample's id: the sha256 hex of its payload."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def encode_features(x: np.ndarray) -> tuple[Encoding, list[int], bytes]:
+    """A feature row's encoding, shape and bytes: ``uint8`` when every value is an integer
+    in 0..255 (the digits' pixels), else little-endian ``float32``."""
+    a = np.asarray(x)
+    if a.ndim == 0 or a.size == 0:
+        raise InvalidRequestError(f"features of shape {list(a.shape)} cannot be a sample")
+    shape = [int(d) for d in a.shape]
+    if a.dtype == np.uint8:
+        return "uint8", shape, a.tobytes()
+    if a.dtype.kind in "biuf":
+        with np.errstate(invalid="ignore"):
+            small_ints = bool(
+                np.all(np.isfinite(a)) and np.all((a >= 0) & (a <= 255) & (a == np.round(a)))
+            )
+        if small_ints:
+            return "uint8", shape, a.astype(np.uint8).tobytes()
+        return "float32", shape, a.astype("<f4").tobytes()
+    raise InvalidRequestError(f"features of dtype {a.dtype} cannot be a sample")
+
+
+def decode_features(meta: SampleMeta, payload: bytes) -> np.ndarray:
+    """The feature row of a ``uint8``/``float32`` sample, as ``float32`` of its ``shape``
+    (``np.frombuffer``: the bytes are numbers, never objects)."""
+    if meta.encoding == "encoded":
+        raise InvalidRequestError(f"sample {meta.id} is an encoded image, not features")
+    expected = math.prod(meta.shape) * _ITEMSIZE[meta.encoding]
+    if len(payload) != expected or meta.size != expected:
+        raise InvalidRequestError(
+            f"sample {meta.id}: {len(payload)} bytes, its shape {meta.shape} "
+            f"of {meta.encoding} needs {expected}"
+        )
+    a = np.frombuffer(payload, dtype=_DTYPE[meta.encoding]).reshape(meta.shape)
+    return a.astype(np.float32)
+
+
+def encode_upload(
+    device: str,
+    items: Sequence[tuple[SampleMeta, bytes]],
+    gzip: bool = True,
+    *,
+    token: str | None = None,
+) -> tuple[dict[str, str], bytes]:
+    """The headers and body of one upload (``token``: the ``Authorization`` header too)."""
+    header = UploadHeader(device=device, samples=[meta for meta, _ in items])
+    for meta, payload in items:
+        if len(payload) != meta.size:
+            raise InvalidRequestError(f"sample {meta.id}: {len(payload)} bytes, size {meta.size}")
+    doc = header.model_dump_json(exclude_none=True).encode()
+    body = b"".join([doc, *(payload for _, payload in items)])
+    headers = {
+        "Content-Type": CONTENT_TYPE,
+        DEVICE_HEADER: device,
+        HEADER_LENGTH: str(len(doc)),
+    }
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if gzip:
+        body = gzip_module.compress(body, compresslevel=6, mtime=0)
+        headers["Content-Encoding"] = "gzip"
+    return headers, body
+
+
+def decode_upload(
+    headers: Mapping[str, str],
+    body: bytes | bytearray,
+    *,
+    max_samples: int,
+    max_sample_bytes: int,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> tuple[str, list[tuple[SampleMeta, bytes]]]:
+    """The device an (already decompressed) upload says it is from, and its samples.
+    Malformed: ``InvalidRequestError`` (400); over a bound (header, sample count, a
+    sample's size): ``PayloadTooLargeError`` (413), so a client can send less."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    raw = lowered.get(HEADER_LENGTH.lower())
+    if raw is None:
+        raise InvalidRequestError(f"the {HEADER_LENGTH} header is missing")
+    if not _DIGITS.match(raw.strip()):
+        raise InvalidRequestError(f"{HEADER_LENGTH} must be a non-negative integer: {raw[:40]!r}")
+    n = int(raw.strip())
+    if n > max_header_bytes:
+        raise PayloadTooLargeError(
+            f"upload header of {n} bytes exceeds the limit of {max_header_bytes}"
+        )
+    if n == 0 or n > len(body):
+        raise InvalidRequestError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
+    header = _parse_header(bytes(body[:n]))
+    if len(header.samples) > max_samples:
+        raise PayloadTooLargeError(
+            f"{len(header.samples)} samples in one upload; at most {max_samples}"
+        )
+    for meta in header.samples:
+        if meta.size > max_sample_bytes:
+            raise PayloadTooLargeError(
+                f"sample {meta.id} of {meta.size} bytes exceeds the limit of {max_sample_bytes}"
+            )
+    total = sum(meta.size for meta in header.samples)
+    if n + total != len(body):
+        raise InvalidRequestError(
+            f"the samples' sizes add up to {total} bytes, the body holds {len(body) - n} "
+            "after its header"
+        )
+    items: list[tuple[SampleMeta, bytes]] = []
+    pos = n
+    with memoryview(body) as view:
+        for meta in header.samples:
+            payload = bytes(view[pos : pos + meta.size])
+            pos += meta.size
+            _check_payload(meta, payload)
+            items.append((meta, payload))
+    return header.device, items
+
+
+def _parse_header(doc: bytes) -> UploadHeader:
+    try:
+        return UploadHeader.model_validate_json(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}"
+            for e in exc.errors(include_url=False)[:3]
+        )
+        more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise InvalidRequestError(f"invalid upload header: {problems}{more}") from None
+    except (ValueError, RecursionError) as exc:  # defensive: the parser's own refusals
+        raise InvalidRequestError(f"invalid upload header: {type(exc).__name__}") from None
+
+
+def _check_payload(meta: SampleMeta, payload: bytes) -> None:
+    if sample_id(payload) != meta.id:
+        raise InvalidRequestError(f"sample {meta.id}: its payload does not hash to its id")
+    if meta.media_type is not None and not payload.startswith(_MAGIC[meta.media_type]):
+        raise InvalidRequestError(f"sample {meta.id}: its bytes are not {meta.media_type}")
+
+
+def _mac(secret: str, fleet: str, device: str) -> bytes:
+    message = f"tandem-device:{fleet}:{device}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).digest()
+
+
+def device_token(secret: str, fleet: str, device: str) -> str:
+    """A device's upload token: HMAC-SHA256 of ``tandem-device:{fleet}:{device}`` under the
+    cloud's secret, base64url without padding. Stateless: the cloud stores no token, and a
+    token opens uploads for its own device and fleet only."""
+    return base64.urlsafe_b64encode(_mac(secret, fleet, device)).rstrip(b"=").decode()
+
+
+def check_device_token(secret: str, fleet: str, device: str, token: str) -> bool:
+    """Whether ``token`` is ``device``'s, compared in constant time."""
+    expected = device_token(secret, fleet, device).encode()
+    return hmac.compare_digest(expected, token.encode("utf-8", "replace"))
