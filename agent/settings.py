@@ -179,6 +179,22 @@ class AgentTestingSettings(_Section):
     hold_s: float = Field(default=0.0, ge=0)
 
 
+class ShadowSettings(_Section):
+    """Shadow mode (``agent.inference.shadow``): a candidate the fleet delivers on the shadow
+    topic runs beside the serving model, off the request path, and never answers."""
+
+    sample_rate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of classifier answers the candidate is also run on (audited "
+        "answers always are)",
+    )
+    max_pending: int = Field(
+        default=256, ge=1, description="observations waiting for the candidate; more: dropped"
+    )
+
+
 class TelemetrySettings(_Section):
     interval_s: float = Field(
         default=60.0,
@@ -203,6 +219,51 @@ class TelemetrySettings(_Section):
     window: int = Field(default=32, ge=1, description="unacknowledged messages at most")
 
 
+class CaptureSettings(_Section):
+    """Field data for the learning loop (``agent.device.capture``, ``.audit``,
+    ``.uploader``). Privacy: no sample leaves the device unless capture is enabled, by
+    this file (``enabled = true``) or, when ``enabled`` is left unset, by the fleet's
+    retained capture switch (off until it says on). ``enabled = false`` is the device
+    owner's choice and the fleet cannot override it. Auditing (asking the cloud about a
+    random ``audit_rate`` share of the edge's confident answers, to check its error live)
+    runs whenever a cloud is configured and ``audit_rate`` > 0, even with capture off: it
+    sends those inputs to the cloud the device already escalates to, but stores and
+    uploads nothing. Uploads share ``telemetry.daily_budget_bytes`` with telemetry,
+    telemetry first (``agent.device.uploader.UploadBudget``)."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="None: follow the fleet's capture switch (off until it says on); "
+        "true/false: fixed here, the switch is ignored",
+    )
+    audit_rate: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="share of confident edge answers also asked of the cloud, off the "
+        "request path (0: no audit); the fleet's switch may set another",
+    )
+    max_spool_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="samples kept on disk; oldest dropped"
+    )
+    upload_interval_s: float = Field(default=60.0, gt=0, description="at most this between uploads")
+    upload_url: str | None = Field(
+        default=None, description="base URL of POST /fleet/samples; None: cloud.url"
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="this device's upload token (tandem-cloud fleet device-token DEVICE)",
+    )
+    max_batch: int = Field(default=64, ge=1, description="samples per upload at most")
+    max_pending: int = Field(
+        default=1024, ge=1, description="observations and audits waiting for a thread"
+    )
+    audit_timeout_s: float = Field(default=5.0, gt=0, description="one audit's cloud call")
+    max_backoff_s: float = Field(
+        default=300.0, gt=0, description="longest wait between failed uploads"
+    )
+
+
 class AgentSettings(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix="TANDEM_AGENT_", env_nested_delimiter="__", extra="forbid"
@@ -221,10 +282,12 @@ class AgentSettings(FileSettings):
     mqtt: MqttSettings | None = Field(default=None, description="None: no broker, no updates")
     update: UpdateSettings = Field(default_factory=UpdateSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
     backend: BackendSettings = Field(default_factory=TFLiteSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     cloud: CloudSettings = Field(default_factory=CloudSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     testing: AgentTestingSettings = Field(default_factory=AgentTestingSettings)
     log_level: str = "INFO"

@@ -8,6 +8,12 @@ that, the factory model (``model_dir``), which is imported into the store on fir
 Every byte the agent's MQTT and HTTP clients move is counted by category (``WireCounter``:
 births, telemetry, job states, manifests, the connection, downloads, escalations) and
 reported in its telemetry, which keeps to the day's byte budget.
+
+The learning loop (issue 15): every classifier answer goes through an ``ObservationQueue``
+(its own thread: a request never waits) to capture (escalations), the audit (a share of
+confident answers asked of the cloud on a client of its own) and the shadow; the audit's
+labelled answers go to capture too. Captured samples wait in the spool for the uploader.
+The fleet's capture switch comes on the retained command topics.
 """
 
 from __future__ import annotations
@@ -21,15 +27,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from agent.device.audit import Audit, cloud_target
+from agent.device.capture import Capture
 from agent.device.download import download_client
 from agent.device.outbox import Outbox, OutboxSender
+from agent.device.spool import Spool
 from agent.device.store import ModelStore, atomic_write
+from agent.device.switch import CaptureSwitch
 from agent.device.telemetry import DailyBudget, TelemetryReporter
 from agent.device.updater import Updater
+from agent.device.uploader import UploadBudget, Uploader
 from agent.device.wire import CountingMqttClient, WireCounter, count_http, http_hooks
 from agent.errors import AgentError, ModelLoadError
+from agent.inference.cloud_client import CloudClient
 from agent.inference.core import Agent
 from agent.inference.model import LoadedModel, load_model
+from agent.inference.observe import Observation, ObservationQueue, Observer
 from agent.settings import AgentSettings
 from agent.version import __version__
 from shared import topics
@@ -136,6 +149,102 @@ class AgentService:
             )
             for f in topics.agent_manifest_filters(settings.fleet, settings.device, settings.group):
                 self.mqtt.subscribe(f, self._on_manifest)
+        self._learning_loop()
+
+    # ----------------------------------------------------------------- learning loop
+
+    def _learning_loop(self) -> None:
+        """Capture, audit, upload and the capture switch (``agent.device.capture``,
+        ``.audit``, ``.uploader``, ``.switch``), wired to the agent and the telemetry."""
+        s, c = self.settings, self.settings.capture
+        self.switch = CaptureSwitch(s.state_dir / "capture.json", c.enabled)
+        self.spool = Spool(s.state_dir / "samples.db", c.max_spool_bytes)
+        t = s.telemetry
+        self.upload_budget = (
+            UploadBudget(
+                t.daily_budget_bytes,
+                self.wire,
+                t.interval_s,
+                (lambda: self.telemetry.seq if self.telemetry else 0)
+                if self.telemetry is not None
+                else None,
+            )
+            if t.daily_budget_bytes is not None
+            else None
+        )
+        self.capture = Capture(
+            self.spool,
+            self.switch,
+            budget=self.upload_budget,
+            cloud_model=self._cloud_model,
+            batch=c.max_batch,
+        )
+        # audits go on a cloud client of their own: counted apart, and never holding one
+        # of the request path's connections
+        self.audit_cloud: CloudClient | None = None
+        if s.cloud.url:
+            self.audit_cloud = CloudClient(
+                s.cloud.url,
+                token=s.cloud.token.get_secret_value() if s.cloud.token else None,
+                binary=s.cloud.binary,
+                connect_timeout_s=s.cloud.connect_timeout_s,
+                max_connections=1,
+                event_hooks=http_hooks(self.wire, "audits"),
+                tls=s.cloud.tls,
+            )
+        self.audit = Audit(
+            self.agent,
+            self._audit_rate(),
+            cloud=self.audit_cloud,
+            max_pending=c.max_pending,
+            timeout_s=c.audit_timeout_s,
+        )
+        self.uploader: Uploader | None = None
+        base = c.upload_url or s.cloud.url
+        if base is not None:
+            self.samples_http = download_client(None, [], s.cloud.tls)
+            count_http(self.samples_http, self.wire, "samples")
+            self.uploader = Uploader(
+                self.capture,
+                self.samples_http,
+                base,
+                s.device,
+                c.token.get_secret_value() if c.token else None,
+                interval_s=c.upload_interval_s,
+                max_batch=c.max_batch,
+                budget=self.upload_budget,
+                max_backoff_s=c.max_backoff_s,
+            )
+            self.capture.on_full = self.uploader.notify
+            self.switch.listeners.append(self.uploader.notify)
+        self.switch.listeners.append(self._switched)
+        consumers: list[Observer] = [self.capture.observe, self.audit.observe]
+        labelled: list[Observer] = [self.capture.audited]
+        # --- learning loop: the shadow's consumers join here (H3)
+        # --- learning loop end
+        self.audit.on_labelled += labelled
+        self.observations = ObservationQueue(consumers, c.max_pending)
+        # capture keeps only cloud-labelled answers: without a cloud nothing consumes
+        if self.agent.cloud_configured:
+            self.agent.observer = self.observations.offer
+        if self.telemetry is not None:
+            self.telemetry.extras += [self.capture.section, self.audit.section]
+        if self.mqtt is not None:
+            for name in topics.agent_command_topics(s.fleet, s.device, s.group):
+                self.mqtt.subscribe(name, self.switch.on_message)
+
+    def _audit_rate(self) -> float:
+        rate = self.switch.audit_rate
+        return rate if rate is not None else self.settings.capture.audit_rate
+
+    def _switched(self) -> None:
+        self.audit.rate = self._audit_rate()
+
+    def _cloud_model(self, obs: Observation) -> str | None:
+        target = cloud_target(self.agent, self.agent.model.manifest)
+        if target is None:
+            return None
+        return f"{target.model}:{target.version}" if target.version else target.model
 
     # ------------------------------------------------------------------------- boot
 
@@ -225,11 +334,29 @@ class AgentService:
 
     def start(self, wait_s: float | None = None) -> None:
         self.updater.start()
+        self.observations.start()
+        self.audit.start()
+        if self.uploader is not None:
+            self.uploader.start()
         if self.mqtt is not None:
             assert self.sender is not None and self.telemetry is not None
             self.sender.start()
             self.telemetry.start()
             self.mqtt.start(wait_s=wait_s)
+
+    def _stop_learning_loop(self) -> None:
+        """Observations still queued are captured (the spool keeps them for the next
+        start); audits under way are not waited for past a few seconds."""
+        self.agent.observer = None
+        self.observations.stop()
+        self.observations.drain()
+        self.audit.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
+            self.samples_http.close()
+        if self.audit_cloud is not None:
+            self.audit_cloud.close()
+        self.spool.close()
 
     def stop(self) -> None:
         """Graceful: last telemetry out (briefly waiting for its ack), say offline ourselves
@@ -252,6 +379,7 @@ class AgentService:
                 )
             self.mqtt.stop()
         self.updater.stop()
+        self._stop_learning_loop()
         self.http.close()
         self.agent.close()
         self.outbox.close()

@@ -5,7 +5,10 @@ Categories (``CATEGORIES``): ``births`` (the retained status, online and offline
 ``telemetry``, ``job_states`` (update reports), ``manifests`` (received), ``session`` (the
 MQTT connection itself: CONNECT with its Last Will, CONNACK, SUBSCRIBE/SUBACK,
 PINGREQ/PINGRESP, DISCONNECT), ``downloads`` (artifacts and bundle files) and
-``escalations`` (every request to the cloud fallback, its ``GET /v2`` probe included).
+``escalations`` (every request to the cloud fallback, its ``GET /v2`` probe included),
+``audits`` (the learning loop's audit calls to the cloud, on a client of their own) and
+``samples`` (field-data uploads, ``POST /fleet/samples``). The capture switch's retained
+commands are received on subscriptions and counted with ``manifests``.
 
 What is counted, and how exactly:
 
@@ -46,9 +49,12 @@ CATEGORIES = (
     "session",
     "downloads",
     "escalations",
+    "audits",
+    "samples",
 )
 #: The device's own MQTT chatter: what ``telemetry.daily_budget_bytes`` is a budget for.
-#: Downloads and escalations are work an operator or a caller asked for.
+#: Downloads and escalations are work an operator or a caller asked for; audits go with
+#: escalations; samples share the budget's remainder (``agent.device.uploader``).
 BUDGETED = ("births", "telemetry", "job_states", "manifests", "session")
 
 PUBACK_BYTES = 4

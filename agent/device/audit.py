@@ -1,0 +1,290 @@
+"""The audit: a random share of the edge's confident answers, asked of the cloud off the
+request path, to see the mistakes the edge is sure of (escalations only show the ones it
+doubts) and to check the threshold's guarantee live.
+
+``Audit.observe`` runs on the ``ObservationQueue``'s thread. It picks an observation the
+edge answered itself with a confidence at or above the threshold (what the manifest's
+``Guarantee`` is about) with probability ``rate``, and queues it (bounded: dropped and
+counted when full) for a thread of its own, which asks the cloud and hands a labelled copy
+(``cloud_*`` filled in, ``reason="audit"``) to each of ``on_labelled`` (capture, shadow).
+
+The cloud is asked on the audit's own ``CloudClient`` (the service builds one counted on
+the ``audits`` wire category), never through the router: an audit must not move the
+breaker or the latency estimate a request's routing depends on, nor take a connection from
+the request path's pool. A failed audit is counted and forgotten (no retry).
+
+Only flat classifiers are audited (``Observation.features``): an image model's cloud call
+needs the request's own preprocessing and decoder, which stay inside ``Agent``; image
+observations are counted as ``skipped``.
+
+The live check (``section``, telemetry ``audit``): per (model, version), audited and wrong
+("not the cloud's top-1") per interval and per session, the session's error with its
+Clopper-Pearson interval at the manifest's ``delta`` (0.05 without a guarantee), and
+``violated`` when even the interval's lower end is above the manifest's ``epsilon`` (logged
+once at WARNING when it turns so). With ``reference = "labels"`` the cloud stands in for
+the true label: the check then measures disagreement with the cloud.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.errors import CloudError
+from agent.inference.cloud_client import CloudClient
+from agent.inference.confidence import score
+from agent.inference.core import Agent
+from agent.inference.observe import Observation
+from shared import bounds
+from shared.manifest import CloudTarget, Guarantee, Manifest
+from shared.telemetry import FieldAccuracy
+
+log = logging.getLogger(__name__)
+
+#: The interval's confidence when the manifest promises nothing.
+DEFAULT_DELTA = 0.05
+AUDIT_REASON = "audit"
+
+
+def cloud_target(agent: Agent, manifest: Manifest) -> CloudTarget | None:
+    """The cloud model ``agent`` escalates ``manifest``'s model to (settings override the
+    manifest, as ``Agent`` resolves it)."""
+    s = agent.settings.cloud
+    target = manifest.cloud
+    if s.model:
+        target = (target or CloudTarget(model=s.model)).model_copy(update={"model": s.model})
+    if target is not None and s.version:
+        target = target.model_copy(update={"version": s.version})
+    return target
+
+
+@dataclass
+class _Counts:
+    audited: int = 0
+    wrong: int = 0
+    session_audited: int = 0
+    session_wrong: int = 0
+    guarantee: Guarantee | None = None
+    violated: bool = False
+
+
+class Audit:
+    def __init__(
+        self,
+        agent: Agent,
+        rate: float,
+        *,
+        cloud: CloudClient | None = None,
+        max_pending: int = 64,
+        timeout_s: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        """``cloud``: the client audits go through (None: ``agent.cloud_client``)."""
+        self.agent = agent
+        #: Share of confident edge answers audited (the capture switch may change it).
+        self.rate = rate
+        self.cloud = cloud if cloud is not None else agent.cloud_client
+        self.max_pending = max_pending
+        self.timeout_s = timeout_s
+        self._rng = rng if rng is not None else random.Random()
+        #: Called with each labelled copy, on the audit's thread.
+        self.on_labelled: list[Callable[[Observation], None]] = []
+        self.dropped = 0  # queue full
+        self.failed = 0  # the cloud did not answer
+        self.skipped = 0  # not auditable (an image model, a model swapped since)
+        self._items: deque[Observation] = deque()
+        self._ready = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, int], _Counts] = {}
+        self._failed_consumers: set[int] = set()
+
+    # ----------------------------------------------------------------- the queue side
+
+    def observe(self, obs: Observation) -> None:
+        """Maybe queue ``obs`` for an audit (never blocks)."""
+        if self.cloud is None or obs.escalated or obs.edge_confidence < obs.threshold:
+            return
+        rate = self.rate
+        if rate <= 0.0 or self._rng.random() >= rate:
+            return
+        if obs.features is None:
+            self.skipped += 1
+            return
+        with self._ready:
+            if len(self._items) >= self.max_pending:
+                self.dropped += 1
+                return
+            self._items.append(obs)
+            self._ready.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tandem-audit", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._ready:
+            self._stop = True
+            self._ready.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def drain(self) -> None:
+        """Audit everything queued now, on this thread (tests)."""
+        while True:
+            with self._ready:
+                if not self._items:
+                    return
+                obs = self._items.popleft()
+            self.audit(obs)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._items and not self._stop:
+                    self._ready.wait(1.0)
+                if self._stop:
+                    return
+                obs = self._items.popleft()
+            try:
+                self.audit(obs)
+            except Exception:  # the audit thread must outlive any one audit
+                log.exception("audit failed")
+
+    # ---------------------------------------------------------------------- one audit
+
+    def audit(self, obs: Observation) -> Observation | None:
+        """Ask the cloud about ``obs``; count it and hand the labelled copy on. None when it
+        could not be audited."""
+        labelled = self.label(obs)
+        if labelled is None:
+            return None
+        self._count(labelled)
+        for i, consume in enumerate(self.on_labelled):
+            try:
+                consume(labelled)
+            except Exception:
+                if i not in self._failed_consumers:
+                    self._failed_consumers.add(i)
+                    log.exception("an audit consumer failed (logged once)")
+        return labelled
+
+    def label(self, obs: Observation) -> Observation | None:
+        """A copy of ``obs`` with the cloud's answer, or None (counted)."""
+        model = self.agent.model
+        m = model.manifest
+        target = cloud_target(self.agent, m)
+        if (
+            self.cloud is None
+            or target is None
+            or obs.features is None
+            or (m.model, m.version) != (obs.model, obs.version)
+            or not model.flat
+        ):
+            self.skipped += 1
+            return None
+        raw = np.asarray(obs.features, dtype=np.float32).reshape(1, -1)
+        try:
+            answer = self.cloud.infer(model.preprocess(raw), target, self.timeout_s)
+        except CloudError as exc:
+            self.failed += 1
+            log.debug("audit: the cloud did not answer (%s)", exc)
+            return None
+        if answer.output.shape[-1] != len(model.labels):
+            self.failed += 1
+            return None
+        metric = self.agent.settings.routing.metric or m.routing.metric
+        probs, conf, index = score(answer.output[0], target.output_kind, 1.0, metric)
+        return dataclasses.replace(
+            obs,
+            reason=AUDIT_REASON,
+            cloud_index=index,
+            cloud_confidence=conf,
+            cloud_probs=probs,
+        )
+
+    # ------------------------------------------------------------------- the live check
+
+    def _count(self, obs: Observation) -> None:
+        assert obs.cloud_index is not None
+        wrong = obs.cloud_index != obs.edge_index
+        m = self.agent.model.manifest
+        guarantee = (
+            m.routing.guarantee if (m.model, m.version) == (obs.model, obs.version) else None
+        )
+        with self._lock:
+            c = self._counts.setdefault((obs.model, obs.version), _Counts())
+            if guarantee is not None:
+                c.guarantee = guarantee
+            c.audited += 1
+            c.session_audited += 1
+            c.wrong += wrong
+            c.session_wrong += wrong
+            accuracy = _accuracy(obs.model, obs.version, c)
+            turned = bool(accuracy.violated) and not c.violated
+            c.violated = bool(accuracy.violated)
+        if turned:
+            log.warning(
+                "%s v%d breaks its guarantee on the audit sample: error %.4f (%d of %d), "
+                "interval [%.4f, %.4f] above epsilon %.4f",
+                obs.model,
+                obs.version,
+                accuracy.error,
+                accuracy.session_wrong,
+                accuracy.session_audited,
+                accuracy.error_low,
+                accuracy.error_high,
+                accuracy.epsilon,
+            )
+
+    def accuracy(self, model: str, version: int) -> FieldAccuracy | None:
+        """The live check of ``model`` v``version`` so far (None: never audited)."""
+        with self._lock:
+            c = self._counts.get((model, version))
+            return None if c is None else _accuracy(model, version, c)
+
+    def section(self) -> dict[str, FieldAccuracy]:
+        """Telemetry's ``audit`` for the serving model, closing the interval (``{}`` before
+        its first audit)."""
+        m = self.agent.model.manifest
+        with self._lock:
+            c = self._counts.get((m.model, m.version))
+            if c is None:
+                return {}
+            out = _accuracy(m.model, m.version, c)
+            for counts in self._counts.values():
+                counts.audited = counts.wrong = 0
+        return {"audit": out}
+
+
+def _accuracy(model: str, version: int, c: _Counts) -> FieldAccuracy:
+    g = c.guarantee
+    delta = g.delta if g is not None else DEFAULT_DELTA
+    n, k = c.session_audited, c.session_wrong
+    low, high = bounds.interval(k, n, delta) if n else (None, None)
+    return FieldAccuracy(
+        model=model,
+        version=version,
+        audited=c.audited,
+        wrong=c.wrong,
+        session_audited=n,
+        session_wrong=k,
+        error=k / n if n else None,
+        error_low=low,
+        error_high=high,
+        epsilon=g.epsilon if g is not None else None,
+        delta=g.delta if g is not None else None,
+        violated=(low is not None and low > g.epsilon) if g is not None else None,
+    )
