@@ -8,6 +8,11 @@
 - ``GET /fleet/summary``: online/offline counts, model version distribution, fleet offload
   rate and latency over time, the same per device for the devices with the worst p95
   (``?per_device=``), rollouts with per-wave progress;
+- ``GET /fleet/rollouts/{id}/gate``: a rollout's phase and its field-accuracy gate (the
+  decision on the evidence now, and the one the controller last acted on);
+- ``GET /fleet/loop?model=M``: the learning loop of ``M`` per version (shadow agreement
+  figures, audit error with its Clopper-Pearson interval) and its latest rollouts with
+  their gate: the dashboard's panel;
 - ``FleetMetrics``: fleet figures for ``/metrics`` (Prometheus).
 
 Every answer is computed in SQL (``cloud/fleet/queries.py``): its cost follows the page or
@@ -27,6 +32,7 @@ from prometheus_client.metrics_core import Metric
 
 from cloud.fleet import queries
 from cloud.fleet.collector import Collector
+from cloud.fleet.rollout import gate_view
 from cloud.fleet.store import FleetStore
 from shared.errors import ModelNotFoundError
 from shared.identifiers import IDENTIFIER_RE
@@ -41,6 +47,9 @@ MAX_BUCKET_S = 24 * 3600
 #: ``/fleet/devices``' page size, by default and at most.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+#: ``/fleet/loop``'s latest rollouts of the model, by default and at most.
+DEFAULT_LOOP_ROLLOUTS = 5
+MAX_LOOP_ROLLOUTS = 50
 #: ``/fleet/summary``'s per-device lines (the worst p95 first), by default and at most.
 DEFAULT_PER_DEVICE = 8
 MAX_PER_DEVICE = 50
@@ -88,6 +97,28 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
             "rollouts": queries.recent_rollouts(store, fleet),
             "collector": dict(collector.counts) if collector else {},
         }
+
+    @router.get("/fleet/rollouts/{rollout_id}/gate")
+    def rollout_gate(rollout_id: int) -> dict[str, Any]:
+        try:
+            r = store.rollout(rollout_id)
+        except KeyError:
+            r = None
+        if r is None or r.fleet != fleet:
+            raise ModelNotFoundError(f"unknown rollout {rollout_id}")
+        return gate_view(store, r)
+
+    @router.get("/fleet/loop")
+    def learning_loop(
+        model: Annotated[str, Query(pattern=IDENTIFIER_RE.pattern)],
+        rollouts: Annotated[int, Query(ge=0, le=MAX_LOOP_ROLLOUTS)] = DEFAULT_LOOP_ROLLOUTS,
+    ) -> dict[str, Any]:
+        view = queries.loop(store, fleet, model)
+        view["rollouts"] = [
+            gate_view(store, store.rollout(i))
+            for i in queries.model_rollouts(store, fleet, model, rollouts)
+        ]
+        return view
 
     return router
 

@@ -2,6 +2,8 @@
 
     tandem-cloud fleet rollout digits@5 [--group G | --devices a,b] [--canary 1|10%]
                                         [--waves 2] [--max-failure-rate 0] [--wave-timeout 300]
+                                        [--shadow [--gate-min-samples 300] [--gate-margin 0.02]
+                                                  [--shadow-timeout-s 3600]]
     tandem-cloud fleet resume ID
     tandem-cloud fleet controller [--lease-ttl 15] [--poll 1]
     tandem-cloud fleet rollback digits [--to 4]
@@ -70,6 +72,16 @@ def add_fleet_parser(sub: Any) -> None:
             p.add_argument("--waves", type=int, default=2)
             p.add_argument("--max-failure-rate", type=float, default=0.0)
             p.add_argument("--wave-timeout", type=float, default=300.0)
+            p.add_argument(
+                "--shadow",
+                action="store_true",
+                help="first run the release as a shadow on the canary, gated by field accuracy",
+            )
+            p.add_argument("--gate-min-samples", type=int, default=300, help="labelled samples")
+            p.add_argument(
+                "--gate-margin", type=float, default=0.02, help="how much worse may pass"
+            )
+            p.add_argument("--shadow-timeout-s", type=float, default=3600.0)
         elif p.prog.endswith("resume"):
             p.add_argument("id", type=int)
         elif p.prog.endswith("rollback"):
@@ -160,6 +172,10 @@ def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
                 waves=args.waves,
                 max_failure_rate=args.max_failure_rate,
                 wave_timeout_s=args.wave_timeout,
+                shadow=args.shadow,
+                gate_min_samples=args.gate_min_samples,
+                gate_margin=args.gate_margin,
+                shadow_timeout_s=args.shadow_timeout_s,
             )
         else:
             rollout_id = args.id

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from cloud.fleet.gate import GateStats, decide
 from cloud.fleet.store import FleetStore
+from shared import bounds
 from shared.update import UpdateState
 
 FAILED_STATES = tuple(s.value for s in UpdateState if s.failure)
@@ -303,5 +305,140 @@ def unfinished_rollouts(store: FleetStore, fleet: str) -> list[int]:
     rows = store.query(
         "SELECT id FROM rollouts WHERE fleet = ? AND state IN ('PLANNED', 'RUNNING') ORDER BY id",
         [fleet],
+    )
+    return [int(r["id"]) for r in rows]
+
+
+# ------------------------------------------------------------------ the learning loop
+
+_SHADOW_SUMS = (
+    "samples",
+    "agree_serving",
+    "labelled",
+    "agree_cloud",
+    "serving_agree_cloud",
+    "shadow_only_right",
+    "serving_only_right",
+    "would_escalate",
+    "dropped",
+)
+_SHADOW_SELECT = ", ".join(f"COALESCE(SUM({c}), 0) AS {c}" for c in _SHADOW_SUMS)
+
+
+def _marks(values: list[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def gate_stats(
+    store: FleetStore,
+    fleet: str,
+    model: str,
+    version: int,
+    devices: list[str] | None = None,
+    since: str | None = None,
+) -> GateStats:
+    """The counts a rollout's gate decides on (``cloud.fleet.gate``): the shadow runs of
+    ``model@version`` (on ``devices`` only, if given; received since ``since``, the store's
+    clock, if given), the audits of the devices serving that version (same filters), and
+    the audits of the versions the shadow was compared with (``serving_version``) on any
+    device: three summing queries on the version's index."""
+    where, args = "fleet = ? AND model = ? AND version = ?", [fleet, model, version]
+    if devices is not None:
+        if not devices:
+            return GateStats()
+        where += f" AND device IN ({_marks(devices)})"
+        args += devices
+    if since is not None:
+        where += " AND received >= ?"
+        args.append(since)
+    row = store.query(
+        f"SELECT {_SHADOW_SELECT}, COUNT(DISTINCT device) AS devices FROM shadow_stats"
+        f" WHERE {where}",
+        args,
+    )[0]
+    shadow = {c: int(row[c]) for c in (*_SHADOW_SUMS, "devices")}
+    serving = [
+        int(r["v"])
+        for r in store.query(
+            f"SELECT DISTINCT serving_version AS v FROM shadow_stats WHERE {where}"
+            " AND serving_version IS NOT NULL AND serving_version <> ?",
+            [*args, version],
+        )
+    ]
+    audit_sql = (
+        "SELECT COALESCE(SUM(audited), 0) AS n, COALESCE(SUM(wrong), 0) AS k FROM audit_stats"
+    )
+    cand = store.query(f"{audit_sql} WHERE {where}", args)[0]
+    serv = {"n": 0, "k": 0}
+    if serving:
+        other = "fleet = ? AND model = ?" + f" AND version IN ({_marks(serving)})"
+        other_args: list[Any] = [fleet, model, *serving]
+        if since is not None:
+            other += " AND received >= ?"
+            other_args.append(since)
+        serv = store.query(f"{audit_sql} WHERE {other}", other_args)[0]
+    return GateStats(
+        **shadow,
+        candidate_audited=int(cand["n"]),
+        candidate_wrong=int(cand["k"]),
+        serving_audited=int(serv["n"]),
+        serving_wrong=int(serv["k"]),
+    )
+
+
+def loop(store: FleetStore, fleet: str, model: str, delta: float = 0.05) -> dict[str, Any]:
+    """The learning loop of ``model`` per version, for the dashboard: its shadow figures
+    (summed counts, agreements, the paired difference with its 95 % interval) and its audit
+    figures (audited answers, wrong ones, the error with its ``1 - delta`` Clopper-Pearson
+    interval). Rollouts are added by the API (``rollout.gate_view``)."""
+    per: dict[int, dict[str, Any]] = {}
+    for r in store.query(
+        f"SELECT version, {_SHADOW_SELECT}, COUNT(DISTINCT device) AS devices"
+        " FROM shadow_stats WHERE fleet = ? AND model = ? GROUP BY version",
+        [fleet, model],
+    ):
+        stats = GateStats(**{c: int(r[c]) for c in (*_SHADOW_SUMS, "devices")})
+        figures = decide(stats, 1, 0.0)
+        per.setdefault(int(r["version"]), {})["shadow"] = {
+            **{c: int(r[c]) for c in (*_SHADOW_SUMS, "devices")},
+            "agreement_serving": stats.agree_serving / stats.samples if stats.samples else None,
+            "candidate_agreement": figures.candidate_agreement,
+            "serving_agreement": figures.serving_agreement,
+            "diff": figures.diff,
+            "diff_low": figures.diff_low,
+            "diff_high": figures.diff_high,
+            "would_escalate_rate": stats.would_escalate / stats.samples if stats.samples else None,
+        }
+    for r in store.query(
+        "SELECT version, COALESCE(SUM(audited), 0) AS n, COALESCE(SUM(wrong), 0) AS k,"
+        " COUNT(DISTINCT device) AS devices FROM audit_stats WHERE fleet = ? AND model = ?"
+        " GROUP BY version",
+        [fleet, model],
+    ):
+        n, k = int(r["n"]), int(r["k"])
+        low, high = bounds.interval(k, n, delta) if n else (None, None)
+        per.setdefault(int(r["version"]), {})["audit"] = {
+            "audited": n,
+            "wrong": k,
+            "devices": int(r["devices"]),
+            "error": k / n if n else None,
+            "error_low": low,
+            "error_high": high,
+            "delta": delta,
+        }
+    return {
+        "model": model,
+        "versions": [
+            {"version": v, "shadow": per[v].get("shadow"), "audit": per[v].get("audit")}
+            for v in sorted(per)
+        ],
+    }
+
+
+def model_rollouts(store: FleetStore, fleet: str, model: str, last: int) -> list[int]:
+    """The ids of ``model``'s ``last`` rollouts, newest first."""
+    rows = store.query(
+        "SELECT id FROM rollouts WHERE fleet = ? AND model = ? ORDER BY id DESC LIMIT ?",
+        [fleet, model, last],
     )
     return [int(r["id"]) for r in rows]

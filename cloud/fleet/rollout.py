@@ -14,17 +14,34 @@ Several instances may run a controller: given a ``Lease`` (``cloud/fleet/lease.p
 checks it before every act (a store write, a publish, each poll of a wave) and stops with
 ``LeaseLostError`` the moment it no longer holds it, so that the instance that takes the lease
 over finds the plan as this one last wrote it (``cloud/fleet/controller.py`` runs the loop).
+
+A rollout may start with a **shadow phase** (``create(shadow=True)``): before the canary
+gets the release, the controller publishes its signed manifest, unchanged, on each canary
+device's retained *shadow* topic; the agents run it beside their serving model and report
+how the two compare (telemetry's ``shadow`` section, stored by the collector). The
+controller waits until the gate (``cloud/fleet/gate.py``) has enough labelled samples to
+decide, or the shadow timeout, then clears those shadow topics and either aborts (no device
+ever served the candidate) or goes on with the canary and the waves, the gate checked again
+before each wave on everything gathered since the shadow phase began (the shadow runs and
+the audits of the devices that now serve the candidate). The phase, its start and each
+decision of the gate are written to the store before they are acted on, so that a
+controller killed in the shadow phase resumes it: the same deadline, the same evidence,
+the shadow topics published (or cleared) again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
+from cloud.fleet import queries
+from cloud.fleet.gate import GateDecision, GateStats, decide
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.store import FleetStore, Rollout
 from cloud.releases.packaging import rollback_release
@@ -75,6 +92,49 @@ def plan(devices: list[str], canary: str, waves: int) -> list[list[str]]:
         size = math.ceil(len(rest) / max(1, waves))
         out += [rest[i : i + size] for i in range(0, len(rest), size)]
     return out
+
+
+def gate_decision(store: FleetStore, r: Rollout) -> GateDecision:
+    """The gate of rollout ``r`` on what the store holds now: in the shadow phase, the
+    canary devices' shadow runs since the phase began; afterwards, every device's shadow
+    runs and audits since then (``queries.gate_stats``)."""
+    if r.phase == "shadow":
+        planned = store.waves(r.id)
+        if r.shadow_started is None or not planned:
+            stats = GateStats()
+        else:
+            canary = [d for d, _ in planned[0]]
+            stats = queries.gate_stats(
+                store, r.fleet, r.model, r.version, devices=canary, since=r.shadow_started
+            )
+    else:
+        stats = queries.gate_stats(store, r.fleet, r.model, r.version, since=r.shadow_started)
+    return decide(stats, r.gate_min_samples, r.gate_margin)
+
+
+def gate_view(store: FleetStore, r: Rollout) -> dict[str, Any]:
+    """What ``GET /fleet/rollouts/{id}/gate`` says: the rollout's phase, the gate's
+    decision the controller last acted on, and the gate on the evidence now (for a shadow
+    rollout still running; else the decision acted on)."""
+    acted = json.loads(r.gate) if r.gate else None
+    current: dict[str, Any] | None = None
+    if r.shadow:
+        unfinished = r.state in ("PLANNED", "RUNNING")
+        current = gate_decision(store, r).to_dict() if unfinished else acted
+    return {
+        "rollout": r.id,
+        "release": f"{r.model}@{r.version}",
+        "state": r.state,
+        "shadow": r.shadow,
+        "phase": r.phase,
+        "shadow_started": r.shadow_started,
+        "min_samples": r.gate_min_samples,
+        "margin": r.gate_margin,
+        "shadow_timeout_s": r.shadow_timeout_s,
+        "gate": current,
+        "acted_on": acted,
+        "detail": r.detail,
+    }
 
 
 @dataclass(frozen=True)
@@ -194,8 +254,20 @@ class RolloutController:
         waves: int = 2,
         max_failure_rate: float = 0.0,
         wave_timeout_s: float = 300.0,
+        shadow: bool = False,
+        gate_min_samples: int = 300,
+        gate_margin: float = 0.02,
+        shadow_timeout_s: float = 3600.0,
     ) -> int:
-        """Record a rollout (or return the unfinished one for the same release)."""
+        """Record a rollout (or return the unfinished one for the same release). With
+        ``shadow``, it starts with a shadow phase on the canary, gated by field accuracy:
+        ``gate_min_samples`` labelled samples, ``gate_margin`` (see ``cloud.fleet.gate``),
+        at most ``shadow_timeout_s`` for the samples to come."""
+        if gate_min_samples < 1 or not 0.0 <= gate_margin < 1.0 or shadow_timeout_s <= 0:
+            raise RolloutError(
+                "the gate needs gate_min_samples >= 1, 0 <= gate_margin < 1 and a positive "
+                "shadow timeout"
+            )
         self.registry.manifest(model, version)  # must exist
         existing = self.store.unfinished_rollout(self.fleet, model, version)
         if existing is not None:
@@ -215,6 +287,10 @@ class RolloutController:
             waves,
             max_failure_rate,
             wave_timeout_s,
+            shadow=shadow,
+            gate_min_samples=gate_min_samples,
+            gate_margin=gate_margin,
+            shadow_timeout_s=shadow_timeout_s,
         )
 
     def _targets(self, r: Rollout) -> list[str]:
@@ -237,12 +313,22 @@ class RolloutController:
             self.store.plan_waves(r.id, plan(targets, r.canary, r.waves))
             planned = self.store.waves(r.id)
             self.store.update_rollout(r.id, state="RUNNING")
+        r = self.store.rollout(r.id)
+        if r.shadow and r.phase == "shadow":
+            stopped = self._shadow_phase(r, [d for d, _ in planned[0]], manifest)
+            if stopped is not None:
+                return stopped
+            r = self.store.rollout(r.id)
         for index in range(r.current_wave, len(planned)):
+            label = "canary" if index == 0 and len(planned) > 1 else f"wave {index}"
+            if r.shadow and index > 0:
+                stopped = self._recheck(r.id, index, label)
+                if stopped is not None:
+                    return stopped
             outcome = self._run_wave(r, index, planned[index], manifest)
             devices = len(planned[index])
             bad = len(outcome.failed) + len(outcome.timed_out)
             rate = bad / devices
-            label = "canary" if index == 0 and len(planned) > 1 else f"wave {index}"
             self.progress(
                 f"{label}: {len(outcome.active)}/{devices} ACTIVE, {len(outcome.failed)} failed, "
                 f"{len(outcome.timed_out)} timed out"
@@ -265,6 +351,81 @@ class RolloutController:
         self._may_act()
         self.store.update_rollout(r.id, state="COMPLETED", detail="")
         self.progress(f"completed: {r.model}@{r.version}")
+        return self.store.rollout(r.id)
+
+    def _shadow_phase(self, r: Rollout, canary: list[str], manifest: Manifest) -> Rollout | None:
+        """The candidate on the canary's shadow topics until the gate decides or the
+        shadow timeout; the shadow topics cleared; the rollout ABORTED (returned) unless
+        the gate passed (None: go on with the canary)."""
+        shadows = [topics.shadow(self.fleet, r.model, device=d) for d in canary]
+        if r.gate is not None:  # decided before a restart: the clearing may not have been
+            decision = GateDecision.from_dict(json.loads(r.gate))
+        else:
+            started = r.shadow_started
+            if started is None:
+                started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+                self._may_act()
+                self.store.update_rollout(r.id, shadow_started=started)
+                r = self.store.rollout(r.id)
+            deadline = datetime.fromisoformat(started).timestamp() + r.shadow_timeout_s
+            if time.time() < deadline:
+                payload = manifest.to_json().encode()
+                self._publish_all(
+                    [(t, payload) for t in shadows], f"the shadow manifests of {r.model}"
+                )
+                self.progress(
+                    f"shadow: {r.model}@{r.version} beside the serving model on "
+                    f"{len(canary)} device(s), until {r.gate_min_samples} labelled samples"
+                )
+            while True:
+                self._may_act()
+                decision = gate_decision(self.store, r)
+                if decision.state != "wait" or time.time() >= deadline:
+                    break
+                time.sleep(self.poll_s)
+            self._may_act()
+            self.store.update_rollout(r.id, gate=json.dumps(decision.to_dict()))
+        self._publish_all(
+            [(Topic(t.name, t.qos, True), b"") for t in shadows],
+            f"the clearing of the shadow topics of {r.model}",
+        )
+        if decision.state == "pass":
+            self._may_act()
+            self.store.update_rollout(r.id, phase="waves")
+            self.progress(f"shadow: {decision.detail}")
+            return None
+        if decision.state == "wait":
+            detail = (
+                f"shadow phase timed out after {r.shadow_timeout_s:g} s with "
+                f"{decision.labelled} of {r.gate_min_samples} labelled samples: no decision, "
+                "the candidate never served"
+            )
+        else:
+            detail = f"shadow phase: {decision.detail}; the candidate never served"
+        self._may_act()
+        self.store.update_rollout(r.id, state="ABORTED", detail=detail)
+        self.progress(f"aborted: {detail}")
+        return self.store.rollout(r.id)
+
+    def _recheck(self, rollout_id: int, index: int, label: str) -> Rollout | None:
+        """The gate before wave ``index`` on everything gathered so far; the rollout
+        ABORTED (returned) if it fails. A wave already started was checked before it."""
+        r = self.store.rollout(rollout_id)
+        if r.current_wave == index and r.wave_started is not None:
+            return None
+        decision = gate_decision(self.store, r)
+        self._may_act()
+        self.store.update_rollout(r.id, gate=json.dumps(decision.to_dict()))
+        if decision.state != "fail":
+            self.progress(f"gate before {label}: {decision.detail}")
+            return None
+        detail = (
+            f"before {label}: {decision.detail}; the devices of earlier waves keep the "
+            "candidate (fleet rollback to go back)"
+        )
+        self._may_act()
+        self.store.update_rollout(r.id, state="ABORTED", detail=detail)
+        self.progress(f"aborted: {detail}")
         return self.store.rollout(r.id)
 
     def _run_wave(

@@ -18,7 +18,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cloud.fleet.store.backend import Backend, Dialect, SqliteBackend, insert_new_sql
+from cloud.fleet.store.backend import (
+    Backend,
+    Dialect,
+    SqliteBackend,
+    Transaction,
+    first_of_each,
+    insert_new_sql,
+)
 from cloud.fleet.store.schema import migrate
 from shared.status import DeviceStatus
 from shared.telemetry import Telemetry
@@ -62,6 +69,14 @@ class Rollout:
     current_wave: int
     wave_started: str | None
     detail: str
+    # the shadow phase and its gate (cloud/fleet/gate.py); phase: shadow | waves
+    shadow: bool = False
+    gate_min_samples: int = 300
+    gate_margin: float = 0.02
+    shadow_timeout_s: float = 3600.0
+    phase: str = "waves"
+    shadow_started: str | None = None
+    gate: str | None = None  # the gate's last decision acted on (GateDecision, JSON)
 
 
 #: what ``update_rollout`` may set (the names go into SQL)
@@ -74,6 +89,31 @@ _TELEMETRY_COLUMNS = (
 )
 _TELEMETRY_KEY = ("fleet", "device", "session", "seq")
 _INSERT_TELEMETRY = insert_new_sql("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY)
+#: Rows per INSERT of telemetry carrying shadow or audit sections on PostgreSQL (as
+#: ``postgres.INSERT_ROWS``: psycopg caches the parse of short statements only).
+_RETURNING_ROWS = 40
+
+_SHADOW_COLUMNS = (
+    *("fleet", "device", "session", "seq", "ts", "received", "model", "version"),
+    *("serving_version", "samples", "agree_serving", "labelled", "agree_cloud"),
+    *("serving_agree_cloud", "shadow_only_right", "serving_only_right", "would_escalate"),
+    "dropped",
+)
+_AUDIT_COLUMNS = (
+    *("fleet", "device", "session", "seq", "ts", "received", "model", "version"),
+    *("audited", "wrong"),
+)
+_INSERT_SHADOW = insert_new_sql("shadow_stats", _SHADOW_COLUMNS, _TELEMETRY_KEY)
+_INSERT_AUDIT = insert_new_sql("audit_stats", _AUDIT_COLUMNS, _TELEMETRY_KEY)
+
+
+def _serving_version(t: Telemetry, model: str) -> int | None:
+    """The version serving ``model`` when ``t`` was sent (its first model if none is
+    named so)."""
+    for m in t.models:
+        if m.model == model:
+            return m.version
+    return t.models[0].version if t.models else None
 
 
 def _backend(target: Path | str, pool_size: int) -> Backend:
@@ -210,15 +250,73 @@ class FleetStore:
     def record_telemetry(self, fleet: str, t: Telemetry) -> bool:
         """Store one message; False if (device, session, seq) was already stored (by this
         instance or another). One statement: the ``telemetry_seen`` trigger marks the
-        device seen."""
+        device seen (a message with shadow or audit figures: as ``record_telemetry_many``)."""
+        if t.shadow is not None or t.audit is not None:
+            return self.record_telemetry_many(fleet, [t])[0]
         return bool(self._db.execute(_INSERT_TELEMETRY, self._telemetry_row(fleet, t)))
 
     def record_telemetry_many(self, fleet: str, messages: Sequence[Telemetry]) -> list[bool]:
         """Store several messages in one transaction (one commit; on PostgreSQL one round
         trip): for each, whether it was new, as ``record_telemetry`` says. For a collector
-        that drains what arrived since its last write, which a busy broker makes many."""
+        that drains what arrived since its last write, which a busy broker makes many.
+
+        A message's ``shadow`` and ``audit`` sections go into ``shadow_stats`` and
+        ``audit_stats`` in the same transaction, only for the messages that were new: a
+        redelivered message adds nothing to the sums a rollout's gate reads."""
         rows = [self._telemetry_row(fleet, t) for t in messages]
-        return self._db.insert_new("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY, rows)
+        if all(t.shadow is None and t.audit is None for t in messages):
+            return self._db.insert_new("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY, rows)
+        with self._db.transaction() as tx:
+            new = self._insert_new_in(tx, rows)
+            shadow, audit = [], []
+            for t, row, stored in zip(messages, rows, new):
+                if not stored:
+                    continue
+                head = row[:6]  # fleet, device, session, seq, ts, received
+                if t.shadow is not None:
+                    s = t.shadow
+                    shadow.append(
+                        (
+                            *head,
+                            s.model,
+                            s.version,
+                            _serving_version(t, s.model),
+                            s.samples,
+                            s.agree_serving,
+                            s.labelled,
+                            s.agree_cloud,
+                            s.serving_agree_cloud,
+                            s.shadow_only_right,
+                            s.serving_only_right,
+                            s.would_escalate,
+                            s.dropped,
+                        )
+                    )
+                if t.audit is not None:
+                    a = t.audit
+                    audit.append((*head, a.model, a.version, a.audited, a.wrong))
+            if shadow:
+                tx.execute_many(_INSERT_SHADOW, shadow)
+            if audit:
+                tx.execute_many(_INSERT_AUDIT, audit)
+        return new
+
+    def _insert_new_in(self, tx: Transaction, rows: list[tuple[Any, ...]]) -> list[bool]:
+        """``Backend.insert_new`` of telemetry rows inside ``tx``: row by row on SQLite, a
+        few rows per INSERT returning the keys stored on PostgreSQL."""
+        if self._db.dialect == "sqlite":
+            return [bool(tx.execute(_INSERT_TELEMETRY, row)) for row in rows]
+        at_key = [_TELEMETRY_COLUMNS.index(k) for k in _TELEMETRY_KEY]
+        keys = first_of_each(rows, at_key)
+        stored: set[tuple[Any, ...]] = set()
+        for at in range(0, len(rows), _RETURNING_ROWS):
+            part = rows[at : at + _RETURNING_ROWS]
+            sql = insert_new_sql("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY, len(part))
+            returned = tx.query(
+                f"{sql} RETURNING {', '.join(_TELEMETRY_KEY)}", [v for row in part for v in row]
+            )
+            stored.update(tuple(r[k] for k in _TELEMETRY_KEY) for r in returned)
+        return [k is not None and k in stored for k in keys]
 
     def _telemetry_row(self, fleet: str, t: Telemetry) -> tuple[Any, ...]:
         total = t.latency_total
@@ -314,12 +412,19 @@ class FleetStore:
         waves: int,
         max_failure_rate: float,
         wave_timeout_s: float,
+        *,
+        shadow: bool = False,
+        gate_min_samples: int = 300,
+        gate_margin: float = 0.02,
+        shadow_timeout_s: float = 3600.0,
     ) -> int:
+        """A PLANNED rollout; with ``shadow``, it starts in the shadow phase."""
         now = self._now()
         return self._db.insert(
             "INSERT INTO rollouts (fleet, model, version, target_kind, target, canary, waves,"
-            " max_failure_rate, wave_timeout_s, state, created, updated)"
-            " VALUES (?,?,?,?,?,?,?,?,?,'PLANNED',?,?)",
+            " max_failure_rate, wave_timeout_s, state, shadow, gate_min_samples, gate_margin,"
+            " shadow_timeout_s, phase, created, updated)"
+            " VALUES (?,?,?,?,?,?,?,?,?,'PLANNED',?,?,?,?,?,?,?)",
             (
                 fleet,
                 model,
@@ -330,6 +435,11 @@ class FleetStore:
                 waves,
                 max_failure_rate,
                 wave_timeout_s,
+                int(shadow),
+                gate_min_samples,
+                gate_margin,
+                shadow_timeout_s,
+                "shadow" if shadow else "waves",
                 now,
                 now,
             ),
@@ -346,6 +456,7 @@ class FleetStore:
     def _rollout(row: dict[str, Any]) -> Rollout:
         row.pop("created")
         row.pop("updated")
+        row["shadow"] = bool(row["shadow"])
         return Rollout(**row)
 
     def rollouts(self, fleet: str) -> list[Rollout]:
@@ -364,6 +475,8 @@ class FleetStore:
         unknown = set(values) - _ROLLOUT_FIELDS
         if unknown:
             raise ValueError(f"not a rollout field: {', '.join(sorted(unknown))}")
+        if "shadow" in values:
+            values["shadow"] = int(values["shadow"])
         cols = ", ".join(f"{k}=?" for k in values)
         self._db.execute(
             f"UPDATE rollouts SET {cols}, updated=? WHERE id=?",

@@ -125,21 +125,37 @@ _V3 = Migration(
 _V4 = Migration(
     4,
     (
-        # telemetry's shadow and audit sections, one row per message (its key: stored once)
+        # telemetry's shadow and audit sections, one row per message: its key, stored in the
+        # telemetry row's transaction and only when that row was new (a redelivery adds
+        # nothing); ``received`` is the store's clock (a rollout's gate counts what came
+        # since its shadow phase began, whatever the devices' clocks say)
         "CREATE TABLE shadow_stats ("
         " fleet TEXT NOT NULL, device TEXT NOT NULL, session BIGINT NOT NULL,"
-        " seq BIGINT NOT NULL, ts TEXT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,"
+        " seq BIGINT NOT NULL, ts TEXT NOT NULL, received TEXT NOT NULL,"
+        " model TEXT NOT NULL, version BIGINT NOT NULL,"
         " serving_version BIGINT, samples BIGINT NOT NULL, agree_serving BIGINT NOT NULL,"
         " labelled BIGINT NOT NULL, agree_cloud BIGINT NOT NULL,"
-        " serving_agree_cloud BIGINT NOT NULL, would_escalate BIGINT NOT NULL,"
+        " serving_agree_cloud BIGINT NOT NULL, shadow_only_right BIGINT NOT NULL,"
+        " serving_only_right BIGINT NOT NULL, would_escalate BIGINT NOT NULL,"
         " dropped BIGINT NOT NULL, PRIMARY KEY (fleet, device, session, seq))",
-        "CREATE INDEX shadow_by_version ON shadow_stats (fleet, model, version)",
+        "CREATE INDEX shadow_by_version ON shadow_stats (fleet, model, version, received)",
         "CREATE TABLE audit_stats ("
         " fleet TEXT NOT NULL, device TEXT NOT NULL, session BIGINT NOT NULL,"
-        " seq BIGINT NOT NULL, ts TEXT NOT NULL, model TEXT NOT NULL, version BIGINT NOT NULL,"
+        " seq BIGINT NOT NULL, ts TEXT NOT NULL, received TEXT NOT NULL,"
+        " model TEXT NOT NULL, version BIGINT NOT NULL,"
         " audited BIGINT NOT NULL, wrong BIGINT NOT NULL,"
         " PRIMARY KEY (fleet, device, session, seq))",
-        "CREATE INDEX audit_by_version ON audit_stats (fleet, model, version)",
+        "CREATE INDEX audit_by_version ON audit_stats (fleet, model, version, received)",
+        # a rollout's shadow phase and field-accuracy gate (cloud/fleet/gate.py): phase
+        # 'shadow' (the candidate on the canary's shadow topics) then 'waves'; the gate's
+        # last decision (its state and figures, JSON) is written before it is acted on
+        "ALTER TABLE rollouts ADD COLUMN shadow BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE rollouts ADD COLUMN gate_min_samples BIGINT NOT NULL DEFAULT 300",
+        "ALTER TABLE rollouts ADD COLUMN gate_margin DOUBLE PRECISION NOT NULL DEFAULT 0.02",
+        "ALTER TABLE rollouts ADD COLUMN shadow_timeout_s DOUBLE PRECISION NOT NULL DEFAULT 3600",
+        "ALTER TABLE rollouts ADD COLUMN phase TEXT NOT NULL DEFAULT 'waves'",
+        "ALTER TABLE rollouts ADD COLUMN shadow_started TEXT",
+        "ALTER TABLE rollouts ADD COLUMN gate TEXT",
     ),
 )
 
