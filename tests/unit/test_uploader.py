@@ -1,0 +1,214 @@
+"""The uploader against a scripted ``/fleet/samples`` (httpx MockTransport, a clock the
+test moves): what each answer does to the spool, backoff, and the byte budget's
+arithmetic shared with telemetry."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.device.capture import Capture
+from agent.device.uploader import (
+    DEFAULT_MESSAGE_BYTES,
+    REQUEST_OVERHEAD_BYTES,
+    UploadBudget,
+    Uploader,
+)
+from agent.device.wire import WireCounter, count_http
+from shared.samples import SampleMeta, decode_upload, encode_upload
+from tests.unit.test_agent_core import Clock
+from tests.unit.test_audit import observation
+from tests.unit.test_capture import capture
+
+
+class SamplesServer:
+    """Answers ``status`` (a queue of them, then 200) and keeps what a 200 accepted."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.retry_after: str | None = None
+        self.stored: dict[str, bytes] = {}
+        self.batches: list[int] = []
+        self.auth: list[str | None] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/fleet/samples"
+        self.auth.append(request.headers.get("authorization"))
+        body = request.content
+        if request.headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        device, items = decode_upload(
+            dict(request.headers), body, max_samples=1000, max_sample_bytes=1 << 20
+        )
+        assert device == "dev-1"
+        self.batches.append(len(items))
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status != 200:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return httpx.Response(status, json={"error": "scripted"}, headers=headers)
+        new = [m.id for m, _ in items if m.id not in self.stored]
+        self.stored.update({m.id: p for m, p in items})
+        return httpx.Response(200, json={"stored": len(new), "duplicates": len(items) - len(new)})
+
+
+def setup(
+    tmp_path: Path, n: int = 5, **kw: object
+) -> tuple[Capture, Uploader, SamplesServer, Clock, WireCounter]:
+    c = capture(tmp_path)
+    for i in range(n):
+        c.observe(observation(cloud=2, x0=10 + i))
+    server = SamplesServer()
+    http = httpx.Client(transport=httpx.MockTransport(server.handler))
+    wire = WireCounter()
+    count_http(http, wire, "samples")
+    clock = Clock()
+    options: dict[str, object] = {"max_batch": 2, "clock": clock, **kw}
+    up = Uploader(c, http, "http://cloud.test/", "dev-1", "tok", **options)  # type: ignore[arg-type]
+    return c, up, server, clock, wire
+
+
+def test_batches_are_deleted_only_after_a_200(tmp_path: Path) -> None:
+    c, up, server, _, wire = setup(tmp_path)
+    assert up.drain() == 5
+    assert server.batches == [2, 2, 1] and len(server.stored) == 5
+    assert (c.spool.pending, c.uploaded) == (0, 5)
+    assert server.auth == ["Bearer tok"] * 3
+    assert wire.snapshot()["samples"].sent > 0
+
+
+def test_5xx_and_network_errors_back_off_exponentially_capped(tmp_path: Path) -> None:
+    c, up, server, clock, _ = setup(tmp_path, max_backoff_s=4.0)
+    server.statuses = [503, 503, 503, 503]
+    waits = []
+    for _ in range(4):
+        assert up.drain() == 0
+        waits.append(up.next_wait_s())
+        assert up.upload_once() == 0  # not before the backoff ends: nothing sent
+        clock.t += 10.0
+    assert [round(w, 2) for w in waits] == [1.01, 2.01, 4.01, 4.01]
+    assert len(server.batches) == 4 and c.spool.pending == 5
+    assert up.drain() == 5 and up.failures == 0
+
+
+def test_a_lost_connection_keeps_the_batch(tmp_path: Path) -> None:
+    c, up, server, clock, _ = setup(tmp_path)
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    up.http = httpx.Client(transport=httpx.MockTransport(refuse))
+    assert up.drain() == 0 and c.spool.pending == 5
+    up.http = httpx.Client(transport=httpx.MockTransport(server.handler))
+    clock.t += 2.0
+    assert up.drain() == 5
+
+
+def test_429_waits_for_retry_after(tmp_path: Path) -> None:
+    _, up, server, clock, _ = setup(tmp_path)
+    server.statuses, server.retry_after = [429], "30"
+    assert up.drain() == 0
+    clock.t += 29.0
+    assert up.drain() == 0 and len(server.batches) == 1
+    clock.t += 1.5
+    assert up.drain() == 5
+
+
+def test_401_stops_uploads_for_good(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c, up, server, clock, _ = setup(tmp_path)
+    server.statuses = [401]
+    assert up.drain() == 0 and up.forbidden
+    clock.t += 1e6
+    assert up.drain() == 0 and len(server.batches) == 1 and c.spool.pending == 5
+    assert sum(r.levelname == "ERROR" for r in caplog.records) == 1
+
+
+def test_413_halves_the_batch_then_drops_a_lone_sample(tmp_path: Path) -> None:
+    c, up, server, _, _ = setup(tmp_path, n=4, max_batch=4)
+    server.statuses = [413, 200, 200]
+    assert up.drain() == 4
+    assert server.batches == [4, 2, 2] and up.batch == 2
+    c.observe(observation(cloud=2, x0=99))
+    server.statuses = [413, 413]
+    assert up.drain() == 1
+    assert (c.rejected, c.spool.pending) == (1, 0)
+
+
+@pytest.mark.parametrize("status", [400, 415])
+def test_malformed_for_the_server_is_dropped_and_counted(tmp_path: Path, status: int) -> None:
+    c, up, server, _, _ = setup(tmp_path)
+    server.statuses = [status]
+    assert up.drain() == 5
+    assert (c.rejected, c.uploaded, len(server.stored)) == (2, 3, 3)
+
+
+def test_another_4xx_is_retried_not_dropped(tmp_path: Path) -> None:
+    c, up, server, clock, _ = setup(tmp_path)
+    server.statuses = [404]
+    assert up.drain() == 0 and c.spool.pending == 5 and c.rejected == 0
+    clock.t += 5
+    assert up.drain() == 5
+
+
+def test_nothing_leaves_while_capture_is_off(tmp_path: Path) -> None:
+    c, up, server, _, _ = setup(tmp_path)
+    c.switch.fixed = False
+    assert up.drain() == 0 and server.batches == []
+    c.switch.fixed = True
+    assert up.drain() == 5
+
+
+# -------------------------------------------------------------------------- budget
+
+
+class Now:
+    def __init__(self, t: datetime) -> None:
+        self.t = t
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+def test_the_budget_reserves_the_rest_of_the_days_telemetry_first() -> None:
+    wire = WireCounter()
+    wire.add("births", sent=1000)  # before the budget starts: not today's
+    now = Now(datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc))  # 43,200 s to midnight
+    sent = [0]
+    budget = UploadBudget(1_000_000, wire, 60.0, lambda: sent[0], now)
+    # no message yet: the default cost, 720 intervals left
+    assert budget.reserve() == pytest.approx(720 * DEFAULT_MESSAGE_BYTES)
+    wire.add("telemetry", sent=4800, received=200)
+    sent[0] = 10  # 500 bytes a message
+    assert budget.message_cost() == 500
+    assert budget.reserve() == pytest.approx(720 * 500)
+    wire.add("samples", sent=100_000)
+    wire.add("downloads", received=5_000_000)  # not budgeted
+    assert budget.spent() == 105_000
+    assert budget.available() == 1_000_000 - 105_000 - 360_000
+    now.t = datetime(2026, 1, 1, 23, 0, tzinfo=timezone.utc)
+    assert budget.available() == 1_000_000 - 105_000 - 60 * 500
+    now.t = datetime(2026, 1, 2, 0, 0, 1, tzinfo=timezone.utc)  # a new day
+    assert budget.spent() == 0
+    # a device without telemetry reserves nothing
+    assert UploadBudget(1000, wire, 60.0, None, now).available() == 1000
+
+
+def test_an_upload_the_budget_cannot_pay_for_waits_or_shrinks(tmp_path: Path) -> None:
+    class Fixed:
+        left = 0
+
+        def available(self) -> int:
+            return self.left
+
+    budget = Fixed()
+    c, up, server, _, _ = setup(tmp_path, n=4, max_batch=4, budget=budget)
+    assert up.drain() == 0 and up.held_budget == 1 and server.batches == []
+    items = [(SampleMeta.model_validate_json(m), p) for _, m, p in c.spool.oldest(4)]
+    _, body = encode_upload("dev-1", items, token="tok")
+    budget.left = (len(body) + REQUEST_OVERHEAD_BYTES) // 2 + 1  # about two of the four
+    assert up.upload_once() == 2 and server.batches == [2]
+    budget.left = 1_000_000
+    assert up.drain() == 2
