@@ -1,0 +1,462 @@
+"""``SampleStore``: the field samples devices upload, as files under a folder and an index
+in the fleet store's ``samples`` table, with each device's daily quota in ``sample_quota``.
+
+A payload's file is named by its id (the sha256 of its bytes, checked by
+``shared.samples.decode_upload``), under ``root/<fleet>/<id[:2]>/``: the same bytes from two
+devices are one file, and a file once written never changes. It is written to a temporary
+name and renamed, so a reader never sees half a file; the index row is inserted after the
+file, so a row always has its file (a crash in between leaves an unindexed file, which the
+next upload of those bytes reuses).
+
+Rows are keyed on (fleet, device, id): an upload retried after a lost answer stores nothing
+twice, and says how many it already had. Labels: a sample the cloud answered starts with the
+cloud model's class (``label_source`` ``"cloud"``); an operator's correction
+(``label(...)``, source ``"operator"``) replaces it. Retraining relabels every sample with
+the teacher and lets only operator labels win (``cloud/pipeline``): a device's claimed
+labels never reach training on their own.
+
+Quota: per device and UTC day, bytes and samples stored (duplicates are free: they store
+nothing). The check and the increment are one statement (an upsert whose update is
+conditional), so instances sharing a PostgreSQL store cannot together let a device past it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud.fleet.queries import utc_text
+from cloud.fleet.store import FleetStore
+from shared.errors import InvalidRequestError
+from shared.identifiers import IDENTIFIER_RE, check_identifier
+from shared.samples import SampleMeta, UploadResult, decode_features
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = (
+    *("fleet", "device", "id", "model", "version", "kind", "ts", "received", "encoding"),
+    *("shape", "media_type", "size", "edge_index", "edge_conf", "cloud_index", "cloud_conf"),
+    *("cloud_model", "threshold", "label", "label_source", "path"),
+)
+#: Rows per INSERT: well under both engines' limits on bound parameters.
+_INSERT_ROWS = 100
+#: ``list``'s page size, by default and at most.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+#: What ``list`` and ``summary`` may filter on (the names go into SQL).
+_FILTERS = ("model", "version", "device", "kind", "label_source")
+#: Days of ``sample_quota`` rows kept (older ones are deleted as a new day starts).
+_QUOTA_DAYS_KEPT = 3
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class QuotaExceededError(Exception):
+    """A device's upload would pass its daily quota; nothing of it was stored. Not a
+    ``TandemError``: the API answers it itself (429 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class FieldSample:
+    """One stored sample, for training. ``features`` is the decoded feature row (float32),
+    or None for an encoded image, whose bytes are ``encoded`` (``media_type``). ``label`` is
+    the best label the store has (an operator's over the cloud model's), ``cloud_index``
+    what the cloud model answered on the device."""
+
+    features: np.ndarray | None
+    label: int | None
+    label_source: str | None
+    cloud_index: int | None
+    kind: str
+    device: str
+    version: int
+    id: str
+    edge_index: int = 0
+    encoded: bytes | None = None
+    media_type: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplePage:
+    samples: list[dict[str, Any]]
+    #: the cursor of the next page (``after=``), None on the last one
+    next: str | None
+
+
+class SampleStore:
+    """Field samples of every fleet in one fleet store and one folder. ``clock`` is for
+    tests (a quota's day ending without waiting for midnight)."""
+
+    def __init__(
+        self,
+        store: FleetStore,
+        root: Path,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.store = store
+        self.root = root
+        self._clock = clock
+        self._quota_day: str | None = None
+
+    # ------------------------------------------------------------------ uploads
+
+    def add(
+        self,
+        fleet: str,
+        device: str,
+        items: Sequence[tuple[SampleMeta, bytes]],
+        *,
+        quota_bytes: int | None = None,
+        quota_samples: int | None = None,
+    ) -> UploadResult:
+        """Store the samples not stored yet for this device; all of them or, over the
+        device's quota for today, none (``QuotaExceededError``)."""
+        check_identifier(fleet, "fleet")
+        check_identifier(device, "device")
+        fresh = self._not_stored(fleet, device, items)
+        if not fresh:
+            return UploadResult(stored=0, duplicates=len(items))
+        now = self._clock()
+        size = sum(meta.size for meta, _ in fresh)
+        self._reserve(fleet, device, now, size, len(fresh), quota_bytes, quota_samples)
+        received = utc_text(now)
+        rows = []
+        for meta, payload in fresh:
+            rows.append(self._row(fleet, device, meta, received, self._write(fleet, meta, payload)))
+        stored = 0
+        for at in range(0, len(rows), _INSERT_ROWS):
+            part = rows[at : at + _INSERT_ROWS]
+            stored += self.store.execute(_insert_sql(len(part)), [v for r in part for v in r])
+        # fewer stored than reserved: another instance stored some of them meanwhile (their
+        # quota was counted twice, in the device's disfavour, for today only)
+        return UploadResult(stored=stored, duplicates=len(items) - stored)
+
+    def _not_stored(
+        self, fleet: str, device: str, items: Sequence[tuple[SampleMeta, bytes]]
+    ) -> list[tuple[SampleMeta, bytes]]:
+        """The items whose id this device has not stored, each id once."""
+        ids = sorted({meta.id for meta, _ in items})
+        have: set[str] = set()
+        for at in range(0, len(ids), _INSERT_ROWS * 5):
+            part = ids[at : at + _INSERT_ROWS * 5]
+            rows = self.store.query(
+                "SELECT id FROM samples WHERE fleet=? AND device=? AND id IN"
+                f" ({','.join('?' * len(part))})",
+                [fleet, device, *part],
+            )
+            have.update(r["id"] for r in rows)
+        out = []
+        for meta, payload in items:
+            if meta.id not in have:
+                have.add(meta.id)
+                out.append((meta, payload))
+        return out
+
+    def _reserve(
+        self,
+        fleet: str,
+        device: str,
+        now: datetime,
+        size: int,
+        count: int,
+        quota_bytes: int | None,
+        quota_samples: int | None,
+    ) -> None:
+        day = now.astimezone(timezone.utc).date().isoformat()
+        if day != self._quota_day:
+            self._quota_day = day
+            oldest = (now - timedelta(days=_QUOTA_DAYS_KEPT)).date().isoformat()
+            self.store.execute("DELETE FROM sample_quota WHERE day < ?", (oldest,))
+        max_bytes = quota_bytes if quota_bytes is not None else 2**62
+        max_samples = quota_samples if quota_samples is not None else 2**62
+        retry = seconds_to_utc_midnight(now)
+        if size > max_bytes or count > max_samples:
+            raise QuotaExceededError(
+                f"{count} samples of {size} bytes exceed device {device}'s daily quota "
+                f"({max_samples} samples, {max_bytes} bytes) on their own",
+                retry,
+            )
+        done = self.store.execute(
+            "INSERT INTO sample_quota (fleet, device, day, bytes, samples) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (fleet, device, day) DO UPDATE SET"
+            " bytes = sample_quota.bytes + excluded.bytes,"
+            " samples = sample_quota.samples + excluded.samples"
+            " WHERE sample_quota.bytes + excluded.bytes <= ?"
+            " AND sample_quota.samples + excluded.samples <= ?",
+            (fleet, device, day, size, count, max_bytes, max_samples),
+        )
+        if not done:
+            used = self.quota_used(fleet, device, now)
+            raise QuotaExceededError(
+                f"device {device} has stored {used[1]} samples of {used[0]} bytes today; "
+                f"{count} more of {size} bytes would pass its daily quota ({max_samples} "
+                f"samples, {max_bytes} bytes)",
+                retry,
+            )
+
+    def quota_used(self, fleet: str, device: str, now: datetime | None = None) -> tuple[int, int]:
+        """Bytes and samples the device has stored today (UTC)."""
+        day = (now or self._clock()).astimezone(timezone.utc).date().isoformat()
+        rows = self.store.query(
+            "SELECT bytes, samples FROM sample_quota WHERE fleet=? AND device=? AND day=?",
+            (fleet, device, day),
+        )
+        return (int(rows[0]["bytes"]), int(rows[0]["samples"])) if rows else (0, 0)
+
+    def _write(self, fleet: str, meta: SampleMeta, payload: bytes) -> str:
+        """The payload's file (relative to ``root``), written unless it exists."""
+        rel = Path(fleet) / meta.id[:2] / meta.id
+        path = self.root / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                Path(tmp).replace(path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return rel.as_posix()
+
+    @staticmethod
+    def _row(
+        fleet: str, device: str, meta: SampleMeta, received: str, path: str
+    ) -> tuple[Any, ...]:
+        cloud = meta.cloud
+        return (
+            fleet,
+            device,
+            meta.id,
+            meta.model,
+            meta.version,
+            meta.kind,
+            utc_text(meta.ts),
+            received,
+            meta.encoding,
+            json.dumps(meta.shape),
+            meta.media_type,
+            meta.size,
+            meta.edge.index,
+            meta.edge.confidence,
+            cloud.index if cloud else None,
+            cloud.confidence if cloud else None,
+            meta.cloud_model,
+            meta.threshold,
+            cloud.index if cloud else None,
+            "cloud" if cloud else None,
+            path,
+        )
+
+    # ------------------------------------------------------------------ reading
+
+    def list(
+        self,
+        fleet: str,
+        *,
+        limit: int = DEFAULT_PAGE,
+        after: str | None = None,
+        **filters: Any,
+    ) -> SamplePage:
+        """A page of samples, oldest received first; ``after``: the previous page's
+        ``next``. Filters: ``model``, ``version``, ``device``, ``kind``, ``label_source``
+        (``"none"``: unlabelled)."""
+        limit = max(1, min(limit, MAX_PAGE))
+        where, args = _where(fleet, filters)
+        if after is not None:
+            received, device, sample = _parse_cursor(after)
+            where += (
+                " AND (received > ? OR (received = ? AND (device > ? OR (device = ? AND id > ?))))"
+            )
+            args += [received, received, device, device, sample]
+        rows = self.store.query(
+            f"SELECT * FROM samples WHERE {where} ORDER BY received, device, id LIMIT ?",
+            [*args, limit + 1],
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        page = [_public(r) for r in rows]
+        last = rows[-1] if rows else None
+        cursor = f"{last['received']},{last['device']},{last['id']}" if more and last else None
+        return SamplePage(page, cursor)
+
+    def get(self, fleet: str, device: str, sample: str) -> tuple[dict[str, Any], bytes] | None:
+        """One sample's row and bytes (None: not stored, or its file is gone)."""
+        rows = self.store.query(
+            "SELECT * FROM samples WHERE fleet=? AND device=? AND id=?", (fleet, device, sample)
+        )
+        if not rows:
+            return None
+        data = self._read(rows[0]["path"])
+        return (_public(rows[0]), data) if data is not None else None
+
+    def label(
+        self, fleet: str, device: str, sample: str, label: int, source: str = "operator"
+    ) -> bool:
+        """Set a sample's label (an operator's correction); False if there is no such
+        sample."""
+        if label < 0:
+            raise InvalidRequestError(f"label {label} must be a class index (>= 0)")
+        check_identifier(source, "label source")
+        return bool(
+            self.store.execute(
+                "UPDATE samples SET label=?, label_source=? WHERE fleet=? AND device=? AND id=?",
+                (label, source, fleet, device, sample),
+            )
+        )
+
+    def summary(self, fleet: str) -> builtins.list[dict[str, Any]]:
+        """Per model and version: samples and bytes, counts by kind, by label source
+        (``"none"``: unlabelled) and by device."""
+        out: dict[tuple[str, int], dict[str, Any]] = {}
+
+        def entry(r: dict[str, Any]) -> dict[str, Any]:
+            key = (r["model"], int(r["version"]))
+            if key not in out:
+                out[key] = {
+                    "model": key[0],
+                    "version": key[1],
+                    "samples": 0,
+                    "bytes": 0,
+                    "by_kind": {},
+                    "by_label_source": {},
+                    "by_device": {},
+                }
+            return out[key]
+
+        for r in self.store.query(
+            "SELECT model, version, kind, COUNT(*) AS n, SUM(size) AS bytes FROM samples"
+            " WHERE fleet=? GROUP BY model, version, kind",
+            (fleet,),
+        ):
+            e = entry(r)
+            e["samples"] += int(r["n"])
+            e["bytes"] += int(r["bytes"])
+            e["by_kind"][r["kind"]] = int(r["n"])
+        for r in self.store.query(
+            "SELECT model, version, label_source, COUNT(*) AS n FROM samples"
+            " WHERE fleet=? GROUP BY model, version, label_source",
+            (fleet,),
+        ):
+            entry(r)["by_label_source"][r["label_source"] or "none"] = int(r["n"])
+        for r in self.store.query(
+            "SELECT model, version, device, COUNT(*) AS n FROM samples"
+            " WHERE fleet=? GROUP BY model, version, device",
+            (fleet,),
+        ):
+            entry(r)["by_device"][r["device"]] = int(r["n"])
+        return [out[k] for k in sorted(out)]
+
+    def export(
+        self, fleet: str, model: str, limit: int | None = None
+    ) -> builtins.list[FieldSample]:
+        """The model's samples (every version), oldest first, decoded for training; a row
+        whose file is gone is skipped (and logged)."""
+        sql = "SELECT * FROM samples WHERE fleet=? AND model=? ORDER BY received, device, id"
+        args: list[Any] = [fleet, model]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(max(0, limit))
+        out = []
+        for r in self.store.query(sql, args):
+            data = self._read(r["path"])
+            if data is None:
+                log.warning("sample %s of device %s: its file is gone", r["id"], r["device"])
+                continue
+            meta = _meta(r)
+            features = decode_features(meta, data) if meta.encoding != "encoded" else None
+            out.append(
+                FieldSample(
+                    features=features,
+                    label=r["label"],
+                    label_source=r["label_source"],
+                    cloud_index=r["cloud_index"],
+                    kind=r["kind"],
+                    device=r["device"],
+                    version=int(r["version"]),
+                    id=r["id"],
+                    edge_index=int(r["edge_index"]),
+                    encoded=data if features is None else None,
+                    media_type=r["media_type"],
+                )
+            )
+        return out
+
+    def _read(self, rel: str) -> bytes | None:
+        try:
+            return (self.root / rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+def seconds_to_utc_midnight(now: datetime) -> float:
+    """Seconds until the next UTC day, when a device's quota starts again."""
+    now = now.astimezone(timezone.utc)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (midnight - now).total_seconds()
+
+
+def _insert_sql(n_rows: int) -> str:
+    row = "(" + ",".join("?" * len(_COLUMNS)) + ")"
+    return (
+        f"INSERT INTO samples ({', '.join(_COLUMNS)}) VALUES {','.join([row] * n_rows)}"
+        " ON CONFLICT (fleet, device, id) DO NOTHING"
+    )
+
+
+def _where(fleet: str, filters: dict[str, Any]) -> tuple[str, list[Any]]:
+    where, args = "fleet=?", [fleet]
+    for name, value in filters.items():
+        if name not in _FILTERS:
+            raise TypeError(f"unknown filter {name!r}")
+        if value is None:
+            continue
+        if name == "label_source" and value == "none":
+            where += " AND label_source IS NULL"
+            continue
+        where += f" AND {name}=?"
+        args.append(value)
+    return where, args
+
+
+def _parse_cursor(cursor: str) -> tuple[str, str, str]:
+    parts = cursor.split(",")
+    if len(parts) != 3 or not IDENTIFIER_RE.match(parts[1]) or len(parts[2]) != 64:
+        raise InvalidRequestError(f"invalid cursor {cursor[:100]!r}")
+    try:
+        datetime.fromisoformat(parts[0])
+    except ValueError:
+        raise InvalidRequestError(f"invalid cursor {cursor[:100]!r}") from None
+    return parts[0], parts[1], parts[2]
+
+
+def _public(r: dict[str, Any]) -> dict[str, Any]:
+    """A row as the API shows it (no file path)."""
+    out = {k: v for k, v in r.items() if k not in ("path", "fleet")}
+    out["shape"] = json.loads(r["shape"])
+    return out
+
+
+def _meta(r: dict[str, Any]) -> SampleMeta:
+    """Enough of a row's ``SampleMeta`` to decode its payload."""
+    return SampleMeta.model_construct(
+        id=r["id"], encoding=r["encoding"], shape=json.loads(r["shape"]), size=int(r["size"])
+    )
