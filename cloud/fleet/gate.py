@@ -132,7 +132,9 @@ def decide(stats: GateStats, min_samples: int, margin: float) -> GateDecision:
         f"labelled requests (difference {diff:+.1%}, 95% interval {diff - half:+.1%} to "
         f"{diff + half:+.1%}{'' if paired else ', worst case'}; margin {margin:.1%})"
     )
-    state: GateState = "pass" if diff >= -margin else "fail"
+    # on the counts, so that a difference of exactly the margin passes (no rounding)
+    gap = stats.agree_cloud - stats.serving_agree_cloud
+    state: GateState = "pass" if gap >= -margin * n - 1e-9 else "fail"
     detail = f"gate {state}: {figures}"
     if (
         state == "pass"
