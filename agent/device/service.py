@@ -43,6 +43,7 @@ from agent.inference.cloud_client import CloudClient
 from agent.inference.core import Agent
 from agent.inference.model import LoadedModel, load_model
 from agent.inference.observe import Observation, ObservationQueue, Observer
+from agent.inference.shadow import ShadowRunner
 from agent.settings import AgentSettings
 from agent.version import __version__
 from shared import topics
@@ -221,6 +222,18 @@ class AgentService:
         consumers: list[Observer] = [self.capture.observe, self.audit.observe]
         labelled: list[Observer] = [self.capture.audited]
         # --- learning loop: the shadow's consumers join here (H3)
+        # the shadow candidate (agent.inference.shadow): installed and dropped by the
+        # updater from the retained shadow topics, fed the answers and the audits
+        self.shadow = ShadowRunner(s.shadow)
+        self.updater.shadow = self.shadow
+        self.shadow.listeners.append(self._shadow_changed)
+        consumers.append(self.shadow.observe)
+        labelled.append(self.shadow.labelled)
+        if self.telemetry is not None:
+            self.telemetry.extras.append(self.shadow.section)
+        if self.mqtt is not None:
+            for f in topics.agent_shadow_filters(s.fleet, s.device, s.group):
+                self.mqtt.subscribe(f, self._on_shadow)
         # --- learning loop end
         self.audit.on_labelled += labelled
         self.observations = ObservationQueue(consumers, c.max_pending)
@@ -319,6 +332,24 @@ class AgentService:
             log.warning("ignoring message on unexpected topic %s", topic)
             return
         self.updater.offer(parsed.scope, parsed.model, payload)
+
+    # --- learning loop (H3): the shadow's topic and its observer switch
+    def _on_shadow(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_manifest(topic, leaf="shadow")
+        if parsed is None:
+            log.warning("ignoring message on unexpected topic %s", topic)
+            return
+        self.updater.offer_shadow(parsed.scope, parsed.model, payload)
+
+    def _shadow_changed(self) -> None:
+        """A shadow was installed or cleared: with one, the agent's answers must reach the
+        observation queue even where no cloud is configured (nothing else consumes then)."""
+        if self.shadow.model is not None:
+            self.agent.observer = self.observations.offer
+        elif not self.agent.cloud_configured:
+            self.agent.observer = None
+
+    # --- learning loop end
 
     def _publish_report(self, report: UpdateReport) -> None:
         if self.mqtt is None:

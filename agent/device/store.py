@@ -6,6 +6,7 @@ Layout under ``state_dir``::
     models/<model>/pointer.json                {"current", "previous", "watching"}
     models/<model>/staging/                    partial downloads (resumable) + their ETags
     models/<model>/job.json                    the update in progress
+    models/<model>/shadow/v<version>-<sha12>/  the shadow candidate (at most one)
     accepted.json                              highest version ever accepted, per model
 
 Two kinds of failure, two guarantees:
@@ -28,6 +29,11 @@ Two kinds of failure, two guarantees:
 
 The pointer names both the current and the previous slot in one file: activation and
 rollback are one rename each. Only those two slots are kept; ``prune`` removes the rest.
+
+A shadow candidate (``agent.inference.shadow``) lives apart from the slots, in ``shadow/``:
+no pointer names it, boot never looks there, ``prune`` leaves it alone, and
+``clear_shadow`` removes it. An update to the candidate's own release takes its folder as
+the slot (``adopt_shadow``, one rename) instead of downloading it again.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.errors import TandemError
 from shared.identifiers import check_identifier
 from shared.manifest import MANIFEST_FILE, Manifest
 
@@ -120,6 +127,10 @@ class ModelStore:
     def slot_path(self, model: str, slot: str) -> Path:
         return self.model_dir(model) / "slots" / slot
 
+    def shadow_path(self, manifest: Manifest) -> Path:
+        """Where the shadow candidate ``manifest`` is installed."""
+        return self.model_dir(manifest.model) / "shadow" / self.slot_name(manifest)
+
     def staging_file(self, manifest: Manifest, bundle_file: str | None = None) -> Path:
         """Where the artifact (or the bundle file ``bundle_file``) of ``manifest`` is
         downloaded to before it is installed."""
@@ -133,6 +144,8 @@ class ModelStore:
             tmp.unlink(missing_ok=True)
         for partial_slot in self.root.glob("models/*/slots/.*"):
             shutil.rmtree(partial_slot, ignore_errors=True)
+        for partial_shadow in self.root.glob("models/*/shadow/.*"):
+            shutil.rmtree(partial_shadow, ignore_errors=True)
 
     # ---------------------------------------------------------------------- pointer
 
@@ -171,17 +184,26 @@ class ModelStore:
     # ------------------------------------------------------------------------ slots
 
     def install(
-        self, manifest: Manifest, artifact: Path, bundle: dict[str, Path] | None = None
+        self,
+        manifest: Manifest,
+        artifact: Path,
+        bundle: dict[str, Path] | None = None,
+        *,
+        shadow: bool = False,
     ) -> Path:
-        """Make a slot from a verified artifact and bundle files (moved in) and its manifest.
-        The slot is written under a hidden name and renamed into place, so it exists whole
-        or not (a hidden one is crash debris, removed at the next start).
+        """Make a slot from a verified artifact and bundle files (moved in) and its manifest
+        (``shadow``: the shadow folder instead, which no pointer names). The slot is
+        written under a hidden name and renamed into place, so it exists whole or not (a
+        hidden one is crash debris, removed at the next start).
 
         Durable on return, being what the pointer is about to name (four fsyncs for a bare
         artifact): each file's data, then the slot folder (the names in it), then after the
         rename the slots folder (the slot's name). The manifest is written straight into the
         hidden folder: nobody reads it before the rename."""
-        final = self.slot_path(manifest.model, self.slot_name(manifest))
+        if shadow:
+            final = self.shadow_path(manifest)
+        else:
+            final = self.slot_path(manifest.model, self.slot_name(manifest))
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +220,32 @@ class ModelStore:
         tmp.replace(final)
         fsync_dir(final.parent)
         return final
+
+    def adopt_shadow(self, manifest: Manifest) -> Path | None:
+        """Make the shadow folder of this very manifest (same signed document) its slot,
+        by one rename; None when there is none. Its files were made durable when it was
+        installed; the rename is forced to disk before the pointer may name it."""
+        folder = self.shadow_path(manifest)
+        if not folder.is_dir():
+            return None
+        try:
+            held = Manifest.load(folder)
+        except TandemError:
+            return None
+        if held.document() != manifest.document():  # the signature included
+            return None
+        final = self.slot_path(manifest.model, self.slot_name(manifest))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder.replace(final)
+        fsync_dir(final.parent)
+        return final
+
+    def clear_shadow(self, model: str, keep: str | None = None) -> None:
+        """Remove the shadow folders of ``model`` (but the one named ``keep``)."""
+        folder = self.model_dir(model) / "shadow"
+        for candidate in folder.iterdir() if folder.is_dir() else []:
+            if candidate.name != keep:
+                shutil.rmtree(candidate, ignore_errors=True)
 
     def import_dir(self, source: Path) -> Path:
         """Copy a model folder (manifest, artifact, bundle files) into a slot: the factory

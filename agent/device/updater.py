@@ -20,6 +20,20 @@ wins. A worker thread, never paho's network thread, takes them through the job s
 5. health watch: error rate, share of unsure answers, golden drift at the end. Passing:
    ``ACTIVE``; failing: pointer and agent go back to the previous model, ``ROLLED_BACK``.
 
+Shadow candidates (``offer_shadow``: the retained shadow topics, the same signed manifests)
+go through the same verification, download and validation steps (the same functions), but
+never write the serving pointer, the job record or the anti-rollback record: a verified,
+validated candidate lands in the store's shadow folder and is handed to the
+``ShadowRunner``, which runs it beside the serving model. Its checks differ in one place:
+its version must be above the *serving* version and not below the accepted floor (it need
+not pass the floor itself: the rollout that later activates it must, and a shadow that
+raised it would make that activation a replay). It is dropped when its topic is cleared,
+when another candidate replaces it, and when the serving model reaches its version; a
+refused or failed one is logged and leaves serving untouched. Shadow states are logged and
+kept in ``last_shadow``, never published: the update topic is the controller's record of
+activations. An update to a version whose candidate is in the shadow folder adopts its
+files instead of downloading them again.
+
 The job is recorded in the store once, when it is queued, and cleared when it ends; a
 ``kill -9`` at any point resumes it at the next start (with the partial download) instead of
 starting over or being refused. Where it had got to is read from the store, not from the
@@ -37,6 +51,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 import httpx
@@ -55,6 +71,9 @@ from shared.signing import SignatureError, TrustStore, manifest_digest
 from shared.topics import SCOPE_RANK, Scope
 from shared.update import UpdateReport, UpdateState
 
+if TYPE_CHECKING:
+    from agent.inference.shadow import ShadowRunner
+
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +84,18 @@ REFUSED_MEMORY = 256
 
 def _aware(value: datetime | None) -> bool:
     return value is None or value.utcoffset() is not None
+
+
+class _StepFailedError(Exception):
+    """A download or validation step failed; ``reason`` is the job's FAILED reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: One inbox item: (a shadow candidate?, scope, model, payload).
+_Item = tuple[bool, Scope, str, bytes]
 
 
 class Updater:
@@ -92,8 +123,17 @@ class Updater:
         self._report = report
         self.downloader = Downloader(http, settings.download)
         self.registry_url = settings.registry_url or registry_url
-        self._inbox: queue.Queue[tuple[Scope, str, bytes] | None] = queue.Queue()
+        self._inbox: queue.Queue[_Item | None] = queue.Queue()
         self._manifests: dict[str, dict[Scope, Manifest]] = {}
+        self._shadows: dict[str, dict[Scope, Manifest]] = {}
+        #: Where shadow candidates run (None: shadow manifests are ignored). The service
+        #: sets it.
+        self.shadow: ShadowRunner | None = None
+        self._shadow_manifest: Manifest | None = None
+        # shadow manifests refused or failed, by digest (not retried until they change)
+        self._shadow_refused: OrderedDict[str, None] = OrderedDict()
+        #: The last shadow job state (logged, never published).
+        self.last_shadow: UpdateReport | None = None
         # Manifests already dealt with, by digest of their whole content: the signed ones
         # (installed or refused on their merits), and a bounded memory of forged ones. A
         # forged copy must never stand in for the genuine manifest it was copied from.
@@ -108,9 +148,16 @@ class Updater:
 
     def offer(self, scope: Scope, model: str, payload: bytes) -> None:
         """A manifest message arrived (any thread; returns at once). Empty = cleared."""
-        self._inbox.put((scope, model, payload))
+        self._inbox.put((False, scope, model, payload))
+
+    def offer_shadow(self, scope: Scope, model: str, payload: bytes) -> None:
+        """A shadow-topic message arrived (any thread; returns at once). Empty = cleared."""
+        self._inbox.put((True, scope, model, payload))
 
     def start(self) -> None:
+        """Start the worker (and the shadow's, whose candidates this installs)."""
+        if self.shadow is not None:
+            self.shadow.start()
         self._thread = threading.Thread(target=self._run, name="tandem-updater", daemon=True)
         self._thread.start()
 
@@ -119,6 +166,8 @@ class Updater:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.shadow is not None:
+            self.shadow.stop()  # and its candidate closed
 
     def _emit(self, manifest: Manifest, state: UpdateState, reason: str = "") -> None:
         log.info("%s %s: %s %s", self.device, manifest.ref, state.value, reason)
@@ -171,39 +220,44 @@ class Updater:
                 return False
             self._take_safely(more)
         self._consider()
+        try:
+            self._consider_shadow()  # after the update: an activation may have made it moot
+        except Exception:
+            log.exception("shadow handling failed")
         return True
 
-    def _take_safely(self, item: tuple[Scope, str, bytes]) -> None:
+    def _take_safely(self, item: _Item) -> None:
         try:
             self._take(item)
         except Exception as exc:  # whatever a payload does, it is counted, never fatal
-            self._malformed(item[0], item[1], f"{type(exc).__name__}: {exc}")
+            self._malformed(item[0], item[1], item[2], f"{type(exc).__name__}: {exc}")
             log.debug("payload handling raised", exc_info=True)
 
-    def _malformed(self, scope: Scope, model: str, why: str) -> None:
+    def _malformed(self, shadow: bool, scope: Scope, model: str, why: str) -> None:
         """Count and log a payload that is no manifest. It also clears its scope: the
         latest word on that topic is unreadable, as it will be after a restart."""
         self.malformed += 1
-        self._manifests.get(model, {}).pop(scope, None)
-        log.warning("malformed manifest on %s scope for %s: %s", scope, model, why)
+        (self._shadows if shadow else self._manifests).get(model, {}).pop(scope, None)
+        kind = "shadow manifest" if shadow else "manifest"
+        log.warning("malformed %s on %s scope for %s: %s", kind, scope, model, why)
 
-    def _take(self, item: tuple[Scope, str, bytes]) -> None:
-        scope, model, payload = item
-        scopes = self._manifests.setdefault(model, {})
+    def _take(self, item: _Item) -> None:
+        shadow, scope, model, payload = item
+        scopes = (self._shadows if shadow else self._manifests).setdefault(model, {})
         if not payload:
             scopes.pop(scope, None)
             return
         if len(payload) > self.settings.max_manifest_bytes:  # refused unread
             limit = self.settings.max_manifest_bytes
-            self._malformed(scope, model, f"{len(payload)} bytes, more than {limit}")
+            self._malformed(shadow, scope, model, f"{len(payload)} bytes, more than {limit}")
             return
         try:
             manifest = Manifest.from_json(payload)
         except TandemError as exc:
-            self._malformed(scope, model, exc.message[:500])
+            self._malformed(shadow, scope, model, exc.message[:500])
             return
         if manifest.model != model:
-            self._malformed(scope, model, f"a manifest for {manifest.model}")
+            self._malformed(shadow, scope, model, f"a manifest for {manifest.model}")
             return
         scopes[scope] = manifest
 
@@ -268,8 +322,9 @@ class Updater:
         if state == UpdateState.ACTIVE:
             self.store.prune(manifest.model)
 
-    def _verify(self, manifest: Manifest, resuming: bool) -> None:
-        """Raise ``UpdateRejectedError`` with the reason unless this device may install it."""
+    def _verify(self, manifest: Manifest, resuming: bool, *, shadow: bool = False) -> None:
+        """Raise ``UpdateRejectedError`` with the reason unless this device may install it
+        (``shadow``: as a shadow candidate)."""
         if self.trust is None:
             raise UpdateRejectedError(
                 "no trust store configured: updates are disabled", verified=False
@@ -279,14 +334,14 @@ class Updater:
         except SignatureError as exc:
             raise UpdateRejectedError(f"signature: {exc.message}", verified=False) from None
         try:
-            self._check(manifest, resuming)
+            self._check(manifest, resuming, shadow)
         except UpdateRejectedError:
             raise
         except Exception as exc:  # a check that cannot be made is a refusal, with its reason
             log.exception("checking %s failed", manifest.ref)
             raise UpdateRejectedError(f"cannot check: {type(exc).__name__}: {exc}") from None
 
-    def _check(self, manifest: Manifest, resuming: bool) -> None:
+    def _check(self, manifest: Manifest, resuming: bool, shadow: bool = False) -> None:
         """The checks after the signature: time, anti-rollback, compatibility."""
         for name, value in (("created", manifest.created), ("expires", manifest.expires)):
             if not _aware(value):  # comparing it with the clock would be a guess
@@ -294,7 +349,17 @@ class Updater:
         if manifest.expires is not None and manifest.expires <= datetime.now(timezone.utc):
             raise UpdateRejectedError(f"expired at {manifest.expires.isoformat()}")
         highest = self.store.highest_accepted(manifest.model)
-        if not resuming and manifest.version <= highest:
+        if shadow:
+            serving = self.agent.model.manifest.version
+            if manifest.version <= serving:
+                raise UpdateRejectedError(
+                    f"version {manifest.version} is not newer than the serving {serving}"
+                )
+            if manifest.version < highest:
+                raise UpdateRejectedError(
+                    f"version {manifest.version} is below the accepted {highest}: old"
+                )
+        elif not resuming and manifest.version <= highest:
             raise UpdateRejectedError(
                 f"version {manifest.version} is not newer than {highest}: replayed or old"
             )
@@ -319,39 +384,61 @@ class Updater:
         model_name = manifest.model
         slot = self.store.slot_path(model_name, self.store.slot_name(manifest))
         if not slot.is_dir():
-            self._emit(manifest, UpdateState.DOWNLOADING)
-            artifact_url = self._artifact_url(manifest)
-            try:
-                staged = self.downloader.fetch(
-                    artifact_url,
-                    self.store.staging_file(manifest),
-                    manifest.edge.size,
-                    manifest.edge.sha256,
-                )
-                bundle = {
-                    f.name: self.downloader.fetch(
-                        urljoin(artifact_url, f.name),
-                        self.store.staging_file(manifest, f.name),
-                        f.size,
-                        f.sha256,
-                    )
-                    for f in manifest.files
-                }
-            except DigestError as exc:
-                return UpdateState.FAILED, f"digest: {exc.message}"
-            except (DownloadError, httpx.HTTPError) as exc:
-                return UpdateState.FAILED, f"download: {exc}"
-            slot = self.store.install(manifest, staged, bundle)
+            adopted = self.store.adopt_shadow(manifest)
+            if adopted is not None:
+                log.info("%s: the shadow candidate's files become its slot", manifest.ref)
+                slot = adopted
+            else:
+                self._emit(manifest, UpdateState.DOWNLOADING)
+                try:
+                    slot = self.store.install(manifest, *self._fetch(manifest))
+                except _StepFailedError as exc:
+                    return UpdateState.FAILED, exc.reason
         self._emit(manifest, UpdateState.VERIFYING)
         try:
-            new = load_model(slot, self.backend, self.agent.max_pixels)
-        except (ModelLoadError, ContractError) as exc:
-            shutil.rmtree(slot, ignore_errors=True)
-            return UpdateState.FAILED, f"validation: {exc.message}"
+            new = self._validate(slot)
+        except _StepFailedError as exc:
+            return UpdateState.FAILED, exc.reason
         self._emit(manifest, UpdateState.ACTIVATING)
         self.store.activate(model_name, slot, watching=True)
         old = self.agent.activate(new)
         return self._watch(manifest, new, old)
+
+    def _fetch(self, manifest: Manifest) -> tuple[Path, dict[str, Path]]:
+        """Download the artifact and bundle files into staging (resumable, size-capped,
+        digest-checked): the staged artifact and bundle files, for ``store.install``.
+        Raises ``_StepFailedError``."""
+        artifact_url = self._artifact_url(manifest)
+        try:
+            staged = self.downloader.fetch(
+                artifact_url,
+                self.store.staging_file(manifest),
+                manifest.edge.size,
+                manifest.edge.sha256,
+            )
+            bundle = {
+                f.name: self.downloader.fetch(
+                    urljoin(artifact_url, f.name),
+                    self.store.staging_file(manifest, f.name),
+                    f.size,
+                    f.sha256,
+                )
+                for f in manifest.files
+            }
+        except DigestError as exc:
+            raise _StepFailedError(f"digest: {exc.message}") from None
+        except (DownloadError, httpx.HTTPError) as exc:
+            raise _StepFailedError(f"download: {exc}") from None
+        return staged, bundle
+
+    def _validate(self, folder: Path) -> LoadedModel:
+        """Load an installed folder in a fresh interpreter: I/O contract and golden
+        samples. A folder that fails is deleted. Raises ``_StepFailedError``."""
+        try:
+            return load_model(folder, self.backend, self.agent.max_pixels)
+        except (ModelLoadError, ContractError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise _StepFailedError(f"validation: {exc.message}") from None
 
     def _watch(
         self, manifest: Manifest, new: LoadedModel, old: LoadedModel | None
@@ -406,6 +493,103 @@ class Updater:
         if not self.registry_url:
             raise DownloadError("the manifest's artifact URL is relative and no registry is set")
         return urljoin(self.registry_url.rstrip("/") + "/", url.lstrip("/"))
+
+    # ---------------------------------------------------------------- the shadow
+
+    def _consider_shadow(self) -> None:
+        """Make the shadow follow the most specific shadow manifest of the served model:
+        drop it when moot or gone, replace it when another arrives."""
+        if self.shadow is None:
+            return
+        served = self.agent.model.manifest
+        installed = self._shadow_manifest
+        if installed is not None and installed.version <= served.version:
+            self._drop_shadow(f"serving {served.ref} reached it")
+        scopes = self._shadows.get(served.model)
+        best = scopes[max(scopes, key=lambda s: SCOPE_RANK[s])] if scopes else None
+        installed = self._shadow_manifest
+        if best is None:
+            if installed is not None:
+                self._drop_shadow("its shadow topic was cleared")
+            return
+        digest = manifest_digest(best)
+        if installed is not None and manifest_digest(installed) == digest:
+            return
+        if digest in self._shadow_refused:
+            return
+        if installed is not None:
+            self._drop_shadow(f"replaced by {best.ref}")
+        self.process_shadow(best)
+
+    def process_shadow(self, manifest: Manifest) -> UpdateState:
+        """Verify, download and validate a shadow candidate, then hand it to the
+        ``ShadowRunner``. Returns ``ACTIVE`` (it runs as the shadow), ``REJECTED`` or
+        ``FAILED``; serving is untouched in every case."""
+        assert self.shadow is not None
+        digest = manifest_digest(manifest)
+        try:
+            self._verify(manifest, False, shadow=True)
+        except UpdateRejectedError as exc:
+            return self._shadow_refuse(digest, manifest, UpdateState.REJECTED, exc.reason)
+        self._shadow_state(manifest, UpdateState.QUEUED)
+        self.store.clear_shadow(manifest.model, keep=self.store.slot_name(manifest))
+        try:
+            folder = self.store.shadow_path(manifest)
+            if not folder.is_dir():
+                self._shadow_state(manifest, UpdateState.DOWNLOADING)
+                folder = self.store.install(manifest, *self._fetch(manifest), shadow=True)
+            self._shadow_state(manifest, UpdateState.VERIFYING)
+            model = self._validate(folder)
+        except _StepFailedError as exc:
+            self.store.clear_shadow(manifest.model)
+            return self._shadow_refuse(digest, manifest, UpdateState.FAILED, exc.reason)
+        except Exception as exc:  # a job always ends in a state, even on a bug
+            log.exception("installing the shadow %s failed", manifest.ref)
+            self.store.clear_shadow(manifest.model)
+            reason = f"unexpected {type(exc).__name__}: {exc}"
+            return self._shadow_refuse(digest, manifest, UpdateState.FAILED, reason)
+        self.shadow.install(model)
+        self._shadow_manifest = manifest
+        self._shadow_state(manifest, UpdateState.ACTIVE, "running as the shadow")
+        return UpdateState.ACTIVE
+
+    def _shadow_refuse(
+        self, digest: str, manifest: Manifest, state: UpdateState, reason: str
+    ) -> UpdateState:
+        self._shadow_refused[digest] = None
+        while len(self._shadow_refused) > REFUSED_MEMORY:
+            self._shadow_refused.popitem(last=False)
+        self._shadow_state(manifest, state, reason)
+        return state
+
+    def _shadow_state(self, manifest: Manifest, state: UpdateState, reason: str = "") -> None:
+        """Log a shadow job state and keep it in ``last_shadow`` (never published)."""
+        level = logging.WARNING if state in (UpdateState.REJECTED, UpdateState.FAILED) else 0
+        log.log(
+            level or logging.INFO,
+            "%s shadow %s: %s %s",
+            self.device,
+            manifest.ref,
+            state.value,
+            reason,
+        )
+        self.last_shadow = UpdateReport(
+            device=self.device,
+            model=manifest.model,
+            version=manifest.version,
+            state=state,
+            reason=reason,
+            active_version=self.agent.model.manifest.version,
+            ts=datetime.now(timezone.utc),
+        )
+
+    def _drop_shadow(self, why: str) -> None:
+        assert self.shadow is not None
+        manifest, self._shadow_manifest = self._shadow_manifest, None
+        self.shadow.clear()
+        if manifest is not None:
+            self.store.clear_shadow(manifest.model)
+            log.info("%s shadow %s dropped: %s", self.device, manifest.ref, why)
 
     # ------------------------------------------------------------------ restarts
 
