@@ -206,8 +206,12 @@ def _model_optimize(args: argparse.Namespace) -> int:
         "min_relative_accuracy",
         "epochs",
         "model",
+        "seed",
     ):
         if (value := getattr(args, key, None)) is not None:
+            values[key] = value
+    for flag, key in (("epsilon", "guarantee_epsilon"), ("delta", "guarantee_delta")):
+        if (value := getattr(args, flag, None)) is not None:
             values[key] = value
     for key in ("hidden", "sparsities"):
         if (value := getattr(args, key, None)) is not None:
@@ -235,11 +239,31 @@ def _model_optimize(args: argparse.Namespace) -> int:
                 "test_accuracy": op["test"]["accuracy"],
                 "test_escalation": op["test"]["escalation"],
                 "relative_accuracy": report["routing"]["relative_accuracy"],
+                "chosen_by": report["routing"]["chosen_by"],
+                "budget_threshold": report["routing"]["budget_threshold"],
+                **(
+                    {"guarantee_met": report["routing"]["guarantee"]["met"]}
+                    if "guarantee" in report["routing"]
+                    else {}
+                ),
             },
             indent=2,
         )
     )
     return 0
+
+
+def _add_guarantee_flags(parser: argparse.ArgumentParser) -> None:
+    """``model optimize`` and ``model retrain``: the seed and the guaranteed threshold."""
+    parser.add_argument("--seed", type=int, help="seed for training (default 7)")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        help="ship the guaranteed threshold: the edge's own answers wrong at most this share",
+    )
+    parser.add_argument(
+        "--delta", type=float, help="... with probability at least 1 - delta (default 0.1)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--min-relative-accuracy", help="hybrid / cloud-only accuracy (0.995; none: no target)"
     )
+    _add_guarantee_flags(opt)
 
     from cloud.fleet.cli import add_fleet_parser
 

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from cloud.pipeline import bundle, calibrate, convert, measure, onnx_quant, train
+from cloud.pipeline import bundle, calibrate, convert, determinism, measure, onnx_quant, train
 from cloud.pipeline.bundle import template_manifest
 from cloud.pipeline.data import SplitData, load_split
+from cloud.pipeline.operating import RoutingTarget, fit_routing
 from cloud.pipeline.settings import OptimizeSettings
 from shared.manifest import CloudTarget, GoldenSample, RoutingDefaults
 
@@ -40,9 +41,7 @@ PER_TENSOR_TOLERANCE = 0.005
 
 def optimize(settings: OptimizeSettings) -> dict[str, Any]:
     """Runs the pipeline; returns the report's content (also written as report.json/html)."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    determinism.pin_numerics(settings.onednn)
     data = load_split(settings.data)
     out = settings.out
     variants_dir = out / "variants"
@@ -168,24 +167,15 @@ def optimize(settings: OptimizeSettings) -> dict[str, Any]:
     per_tensor_ok = calib_acc["int8-per-tensor"] >= calib_acc["int8"] - PER_TENSOR_TOLERANCE
     shipped = f"edge-{chosen}-{'int8-per-tensor' if per_tensor_ok else 'int8'}"
     logits = outputs[shipped]
-    temperature = calibrate.fit_temperature(logits["calib"], data.calib.y)
+    fitted = fit_routing(
+        logits,
+        {k: teacher_probs[k] for k in ("calib", "test")},
+        {"calib": data.calib.y, "test": data.test.y},
+        routing_target(settings),
+    )
+    temperature, operating, routing = fitted.temperature, fitted.operating, fitted.routing
     before = {k: calibrate.softmax(v) for k, v in logits.items()}
     after = {k: calibrate.softmax(v, temperature) for k, v in logits.items()}
-    cloud_calib_acc = float((measure.top1(teacher_probs["calib"]) == data.calib.y).mean())
-    calib_curve = calibrate.hybrid_curve(after["calib"], teacher_probs["calib"], data.calib.y)
-    test_curve = calibrate.hybrid_curve(after["test"], teacher_probs["test"], data.test.y)
-    threshold, met = calibrate.choose_threshold(
-        calib_curve, cloud_calib_acc, settings.max_escalation, settings.min_relative_accuracy
-    )
-    operating = calibrate.OperatingPoint(
-        threshold=threshold,
-        max_escalation=settings.max_escalation,
-        min_relative_accuracy=settings.min_relative_accuracy,
-        met_on_calib=met,
-        calib=calibrate.point_at(calib_curve, threshold),
-        test=calibrate.point_at(test_curve, threshold),
-    )
-    routing = RoutingDefaults(metric="max_prob", threshold=threshold, temperature=temperature)
     bundle_dir = write_bundle(settings, data, blobs[shipped][0], labels, routing)
 
     edge_test_acc = float((measure.top1(logits["test"]) == data.test.y).mean())
@@ -227,14 +217,26 @@ def optimize(settings: OptimizeSettings) -> dict[str, Any]:
             "cloud_test_accuracy": cloud_test_acc,
             "edge_test_accuracy": edge_test_acc,
             "relative_accuracy": operating.test.accuracy / cloud_test_acc,
-            "curve_test": [asdict(p) for p in test_curve],
+            "curve_test": [asdict(p) for p in fitted.test_curve],
+            **{k: v for k, v in fitted.section().items() if k != "operating_point"},
         },
+        "reproducibility": {"seed": settings.seed, **determinism.numerics()},
         "bundle": str(bundle_dir.relative_to(out)),
     }
     from cloud.pipeline.report import write_report
 
     write_report(report, out)
     return report
+
+
+def routing_target(settings: OptimizeSettings) -> RoutingTarget:
+    return RoutingTarget(
+        max_escalation=settings.max_escalation,
+        min_relative_accuracy=settings.min_relative_accuracy,
+        guarantee_epsilon=settings.guarantee_epsilon,
+        guarantee_delta=settings.guarantee_delta,
+        guarantee_reference=settings.guarantee_reference,
+    )
 
 
 def _find(results: list[measure.VariantResult], name: str) -> measure.VariantResult:

@@ -4,6 +4,7 @@ in ``main()`` from flags and an optional TOML file and passed down."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,11 +37,30 @@ class OptimizeSettings(BaseModel):
     min_relative_accuracy: float | None = Field(
         default=0.995, gt=0, le=1, description="hybrid accuracy as a share of cloud-only"
     )
+    guarantee_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="set: the shipped threshold is the guaranteed one (cloud/pipeline/"
+        "guarantee.py): the edge's own answers wrong at most this share, with probability "
+        "1 - guarantee_delta; the budget's threshold is still reported beside it",
+    )
+    guarantee_delta: float = Field(default=0.1, gt=0, lt=1)
+    guarantee_reference: Literal["cloud", "labels"] = Field(
+        default="cloud",
+        description="what 'wrong' means: not the cloud model's answer (what a device's audit "
+        "sample can check in the field, where only cloud answers exist), or not the label",
+    )
+    onednn: bool = Field(
+        default=False,
+        description="TensorFlow's oneDNN kernels (cloud/pipeline/determinism.py): off, so "
+        "the figures do not depend on whether this CPU makes TensorFlow switch them on",
+    )
 
     latency_calls: int = Field(default=300, ge=10)
     golden_count: int = Field(default=6, ge=1)
 
-    @field_validator("max_escalation", "min_relative_accuracy", mode="before")
+    @field_validator("max_escalation", "min_relative_accuracy", "guarantee_epsilon", mode="before")
     @classmethod
     def _none(cls, value: object) -> object:
         """``"none"`` (TOML and flags have no null): that side of the target is not set."""
