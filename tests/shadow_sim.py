@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -113,6 +114,8 @@ class SimDevice:
     events: list[tuple[str, int | None]] = field(default_factory=list)
     shadow_version: int | None = None
     seq: int = 0
+    #: called on its own thread once a new release serves, before ACTIVE is reported
+    on_activate: Callable[[SimDevice], None] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -189,6 +192,8 @@ class SimDevice:
                 if m.version > self.serving:
                     self.serving = m.version
                     self._birth()
+                    if self.on_activate is not None:
+                        self.on_activate(self)
                 report = UpdateReport(
                     device=self.device,
                     model=MODEL,
@@ -199,9 +204,11 @@ class SimDevice:
                 )
                 topic = topics.device_update(self.fleet, self.device)
                 self._client.publish_wait(topic, report.model_dump_json().encode())
-            self._report(shadow)
+            self.report(shadow)
 
-    def _report(self, shadow: int | None) -> None:
+    def report(self, shadow: int | None) -> None:
+        """One telemetry message: shadow runs on ``shadow`` (if within the budget) and
+        the audits of the version served (if its quality has them); none if neither."""
         q = self.quality
         stats = None
         if shadow is not None and (self.budget is None or self.budget > 0):

@@ -168,6 +168,84 @@ def test_too_few_samples_until_the_shadow_timeout_abort(
     assert json.loads(result.gate or "{}")["state"] == "wait"
 
 
+def test_the_gate_rechecked_before_a_wave_stops_a_worse_audit_error(
+    fleet: Fleet, sims: dict[str, SimDevice]
+) -> None:
+    """The shadow phase passes; once serving, the canary's audited answers are wrong far
+    more often than the serving version's on the other devices: aborted before wave 1."""
+    fleet.release()
+
+    def audits_first(sim: SimDevice) -> None:  # the canary's audits in before its ACTIVE
+        sim.report(None)
+        sim.report(None)
+        wait_for(
+            lambda: queries.gate_stats(fleet.store, FLEET, MODEL, 2).candidate_audited >= 100,
+            what="the candidate's audits stored",
+        )
+
+    for sim in sims.values():
+        sim.quality = Quality(audited={1: (50, 1), 2: (50, 20)})  # 2 % against 40 %
+        sim.on_activate = audits_first
+    lines: list[str] = []
+    controller = fleet.rollout_controller(poll_s=0.05, progress=lines.append)
+    rid = controller.create(
+        MODEL, 2, canary="1", waves=1, shadow=True, gate_min_samples=100, shadow_timeout_s=60
+    )
+    result = controller.run(rid)
+    assert result.state == "ABORTED", result.detail
+    assert result.detail.startswith("before wave 1: gate fail: audit error 40.0% on "), result
+    assert any(line.startswith("shadow: gate pass") for line in lines), lines
+    canary = fleet.store.waves(rid)[0][0][0]
+    assert sims[canary].serving == 2  # the canary went ahead, the next wave did not
+    for d in DEVICES:
+        if d != canary:
+            assert sims[d].saw("manifest") == [] and sims[d].serving == 1, d
+    assert fleet.store.rollout(rid).current_wave == 1
+
+
+def test_fleet_rollout_shadow_command(
+    fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tandem-cloud fleet rollout --shadow ...`` with the gate's flags, on the store of
+    its ``--state-dir`` (the collector writes there too)."""
+    from cloud.cli import main as cloud_main
+
+    fleet.release()
+    store = open_store(None, tmp_path / "ctl")
+    collector = start_collector(fleet.broker, store, "cli")
+    devices = {d: SimDevice(fleet.broker, FLEET, d) for d in DEVICES[:2]}
+    try:
+        for sim in devices.values():
+            sim.start()
+        wait_for(lambda: len(store.devices(FLEET)) == 2, what="births")
+        devices["dev-0"].quality = WORSE
+        common = ["--fleet", FLEET, "--broker", fleet.broker.service_url]
+        common += ["--username", "controller", "--password", "ctl-pw"]
+        common += ["--registry", str(fleet.registry.root), "--state-dir", str(tmp_path / "ctl")]
+        gate = ["--shadow", "--gate-min-samples", "60", "--gate-margin", "0.05"]
+        gate += ["--shadow-timeout-s", "30"]
+        code = cloud_main(
+            ["fleet", "rollout", "digits@2", *common, "--canary", "1", "--waves", "1", *gate]
+        )
+        out = capsys.readouterr().out
+        assert code == 3, out
+        assert "shadow phase: gate fail: candidate 80.0% vs serving 90.0%" in out
+        assert "margin 5.0%" in out
+        r = store.rollouts(FLEET)[-1]
+        assert (r.shadow, r.gate_min_samples, r.gate_margin, r.shadow_timeout_s) == (
+            True,
+            60,
+            0.05,
+            30.0,
+        )
+        assert devices["dev-0"].saw("shadow") == [2] and devices["dev-0"].saw("manifest") == []
+    finally:
+        for sim in devices.values():
+            sim.stop()
+        collector.stop()
+        store.close()
+
+
 @dataclass
 class Process:
     proc: subprocess.Popen[str]
