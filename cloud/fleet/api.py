@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
+from fastapi import Path as FastApiPath
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -47,6 +48,8 @@ MAX_BUCKET_S = 24 * 3600
 #: ``/fleet/devices``' page size, by default and at most.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+#: Rollout ids are the store's 64-bit keys.
+MAX_ROLLOUT_ID = 2**63 - 1
 #: ``/fleet/loop``'s latest rollouts of the model, by default and at most.
 DEFAULT_LOOP_ROLLOUTS = 5
 MAX_LOOP_ROLLOUTS = 50
@@ -99,7 +102,9 @@ def fleet_router(store: FleetStore, fleet: str, collector: Collector | None) -> 
         }
 
     @router.get("/fleet/rollouts/{rollout_id}/gate")
-    def rollout_gate(rollout_id: int) -> dict[str, Any]:
+    def rollout_gate(
+        rollout_id: Annotated[int, FastApiPath(ge=1, le=MAX_ROLLOUT_ID)],
+    ) -> dict[str, Any]:
         try:
             r = store.rollout(rollout_id)
         except KeyError:

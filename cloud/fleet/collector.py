@@ -4,7 +4,11 @@ It validates every payload with the shared schemas. A malformed, oversized or un
 message is counted (per kind of problem) and logged at most once per device per
 ``log_interval_s``; it never stops the collector. Telemetry is stored once per
 (device, session, seq): at-least-once delivery from the agents' outboxes becomes
-exactly-once here. Old telemetry is deleted after ``retention_days``.
+exactly-once here. A message's ``shadow`` and ``audit`` sections (a shadow candidate's
+agreement, the audit of confident answers) are stored beside it, in the same transaction and
+only when the message itself was new, so the sums a rollout's gate reads
+(``cloud/fleet/gate.py``) count each interval once. Old telemetry is deleted after
+``retention_days``.
 
 Several instances of the cloud split a fleet's telemetry through a shared subscription
 (``share_group``): the broker hands each message to one of them, and the store's key on
