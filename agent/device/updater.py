@@ -586,9 +586,10 @@ class Updater:
     def _drop_shadow(self, why: str) -> None:
         assert self.shadow is not None
         manifest, self._shadow_manifest = self._shadow_manifest, None
+        if manifest is not None:  # its files first: the candidate runs from memory
+            self.store.clear_shadow(manifest.model)
         self.shadow.clear()
         if manifest is not None:
-            self.store.clear_shadow(manifest.model)
             log.info("%s shadow %s dropped: %s", self.device, manifest.ref, why)
 
     # ------------------------------------------------------------------ restarts
