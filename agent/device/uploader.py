@@ -141,7 +141,7 @@ class Uploader:
         self.forbidden = False
         self.failures = 0  # network errors and 5xx, in a row
         self.held_budget = 0  # rounds held back by the budget
-        self._backoff = first_backoff_s
+        self._backoff = min(first_backoff_s, max_backoff_s)
         self._not_before = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -227,7 +227,7 @@ class Uploader:
             for sample_id in ids:
                 self.capture.seen(sample_id)
             self.capture.uploaded += len(ids)
-            self.failures, self._backoff = 0, self.first_backoff_s
+            self.failures, self._backoff = 0, min(self.first_backoff_s, self.max_backoff_s)
             if result is not None and result.duplicates:
                 log.debug("upload: %d of %d were already in the cloud", result.duplicates, len(ids))
             return len(ids)

@@ -94,6 +94,12 @@ def test_5xx_and_network_errors_back_off_exponentially_capped(tmp_path: Path) ->
     assert up.drain() == 5 and up.failures == 0
 
 
+def test_the_first_backoff_is_capped_too(tmp_path: Path) -> None:
+    _, up, server, _, _ = setup(tmp_path, max_backoff_s=0.3)
+    server.statuses = [503]
+    assert up.drain() == 0 and up.next_wait_s() == pytest.approx(0.31)
+
+
 def test_a_lost_connection_keeps_the_batch(tmp_path: Path) -> None:
     c, up, server, clock, _ = setup(tmp_path)
 
