@@ -265,3 +265,27 @@ def test_without_a_cloud_the_shadow_still_sees_the_answers(
     assert all(t.shadow.labelled == 0 for t in telemetry.since(0) if t.shadow is not None)
     publish_shadow(fleet, None)
     wait_for(lambda: service.agent.observer is None, what="the hand-over off again")
+
+
+def test_a_newer_shadow_replaces_it_and_a_restart_keeps_its_files(
+    fleet: Fleet, digits: SplitData
+) -> None:
+    service = start_agent(fleet)
+    v2, v3 = fleet.release(), fleet.release()
+    publish_shadow(fleet, v2)
+    wait_for(lambda: shadow_state(service, 2) == ("ACTIVE", "running as the shadow"), what="v2")
+    publish_shadow(fleet, v3)
+    wait_for(lambda: shadow_state(service, 3) == ("ACTIVE", "running as the shadow"), what="v3")
+    assert service.shadow.model is not None and service.shadow.model.manifest.version == 3
+    assert not service.store.shadow_path(v2).exists()
+    assert service.store.shadow_path(v3).is_dir()
+    downloads = len(fleet.server.artifact_requests)
+    assert downloads == 2
+
+    service.stop()  # the retained shadow comes again at the next start
+    del fleet.agents[DEVICE]
+    again = start_agent(fleet)
+    wait_for(lambda: shadow_state(again, 3) == ("ACTIVE", "running as the shadow"), what="again")
+    assert len(fleet.server.artifact_requests) == downloads  # from its folder, no download
+    assert again.agent.model.manifest.version == 1
+    assert again.agent.infer(digits.test.x[0]).edge_model == "digits:1"
