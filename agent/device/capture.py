@@ -187,5 +187,8 @@ class Capture:
         )
 
     def section(self) -> dict[str, CaptureState]:
-        """Telemetry's ``capture``."""
-        return {"capture": self.state()}
+        """Telemetry's ``capture``; left out (``{}``) while capture is off with nothing
+        counted and nothing in the spool: an absent section means off, and an idle
+        device on a metered link does not pay for saying so every interval."""
+        state = self.state()
+        return {} if state == CaptureState(enabled=False) else {"capture": state}

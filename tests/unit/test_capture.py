@@ -122,9 +122,12 @@ def test_nothing_is_written_while_capture_is_off(tmp_path: Path) -> None:
     c = capture(tmp_path, enabled=None)  # follows the fleet: off until it says on
     c.observe(observation(cloud=2))
     assert (c.captured, c.spool.pending, c.state().enabled) == (0, 0, False)
+    assert c.section() == {}  # off and idle: telemetry carries nothing
     c.switch.on_message(topic("fleet"), ON, True)
     c.observe(observation(cloud=2))
     assert (c.captured, c.state().enabled) == (1, True)
+    c.switch.on_message(topic("fleet"), OFF, True)
+    assert c.section()["capture"].pending == 1  # off, with samples waiting: said
 
 
 def test_a_spent_budget_skips_writing(tmp_path: Path) -> None:
