@@ -89,8 +89,9 @@ _TELEMETRY_COLUMNS = (
 )
 _TELEMETRY_KEY = ("fleet", "device", "session", "seq")
 _INSERT_TELEMETRY = insert_new_sql("telemetry", _TELEMETRY_COLUMNS, _TELEMETRY_KEY)
-#: Rows per INSERT of telemetry carrying shadow or audit sections on PostgreSQL (as
-#: ``postgres.INSERT_ROWS``: psycopg caches the parse of short statements only).
+#: Rows per INSERT of telemetry carrying shadow or audit sections on PostgreSQL, and of
+#: their stats rows (as ``postgres.INSERT_ROWS``: psycopg caches the parse of short
+#: statements only).
 _RETURNING_ROWS = 40
 
 _SHADOW_COLUMNS = (
@@ -103,8 +104,6 @@ _AUDIT_COLUMNS = (
     *("fleet", "device", "session", "seq", "ts", "received", "model", "version"),
     *("audited", "wrong"),
 )
-_INSERT_SHADOW = insert_new_sql("shadow_stats", _SHADOW_COLUMNS, _TELEMETRY_KEY)
-_INSERT_AUDIT = insert_new_sql("audit_stats", _AUDIT_COLUMNS, _TELEMETRY_KEY)
 
 
 def _serving_version(t: Telemetry, model: str) -> int | None:
@@ -295,10 +294,14 @@ class FleetStore:
                 if t.audit is not None:
                     a = t.audit
                     audit.append((*head, a.model, a.version, a.audited, a.wrong))
-            if shadow:
-                tx.execute_many(_INSERT_SHADOW, shadow)
-            if audit:
-                tx.execute_many(_INSERT_AUDIT, audit)
+            for table, columns, stats in (
+                ("shadow_stats", _SHADOW_COLUMNS, shadow),
+                ("audit_stats", _AUDIT_COLUMNS, audit),
+            ):
+                for at in range(0, len(stats), _RETURNING_ROWS):  # a few rows per statement
+                    part = stats[at : at + _RETURNING_ROWS]
+                    sql = insert_new_sql(table, columns, _TELEMETRY_KEY, len(part))
+                    tx.execute(sql, [v for row in part for v in row])
         return new
 
     def _insert_new_in(self, tx: Transaction, rows: list[tuple[Any, ...]]) -> list[bool]:
