@@ -158,6 +158,9 @@ class Collector:
         removed = self.store.expire_telemetry(cutoff.isoformat())
         if removed:
             log.info("retention: removed %d telemetry rows older than %s", removed, cutoff)
+        removed = self.store.expire_stats(cutoff.isoformat())
+        if removed:
+            log.info("retention: removed %d shadow and audit rows older than %s", removed, cutoff)
 
     @property
     def malformed_total(self) -> int:

@@ -6,6 +6,7 @@ collector over a real Mosquitto too."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,20 @@ def test_the_collector_stores_a_redelivered_message_once(
     finally:
         device.stop()
         mqtt.stop()
+
+
+def test_retention_takes_the_stats_with_their_telemetry(store: FleetStore) -> None:
+    old = datetime.now(timezone.utc) - timedelta(days=40)
+    s = shadow_stats(2, both=18, shadow_only=1, serving_only=1)
+    store.record_telemetry_many(
+        FLEET,
+        [
+            telemetry("dev-1", 1, shadow=s, audit=audit(1, 5, 1)).model_copy(update={"ts": old}),
+            telemetry("dev-1", 2, shadow=s, audit=audit(1, 5, 1)),
+        ],
+    )
+    cutoff = datetime.now(timezone.utc) - timedelta(days=30)
+    assert store.expire_telemetry(cutoff) == 1
+    assert store.expire_stats(cutoff.isoformat(), batch=1) == 2  # one shadow, one audit
+    assert [r["seq"] for r in _rows(store, "shadow_stats")] == [2]
+    assert [r["seq"] for r in _rows(store, "audit_stats")] == [2]

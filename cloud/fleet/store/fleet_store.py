@@ -389,12 +389,22 @@ class FleetStore:
         """Retention: delete telemetry with ``ts`` before ``older_than`` (every fleet), in
         batches of ``batch`` rows, each its own short statement, so that ingest (and, on
         PostgreSQL, the other instances) goes on between them. The rows deleted."""
+        return self._expire("telemetry", older_than, batch)
+
+    def expire_stats(self, older_than: str | datetime, batch: int = 5000) -> int:
+        """Retention of the shadow and audit stats stored with telemetry, as
+        ``expire_telemetry`` (the collector runs both). The rows deleted."""
+        return sum(
+            self._expire(table, older_than, batch) for table in ("shadow_stats", "audit_stats")
+        )
+
+    def _expire(self, table: str, older_than: str | datetime, batch: int) -> int:
         if batch <= 0:
             raise ValueError("batch must be positive")
         if isinstance(older_than, str):
             older_than = datetime.fromisoformat(older_than)
         cutoff = _iso(older_than)
-        sql = self._db.batch_delete_sql("telemetry", "ts < ?")
+        sql = self._db.batch_delete_sql(table, "ts < ?")
         total = 0
         while True:
             n = self._db.execute(sql, (cutoff, batch))

@@ -146,6 +146,9 @@ _V4 = Migration(
         " audited BIGINT NOT NULL, wrong BIGINT NOT NULL,"
         " PRIMARY KEY (fleet, device, session, seq))",
         "CREATE INDEX audit_by_version ON audit_stats (fleet, model, version, received)",
+        # retention deletes them with their telemetry, by age
+        "CREATE INDEX shadow_age ON shadow_stats (ts)",
+        "CREATE INDEX audit_age ON audit_stats (ts)",
         # a rollout's shadow phase and field-accuracy gate (cloud/fleet/gate.py): phase
         # 'shadow' (the candidate on the canary's shadow topics) then 'waves'; the gate's
         # last decision (its state and figures, JSON) is written before it is acted on
