@@ -221,10 +221,9 @@ class ModelStore:
         fsync_dir(final.parent)
         return final
 
-    def adopt_shadow(self, manifest: Manifest) -> Path | None:
-        """Make the shadow folder of this very manifest (same signed document) its slot,
-        by one rename; None when there is none. Its files were made durable when it was
-        installed; the rename is forced to disk before the pointer may name it."""
+    def shadow_of(self, manifest: Manifest) -> Path | None:
+        """The shadow folder holding this very manifest (the same signed document), or
+        None (none, or one made from another manifest of the same artifact)."""
         folder = self.shadow_path(manifest)
         if not folder.is_dir():
             return None
@@ -232,7 +231,14 @@ class ModelStore:
             held = Manifest.load(folder)
         except TandemError:
             return None
-        if held.document() != manifest.document():  # the signature included
+        return folder if held.document() == manifest.document() else None  # signature too
+
+    def adopt_shadow(self, manifest: Manifest) -> Path | None:
+        """Make the shadow folder of this very manifest its slot, by one rename; None when
+        there is none. Its files were made durable when it was installed; the rename is
+        forced to disk before the pointer may name it."""
+        folder = self.shadow_of(manifest)
+        if folder is None:
             return None
         final = self.slot_path(manifest.model, self.slot_name(manifest))
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -532,10 +532,11 @@ class Updater:
         except UpdateRejectedError as exc:
             return self._shadow_refuse(digest, manifest, UpdateState.REJECTED, exc.reason)
         self._shadow_state(manifest, UpdateState.QUEUED)
-        self.store.clear_shadow(manifest.model, keep=self.store.slot_name(manifest))
+        held = self.store.shadow_of(manifest)  # installed before a restart
+        self.store.clear_shadow(manifest.model, keep=held.name if held else None)
         try:
-            folder = self.store.shadow_path(manifest)
-            if not folder.is_dir():
+            folder = held
+            if folder is None:
                 self._shadow_state(manifest, UpdateState.DOWNLOADING)
                 folder = self.store.install(manifest, *self._fetch(manifest), shadow=True)
             self._shadow_state(manifest, UpdateState.VERIFYING)

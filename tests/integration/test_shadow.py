@@ -7,16 +7,27 @@ must be."""
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import tests.mosquitto
+from agent import Agent, AgentSettings
 from agent.device.service import AgentService
+from agent.inference.backends import TFLiteSettings
+from agent.inference.model import load_model
+from agent.inference.observe import Observation
+from agent.inference.shadow import ShadowRunner
+from agent.settings import ShadowSettings
 from cloud.pipeline.data import SplitData
+from cloud.releases.package_model import ModelPackageRequest, package_model
+from cloud.releases.registry import Registry
 from shared import topics
 from shared.manifest import Manifest, utc_now
 from shared.mqtt import MqttClient
@@ -25,8 +36,10 @@ from shared.telemetry import Telemetry
 from tests.conftest import BROKER_USERS
 from tests.fleet import FLEET, Fleet, last_state, wait_for
 from tests.mosquitto import Mosquitto
+from tests.real_models import photo, real_model
 
 DEVICE = "dev-0"
+EMOTIONS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 #: Devices read their shadow topics. TODO(lead): these lines belong in tests/mosquitto.py's
 #: ACL and docs/operations.md's (not H3's files); this module's broker adds them meanwhile.
@@ -289,3 +302,52 @@ def test_a_newer_shadow_replaces_it_and_a_restart_keeps_its_files(
     assert len(fleet.server.artifact_requests) == downloads  # from its folder, no download
     assert again.agent.model.manifest.version == 1
     assert again.agent.infer(digits.test.x[0]).edge_model == "digits:1"
+
+
+def test_an_image_candidate_runs_on_the_encoded_picture(tmp_path: Path) -> None:
+    """A real image classifier (MediaPipe's fer, ``tests/real_models.py``): the shadow
+    decodes and preprocesses the caller's PNG with its own preprocessor, and its counts
+    are those of the candidate answering the same pictures itself."""
+    (tmp_path / "emotions.txt").write_text("\n".join(EMOTIONS) + "\n")
+    contract = tmp_path / "fer.toml"
+    contract.write_text(
+        'task = "classification"\nlabels = "emotions.txt"\n'
+        '[inputs.x]\nkind = "image"\ncolour = "GRAY"\nmean = [127.5]\nstd = [127.5]\n'
+    )
+    registry, key = Registry(tmp_path / "reg"), SigningKey.generate()
+    folders = []
+    for _ in range(2):  # v1 serves, v2 is the candidate (the same network)
+        request = ModelPackageRequest(
+            edge=real_model("fer_emotion"), name="emotions", contract=contract
+        )
+        version = package_model(request, key, registry).version
+        folders.append(registry.release_dir("emotions", version))
+    pictures = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        image = photo(name)
+        for dx in (0, 40):
+            buffer = io.BytesIO()
+            Image.fromarray(image[dx : dx + 160, dx : dx + 150]).save(buffer, format="PNG")
+            pictures.append(buffer.getvalue())
+    serving = Agent(AgentSettings(model_dir=folders[0], routing={"mode": "edge"}))
+    own = Agent(AgentSettings(model_dir=folders[1], routing={"mode": "edge"}))
+    runner = ShadowRunner(ShadowSettings())
+    runner.install(load_model(folders[1], TFLiteSettings()))
+    seen: list[Observation] = []
+    serving.observer = seen.append
+    try:
+        served = [serving.infer(p) for p in pictures]
+        direct = [own.infer(p) for p in pictures]
+    finally:
+        serving.close()
+        own.close()
+    assert len(seen) == len(pictures) and all(o.encoded is not None for o in seen)
+    for obs in seen:
+        runner.observe(obs)
+    runner.drain()
+    got = runner.section()["shadow"]
+    runner.clear()
+    threshold = Manifest.load(folders[1]).routing.threshold
+    assert (got.model, got.version, got.samples) == ("emotions", 2, len(pictures))
+    assert got.agree_serving == sum(a.index == b.index for a, b in zip(served, direct))
+    assert got.would_escalate == sum(d.confidence < threshold for d in direct)
