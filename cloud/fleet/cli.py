@@ -19,6 +19,13 @@ instances and the others take over when the holder dies. ``rollout`` and ``resum
 rollout themselves when they get the lease, or else wait for the controller that holds it
 (and take over if it dies). ``--lease-ttl`` and ``--poll`` override the ``[controller]``
 settings, which ``serve`` uses too when it takes part (``controller.run_in_server``).
+
+``--shadow`` starts the rollout with a shadow phase gated by field accuracy: the canary's
+agents run the release beside their serving model, without answering with it, until
+``--gate-min-samples`` of its runs have a cloud label; it goes on only if its agreement with
+the cloud is at least the serving model's minus ``--gate-margin`` on those same requests
+(checked again before each wave), else it is aborted with the figures, having never served
+(``cloud/fleet/gate.py``). ``--shadow-timeout-s`` bounds the wait for those samples.
 """
 
 from __future__ import annotations
@@ -269,7 +276,8 @@ def print_status(store: FleetStore, fleet: str) -> None:
     for r in [head, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
     for ro in store.rollouts(fleet)[-5:]:
+        where = "(shadow)" if ro.shadow and ro.phase == "shadow" else f"wave {ro.current_wave}"
         print(
             f"rollout {ro.id}: {ro.model}@{ro.version} -> {ro.target_kind} {ro.target or ''} "
-            f"{ro.state} wave {ro.current_wave} {ro.detail}".rstrip()
+            f"{ro.state} {where} {ro.detail}".rstrip()
         )

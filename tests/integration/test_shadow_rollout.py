@@ -239,6 +239,10 @@ def test_fleet_rollout_shadow_command(
             30.0,
         )
         assert devices["dev-0"].saw("shadow") == [2] and devices["dev-0"].saw("manifest") == []
+        assert cloud_main(["fleet", "status", *common]) == 0
+        assert f"rollout {r.id}: digits@2 -> fleet  ABORTED (shadow) shadow phase: gate fail" in (
+            capsys.readouterr().out
+        )
     finally:
         for sim in devices.values():
             sim.stop()
