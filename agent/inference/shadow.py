@@ -17,7 +17,9 @@ threshold: the escalations it would have caused. Audited answers are run whateve
 sample rate (labels are what the rollout's gate needs). An audited request can thus be run
 twice, once sampled without a label and once audited with it: ``samples`` may count it
 twice, the labelled counts the gate uses count it once (an audit picks confident answers,
-which had no label when first seen).
+which had no label when first seen). A candidate dropped or replaced within an interval
+takes that interval's counts with it: by then the gate has decided, or a newer candidate is
+what it measures.
 """
 
 from __future__ import annotations
