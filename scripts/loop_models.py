@@ -56,12 +56,14 @@ def build(out: Path, corrupt: float, seed: int, version: int, epochs: int) -> di
     golden_x = data.test.x[:6]
     probs = build_models.tflite_probabilities(blob, golden_x)
     serving = Manifest.load(SERVING)
+    cloud = serving.cloud
+    assert cloud is not None, f"{SERVING} names no cloud model"
     manifest = template_manifest(
         model=serving.model,
         blob=blob,
         input_detail=interp.get_input_details()[0],
         output_detail=interp.get_output_details()[0],
-        cloud=serving.cloud,
+        cloud=cloud,
         labels=list(serving.labels or []),
         routing=serving.routing,
         golden=[
