@@ -253,6 +253,82 @@ def _model_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_retrain(args: argparse.Namespace, cloud: CloudSettings) -> int:
+    """Distils the latest release of MODEL again on the split plus field samples (the sample
+    store's, or ``--samples``), and publishes the signed candidate (latest + 1); prints a
+    short before/after table and the new version."""
+    from cloud.pipeline.settings import RetrainSettings
+
+    values: dict[str, Any] = load_toml(args.settings) if args.settings is not None else {}
+    values["model"] = args.model
+    for key in ("data", "teacher", "out", "epochs", "seed", "max_field_samples", "max_escalation"):
+        if (value := getattr(args, key, None)) is not None:
+            values[key] = value
+    for flag, key in (("epsilon", "guarantee_epsilon"), ("delta", "guarantee_delta")):
+        if (value := getattr(args, flag, None)) is not None:
+            values[key] = value
+    if args.hidden is not None:
+        try:
+            values["hidden"] = [int(v) for v in args.hidden.split(",")]
+        except ValueError:
+            raise SettingsError(f"--hidden: comma-separated numbers, got {args.hidden!r}") from None
+    values.setdefault("out", f"out/retrain/{args.model}")
+    try:
+        settings = RetrainSettings.model_validate(values)
+    except ValidationError as exc:
+        raise SettingsError(f"invalid retrain settings: {describe(exc)}") from None
+    if cloud.registry is None:
+        raise SettingsError("model retrain needs --registry")
+    from cloud.pipeline.field import from_samples, load_npz
+    from cloud.pipeline.retrain import retrain_release, serving_release
+    from cloud.releases.registry import Registry
+    from shared.signing import SigningKey
+
+    registry = Registry(cloud.registry)
+    signing_key = SigningKey.load(args.key)
+    if args.samples is not None:
+        field = load_npz(args.samples)
+    else:
+        from cloud.fleet.samples.store import SampleStore
+        from cloud.fleet.store import open_store
+
+        current, _ = serving_release(registry, settings.model)
+        assert current.input is not None  # a v1 release (serving_release checks)
+        state_dir = args.state_dir or cloud.state_dir
+        store = open_store(args.database_url or cloud.database_url, state_dir)
+        samples = SampleStore(store, cloud.samples.root or state_dir / "samples").export(
+            args.fleet or cloud.fleet, settings.model
+        )
+        field, skipped = from_samples(samples, current.input.shape[-1])
+        if skipped:
+            print(
+                f"tandem-cloud: {skipped} field samples skipped (not feature rows)", file=sys.stderr
+            )
+    manifest, report = retrain_release(settings, registry, signing_key, field)
+    rows = [("original test", "original_test"), ("field held-out", "field_test")]
+    print(f"{'':<16}{'':<8}{'edge acc':>10}{'agree':>8}{'escal':>8}{'hybrid':>8}")
+    for title, part in rows:
+        for when in ("before", "after"):
+            f = report[when][part]
+            print(
+                f"{title:<16}{when:<8}{100 * f['edge_accuracy']:>9.2f}%"
+                f"{100 * f['agreement_with_teacher']:>7.1f}%{100 * f['escalation']:>7.1f}%"
+                f"{100 * f['hybrid_accuracy']:>7.2f}%"
+            )
+    print(
+        json.dumps(
+            {
+                "model": manifest.model,
+                "version": manifest.version,
+                "sha256": manifest.edge.sha256,
+                "threshold": manifest.routing.threshold,
+                "report": str(settings.out / "report.json"),
+            }
+        )
+    )
+    return 0
+
+
 def _add_guarantee_flags(parser: argparse.ArgumentParser) -> None:
     """``model optimize`` and ``model retrain``: the seed and the guaranteed threshold."""
     parser.add_argument("--seed", type=int, help="seed for training (default 7)")
@@ -364,6 +440,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_guarantee_flags(opt)
 
+    re_ = model.add_parser(
+        "retrain",
+        help="distil MODEL's latest release again on the split plus field samples labelled "
+        "by the cloud model; publish the signed candidate (latest + 1) (build extra)",
+    )
+    re_.add_argument("model", help="the edge model's name in the registry")
+    re_.add_argument("--registry", type=Path, help="the registry (default: settings)")
+    re_.add_argument("--data", type=Path, help="the split file optimize used")
+    re_.add_argument("--teacher", type=Path, help="the cloud ONNX model: labels field samples")
+    re_.add_argument("--key", type=Path, required=True, help="private key (keys generate)")
+    re_.add_argument("--settings", type=Path, help="TOML with RetrainSettings fields")
+    re_.add_argument("--samples", type=Path, help="field samples from .npz (x[, label, truth])")
+    re_.add_argument("--fleet", help="the fleet whose samples to use (default: settings)")
+    re_.add_argument("--state-dir", type=Path, help="the sample store's folder (settings)")
+    re_.add_argument("--database-url", help="the fleet store (default: settings)")
+    re_.add_argument("--max-field-samples", type=int, help="the newest N (default 2000)")
+    re_.add_argument("--max-escalation", help="escalation budget (0.2; none: no budget)")
+    re_.add_argument("--hidden", help="edge hidden widths (default: the serving model's)")
+    re_.add_argument("--epochs", type=int)
+    re_.add_argument("--out", type=Path, help="folder for this run (out/retrain/MODEL)")
+    _add_guarantee_flags(re_)
+
     from cloud.fleet.cli import add_fleet_parser
 
     add_fleet_parser(sub)
@@ -404,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return _keys_generate(args)
         if args.command == "model":
+            if args.action == "retrain":
+                return _model_retrain(args, settings)
             return _model_optimize(args) if args.action == "optimize" else _model_package(args)
         from cloud.fleet.cli import run_fleet
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from cloud.pipeline import bundle, calibrate, convert, determinism, measure, onnx_quant, train
 from cloud.pipeline.bundle import template_manifest
-from cloud.pipeline.data import SplitData, load_split
+from cloud.pipeline.data import Split, SplitData, load_split
 from cloud.pipeline.operating import RoutingTarget, fit_routing
 from cloud.pipeline.settings import OptimizeSettings
 from shared.manifest import CloudTarget, GoldenSample, RoutingDefaults
@@ -243,6 +243,29 @@ def _find(results: list[measure.VariantResult], name: str) -> measure.VariantRes
     return next(r for r in results if r.name == name)
 
 
+def golden_samples(
+    runner: measure.TfliteRunner, split: Split, classes: int, count: int
+) -> list[GoldenSample]:
+    """The first sample of each of the first ``count`` classes that the model gets right,
+    with the probabilities it gives."""
+    golden = []
+    for label in range(classes):
+        for i in np.flatnonzero(split.y == label):
+            probs = calibrate.softmax(runner(split.x[i])[None, :])[0]
+            if int(probs.argmax()) == label:
+                golden.append(
+                    GoldenSample(
+                        input=[float(v) for v in split.x[i]],
+                        expected=[round(float(p), 6) for p in probs],
+                        label=label,
+                    )
+                )
+                break
+        if len(golden) == count:
+            break
+    return golden
+
+
 def write_bundle(
     settings: OptimizeSettings,
     data: SplitData,
@@ -253,21 +276,7 @@ def write_bundle(
     """``bundle/``: the shipped artifact and its template manifest, with golden samples (the
     first held-out sample of each of the first classes that the model gets right)."""
     runner = measure.TfliteRunner(blob)
-    golden = []
-    for label in range(len(labels)):
-        for i in np.flatnonzero(data.test.y == label):
-            probs = calibrate.softmax(runner(data.test.x[i])[None, :])[0]
-            if int(probs.argmax()) == label:
-                golden.append(
-                    GoldenSample(
-                        input=[float(v) for v in data.test.x[i]],
-                        expected=[round(float(p), 6) for p in probs],
-                        label=label,
-                    )
-                )
-                break
-        if len(golden) == settings.golden_count:
-            break
+    golden = golden_samples(runner, data.test, len(labels), settings.golden_count)
     manifest = template_manifest(
         model=settings.model,
         blob=blob,

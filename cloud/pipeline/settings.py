@@ -65,3 +65,53 @@ class OptimizeSettings(BaseModel):
     def _none(cls, value: object) -> object:
         """``"none"`` (TOML and flags have no null): that side of the target is not set."""
         return None if isinstance(value, str) and value.lower() == "none" else value
+
+
+class RetrainSettings(BaseModel):
+    """What ``tandem-cloud model retrain`` does (``cloud/pipeline/retrain.py``): the serving
+    release's model distilled again from the original training split plus field samples,
+    calibrated like ``optimize`` does, packaged as the next release."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Identifier
+    data: Path = Field(description="the split file optimize used (x, y, train, calib, test)")
+    teacher: Path = Field(
+        description="the cloud model (ONNX, probabilities out): labels field data"
+    )
+    out: Path = Field(description="folder for this run: field.npz, bundle, report.json")
+    max_field_samples: int = Field(
+        default=2000, ge=1, description="the newest this many field samples are used"
+    )
+    field_test_share: float = Field(
+        default=0.25, ge=0, lt=1, description="field samples held out for the report"
+    )
+    field_calib_share: float = Field(
+        default=0.25,
+        ge=0,
+        lt=1,
+        description="field samples added to the calibration split, so the threshold fits the field",
+    )
+    field_oversample: int = Field(
+        default=1, ge=1, description="each field training sample is seen this many times"
+    )
+    hidden: list[int] | None = Field(
+        default=None, description="edge MLP hidden widths; None: the serving model's"
+    )
+    epochs: int = Field(default=120, ge=1)
+    seed: int = 7
+    distill_temperature: float = Field(default=4.0, gt=0)
+    distill_alpha: float = Field(default=0.7, ge=0, le=1)
+    int8_io: bool = True
+    max_escalation: float | None = Field(default=0.20, gt=0, le=1)
+    min_relative_accuracy: float | None = Field(default=0.995, gt=0, le=1)
+    guarantee_epsilon: float | None = Field(default=None, gt=0, lt=1)
+    guarantee_delta: float = Field(default=0.1, gt=0, lt=1)
+    guarantee_reference: Literal["cloud", "labels"] = "cloud"
+    onednn: bool = False
+    golden_count: int = Field(default=6, ge=1)
+
+    @field_validator("max_escalation", "min_relative_accuracy", "guarantee_epsilon", mode="before")
+    @classmethod
+    def _none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.lower() == "none" else value
