@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,13 @@ import numpy as np
 import pytest
 
 from agent.inference.backends.tflite import TFLiteBackend, TFLiteSettings
+from cloud.fleet.samples.store import SampleStore
+from cloud.fleet.store import FleetStore
 from cloud.pipeline.data import SplitData
 from cloud.releases.packaging import PackageRequest, package
 from cloud.releases.registry import Registry
 from shared.manifest import Manifest
+from shared.samples import Answer, SampleMeta, encode_features, sample_id
 from shared.signing import SigningKey, TrustStore
 from tests.helpers import EDGE_INT8, MODELS, ROOT
 
@@ -59,7 +63,10 @@ def release_1(tmp_path: Path) -> tuple[Path, Path, Path]:
     return tmp_path / "registry", tmp_path / "op.key", tmp_path / "field.npz"
 
 
-def retrain(registry: Path, key: Path, samples: Path, out: Path) -> dict[str, Any]:
+def retrain(
+    registry: Path, key: Path, samples: Path | None, out: Path, *extra: str
+) -> dict[str, Any]:
+    source = ["--samples", str(samples)] if samples is not None else []
     proc = subprocess.run(
         [
             sys.executable,
@@ -76,8 +83,8 @@ def retrain(registry: Path, key: Path, samples: Path, out: Path) -> dict[str, An
             str(TEACHER),
             "--key",
             str(key),
-            "--samples",
-            str(samples),
+            *source,
+            *extra,
             "--epsilon",
             "0.05",
             "--delta",
@@ -134,3 +141,55 @@ def test_retrain_publishes_a_signed_candidate_that_does_better_in_the_field(
     again = retrain(twin, key, samples, tmp_path / "again")
     assert again["artifact"] == report["artifact"]
     assert again["after"] == report["after"] and again["routing"] == report["routing"]
+
+
+def test_retrain_reads_the_fleets_sample_store(
+    tmp_path: Path, release_1: tuple[Path, Path, Path]
+) -> None:
+    """The same command without ``--samples``: what devices uploaded to the sample store
+    (real SQLite), an operator's correction winning over the teacher, images skipped."""
+    registry_dir, key, _ = release_1
+    state = tmp_path / "state"
+    state.mkdir()
+    store = FleetStore(state / "fleet.db")
+    try:
+        samples = SampleStore(store, state / "samples")
+        x, _ = shifted_digits(120)
+        items = [feature_item(row, i) for i, row in enumerate(x)]
+        assert samples.add("plant", "dev-1", items).stored == 120
+        assert samples.label("plant", "dev-1", items[0][0].id, 3)
+    finally:
+        store.close()
+    report = retrain(
+        registry_dir,
+        key,
+        None,
+        tmp_path / "out",
+        "--state-dir",
+        str(state),
+        "--fleet",
+        "plant",
+        "--epochs",
+        "10",
+    )
+    assert report["field"]["samples"] == 120
+    assert report["field"]["labels"] == {"teacher": 119, "operator": 1}
+    assert Registry(registry_dir).versions("digits") == [1, 2]
+
+
+def feature_item(row: np.ndarray, i: int) -> tuple[SampleMeta, bytes]:
+    encoding, shape, payload = encode_features(row)
+    return SampleMeta(
+        id=sample_id(payload),
+        kind="escalation",
+        model="digits",
+        version=1,
+        ts=datetime(2026, 12, 1, 12, 0, i % 60, tzinfo=timezone.utc),
+        encoding=encoding,
+        shape=shape,
+        size=len(payload),
+        edge=Answer(index=1, confidence=0.3),
+        cloud=Answer(index=2, confidence=0.9),
+        cloud_model="digits-cloud",
+        threshold=0.85,
+    ), payload
