@@ -10,7 +10,7 @@ batches of up to ``max_batch`` until the spool is empty. The answers:
 - 200: the batch is deleted from the spool (``uploaded``);
 - 429: nothing until ``Retry-After`` has passed;
 - 401/403: the token is wrong or revoked: no upload until the agent restarts (ERROR,
-  logged once); the spool keeps what it has;
+  logged once); the spool keeps what it has (without a token nothing is sent at all);
 - 413: the batch is halved and sent again (the smaller size is kept for the session); a
   single sample refused as too large is dropped (``rejected``);
 - 400, 415: the batch is malformed for this server and would be refused again: dropped
@@ -141,6 +141,7 @@ class Uploader:
         self.forbidden = False
         self.failures = 0  # network errors and 5xx, in a row
         self.held_budget = 0  # rounds held back by the budget
+        self._told_no_token = False
         self._backoff = min(first_backoff_s, max_backoff_s)
         self._not_before = 0.0
         self._wake = threading.Event()
@@ -195,6 +196,15 @@ class Uploader:
             return 0
         rows = self.capture.spool.oldest(self.batch)
         if not rows:
+            return 0
+        if self.token is None:  # the cloud would only say 401: spare the bytes
+            if not self._told_no_token:
+                self._told_no_token = True
+                log.warning(
+                    "samples wait in the spool: capture.token is not set "
+                    "(tandem-cloud fleet device-token %s)",
+                    self.device,
+                )
             return 0
         items = [(SampleMeta.model_validate_json(meta), payload) for _, meta, payload in rows]
         headers, body = encode_upload(self.device, items, token=self.token)

@@ -94,6 +94,12 @@ def test_5xx_and_network_errors_back_off_exponentially_capped(tmp_path: Path) ->
     assert up.drain() == 5 and up.failures == 0
 
 
+def test_without_a_token_nothing_is_sent(tmp_path: Path) -> None:
+    c, up, server, _, _ = setup(tmp_path)
+    up.token = None
+    assert up.drain() == 0 and server.batches == [] and c.spool.pending == 5
+
+
 def test_the_first_backoff_is_capped_too(tmp_path: Path) -> None:
     _, up, server, _, _ = setup(tmp_path, max_backoff_s=0.3)
     server.statuses = [503]
