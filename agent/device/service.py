@@ -203,7 +203,9 @@ class AgentService:
         self.uploader: Uploader | None = None
         base = c.upload_url or s.cloud.url
         if base is not None:
-            self.samples_http = download_client(None, [], s.cloud.tls)
+            # the device's certificate, if any, goes to the upload origin (the token rides
+            # in the upload's own headers)
+            self.samples_http = download_client(None, [base], s.cloud.tls)
             count_http(self.samples_http, self.wire, "samples")
             self.uploader = Uploader(
                 self.capture,
