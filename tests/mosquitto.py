@@ -45,6 +45,9 @@ pattern write tandem/v1/+/devices/%u/update
 pattern read tandem/v1/+/devices/%u/models/+/manifest
 pattern read tandem/v1/+/models/+/manifest
 pattern read tandem/v1/+/groups/+/models/+/manifest
+pattern read tandem/v1/+/devices/%u/models/+/shadow
+pattern read tandem/v1/+/models/+/shadow
+pattern read tandem/v1/+/groups/+/models/+/shadow
 pattern read tandem/v1/+/devices/%u/cmd/capture
 pattern read tandem/v1/+/cmd/capture
 pattern read tandem/v1/+/groups/+/cmd/capture

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tests.mosquitto
 from agent import Agent, AgentSettings
 from agent.device.service import AgentService
 from agent.inference.backends import TFLiteSettings
@@ -33,36 +32,12 @@ from shared.manifest import Manifest, utc_now
 from shared.mqtt import MqttClient
 from shared.signing import SigningKey
 from shared.telemetry import Telemetry
-from tests.conftest import BROKER_USERS
 from tests.fleet import FLEET, Fleet, last_state, wait_for
 from tests.mosquitto import Mosquitto
 from tests.real_models import photo, real_model
 
 DEVICE = "dev-0"
 EMOTIONS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
-
-#: Devices read their shadow topics. TODO(lead): these lines belong in tests/mosquitto.py's
-#: ACL and docs/operations.md's (not H3's files); this module's broker adds them meanwhile.
-SHADOW_ACL = """\
-pattern read tandem/v1/+/devices/%u/models/+/shadow
-pattern read tandem/v1/+/models/+/shadow
-pattern read tandem/v1/+/groups/+/models/+/shadow
-"""
-
-
-@pytest.fixture
-def broker(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Mosquitto]:
-    """The suite's broker with the shadow topics readable by devices."""
-    if "/shadow" not in tests.mosquitto.ACL:
-        monkeypatch.setattr(tests.mosquitto, "ACL", tests.mosquitto.ACL + SHADOW_ACL)
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), BROKER_USERS)
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 class TelemetryLog:
