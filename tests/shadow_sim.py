@@ -6,24 +6,20 @@ manifest makes the release serve (job state ACTIVE) with audit reports on it.
 
 How good the candidate is, is set per device (``Quality``): each telemetry message carries
 ``per_message`` labelled shadow runs with those agreements, so the sums a gate reads are
-known exactly. (The simulated devices log in on the controller's account: the test
-broker's device accounts may not read shadow topics; what they publish is the devices'
-own topics and payloads.)
+known exactly. Each logs in on its own device account of the test broker, whose ACL lets
+it publish only its own topics and read its manifests and shadows, as a real device.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from pydantic import SecretStr
-
 from shared import topics
 from shared.manifest import Manifest
-from shared.mqtt import MqttClient, MqttSettings
+from shared.mqtt import MqttClient
 from shared.status import DeviceStatus, ModelVersion
 from shared.telemetry import FieldAccuracy, ShadowStats, Telemetry
 from shared.update import UpdateReport, UpdateState
@@ -122,14 +118,7 @@ class SimDevice:
         self._pending: list[Manifest] = []
         self._stop = threading.Event()
         self._client = MqttClient(
-            MqttSettings(
-                url=self.broker.service_url,
-                username="controller",
-                password=SecretStr("ctl-pw"),
-                reconnect_min_s=0.2,
-                reconnect_max_s=1,
-            ),
-            client_id=f"sim-{self.device}-{time.monotonic_ns()}",
+            self.broker.settings_for(self.device), client_id=f"sim-{self.device}"
         )
         self._client.subscribe(
             topics.manifest(self.fleet, MODEL, device=self.device).name, self._on_manifest
