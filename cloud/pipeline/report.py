@@ -169,6 +169,7 @@ calibration {_pct(op["calib"]["accuracy"])} at {_pct(op["calib"]["escalation"])}
 held-out {_pct(op["test"]["accuracy"])} at {_pct(op["test"]["escalation"])} escalated, which is
 {_pct(r["relative_accuracy"])} of the cloud model's {_pct(r["cloud_test_accuracy"])}
 (edge alone {_pct(r["edge_test_accuracy"])}).</p>
+{_guarantee_html(r)}
 <img alt="accuracy versus escalation" src="data:image/png;base64,{charts["curve"]}">
 <img alt="reliability diagrams" src="data:image/png;base64,{charts["reliability"]}">
 <h2>Bundle</h2><p><code>{html.escape(report["bundle"])}</code>: publish with
@@ -176,6 +177,28 @@ held-out {_pct(op["test"]["accuracy"])} at {_pct(op["test"]["escalation"])} esca
 {html.escape(report["bundle"])} --registry REGISTRY --key KEY</code>.</p>
 </body></html>
 """
+
+
+def _guarantee_html(routing: dict[str, Any]) -> str:
+    """The guaranteed threshold's paragraph (``--epsilon``), or nothing."""
+    g = routing.get("guarantee")
+    if g is None:
+        return ""
+    test = g.get("test") or {}
+    verdict = (
+        f"met at threshold {g['threshold']:.4f}: {_pct(g['coverage'])} answered at the edge "
+        f"on the calibration split, {_pct(g['error'])} of them wrong (upper bound "
+        f"{_pct(g['bound'])}); held-out: {_pct(test.get('coverage', 0.0))} answered, "
+        f"{_pct(test.get('error', 0.0))} wrong"
+        if g["met"]
+        else "NOT met by any threshold: everything escalates (threshold 1.0)"
+    )
+    return (
+        f"<p>Guarantee (reference: {html.escape(str(g.get('reference')))}): the edge's own "
+        f"answers wrong at most {_pct(g['epsilon'])} with probability "
+        f"{_pct(1 - g['delta'])}, {verdict}. Shipped: the <b>{routing['chosen_by']}</b> "
+        f"threshold; the budget's would be {routing['budget_threshold']:.4f}.</p>"
+    )
 
 
 def findings(report: dict[str, Any]) -> list[str]:

@@ -12,8 +12,13 @@
 4. The cloud model is quantized by ONNX Runtime, dynamically and statically.
 5. Every variant is measured in its runtime (``measure.py``).
 6. The shipped variant (int8: per tensor unless that costs accuracy) is calibrated: a
-   temperature on the calibration split, then the threshold meeting the target; both are
-   checked on the held-out split and go into the bundle's routing defaults.
+   temperature on the calibration split, then the threshold meeting the target, or with
+   ``guarantee_epsilon`` the guaranteed one (``operating.py``: the budget's is reported
+   beside it); both are checked on the held-out split and go into the bundle's routing
+   defaults, with the guarantee when it was met.
+
+Reproducible: the numerics are pinned before TensorFlow loads (``determinism.py``), every
+step is seeded, and the report's ``reproducibility`` section says what a rerun must match.
 """
 
 from __future__ import annotations

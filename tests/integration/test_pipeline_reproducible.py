@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shared.manifest import Manifest
 from tests.helpers import MODELS, ROOT
 
 SMALL = {"hidden": [32], "epochs": 8, "sparsities": [], "latency_calls": 12, "golden_count": 2}
 
 
-def optimize(out: Path, seed: int, onednn_env: str) -> dict[str, Any]:
+def optimize(out: Path, seed: int, onednn_env: str, *extra: str) -> dict[str, Any]:
     settings = out.parent / f"{out.name}.toml"
     settings.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in SMALL.items()) + "\n")
     proc = subprocess.run(
@@ -40,6 +41,7 @@ def optimize(out: Path, seed: int, onednn_env: str) -> dict[str, Any]:
             str(out),
             "--seed",
             str(seed),
+            *extra,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -72,6 +74,22 @@ def test_same_seed_same_figures_whatever_the_kernels(tmp_path: Path) -> None:
     assert figures(a) == figures(b)
     assert digest(tmp_path / "a/bundle/model.tflite") == digest(tmp_path / "b/bundle/model.tflite")
     assert a["reproducibility"]["onednn"] is False and a["reproducibility"]["seed"] == 7
-    c = optimize(tmp_path / "c", 8, "0")
+    # another seed (and the guaranteed threshold, checked below): other figures
+    c = optimize(tmp_path / "c", 8, "0", "--epsilon", "0.05", "--delta", "0.1")
     assert figures(c)["calibration"] != figures(a)["calibration"]
     assert digest(tmp_path / "c/bundle/model.tflite") != digest(tmp_path / "a/bundle/model.tflite")
+    guaranteed_threshold_reaches_the_bundle(c, tmp_path / "c")
+
+
+def guaranteed_threshold_reaches_the_bundle(report: dict[str, Any], out: Path) -> None:
+    routing = report["routing"]
+    g = routing["guarantee"]
+    assert routing["chosen_by"] == "guarantee" and g["met"]
+    assert g["bound"] <= 0.05 and g["reference"] == "cloud"
+    manifest = Manifest.load(out / "bundle")
+    assert manifest.routing.threshold == g["threshold"] == routing["operating_point"]["threshold"]
+    assert manifest.routing.guarantee is not None
+    assert manifest.routing.guarantee.epsilon == 0.05
+    assert manifest.routing.guarantee.calibration_samples == report["split"]["calib"]
+    assert manifest.routing.guarantee.coverage == g["coverage"]
+    assert "budget_threshold" in routing and "Guarantee" in (out / "report.html").read_text()
