@@ -97,6 +97,8 @@ def retrain_release(
     from cloud.releases.packaging import PackageRequest, package
 
     current, blob = serving_release(registry, settings.model)
+    if len(field) == 0:
+        raise ContractError(f"no field samples of {settings.model} to retrain on")
     out = settings.out
     (out / "serving").mkdir(parents=True, exist_ok=True)
     (out / "serving" / "model.tflite").write_bytes(blob)

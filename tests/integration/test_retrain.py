@@ -24,8 +24,12 @@ from agent.inference.backends.tflite import TFLiteBackend, TFLiteSettings
 from cloud.fleet.samples.store import SampleStore
 from cloud.fleet.store import FleetStore
 from cloud.pipeline.data import SplitData
+from cloud.pipeline.field import FieldData
+from cloud.pipeline.retrain import retrain_release
+from cloud.pipeline.settings import RetrainSettings
 from cloud.releases.packaging import PackageRequest, package
 from cloud.releases.registry import Registry
+from shared.errors import ContractError
 from shared.manifest import Manifest
 from shared.samples import Answer, SampleMeta, encode_features, sample_id
 from shared.signing import SigningKey, TrustStore
@@ -193,3 +197,18 @@ def feature_item(row: np.ndarray, i: int) -> tuple[SampleMeta, bytes]:
         cloud_model="digits-cloud",
         threshold=0.85,
     ), payload
+
+
+def test_retrain_refuses_without_field_samples_or_release(
+    tmp_path: Path, release_1: tuple[Path, Path, Path]
+) -> None:
+    registry_dir, key, _ = release_1
+    settings = RetrainSettings(model="digits", data=DIGITS, teacher=TEACHER, out=tmp_path / "o")
+    empty = FieldData(np.zeros((0, 64), np.float32), np.zeros(0, np.int64), np.zeros(0, str))
+    signing_key = SigningKey.load(key)
+    with pytest.raises(ContractError, match="no field samples"):
+        retrain_release(settings, Registry(registry_dir), signing_key, empty)
+    other = settings.model_copy(update={"model": "nothing"})
+    with pytest.raises(ContractError, match="no release"):
+        retrain_release(other, Registry(registry_dir), signing_key, empty)
+    assert not (tmp_path / "o").exists()
