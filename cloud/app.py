@@ -19,6 +19,8 @@ from cloud import __version__
 from cloud.auth import install_bearer_auth
 from cloud.fleet.api import DASHBOARD_DIR, FleetMetrics, fleet_router
 from cloud.fleet.collector import Collector
+from cloud.fleet.samples.api import SampleMetrics, samples_router
+from cloud.fleet.samples.store import SampleStore
 from cloud.fleet.store import FleetStore, open_store
 from cloud.releases.registry import Registry, registry_router
 from cloud.serving.dataplane import CloudDataPlane
@@ -118,6 +120,8 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
     registry.register(metrics)
     if store is not None:
         registry.register(FleetMetrics(store, settings.fleet, collector))
+        sample_metrics = SampleMetrics(settings.fleet)
+        registry.register(sample_metrics)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -127,6 +131,12 @@ def create_app(settings: CloudSettings, repository: ModelRepository | None = Non
         app.include_router(registry_router(Registry(settings.registry)))
     if store is not None:
         app.include_router(fleet_router(store, settings.fleet, collector))
+        sample_root = settings.samples.root or settings.state_dir / "samples"
+        app.include_router(
+            samples_router(
+                SampleStore(store, sample_root), settings.fleet, settings.samples, sample_metrics
+            )
+        )
         app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")
 
         @app.get("/", include_in_schema=False)

@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from cloud.serving.settings import OrtSettings
 from shared.identifiers import Identifier
 from shared.mqtt import MqttSettings
+from shared.samples import MAX_SAMPLES
 from shared.settings_files import FileSettings
 
 
@@ -83,6 +84,35 @@ class ControllerSettings(BaseModel):
     )
 
 
+class SampleSettings(BaseModel):
+    """``POST /fleet/samples``, the learning loop's uploads (``cloud/fleet/samples``): the
+    secret that devices' tokens are made from, the size caps, and each device's daily quota.
+    Without a secret, uploads are refused (403): the store takes field data only once an
+    operator has chosen to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_token_secret: SecretStr | None = Field(
+        default=None,
+        description="devices' upload tokens are HMACs of their ids under it (tandem-cloud "
+        "fleet device-token DEVICE); None: uploads refused",
+    )
+    max_upload_bytes: int = Field(
+        default=1024 * 1024, gt=0, description="one upload's body, compressed or not"
+    )
+    max_sample_bytes: int = Field(default=256 * 1024, gt=0, description="one sample's payload")
+    max_samples_per_upload: int = Field(default=256, gt=0, le=MAX_SAMPLES)
+    daily_quota_bytes: int = Field(
+        default=5_000_000, ge=0, description="bytes stored per device and UTC day"
+    )
+    daily_quota_samples: int = Field(
+        default=20_000, ge=0, description="samples stored per device and UTC day"
+    )
+    root: Path | None = Field(
+        default=None, description="the samples' files; None: state_dir/samples"
+    )
+
+
 #: The cloud's clients' longest wait between reconnect attempts (``[mqtt] reconnect_max_s``).
 CLOUD_RECONNECT_MAX_S = 2.0
 
@@ -145,6 +175,7 @@ class CloudSettings(FileSettings):
     )
     repo_poll_s: float = Field(default=2.0, ge=0, description="rescan the repository; 0: never")
     controller: ControllerSettings = Field(default_factory=lambda: ControllerSettings())
+    samples: SampleSettings = Field(default_factory=lambda: SampleSettings())
     testing: CloudTestingSettings = Field(default_factory=lambda: CloudTestingSettings())
     log_level: str = "INFO"
 
