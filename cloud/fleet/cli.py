@@ -8,6 +8,8 @@
     tandem-cloud fleet controller [--lease-ttl 15] [--poll 1]
     tandem-cloud fleet rollback digits [--to 4]
     tandem-cloud fleet status
+    tandem-cloud fleet device-token DEVICE | samples | capture on|off|clear
+                                        (cloud/fleet/samples/cli.py)
 
 Broker and fleet come from the cloud settings (``TANDEM_CLOUD_MQTT__URL``,
 ``..._USERNAME``/``_PASSWORD``, ``TANDEM_CLOUD_FLEET``) or ``--broker``/``--fleet``.
@@ -41,6 +43,8 @@ from cloud.fleet.controller import FleetController, default_holder, lease_name
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.listener import FleetListener
 from cloud.fleet.rollout import RolloutController, RolloutError
+from cloud.fleet.samples.cli import ACTIONS as SAMPLE_ACTIONS
+from cloud.fleet.samples.cli import add_sample_parsers, run_sample_action
 from cloud.fleet.store import FleetStore, Rollout, open_store
 from cloud.releases.registry import Registry
 from cloud.settings import CloudSettings
@@ -95,6 +99,7 @@ def add_fleet_parser(sub: Any) -> None:
             p.add_argument("model")
             p.add_argument("--to", type=int, help="the release whose artifact to go back to")
             p.add_argument("--key", type=Path, help="signing key (default: settings)")
+    add_sample_parsers(fleet)
 
 
 def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,6 +138,8 @@ def _connect(settings: CloudSettings, store: FleetStore) -> MqttClient:
 
 def run_fleet(args: argparse.Namespace, settings: CloudSettings) -> int:
     """``settings`` already carry the fleet flags (``fleet_overrides``)."""
+    if args.action in SAMPLE_ACTIONS:  # no store connection or listener needed
+        return run_sample_action(args, settings)
     store = open_store(settings.database_url, settings.state_dir)
     mqtt = _connect(settings, store)
     try:

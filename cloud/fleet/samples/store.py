@@ -365,6 +365,24 @@ class SampleStore:
             entry(r)["by_device"][r["device"]] = int(r["n"])
         return [out[k] for k in sorted(out)]
 
+    def counts(
+        self, fleet: str, *, model: str | None = None, device: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """Per model, version and device: samples, bytes, and counts by kind and by label
+        source (the CLI's table)."""
+        where, args = _where(fleet, {"model": model, "device": device})
+        rows = self.store.query(
+            "SELECT model, version, device, COUNT(*) AS samples, SUM(size) AS bytes,"
+            " SUM(CASE WHEN kind='escalation' THEN 1 ELSE 0 END) AS escalation,"
+            " SUM(CASE WHEN kind='audit' THEN 1 ELSE 0 END) AS audit,"
+            " SUM(CASE WHEN label_source='cloud' THEN 1 ELSE 0 END) AS cloud,"
+            " SUM(CASE WHEN label_source='operator' THEN 1 ELSE 0 END) AS operator"
+            f" FROM samples WHERE {where} GROUP BY model, version, device"
+            " ORDER BY model, version, device",
+            args,
+        )
+        return [{k: v if isinstance(v, str) else int(v) for k, v in r.items()} for r in rows]
+
     def export(
         self, fleet: str, model: str, limit: int | None = None
     ) -> builtins.list[FieldSample]:
