@@ -102,7 +102,9 @@ def retrain(
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the TFLite runtime may print its delegate's INFO line on stdout beside ours
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"model"'))
+    printed, _ = json.JSONDecoder().raw_decode(line)
     report = json.loads((out / "report.json").read_text())
     assert printed["version"] == report["release"]["version"]
     assert "before" in proc.stdout and "after" in proc.stdout  # the table
