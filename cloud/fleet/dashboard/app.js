@@ -1,6 +1,11 @@
 "use strict";
-// The fleet dashboard: polls /fleet/summary and a page of /fleet/devices, draws with <canvas>.
-// No framework and no CDN: everything it needs is in this file.
+// The fleet dashboard: polls /fleet/summary and a page of /fleet/devices, draws with <canvas>;
+// every LOOP_EVERY polls, the learning loop of one model (/fleet/samples/summary, /fleet/loop,
+// the manifests' guarantees from /registry). No framework and no CDN: everything it needs is
+// in this file. Whatever the API says is put in the page as text (textContent), never as HTML.
+//
+// The fleet's data needs the operator's token when the server has some: open the page as
+// /dashboard/#token=... (a fragment never reaches the server, its logs or a Referer).
 
 const PAGE = 50;  // devices per page of the table (the API pages by a cursor: ?after=)
 // the cursor of each page seen so far: pages[0] is the first (no cursor)
@@ -9,6 +14,15 @@ const pages = [null];
 const COLORS = ["#3465a4", "#f57900", "#4e9a06", "#75507b", "#cc0000", "#c4a000", "#06989a", "#555753"];
 
 function $(id) { return document.getElementById(id); }
+
+const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token");
+
+// GET a JSON document of the API with the operator's token; an HTTP error is thrown.
+async function api(path) {
+  const r = await fetch(path, { headers: TOKEN ? { Authorization: "Bearer " + TOKEN } : {} });
+  if (!r.ok) { throw new Error(path.split("?")[0] + ": HTTP " + r.status); }
+  return r.json();
+}
 
 function setupCanvas(canvas) {
   const ctx = canvas.getContext("2d");
@@ -146,8 +160,8 @@ function renderPager(page) {
 async function refresh() {
   try {
     const [summary, page] = await Promise.all([
-      fetch("/fleet/summary").then(r => r.json()),
-      fetch(devicesUrl()).then(r => r.json()),
+      api("/fleet/summary"),
+      api(devicesUrl()),
     ]);
     $("fleet").textContent = summary.fleet;
     $("online").textContent = String(summary.online);
@@ -170,10 +184,235 @@ async function refresh() {
     renderPager(page);
     renderRollouts(summary.rollouts);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    lastSummary = summary;
+    if (ticks++ % LOOP_EVERY === 0) { refreshLoop(summary); }  // not waited for
   } catch (err) {
     $("updated").textContent = "cannot reach the server: " + err;
   }
 }
+
+// ------------------------------------------------------------------ the learning loop
+
+// The loop's figures move at the pace of telemetry and uploads: polled every LOOP_EVERY
+// refreshes (10 s), or at once when the operator picks another model.
+const LOOP_EVERY = 5;
+const TOP_DEVICES = 5;  // devices named per version in the samples table
+let ticks = 0;
+let lastSummary = null;
+let loopModel = null;  // the operator's choice; null: the model most devices serve
+let loopRun = 0;  // the latest refreshLoop: an older one still under way draws nothing
+// "model@version" -> the manifest's routing.guarantee, or null (a release never changes)
+const guarantees = new Map();
+let registry = true;  // false once the server says it has no registry (no epsilon to show)
+
+function cell(tr, value, field, cls) {
+  const td = text("td", value, cls);
+  if (field) { td.dataset.field = field; }
+  tr.appendChild(td);
+  return td;
+}
+
+function wide(tr, value, span, field) {
+  const td = cell(tr, value, field, "muted");
+  td.colSpan = span;
+  return td;
+}
+
+function table(headers) {
+  const t = document.createElement("table");
+  const head = document.createElement("tr");
+  headers.forEach(h => head.appendChild(text("th", h)));
+  t.appendChild(document.createElement("thead")).appendChild(head);
+  return [t, t.appendChild(document.createElement("tbody"))];
+}
+
+function interval(low, high) {
+  return low === null || low === undefined ? "" : " [" + pct(low) + ", " + pct(high) + "]";
+}
+
+function points(v) {
+  return v === null || v === undefined ? "–" : (v >= 0 ? "+" : "−") + Math.abs(100 * v).toFixed(1) + " pts";
+}
+
+// The models to choose from, the most served first: those devices serve, then those with
+// samples only.
+function loopModels(summary, samples) {
+  const served = new Map();
+  Object.entries(summary.versions).forEach(([key, n]) => {
+    const model = key.slice(0, key.lastIndexOf(":"));
+    served.set(model, (served.get(model) || 0) + n);
+  });
+  samples.models.forEach(e => { if (!served.has(e.model)) { served.set(e.model, 0); } });
+  return [...served.entries()]
+    .sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))
+    .map(e => e[0]);
+}
+
+function renderModelChoice(models, model) {
+  const select = $("loop-model");
+  const now = [...select.options].map(o => o.value);
+  if (now.join("\n") !== models.join("\n")) {
+    select.replaceChildren(...models.map(m => new Option(m, m)));
+  }
+  select.value = model || "";
+  select.disabled = !models.length;
+}
+
+function renderLoopSamples(entries) {
+  const box = $("loop-samples");
+  if (!entries.length) { box.replaceChildren(text("p", "no samples yet", "muted empty")); return; }
+  const [t, body] = table(["version", "samples", "escalations", "audits", "cloud labels",
+    "operator labels", "unlabelled", "KB", "top devices"]);
+  entries.forEach(e => {
+    const tr = body.appendChild(document.createElement("tr"));
+    tr.dataset.version = String(e.version);
+    cell(tr, "v" + e.version);
+    cell(tr, String(e.samples), "samples");
+    ["escalation", "audit"].forEach(k => cell(tr, String(e.by_kind[k] || 0), k));
+    ["cloud", "operator", "none"].forEach(k => cell(tr, String(e.by_label_source[k] || 0), "label-" + k));
+    cell(tr, (e.bytes / 1024).toFixed(1), "kb");
+    const devices = Object.entries(e.by_device).sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
+    const top = devices.slice(0, TOP_DEVICES).map(([d, n]) => d + " " + n).join(", ");
+    const more = devices.length > TOP_DEVICES ? " (+" + (devices.length - TOP_DEVICES) + " more)" : "";
+    cell(tr, top + more, "devices");
+  });
+  box.replaceChildren(t);
+}
+
+function guaranteeCells(tr, audit, g) {
+  if (!g) { cell(tr, "–", "epsilon", "muted"); cell(tr, registry ? "no ε in the manifest" : "no registry", "verdict", "muted"); return; }
+  cell(tr, pct(g.epsilon) + " (δ " + g.delta + ", vs " + g.reference + ")", "epsilon");
+  let verdict = ["undecided: ε is inside the interval", "verdict-wait"];
+  if (audit.error_low !== null && audit.error_low > g.epsilon) { verdict = ["above ε", "verdict-fail"]; }
+  else if (audit.error_high !== null && audit.error_high <= g.epsilon) { verdict = ["within ε", "verdict-pass"]; }
+  cell(tr, verdict[0], "verdict", verdict[1]);
+}
+
+function renderLoopVersions(model, versions) {
+  const box = $("loop-versions");
+  if (!versions.length) { box.replaceChildren(text("p", "no shadow or audit figures yet", "muted empty")); return; }
+  const [t, body] = table(["version", "shadow runs", "labelled", "candidate vs cloud",
+    "serving vs cloud", "difference [95%]", "agrees with serving", "would escalate",
+    "audited", "edge error [interval]", "ε (manifest)", "against ε"]);
+  versions.forEach(v => {
+    const tr = body.appendChild(document.createElement("tr"));
+    tr.dataset.version = String(v.version);
+    cell(tr, "v" + v.version);
+    const s = v.shadow;
+    if (s) {
+      cell(tr, String(s.samples), "shadow-samples");
+      cell(tr, String(s.labelled), "labelled");
+      cell(tr, pct(s.candidate_agreement), "candidate-agreement");
+      cell(tr, pct(s.serving_agreement), "serving-agreement");
+      cell(tr, points(s.diff) + (s.diff_low === null ? "" : " [" + points(s.diff_low) + ", " + points(s.diff_high) + "]"), "diff");
+      cell(tr, pct(s.agreement_serving), "agreement-serving");
+      cell(tr, pct(s.would_escalate_rate), "would-escalate");
+    } else {
+      wide(tr, "no shadow", 7, "shadow");
+    }
+    const a = v.audit;
+    if (a) {
+      cell(tr, a.wrong + " wrong of " + a.audited, "audited");
+      const level = Math.round(100 * (1 - a.delta));
+      cell(tr, pct(a.error) + interval(a.error_low, a.error_high) + " " + level + "%", "error");
+      guaranteeCells(tr, a, guarantees.get(model + "@" + v.version));
+    } else {
+      wide(tr, "no audits", 4, "audit");
+    }
+  });
+  box.replaceChildren(t);
+}
+
+function gateLine(g, r) {
+  const p = text("p", "", "gate");
+  p.appendChild(text("span", "gate " + g.state, "gate-state gate-" + g.state));
+  let figures = " candidate " + pct(g.candidate_agreement) + " vs serving " + pct(g.serving_agreement)
+    + " agreement with the cloud, " + points(g.diff);
+  if (g.diff_low !== null && g.diff_low !== undefined) { figures += " [" + points(g.diff_low) + ", " + points(g.diff_high) + "]"; }
+  figures += " on " + g.labelled + " labelled (min " + r.min_samples + "), margin " + points(r.margin).slice(1);
+  if (g.candidate_audit_error !== null && g.candidate_audit_error !== undefined) {
+    figures += "; audit error " + pct(g.candidate_audit_error) + " vs serving " + pct(g.serving_audit_error);
+  }
+  p.appendChild(text("span", figures, "figures"));
+  if (g.detail) { p.appendChild(text("span", " — " + g.detail, "muted reason")); }
+  return p;
+}
+
+function renderLoopRollouts(model, rollouts) {
+  const box = $("loop-rollouts");
+  if (!rollouts.length) { box.replaceChildren(text("p", "no rollouts of " + model + " yet", "muted empty")); return; }
+  box.replaceChildren(...rollouts.map(r => {
+    const div = document.createElement("div");
+    div.className = "loop-rollout";
+    div.dataset.rollout = String(r.rollout);
+    const head = div.appendChild(document.createElement("p"));
+    head.appendChild(text("b", "#" + r.rollout + " " + r.release + " "));
+    head.appendChild(text("span", r.state, "state-" + r.state));
+    head.appendChild(text("span", r.shadow ? " · phase " + r.phase : " · no shadow phase", "phase"));
+    if (r.detail) { head.appendChild(text("span", " · " + r.detail, "muted detail")); }
+    if (r.gate) {
+      div.appendChild(gateLine(r.gate, r));
+      if (r.acted_on && r.acted_on.state !== r.gate.state) {
+        div.appendChild(text("p", "the controller last acted on: gate " + r.acted_on.state, "muted"));
+      }
+    } else if (r.shadow) {
+      div.appendChild(text("p", "no gate decision yet", "muted gate"));
+    }
+    return div;
+  }));
+}
+
+// The manifests' guarantees of the versions with audits, each asked for once.
+async function loadGuarantees(model, versions) {
+  const missing = versions.filter(v => !guarantees.has(model + "@" + v));
+  if (!registry || !missing.length) { return; }
+  let releases;
+  try {
+    releases = new Set((await api("/registry/" + encodeURIComponent(model))).map(r => r.version));
+  } catch (err) {
+    registry = false;  // no registry on this server: no epsilon to show
+    return;
+  }
+  await Promise.all(missing.map(async v => {
+    let g = null;
+    if (releases.has(v)) {
+      const m = await api("/registry/" + encodeURIComponent(model) + "/" + v + "/manifest.json");
+      g = (m.routing && m.routing.guarantee) || null;
+    }
+    guarantees.set(model + "@" + v, g);
+  }));
+}
+
+async function refreshLoop(summary) {
+  const run = ++loopRun;
+  try {
+    const samples = await api("/fleet/samples/summary");
+    if (run !== loopRun) { return; }
+    const models = loopModels(summary, samples);
+    const model = loopModel !== null && models.includes(loopModel) ? loopModel : (models[0] || null);
+    renderModelChoice(models, model);
+    if (model === null) {
+      $("loop-samples").replaceChildren(text("p", "no samples yet", "muted empty"));
+      $("loop-versions").replaceChildren(text("p", "no models in the fleet yet", "muted empty"));
+      $("loop-rollouts").replaceChildren();
+      return;
+    }
+    const loop = await api("/fleet/loop?model=" + encodeURIComponent(model));
+    await loadGuarantees(model, loop.versions.filter(v => v.audit).map(v => v.version));
+    if (run !== loopRun) { return; }
+    renderLoopSamples(samples.models.filter(e => e.model === model));
+    renderLoopVersions(model, loop.versions);
+    renderLoopRollouts(model, loop.rollouts);
+    $("loop-updated").textContent = model + ", updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    if (run === loopRun) { $("loop-updated").textContent = "cannot read the learning loop: " + err; }
+  }
+}
+
+$("loop-model").addEventListener("change", () => {
+  loopModel = $("loop-model").value;
+  if (lastSummary) { refreshLoop(lastSummary); }
+});
 
 $("next").addEventListener("click", () => {
   if ($("next").dataset.cursor) { pages.push($("next").dataset.cursor); refresh(); }
