@@ -36,7 +36,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -119,8 +119,9 @@ class SampleMetrics:
     refusals by reason, samples stored and duplicates. Refusals are logged here too, at
     most once per reason every ``LOG_EVERY_S``: a misbehaving device cannot fill the log."""
 
-    def __init__(self, fleet: str) -> None:
+    def __init__(self, fleet: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.fleet = fleet
+        self._clock = clock
         self.rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.stored = 0
         self.duplicates = 0
@@ -131,7 +132,7 @@ class SampleMetrics:
         with self._lock:
             n = self.rejected[refusal.reason] = self.rejected.get(refusal.reason, 0) + 1
             last, at = self._logged.get(refusal.reason, (-math.inf, 0))
-            now = time.monotonic()
+            now = self._clock()
             if now - last < LOG_EVERY_S:
                 return
             self._logged[refusal.reason] = (now, n)
