@@ -190,7 +190,8 @@ class Telemetry(_Msg):
     wire_bytes: dict[str, WireBytes] | None = Field(
         default=None,
         description="bytes on the wire by category (births, telemetry, job_states, manifests, "
-        "session, downloads, escalations), cumulative for the session; the telemetry "
+        "session, downloads, escalations, audits, samples), cumulative for the session; the "
+        "telemetry "
         "category holds the messages sent before this one",
     )
     shadow: ShadowStats | None = None

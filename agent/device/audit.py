@@ -43,7 +43,7 @@ from agent.inference.confidence import score
 from agent.inference.core import Agent
 from agent.inference.observe import Observation
 from shared import bounds
-from shared.manifest import CloudTarget, Guarantee, Manifest
+from shared.manifest import Guarantee
 from shared.telemetry import FieldAccuracy
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,6 @@ log = logging.getLogger(__name__)
 #: The interval's confidence when the manifest promises nothing.
 DEFAULT_DELTA = 0.05
 AUDIT_REASON = "audit"
-
-
-def cloud_target(agent: Agent, manifest: Manifest) -> CloudTarget | None:
-    """The cloud model ``agent`` escalates ``manifest``'s model to (settings override the
-    manifest, as ``Agent`` resolves it)."""
-    s = agent.settings.cloud
-    target = manifest.cloud
-    if s.model:
-        target = (target or CloudTarget(model=s.model)).model_copy(update={"model": s.model})
-    if target is not None and s.version:
-        target = target.model_copy(update={"version": s.version})
-    return target
 
 
 @dataclass
@@ -185,7 +173,7 @@ class Audit:
         """A copy of ``obs`` with the cloud's answer, or None (counted)."""
         model = self.agent.model
         m = model.manifest
-        target = cloud_target(self.agent, m)
+        target = self.agent.cloud_target
         if (
             self.cloud is None
             or target is None

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from agent.device.audit import Audit, cloud_target
+from agent.device.audit import Audit
 from agent.device.capture import Capture
 from agent.device.download import download_client
 from agent.device.outbox import Outbox, OutboxSender
@@ -256,7 +256,7 @@ class AgentService:
         self.audit.rate = self._audit_rate()
 
     def _cloud_model(self, obs: Observation) -> str | None:
-        target = cloud_target(self.agent, self.agent.model.manifest)
+        target = self.agent.cloud_target
         if target is None:
             return None
         return f"{target.model}:{target.version}" if target.version else target.model

@@ -180,6 +180,11 @@ class Agent:
     def threshold(self) -> float:
         return self._active.policy.threshold
 
+    @property
+    def cloud_target(self) -> CloudTarget | None:
+        """The cloud model the serving model escalates to (settings over the manifest)."""
+        return self._active.cloud
+
     def swap_stats(self) -> RequestStats:
         """Start a new statistics interval; returns the one that just ended."""
         old, self._stats = self._stats, RequestStats()
