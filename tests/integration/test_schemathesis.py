@@ -8,6 +8,11 @@ random path parameters, and the model routes again with the served model's own n
 version, so bodies reach the model's checks. Derandomized, a bounded number of examples per
 operation: the same cases every run.
 
+The sample upload (``POST /fleet/samples``) takes its own media type, sent as the raw bytes
+generated, and a device's token: whenever a case's ``Tandem-Device`` is a device id, it
+gets that device's real token, so fuzzed bodies reach the upload's parser, not only its
+door.
+
 Schemathesis's pytest loader for fixtures (``schemathesis.pytest.from_fixture``) fails on
 pytest 9 (it sets ``Function._nodeid``), so operations are taken from the schema and run
 through Hypothesis here; ``test_every_route_is_fuzzed`` keeps the lists below in step with
@@ -30,12 +35,15 @@ from agent import Agent, AgentSettings
 from agent.server import create_app as agent_app
 from cloud.app import create_app as cloud_app
 from cloud.settings import CloudSettings
+from shared.identifiers import IDENTIFIER_RE
 from shared.mqtt import MqttSettings
+from shared.samples import CONTENT_TYPE, DEVICE_HEADER, device_token
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 12  # per operation, mode and set of path parameters
+UPLOAD_FACTOR = 4  # the sample upload's body is a device's: fuzzed more
 
 OIP = [
     "POST /v2/models/{name}/infer",
@@ -61,8 +69,20 @@ CLOUD = [
     "GET /fleet/devices",
     "GET /fleet/devices/{device}",
     "GET /fleet/summary",
+    "GET /fleet/rollouts/{rollout_id}/gate",
+    "GET /fleet/loop",
+    "POST /fleet/samples",
+    "GET /fleet/samples",
+    "GET /fleet/samples/summary",
+    "PUT /fleet/samples/{device}/{sample}/label",
+    "GET /fleet/samples/{device}/{sample}",
 ]
 NOT_FUZZED = {"POST /v2/repository/models/{name}/unload"}
+UPLOAD = "POST /fleet/samples"
+DEVICE_SECRET = "device-secret-for-fuzzing"
+FUZZ_FLEET = "default"
+
+schemathesis.serializer.alias(CONTENT_TYPE, "application/octet-stream")
 
 
 @schemathesis.check
@@ -93,7 +113,7 @@ def _fuzz(schema: Any, label: str, served: dict[str, str]) -> None:
             strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
 
             @settings(
-                max_examples=EXAMPLES,
+                max_examples=EXAMPLES * (UPLOAD_FACTOR if label == UPLOAD else 1),
                 derandomize=True,
                 database=None,
                 deadline=None,
@@ -102,9 +122,22 @@ def _fuzz(schema: Any, label: str, served: dict[str, str]) -> None:
             )
             @given(case=strategy)
             def run(case: Case) -> None:
+                if label == UPLOAD:
+                    _sign(case)
                 case.call_and_validate(checks=CHECKS)
 
             run()
+
+
+def _sign(case: Case) -> None:
+    """A device's real upload token on every case, for the device it names (a device of its
+    own when what it names is not a device id)."""
+    headers = case.headers if case.headers is not None else {}
+    device = headers.get(DEVICE_HEADER)
+    if not (isinstance(device, str) and IDENTIFIER_RE.match(device)):
+        device = headers[DEVICE_HEADER] = "dev-fuzz"
+    headers["Authorization"] = f"Bearer {device_token(DEVICE_SECRET, FUZZ_FLEET, device)}"
+    case.headers = headers
 
 
 def _breakable(operation: Any, fixed: dict[str, str] | None) -> bool:
@@ -136,6 +169,8 @@ def cloud_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         state_dir=state,
         mqtt=MqttSettings(url=closed_port_url().replace("http://", "mqtt://")),
         repo_poll_s=0,
+        fleet=FUZZ_FLEET,
+        samples={"device_token_secret": DEVICE_SECRET},
     )
     with _schema(cloud_app(settings)) as schema:
         yield schema
