@@ -4,7 +4,9 @@ Starts ``tandem-cloud serve`` as its own process with a simulated wide-area dela
 (``--wan-ms``), runs every held-out sample through an in-process ``Agent`` in each mode, and
 prints accuracy, share escalated and latency per mode. Then a fleet of agents on a broker
 (an embedded one unless ``--broker`` names one) receives a signed model update while they
-serve traffic (``demo_fleet.py``). It sweeps the routing threshold (from the measured
+serve traffic (``demo_fleet.py``), and (``--loop``, the default) one learning-loop cycle runs
+on a shifted stream: capture, upload, retrain, a gated rollout, escalations before and after
+(``demo_loop.py``). It sweeps the routing threshold (from the measured
 per-sample edge and cloud answers) and writes the accuracy-versus-escalation curve as
 ``curve.png`` and ``curve.json``. Then the image hybrid: Tandem's own detector pair
 (``models/image``) packaged, served and run on held-out synthetic scenes in each mode, with
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dataset
 import hybrid_detection
 from demo_fleet import FLEET, fresh, run_fleet_demo
+from demo_loop import run_loop_demo
 from hybrid import ModeRun, run_mode, sweep
 from local_broker import local_broker
 from procs import CloudProcess
@@ -109,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         default=15.0,
         help="keep the fleet serving this long after the update, to watch the dashboard",
     )
+    parser.add_argument(
+        "--loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one learning-loop cycle on a shifted stream after the fleet part (demo_loop.py)",
+    )
     args = parser.parse_args(argv)
     # a SIGTERM stops the demo like Ctrl-C: every `with` below stops what it started
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out / "cloud" / "fleet.db",
             args.hold_s,
         )
+        loop = run_loop_demo(args.out, broker_url) if args.loop else None
         image = None
         if args.scenes:
             image = image_hybrid(stack, args)
@@ -195,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threshold": threshold,
                 "modes": rows,
                 "fleet": fleet,
+                "learning_loop": loop,
                 "image_hybrid": image,
             },
             indent=2,

@@ -2,8 +2,9 @@
 
 Agents (``AgentService``) with capture on serve digits written with a bolder pen through a
 noisier sensor (``shifted_digits.py``: held-out images only); their escalations and audits
-are uploaded to a cloud server of its own (``tandem-cloud serve`` with the sample store, the
-registry and the collector on the demo's broker); ``tandem-cloud model retrain digits``
+are uploaded to a cloud server of its own (``tandem-cloud serve`` with the sample store and
+the registry; a collector and the rollout controller run in this process, on the demo's
+broker); ``tandem-cloud model retrain digits``
 distils a candidate from those samples; a rollout with a shadow phase runs it beside the
 serving model on a canary and goes ahead only when the gate passes; then the same held-out
 shifted requests are sent again. It prints each step and the escalation rate and hybrid
@@ -40,6 +41,7 @@ from procs import CloudProcess
 
 from agent.device.service import AgentService
 from agent.settings import AgentSettings
+from cloud.fleet.collector import Collector
 from cloud.fleet.rollout import RolloutController
 from cloud.fleet.store import FleetStore
 from cloud.releases.registry import Registry
@@ -98,6 +100,7 @@ def run_loop_demo(out: Path, broker_url: str, agents: int = 2, epochs: int = 120
                 log=work / "cloud.log",
                 extra=["--registry", str(registry_dir)],
                 env={
+                    # the fleet and sample routes need the server's MQTT (its collector)
                     "TANDEM_CLOUD_MQTT__URL": broker_url,
                     "TANDEM_CLOUD_FLEET": FLEET,
                     "TANDEM_CLOUD_STATE_DIR": str(work / "cloud"),
@@ -105,6 +108,16 @@ def run_loop_demo(out: Path, broker_url: str, agents: int = 2, epochs: int = 120
                 },
             )
         )
+        # a collector and the controller in this process too, on one plain MQTT 3.1.1
+        # connection: the server's own collector (a persistent session) does not get through
+        # to the embedded broker; on Mosquitto both store each message, and the store keeps
+        # one (telemetry and its shadow counts are keyed by device, session and sequence)
+        store = FleetStore(work / "cloud" / "fleet.db")
+        stack.callback(store.close)
+        mqtt = MqttClient(MqttSettings(url=broker_url), client_id="demo-loop-controller")
+        Collector(store, FLEET).attach(mqtt)
+        mqtt.start(wait_s=10)
+        stack.callback(mqtt.stop)
         services = []
         for i in range(agents):
             device = f"dev-{i}"
@@ -144,7 +157,7 @@ def run_loop_demo(out: Path, broker_url: str, agents: int = 2, epochs: int = 120
             f"{release['threshold']:.2f}"
         )
         outcome, lines = gated_rollout(
-            work, broker_url, registry_dir, services, stream.field.x[CAPTURE:], say
+            store, mqtt, registry_dir, services, stream.field.x[CAPTURE:], say
         )
         serving = sorted({s.agent.model.manifest.ref for s in services})
         after = hybrid(serve(services, stream.heldout.x, observed=False), stream.heldout.y)
@@ -222,17 +235,14 @@ def retrain(work: Path, registry: Path, epochs: int) -> dict[str, Any]:
 
 
 def gated_rollout(
-    work: Path,
-    broker_url: str,
+    store: FleetStore,
+    mqtt: MqttClient,
     registry_dir: Path,
     services: list[AgentService],
     rows: np.ndarray,
     say: Any,
 ) -> tuple[str, list[str]]:
     """The candidate's rollout with a shadow phase on a canary, under traffic."""
-    store = FleetStore(work / "cloud" / "fleet.db")
-    mqtt = MqttClient(MqttSettings(url=broker_url), client_id="demo-loop-controller")
-    mqtt.start(wait_s=10)
     stop = threading.Event()
     lines: list[str] = []
 
@@ -269,8 +279,6 @@ def gated_rollout(
         stop.set()
         if thread.is_alive():
             thread.join(timeout=10)
-        mqtt.stop()
-        store.close()
     return result.state, lines
 
 
