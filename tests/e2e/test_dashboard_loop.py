@@ -182,6 +182,8 @@ def _upload(url: str) -> None:
         "dev-b": [_item(10 + i, 1, "escalation") for i in range(2)]
         + [_item(20 + i, 1, "audit") for i in range(2)],
         "dev-c": [_item(30, 2, "audit"), _item(31, 2, "escalation", cloud=False)],
+        # one sample each: past the five devices the table names
+        **{f"dev-{c}": [_item(40 + i, 1, "escalation")] for i, c in enumerate("defghi")},
     }
     for device, items in batches.items():
         headers, body = encode_upload(
@@ -261,9 +263,9 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
 
         # field samples, from the upload API: by kind, label source, devices
         v1 = _cells(page, "loop-samples", 1)
-        assert (v1["samples"], v1["escalation"], v1["audit"]) == ("10", "8", "2")
-        assert (v1["label-cloud"], v1["label-operator"], v1["label-none"]) == ("9", "1", "0")
-        assert v1["devices"] == "dev-a 6, dev-b 4"
+        assert (v1["samples"], v1["escalation"], v1["audit"]) == ("16", "14", "2")
+        assert (v1["label-cloud"], v1["label-operator"], v1["label-none"]) == ("15", "1", "0")
+        assert v1["devices"] == "dev-a 6, dev-b 4, dev-d 1, dev-e 1, dev-f 1 (+3 more)"
         v2 = _cells(page, "loop-samples", 2)
         assert (v2["samples"], v2["escalation"], v2["audit"]) == ("2", "1", "1")
         assert (v2["label-cloud"], v2["label-none"], v2["devices"]) == ("1", "1", "dev-c 2")
@@ -312,5 +314,12 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
         )
         assert page.inner_text("#loop-samples") == "no samples yet"
         assert page.inner_text("#loop-versions") == "no shadow or audit figures yet"
+        # the choice is in the fragment, beside the token: a reload (a bookmark) keeps it
+        assert page.url.endswith(f"#token={OPERATOR}&model=kws")
+        page.reload()
+        page.wait_for_function(
+            "document.querySelector('#loop-rollouts').textContent === 'no rollouts of kws yet'"
+        )
+        assert page.eval_on_selector("#loop-model", "s => s.value") == "kws"
         browser.close()
     assert errors == []

@@ -5,7 +5,8 @@
 // in this file. Whatever the API says is put in the page as text (textContent), never as HTML.
 //
 // The fleet's data needs the operator's token when the server has some: open the page as
-// /dashboard/#token=... (a fragment never reaches the server, its logs or a Referer).
+// /dashboard/#token=... (a fragment never reaches the server, its logs or a Referer);
+// &model=M opens the learning loop of M.
 
 const PAGE = 50;  // devices per page of the table (the API pages by a cursor: ?after=)
 // the cursor of each page seen so far: pages[0] is the first (no cursor)
@@ -15,7 +16,8 @@ const COLORS = ["#3465a4", "#f57900", "#4e9a06", "#75507b", "#cc0000", "#c4a000"
 
 function $(id) { return document.getElementById(id); }
 
-const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token");
+const FRAGMENT = new URLSearchParams(location.hash.slice(1));  // #token=...&model=...
+const TOKEN = FRAGMENT.get("token");
 
 // GET a JSON document of the API with the operator's token; an HTTP error is thrown.
 async function api(path) {
@@ -199,7 +201,9 @@ const LOOP_EVERY = 5;
 const TOP_DEVICES = 5;  // devices named per version in the samples table
 let ticks = 0;
 let lastSummary = null;
-let loopModel = null;  // the operator's choice; null: the model most devices serve
+// the operator's choice, kept in the fragment (a bookmark opens it); null: the model most
+// devices serve
+let loopModel = FRAGMENT.get("model");
 let loopRun = 0;  // the latest refreshLoop: an older one still under way draws nothing
 // "model@version" -> the manifest's routing.guarantee, or null (a release never changes)
 const guarantees = new Map();
@@ -411,6 +415,8 @@ async function refreshLoop(summary) {
 
 $("loop-model").addEventListener("change", () => {
   loopModel = $("loop-model").value;
+  FRAGMENT.set("model", loopModel);
+  history.replaceState(null, "", "#" + FRAGMENT.toString());
   if (lastSummary) { refreshLoop(lastSummary); }
 });
 
