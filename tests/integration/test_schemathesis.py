@@ -2,16 +2,18 @@
 client sends within the documents (positive) or outside them (negative), no route answers a
 5xx, and every error is ``{"error": "<message>"}``.
 
-The cloud app has every optional part: a registry folder, and the fleet routes over an empty
-store with an unreachable broker (the app never waits for it). Each operation is fuzzed with
-random path parameters, and the model routes again with the served model's own name and
-version, so bodies reach the model's checks. Derandomized, a bounded number of examples per
-operation: the same cases every run.
+The cloud app has every optional part: a registry folder, and the fleet routes over a store
+holding one device's shadow and audit figures, a rollout in its shadow phase and one field
+sample, with an unreachable broker (the app never waits for it). Each operation is fuzzed
+with random path parameters, and again with the served model's own name and version (so
+bodies reach the model's checks) and the seeded rollout, device and sample (so the fleet
+routes reach real rows). Derandomized, a bounded number of examples per operation: the same
+cases every run.
 
 The sample upload (``POST /fleet/samples``) takes its own media type, sent as the raw bytes
-generated, and a device's token: whenever a case's ``Tandem-Device`` is a device id, it
-gets that device's real token, so fuzzed bodies reach the upload's parser, not only its
-door.
+generated, and a device's token: each case gets the real token of the device it names (or
+of a device of its own when what it names is not a device id), so fuzzed bodies reach the
+upload's parser, not only its door.
 
 Schemathesis's pytest loader for fixtures (``schemathesis.pytest.from_fixture``) fails on
 pytest 9 (it sets ``Function._nodeid``), so operations are taken from the schema and run
@@ -23,8 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -34,11 +39,23 @@ from schemathesis.checks import not_a_server_error
 from agent import Agent, AgentSettings
 from agent.server import create_app as agent_app
 from cloud.app import create_app as cloud_app
+from cloud.fleet.samples.store import SampleStore
+from cloud.fleet.store import FleetStore
 from cloud.settings import CloudSettings
 from shared.identifiers import IDENTIFIER_RE
 from shared.mqtt import MqttSettings
-from shared.samples import CONTENT_TYPE, DEVICE_HEADER, device_token
+from shared.samples import (
+    CONTENT_TYPE,
+    DEVICE_HEADER,
+    Answer,
+    SampleMeta,
+    device_token,
+    encode_features,
+    sample_id,
+)
+from shared.status import DeviceStatus, ModelVersion
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
+from tests.shadow_sim import audit, shadow_stats, telemetry
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +98,7 @@ NOT_FUZZED = {"POST /v2/repository/models/{name}/unload"}
 UPLOAD = "POST /fleet/samples"
 DEVICE_SECRET = "device-secret-for-fuzzing"
 FUZZ_FLEET = "default"
+SEEDED_DEVICE = "dev-seeded"
 
 schemathesis.serializer.alias(CONTENT_TYPE, "application/octet-stream")
 
@@ -159,10 +177,57 @@ def _schema(app: Any) -> Iterator[Any]:
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
+def _seed(state: Path) -> dict[str, str]:
+    """A device with shadow and audit figures, a rollout in its shadow phase (its gate is
+    computed live) and a stored sample: the path parameters that reach them."""
+    store = FleetStore(state / "fleet.db")
+    store.record_status(
+        FUZZ_FLEET,
+        DeviceStatus(
+            device=SEEDED_DEVICE, state="online", models=[ModelVersion(model="digits", version=1)]
+        ),
+    )
+    store.record_telemetry_many(
+        FUZZ_FLEET,
+        [
+            telemetry(
+                SEEDED_DEVICE,
+                1,
+                shadow=shadow_stats(2, both=8, shadow_only=1, serving_only=1),
+                audit=audit(1, audited=20, wrong=1),
+            )
+        ],
+    )
+    rollout = store.create_rollout(
+        FUZZ_FLEET, "digits", 2, "fleet", None, "1", 1, 0.1, 30.0, shadow=True
+    )
+    store.plan_waves(rollout, [[SEEDED_DEVICE]])
+    store.update_rollout(
+        rollout, state="RUNNING", phase="shadow", shadow_started="2000-01-01T00:00:00+00:00"
+    )
+    encoding, shape, payload = encode_features(np.arange(64) % 17)
+    meta = SampleMeta(
+        id=sample_id(payload),
+        kind="escalation",
+        model="digits",
+        version=1,
+        ts=datetime(2026, 12, 1, tzinfo=timezone.utc),
+        encoding=encoding,
+        shape=shape,
+        size=len(payload),
+        edge=Answer(index=2, confidence=0.4),
+        cloud=Answer(index=5, confidence=0.9),
+    )
+    SampleStore(store, state / "samples").add(FUZZ_FLEET, SEEDED_DEVICE, [(meta, payload)])
+    store.close()
+    return {"rollout_id": str(rollout), "device": SEEDED_DEVICE, "sample": meta.id}
+
+
 @pytest.fixture(scope="module")
-def cloud_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def cloud_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[str, str]]]:
     state = tmp_path_factory.mktemp("cloud")
     (state / "registry").mkdir()
+    seeded = _seed(state)
     settings = CloudSettings(
         repo=CLOUD_REPO,
         registry=state / "registry",
@@ -173,7 +238,7 @@ def cloud_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         samples={"device_token_secret": DEVICE_SECRET},
     )
     with _schema(cloud_app(settings)) as schema:
-        yield schema
+        yield schema, seeded
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +248,9 @@ def agent_schema() -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("label", CLOUD)
-def test_cloud_api(cloud_schema: Any, label: str) -> None:
-    _fuzz(cloud_schema, label, {"name": CLOUD_MODEL, "version": "1"})
+def test_cloud_api(cloud_schema: tuple[Any, dict[str, str]], label: str) -> None:
+    schema, seeded = cloud_schema
+    _fuzz(schema, label, {"name": CLOUD_MODEL, "version": "1", **seeded})
 
 
 @pytest.mark.parametrize("label", OIP)
@@ -192,12 +258,12 @@ def test_agent_api(agent_schema: Any, label: str) -> None:
     _fuzz(agent_schema, label, {"name": "digits", "version": "1"})
 
 
-def test_every_route_is_fuzzed(cloud_schema: Any, agent_schema: Any) -> None:
+def test_every_route_is_fuzzed(cloud_schema: tuple[Any, dict[str, str]], agent_schema: Any) -> None:
     """The lists above are the documents' operations (a new route is fuzzed, or named here
     as not fuzzed)."""
 
     def labels(schema: Any) -> set[str]:
         return {result.ok().label for result in schema.get_all_operations()}
 
-    assert labels(cloud_schema) == set(CLOUD) | NOT_FUZZED
+    assert labels(cloud_schema[0]) == set(CLOUD) | NOT_FUZZED
     assert labels(agent_schema) == set(OIP)
