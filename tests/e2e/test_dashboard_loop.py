@@ -10,6 +10,7 @@ markup as text. A screenshot is written to ``out/dashboard_loop.png``."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -203,13 +204,14 @@ def _upload(url: str) -> None:
     assert answer.status_code == 200, answer.text
 
 
-@pytest.fixture()
-def served(tmp_path: Path) -> Iterator[Served]:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from cloud.app import create_app
     from cloud.settings import CloudSettings
     from shared.mqtt import MqttSettings
     from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
 
+    tmp_path = tmp_path_factory.mktemp("dashboard-loop")
     (tmp_path / "registry").mkdir()
     _releases(tmp_path / "registry")
     _fleet(tmp_path / "fleet.db")
@@ -321,5 +323,26 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
             "document.querySelector('#loop-rollouts').textContent === 'no rollouts of kws yet'"
         )
         assert page.eval_on_selector("#loop-model", "s => s.value") == "kws"
+        browser.close()
+    assert errors == []
+
+
+def test_without_the_operator_token_the_page_says_so(served: Served) -> None:
+    """The server has tokens: a page opened without ``#token=`` shows the refusal, not an
+    empty fleet (and the loop panel stays as loaded)."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{served.url}/dashboard/")
+        page.wait_for_function(
+            "document.querySelector('#updated').textContent.startsWith('cannot reach')"
+        )
+        # whichever of the poll's two requests was refused first
+        assert re.search(r"/fleet/(summary|devices): HTTP 401$", page.inner_text("#updated"))
+        assert page.inner_text("#online") == "–"
         browser.close()
     assert errors == []
