@@ -274,17 +274,17 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
 
         # per version: v1 has audits only, v2 a shadow and audits, v3 a shadow only
         s1 = _cells(page, "loop-versions", 1)
-        assert s1["shadow"] == "no shadow" and s1["audited"] == "6 wrong of 600"
+        assert s1["shadow"] == "no shadow" and s1["audited"] == "6 wrong of 600 on 2 devices"
         low, high = bounds.interval(6, 600, 0.05)
         assert s1["error"] == f"1.0% [{100 * low:.1f}%, {100 * high:.1f}%] 95%"
         assert s1["epsilon"] == "5.0% (δ 0.1, vs cloud)" and s1["verdict"] == "within ε"
         s2 = _cells(page, "loop-versions", 2)
-        assert (s2["shadow-samples"], s2["labelled"]) == ("132", "132")
+        assert (s2["shadow-samples"], s2["labelled"]) == ("132 on 2 devices", "132")
         assert s2["candidate-agreement"] == _pct(108, 132)
         assert s2["serving-agreement"] == _pct(120, 132)
         assert s2["diff"].startswith(f"−{100 * 12 / 132:.1f} pts [")
         assert s2["agreement-serving"] == _pct(102, 132) and s2["would-escalate"] == "0.0%"
-        assert s2["audited"] == "10 wrong of 50" and s2["error"].startswith("20.0% [")
+        assert s2["audited"] == "10 wrong of 50 on 1 device" and s2["error"].startswith("20.0% [")
         assert s2["epsilon"].startswith("2.0%") and s2["verdict"] == "above ε"
         s3 = _cells(page, "loop-versions", 3)
         assert s3["candidate-agreement"] == _pct(29, 30) and s3["audit"] == "no audits"

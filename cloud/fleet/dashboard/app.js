@@ -234,6 +234,8 @@ function interval(low, high) {
   return low === null || low === undefined ? "" : " [" + pct(low) + ", " + pct(high) + "]";
 }
 
+function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+
 function points(v) {
   return v === null || v === undefined ? "–" : (v >= 0 ? "+" : "−") + Math.abs(100 * v).toFixed(1) + " pts";
 }
@@ -304,7 +306,8 @@ function renderLoopVersions(model, versions) {
     cell(tr, "v" + v.version);
     const s = v.shadow;
     if (s) {
-      cell(tr, String(s.samples), "shadow-samples");
+      const dropped = s.dropped ? ", " + s.dropped + " dropped" : "";
+      cell(tr, s.samples + " on " + plural(s.devices, "device") + dropped, "shadow-samples");
       cell(tr, String(s.labelled), "labelled");
       cell(tr, pct(s.candidate_agreement), "candidate-agreement");
       cell(tr, pct(s.serving_agreement), "serving-agreement");
@@ -316,7 +319,7 @@ function renderLoopVersions(model, versions) {
     }
     const a = v.audit;
     if (a) {
-      cell(tr, a.wrong + " wrong of " + a.audited, "audited");
+      cell(tr, a.wrong + " wrong of " + a.audited + " on " + plural(a.devices, "device"), "audited");
       const level = Math.round(100 * (1 - a.delta));
       cell(tr, pct(a.error) + interval(a.error_low, a.error_high) + " " + level + "%", "error");
       guaranteeCells(tr, a, guarantees.get(model + "@" + v.version));
@@ -334,6 +337,7 @@ function gateLine(g, r) {
     + " agreement with the cloud, " + points(g.diff);
   if (g.diff_low !== null && g.diff_low !== undefined) { figures += " [" + points(g.diff_low) + ", " + points(g.diff_high) + "]"; }
   figures += " on " + g.labelled + " labelled (min " + r.min_samples + "), margin " + points(r.margin).slice(1);
+  if (g.paired === false) { figures += " (interval: the worst case, without the agents' paired counts)"; }
   if (g.candidate_audit_error !== null && g.candidate_audit_error !== undefined) {
     figures += "; audit error " + pct(g.candidate_audit_error) + " vs serving " + pct(g.serving_audit_error);
   }
