@@ -198,9 +198,11 @@ def retrain(
     epochs: int,
     max_escalation: str | None,
     hidden: str | None,
+    samples: Path | None = None,
 ) -> dict[str, Any]:
-    """``tandem-cloud model retrain digits`` on the sample store; the published version."""
-    run = out / f"retrain-seed{seed}"
+    """``tandem-cloud model retrain digits`` on the sample store (or ``samples``, a .npz);
+    the published version."""
+    run = out / f"retrain-seed{seed}{'-control' if samples is not None else ''}"
     shutil.rmtree(run, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -213,10 +215,11 @@ def retrain(
         str(registry),
         "--key",
         str(key),
-        "--state-dir",
-        str(state),
-        "--fleet",
-        FLEET,
+        *(
+            ["--samples", str(samples)]
+            if samples is not None
+            else ["--state-dir", str(state), "--fleet", FLEET]
+        ),
         "--data",
         str(dataset.DEFAULT_DATA),
         "--teacher",
@@ -245,6 +248,14 @@ def retrain(
     result["seed"] = seed
     result["bundle"] = str(Registry(registry).release_dir(MODEL, int(result["version"])))
     return result
+
+
+def control_samples(out: Path, n: int = 16) -> Path:
+    """``n`` clean training images (already in the split) as the "field": the retrain needs
+    some samples, and these carry nothing new."""
+    path = out / "control_samples.npz"
+    np.savez(path, x=dataset.load().train.x[:n])
+    return path
 
 
 def measure(
@@ -300,13 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         "--max-escalation", help="the retrain's escalation budget (its default 0.2; none)"
     )
     parser.add_argument("--hidden", help="the candidate's hidden widths (default: serving's)")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also retrain each seed without field data (16 clean training images)",
+    )
     parser.add_argument("--audit-rate", type=float, default=0.02)
     parser.add_argument("--rate", type=float, default=1.0, help="requests/s a device serves")
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "bench")
     args = parser.parse_args(argv)
     if not 0 < args.field <= shifted_digits.FIELD_SIZE:
         parser.error(f"--field: 1..{shifted_digits.FIELD_SIZE} (the issue's cap)")
-    work = args.out / "learning_loop"
+    name = "learning_loop" + (f"-hidden{args.hidden}" if args.hidden else "")
+    work = args.out / name
     work.mkdir(parents=True, exist_ok=True)
     stream = shifted_digits.make_stream(seed=args.stream_seed, field_size=args.field)
     capture, registry, key, state = capture_phase(
@@ -337,6 +354,21 @@ def main(argv: list[str] | None = None) -> int:
         result["figures"] = measure(Path(result["bundle"]), sets, before)
         candidates.append(result)
         print(f"retrain seed {seed}: release {result['version']} in {result['seconds']:.0f}s")
+        if args.control:
+            # the same retrain with (next to) no field data: what the recipe alone gives
+            c = retrain(
+                work,
+                registry,
+                key,
+                state,
+                seed,
+                args.epochs,
+                args.max_escalation,
+                args.hidden,
+                control_samples(work),
+            )
+            c["figures"] = measure(Path(c["bundle"]), sets, before)
+            result["control"] = c
     print(table(before, candidates))
     for c in candidates:
         eq = c["figures"]["shifted held-out"]["at_equal_hybrid"]
@@ -358,6 +390,20 @@ def main(argv: list[str] | None = None) -> int:
             ]
         ),
     }
+    if all("control" in c for c in candidates):
+        gains["control_escalation_reduction"] = spread(
+            [
+                1 - c["control"]["figures"]["shifted held-out"]["escalated"] / b["escalated"]
+                for c in candidates
+            ]
+        )
+        gains["control_hybrid_accuracy_change"] = spread(
+            [
+                c["control"]["figures"]["shifted held-out"]["hybrid_accuracy"]
+                - b["hybrid_accuracy"]
+                for c in candidates
+            ]
+        )
     r, h = gains["escalation_reduction"], gains["hybrid_accuracy_change"]
     print(
         f"over {len(seeds)} retrain seeds, on the held-out shifted set: escalations "
@@ -365,8 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         f"stdev {100 * r['stdev']:.1f} pt), hybrid accuracy {100 * h['mean']:+.2f} pt "
         f"(min {100 * h['min']:+.2f}, max {100 * h['max']:+.2f}, stdev {100 * h['stdev']:.2f})"
     )
+    if "control_escalation_reduction" in gains:
+        r, h = gains["control_escalation_reduction"], gains["control_hybrid_accuracy_change"]
+        print(
+            f"without field data (control): escalations {100 * r['mean']:.1f}% fewer "
+            f"(min {100 * r['min']:.1f}%, max {100 * r['max']:.1f}%), hybrid accuracy "
+            f"{100 * h['mean']:+.2f} pt (min {100 * h['min']:+.2f}, max {100 * h['max']:+.2f})"
+        )
     write_json(
-        args.out / "learning_loop.json",
+        args.out / f"{name}.json",
         {
             "stream_seed": args.stream_seed,
             "shift": asdict(stream.shift),
@@ -374,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
             "before": before,
             "candidates": candidates,
             "gains": gains,
+            "retrain": {
+                "epochs": args.epochs,
+                "hidden": args.hidden,
+                "max_escalation": args.max_escalation,
+            },
         },
     )
     return 0
@@ -385,9 +443,11 @@ def table(before: dict[str, Any], candidates: list[dict[str, Any]]) -> str:
         f"{'edge acc':>10}{'kept err':>10}"
     )
     lines = [head, "-" * len(head)]
-    rows = [("serving (release 1)", before)] + [
-        (f"retrained seed {c['seed']} (r{c['version']})", c["figures"]) for c in candidates
-    ]
+    rows = [("serving (release 1)", before)]
+    for c in candidates:
+        rows.append((f"retrained seed {c['seed']} (r{c['version']})", c["figures"]))
+        if "control" in c:
+            rows.append((f"  no field data (r{c['control']['version']})", c["control"]["figures"]))
     for name, figs in rows:
         for part, f in figs.items():
             lines.append(
