@@ -389,8 +389,13 @@ def gate_stats(
 def loop(store: FleetStore, fleet: str, model: str, delta: float = 0.05) -> dict[str, Any]:
     """The learning loop of ``model`` per version, for the dashboard: its shadow figures
     (summed counts, agreements, the paired difference with its 95 % interval) and its audit
-    figures (audited answers, wrong ones, the error with its ``1 - delta`` Clopper-Pearson
-    interval). Rollouts are added by the API (``rollout.gate_view``)."""
+    figures (audited answers, wrong ones, the manifest's ``epsilon`` and ``delta`` the
+    devices checked against, and the error with its ``1 - delta`` Clopper-Pearson interval,
+    as the agents compute it; ``delta`` when the release promises nothing). Rollouts are
+    added by the API (``rollout.gate_view``).
+
+    A release's manifest is signed and never changes, so every device reports the same
+    guarantee for a version; MAX only skips the messages that carry none (an older agent)."""
     per: dict[int, dict[str, Any]] = {}
     for r in store.query(
         f"SELECT version, {_SHADOW_SELECT}, COUNT(DISTINCT device) AS devices"
@@ -411,12 +416,15 @@ def loop(store: FleetStore, fleet: str, model: str, delta: float = 0.05) -> dict
         }
     for r in store.query(
         "SELECT version, COALESCE(SUM(audited), 0) AS n, COALESCE(SUM(wrong), 0) AS k,"
-        " COUNT(DISTINCT device) AS devices FROM audit_stats WHERE fleet = ? AND model = ?"
-        " GROUP BY version",
+        " COUNT(DISTINCT device) AS devices, MAX(epsilon) AS epsilon, MAX(delta) AS delta"
+        " FROM audit_stats WHERE fleet = ? AND model = ? GROUP BY version",
         [fleet, model],
     ):
         n, k = int(r["n"]), int(r["k"])
-        low, high = bounds.interval(k, n, delta) if n else (None, None)
+        # telemetry's delta is the device's word: one out of (0, 1) would make no interval
+        reported = float(r["delta"]) if r["delta"] is not None else None
+        at = reported if reported is not None and 0 < reported < 1 else delta
+        low, high = bounds.interval(k, n, at) if n else (None, None)
         per.setdefault(int(r["version"]), {})["audit"] = {
             "audited": n,
             "wrong": k,
@@ -424,7 +432,8 @@ def loop(store: FleetStore, fleet: str, model: str, delta: float = 0.05) -> dict
             "error": k / n if n else None,
             "error_low": low,
             "error_high": high,
-            "delta": delta,
+            "epsilon": float(r["epsilon"]) if r["epsilon"] is not None else None,
+            "delta": at,
         }
     return {
         "model": model,

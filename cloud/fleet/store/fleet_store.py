@@ -102,7 +102,7 @@ _SHADOW_COLUMNS = (
 )
 _AUDIT_COLUMNS = (
     *("fleet", "device", "session", "seq", "ts", "received", "model", "version"),
-    *("audited", "wrong"),
+    *("audited", "wrong", "epsilon", "delta"),
 )
 
 
@@ -293,7 +293,9 @@ class FleetStore:
                     )
                 if t.audit is not None:
                     a = t.audit
-                    audit.append((*head, a.model, a.version, a.audited, a.wrong))
+                    audit.append(
+                        (*head, a.model, a.version, a.audited, a.wrong, a.epsilon, a.delta)
+                    )
             for table, columns, stats in (
                 ("shadow_stats", _SHADOW_COLUMNS, shadow),
                 ("audit_stats", _AUDIT_COLUMNS, audit),

@@ -144,6 +144,8 @@ _V4 = Migration(
         " seq BIGINT NOT NULL, ts TEXT NOT NULL, received TEXT NOT NULL,"
         " model TEXT NOT NULL, version BIGINT NOT NULL,"
         " audited BIGINT NOT NULL, wrong BIGINT NOT NULL,"
+        # the manifest's guarantee the device checked against (NULL: the release has none)
+        " epsilon DOUBLE PRECISION, delta DOUBLE PRECISION,"
         " PRIMARY KEY (fleet, device, session, seq))",
         "CREATE INDEX audit_by_version ON audit_stats (fleet, model, version, received)",
         # retention deletes them with their telemetry, by age
