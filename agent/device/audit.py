@@ -8,6 +8,15 @@ edge answered itself with a confidence at or above the threshold (what the manif
 counted when full) for a thread of its own, which asks the cloud and hands a labelled copy
 (``cloud_*`` filled in, ``reason="audit"``) to each of ``on_labelled`` (capture, shadow).
 
+While a shadow candidate is installed the service raises ``shadow_rate`` (``[shadow]
+audit_rate``): confident answers are then audited at the higher of the two rates, so that
+the rollout's gate sees the candidate's mistakes on the requests the serving model is sure
+of, which escalations never label (see ``cloud.fleet.gate``). One draw decides both: below
+``rate`` it is an ordinary audit (every ``on_labelled`` consumer, the live check); between
+``rate`` and ``shadow_rate`` it is the shadow's alone (``on_shadow_labelled`` and the live
+check): those extra labels are not captured, so a canary's uploads stay what the capture's
+rate makes them, and only canary devices during a shadow phase pay the extra cloud calls.
+
 The cloud is asked on the audit's own ``CloudClient`` (the service builds one counted on
 the ``audits`` wire category), never through the router: an audit must not move the
 breaker or the latency estimate a request's routing depends on, nor take a connection from
@@ -82,12 +91,16 @@ class Audit:
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self._rng = rng if rng is not None else random.Random()
+        #: While a shadow is installed: the share audited for it (the higher rate wins).
+        self.shadow_rate = 0.0
         #: Called with each labelled copy, on the audit's thread.
         self.on_labelled: list[Callable[[Observation], None]] = []
+        #: Called with every labelled copy, the shadow's extra audits included.
+        self.on_shadow_labelled: list[Callable[[Observation], None]] = []
         self.dropped = 0  # queue full
         self.failed = 0  # the cloud did not answer
         self.skipped = 0  # not auditable (an image model, a model swapped since)
-        self._items: deque[Observation] = deque()
+        self._items: deque[tuple[Observation, bool]] = deque()  # (obs, ordinary audit)
         self._ready = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -101,8 +114,11 @@ class Audit:
         """Maybe queue ``obs`` for an audit (never blocks)."""
         if self.cloud is None or obs.escalated or obs.edge_confidence < obs.threshold:
             return
-        rate = self.rate
-        if rate <= 0.0 or self._rng.random() >= rate:
+        rate, shadow_rate = self.rate, self.shadow_rate
+        if max(rate, shadow_rate) <= 0.0:
+            return
+        draw = self._rng.random()
+        if draw >= rate and draw >= shadow_rate:
             return
         if obs.features is None:
             self.skipped += 1
@@ -111,7 +127,7 @@ class Audit:
             if len(self._items) >= self.max_pending:
                 self.dropped += 1
                 return
-            self._items.append(obs)
+            self._items.append((obs, draw < rate))
             self._ready.notify()
 
     def start(self) -> None:
@@ -135,8 +151,8 @@ class Audit:
             with self._ready:
                 if not self._items:
                     return
-                obs = self._items.popleft()
-            self.audit(obs)
+                obs, ordinary = self._items.popleft()
+            self.audit(obs, ordinary)
 
     def _run(self) -> None:
         while True:
@@ -145,27 +161,30 @@ class Audit:
                     self._ready.wait(1.0)
                 if self._stop:
                     return
-                obs = self._items.popleft()
+                obs, ordinary = self._items.popleft()
             try:
-                self.audit(obs)
+                self.audit(obs, ordinary)
             except Exception:  # the audit thread must outlive any one audit
                 log.exception("audit failed")
 
     # ---------------------------------------------------------------------- one audit
 
-    def audit(self, obs: Observation) -> Observation | None:
-        """Ask the cloud about ``obs``; count it and hand the labelled copy on. None when it
-        could not be audited."""
+    def audit(self, obs: Observation, ordinary: bool = True) -> Observation | None:
+        """Ask the cloud about ``obs``; count it and hand the labelled copy on (``ordinary``
+        False: a shadow's extra audit, to ``on_shadow_labelled`` only). None when it could
+        not be audited."""
         labelled = self.label(obs)
         if labelled is None:
             return None
         self._count(labelled)
-        for i, consume in enumerate(self.on_labelled):
+        consumers = [(i, c) for i, c in enumerate(self.on_labelled) if ordinary]
+        consumers += [(-1 - i, c) for i, c in enumerate(self.on_shadow_labelled)]
+        for key, consume in consumers:
             try:
                 consume(labelled)
             except Exception:
-                if i not in self._failed_consumers:
-                    self._failed_consumers.add(i)
+                if key not in self._failed_consumers:
+                    self._failed_consumers.add(key)
                     log.exception("an audit consumer failed (logged once)")
         return labelled
 
