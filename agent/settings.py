@@ -193,6 +193,15 @@ class ShadowSettings(_Section):
     max_pending: int = Field(
         default=256, ge=1, description="observations waiting for the candidate; more: dropped"
     )
+    audit_rate: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description="while a shadow is installed, share of confident answers audited for it "
+        "(the higher of this and capture.audit_rate; the extra ones are not captured): the "
+        "gate's labels on requests the serving model is sure of; canary devices only, for "
+        "the shadow phase, pay these cloud calls",
+    )
 
 
 class TelemetrySettings(_Section):

@@ -230,7 +230,9 @@ class AgentService:
         self.updater.shadow = self.shadow
         self.shadow.listeners.append(self._shadow_changed)
         consumers.append(self.shadow.observe)
-        labelled.append(self.shadow.labelled)
+        # every audit, the shadow's extra ones too ([shadow] audit_rate, set while one is
+        # installed: _shadow_changed)
+        self.audit.on_shadow_labelled.append(self.shadow.labelled)
         if self.telemetry is not None:
             self.telemetry.extras.append(self.shadow.section)
         if self.mqtt is not None:
@@ -345,8 +347,11 @@ class AgentService:
 
     def _shadow_changed(self) -> None:
         """A shadow was installed or cleared: with one, the agent's answers must reach the
-        observation queue even where no cloud is configured (nothing else consumes then)."""
-        if self.shadow.model is not None:
+        observation queue even where no cloud is configured (nothing else consumes then),
+        and confident answers are audited at the shadow's rate (the gate's labels)."""
+        installed = self.shadow.model is not None
+        self.audit.shadow_rate = self.settings.shadow.audit_rate if installed else 0.0
+        if installed:
             self.agent.observer = self.observations.offer
         elif not self.agent.cloud_configured:
             self.agent.observer = None
