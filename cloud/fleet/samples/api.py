@@ -11,8 +11,9 @@
   midnight (nothing of that upload is stored).
 - ``GET /fleet/samples`` (``?model= &version= &device= &kind= &label_source= &limit=
   &after=``): a page of samples, oldest first, ``next`` the cursor of the next page;
-- ``GET /fleet/samples/summary``: per model and version, counts by kind, label source and
-  device;
+- ``GET /fleet/samples/summary`` (``?model= &top=``): per model and version (``model``'s
+  only), counts by kind and label source, the number of devices and the ``top`` with the
+  most samples (10 by default, 100 at most), and ``model_names``, every model with samples;
 - ``PUT /fleet/samples/{device}/{id}/label`` ``{"label": N}``: an operator's correction;
 - ``GET /fleet/samples/{device}/{id}``: the stored bytes (served as an attachment).
 
@@ -46,7 +47,14 @@ from prometheus_client.metrics_core import Metric
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from cloud.fleet.samples.store import DEFAULT_PAGE, MAX_PAGE, QuotaExceededError, SampleStore
+from cloud.fleet.samples.store import (
+    DEFAULT_PAGE,
+    DEFAULT_TOP,
+    MAX_PAGE,
+    MAX_TOP,
+    QuotaExceededError,
+    SampleStore,
+)
 from cloud.settings import SampleSettings
 from shared.errors import (
     InvalidRequestError,
@@ -287,8 +295,15 @@ def samples_router(
         return {"samples": found.samples, "next": found.next}
 
     @router.get("/fleet/samples/summary")
-    def summary() -> dict[str, Any]:
-        return {"fleet": fleet, "models": samples.summary(fleet)}
+    def summary(
+        model: Annotated[str | None, Query(pattern=IDENTIFIER_RE.pattern)] = None,
+        top: Annotated[int, Query(ge=0, le=MAX_TOP)] = DEFAULT_TOP,
+    ) -> dict[str, Any]:
+        return {
+            "fleet": fleet,
+            "models": samples.summary(fleet, model=model, top=top),
+            "model_names": samples.model_names(fleet),
+        }
 
     def _known(device: str, sample: str) -> None:
         if not (IDENTIFIER_RE.match(device) and _is_sha256(sample)):
