@@ -240,7 +240,8 @@ def _for_another() -> tuple[dict[str, str], bytes]:
 def _tampered_id() -> tuple[dict[str, str], bytes]:
     meta, payload = item(21)
     forged = meta.model_copy(update={"id": sample_id(b"other bytes")})
-    return encode_upload("dev-r", [(forged, payload)], token=device_token(SECRET, FLEET, "dev-r"))
+    token = device_token(SECRET, FLEET, "dev-r")
+    return encode_upload("dev-r", [(forged, payload)], token=token, ids=True)
 
 
 def _many(n: int) -> tuple[dict[str, str], bytes]:

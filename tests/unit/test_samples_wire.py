@@ -85,10 +85,8 @@ def raw_body(header: bytes | str, payloads: list[bytes]) -> tuple[dict[str, str]
 
 
 def header_doc(items: list[tuple[SampleMeta, bytes]], device: str = "dev-1") -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(
-        UploadHeader(device=device, samples=[m for m, _ in items]).model_dump_json()
-    )
-    return doc
+    """The header in its full form: every sample a complete ``SampleMeta``, no defaults."""
+    return {"device": device, "samples": [json.loads(m.model_dump_json()) for m, _ in items]}
 
 
 # --- features ---------------------------------------------------------------------------
@@ -199,6 +197,150 @@ def test_encode_upload_checks_payload_sizes() -> None:
     meta, payload = feature_meta(np.arange(64, dtype=np.uint8))
     with pytest.raises(InvalidRequestError):
         encode_upload("dev-1", [(meta, payload[:10])])
+
+
+# --- the batch's defaults ---------------------------------------------------------------
+
+
+def wire_doc(headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(body[: int(headers[HEADER_LENGTH])])
+    return doc
+
+
+def test_shared_fields_go_once_in_the_defaults_and_ids_stay_home() -> None:
+    items = [
+        feature_meta(np.full(64, i % 17), cloud=Answer(index=7, confidence=0.9)) for i in range(4)
+    ]
+    headers, body = encode_upload("dev-1", items, gzip=False)
+    doc = wire_doc(headers, body)
+    assert doc["defaults"] == {
+        "kind": "escalation",
+        "model": "digits",
+        "version": 3,
+        "encoding": "uint8",
+        "shape": [64],
+        "size": 64,
+        "cloud_model": "digits-cloud",
+        "threshold": 0.7,
+    }
+    for sample in doc["samples"]:
+        assert set(sample) == {"ts", "edge", "cloud"}
+        assert "probs" not in sample["edge"]
+    assert decode_upload(headers, body, **LIMITS) == ("dev-1", items)
+
+
+def test_samples_that_differ_override_the_defaults() -> None:
+    items = [
+        feature_meta(np.full(64, 1)),
+        feature_meta(np.full(64, 2)),
+        feature_meta(np.full(64, 3), kind="audit", version=4, threshold=0.8),
+        feature_meta(np.full(64, 4), cloud_model=None, threshold=None, cloud=None),
+        feature_meta(np.arange(32, dtype=np.uint8)),
+        image_meta(png_bytes()),
+    ]
+    headers, body = encode_upload("dev-1", items, gzip=False)
+    doc = wire_doc(headers, body)
+    assert doc["samples"][2]["kind"] == "audit" and doc["samples"][2]["version"] == 4
+    assert doc["samples"][3]["cloud_model"] is None  # an explicit null beats the default
+    assert doc["samples"][4]["shape"] == [32] and doc["samples"][4]["size"] == 32
+    assert doc["samples"][5]["encoding"] == "encoded" and doc["samples"][5]["shape"] == []
+    assert decode_upload(headers, body, **LIMITS) == ("dev-1", items)
+    # the ids on request: checked, and the same samples come out
+    headers, body = encode_upload("dev-1", items, gzip=False, ids=True)
+    assert [s["id"] for s in wire_doc(headers, body)["samples"]] == [m.id for m, _ in items]
+    assert decode_upload(headers, body, **LIMITS) == ("dev-1", items)
+
+
+def test_a_digits_sample_costs_little_more_than_its_payload() -> None:
+    """64 escalations of the digits with different answers and times: the gzip body per
+    sample, payload (64 B) included: 59 B (108 B with ids and every field in each sample)."""
+    rng = np.random.default_rng(1)
+    items = [
+        feature_meta(
+            rng.integers(0, 17, 64),
+            ts=datetime.fromtimestamp(TS.timestamp() + 1.234 * i, timezone.utc),
+            edge=Answer(index=int(rng.integers(10)), confidence=round(float(rng.random()), 4)),
+            cloud=Answer(index=int(rng.integers(10)), confidence=round(float(rng.random()), 4)),
+        )
+        for i in range(64)
+    ]
+    headers, body = encode_upload("dev-1", items)
+    assert len(body) / 64 < 80
+    assert (
+        decode_upload(headers, gzip.decompress(body), **(LIMITS | {"max_samples": 64}))[1] == items
+    )
+
+
+def defaults_body(
+    defaults: dict[str, Any], samples: list[dict[str, Any]], payloads: list[bytes]
+) -> tuple[dict[str, str], bytes]:
+    return raw_body(
+        json.dumps({"device": "dev-1", "defaults": defaults, "samples": samples}), payloads
+    )
+
+
+DEFAULTS: dict[str, Any] = {
+    "kind": "escalation",
+    "model": "digits",
+    "version": 3,
+    "encoding": "uint8",
+    "shape": [64],
+    "size": 64,
+}
+SAMPLE: dict[str, Any] = {"ts": "2026-12-01T12:00:00Z", "edge": {"index": 1, "confidence": 0.4}}
+
+
+@pytest.mark.parametrize(
+    ("defaults", "sample"),
+    [
+        (DEFAULTS | {"size": -1}, SAMPLE),
+        (DEFAULTS | {"version": "three"}, SAMPLE),
+        (DEFAULTS | {"model": "../etc"}, SAMPLE),
+        (DEFAULTS | {"threshold": 2.0}, SAMPLE),
+        (DEFAULTS | {"admin": True}, SAMPLE),  # extra field in the defaults
+        (DEFAULTS | {"ts": "2026-12-01T12:00:00Z"}, SAMPLE),  # not a shared field
+        (DEFAULTS | {"media_type": "image/png"}, SAMPLE),  # a uint8 sample has none
+        (DEFAULTS | {"shape": [32]}, SAMPLE),  # 32 bytes, size says 64
+        ({k: v for k, v in DEFAULTS.items() if k != "model"}, SAMPLE),  # no model at all
+        (DEFAULTS, {"edge": SAMPLE["edge"]}),  # no ts
+        (DEFAULTS, SAMPLE | {"size": None}),  # a null override of a required field
+        (DEFAULTS, SAMPLE | {"shape": [8, 8], "encoding": "float32"}),  # 256 bytes
+        (DEFAULTS, SAMPLE | {"id": "not hex"}),
+        ("not an object", SAMPLE),
+    ],
+)
+def test_defaults_and_overrides_are_checked_as_a_whole(
+    defaults: Any, sample: dict[str, Any]
+) -> None:
+    payload = bytes(range(64))
+    headers, body = defaults_body(defaults, [sample], [payload])
+    exc = refused(headers, body)
+    assert isinstance(exc, InvalidRequestError) and len(exc.message) < 1000
+
+
+def test_defaults_form_is_decoded() -> None:
+    payload = bytes(range(64))
+    headers, body = defaults_body(
+        DEFAULTS, [SAMPLE, SAMPLE | {"kind": "audit"}], [payload, payload]
+    )
+    _, items = decode_upload(headers, body, **LIMITS)
+    assert [m.kind for m, _ in items] == ["escalation", "audit"]
+    assert {m.id for m, _ in items} == {sample_id(payload)}
+
+
+def test_a_wrong_id_is_refused_in_the_defaults_form_too() -> None:
+    payload = bytes(range(64))
+    wrong = hashlib.sha256(b"other").hexdigest()
+    headers, body = defaults_body(DEFAULTS, [SAMPLE | {"id": wrong}], [payload])
+    exc = refused(headers, body)
+    assert "hash" in exc.message
+
+
+def test_a_huge_size_in_the_defaults_is_413_before_any_slicing() -> None:
+    headers, body = defaults_body(
+        DEFAULTS | {"size": 10**15, "shape": [10**15]}, [SAMPLE], [bytes(64)]
+    )
+    assert isinstance(refused(headers, body), PayloadTooLargeError)
 
 
 # --- hostile bodies ---------------------------------------------------------------------
