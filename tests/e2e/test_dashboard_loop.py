@@ -1,11 +1,13 @@
 """The dashboard's learning-loop panel in a real headless Chromium, against a real cloud
 server behind operator tokens (the page sends the one in its URL fragment): field samples
 uploaded through ``POST /fleet/samples`` with device tokens (one relabelled by an operator),
-telemetry with shadow and audit sections stored as the collector stores them, releases with
-and without a guarantee in the registry, and two rollouts, one stopped by its gate and one
-in its shadow phase. The panel shows each figure the API computes, the manifests' epsilon
-against the audits' intervals, an empty state for what is missing, and API strings holding
-markup as text. A screenshot is written to ``out/dashboard_loop.png``."""
+telemetry with shadow and audit sections (the audits with and without the manifest's
+guarantee) stored as the collector stores them, and two rollouts, one stopped by its gate
+and one in its shadow phase. The panel shows each figure the API computes, the reported
+epsilon against the audits' intervals at the reported delta, an empty state for what is
+missing, and API strings holding markup as text; it asks the samples summary for its model
+only and reads no manifest from the registry (the server has none). A screenshot is written
+to ``out/dashboard_loop.png``."""
 
 from __future__ import annotations
 
@@ -42,44 +44,23 @@ class Served:
     store_path: Path
 
 
-def _releases(registry: Path) -> None:
-    """digits@1 and @2 with a guaranteed threshold (epsilon 5 % and 2 %), @3 without."""
-    from cloud.releases.packaging import PackageRequest, package
-    from cloud.releases.registry import Registry
-    from shared.manifest import Guarantee, Manifest, RoutingDefaults
-    from shared.signing import SigningKey
-    from tests.helpers import EDGE_F32
-
-    key, reg = SigningKey.generate(), Registry(registry)
-    for version, epsilon in ((1, 0.05), (2, 0.02), (3, None)):
-        guarantee = None
-        if epsilon is not None:
-            guarantee = Guarantee(
-                epsilon=epsilon,
-                delta=0.1,
-                reference="cloud",
-                calibration_samples=500,
-                calibration_error=epsilon / 2,
-                coverage=0.9,
-            )
-        package(
-            PackageRequest(
-                edge=EDGE_F32 / "model.tflite",
-                template=Manifest.load(EDGE_F32),
-                version=version,
-                routing=RoutingDefaults(threshold=0.7, guarantee=guarantee),
-            ),
-            key,
-            reg,
-        )
-
-
 def _fleet(path: Path) -> None:
-    """Devices, their shadow and audit telemetry, and two rollouts."""
+    """Devices, their shadow and audit telemetry, and two rollouts. The audits of digits@1
+    and @2 carry their manifests' guarantee (epsilon 5 % and 2 %, delta 0.1), those of @4
+    none."""
     from cloud.fleet.gate import GateStats, decide
     from cloud.fleet.store import FleetStore
     from shared.status import DeviceStatus, ModelVersion
-    from tests.shadow_sim import audit, shadow_stats, telemetry
+    from shared.telemetry import FieldAccuracy
+    from tests.shadow_sim import audit as plain_audit
+    from tests.shadow_sim import shadow_stats, telemetry
+
+    def audit(version: int, audited: int, wrong: int) -> FieldAccuracy:
+        epsilon = {1: 0.05, 2: 0.02}.get(version)
+        a = plain_audit(version, audited=audited, wrong=wrong)
+        if epsilon is None:
+            return a
+        return a.model_copy(update={"epsilon": epsilon, "delta": 0.1})
 
     store = FleetStore(path)
     serving = {"dev-a": 1, "dev-b": 1, "dev-c": 2}
@@ -117,6 +98,8 @@ def _fleet(path: Path) -> None:
             audit=audit(2, audited=50, wrong=10),
         )
     )
+    # a device the store has no status of yet, serving digits@4 (no guarantee)
+    messages.append(telemetry("dev-j", 1, serving=4, audit=audit(4, audited=20, wrong=0)))
     assert all(store.record_telemetry_many(FLEET, messages))
 
     stopped = store.create_rollout(
@@ -212,14 +195,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
 
     tmp_path = tmp_path_factory.mktemp("dashboard-loop")
-    (tmp_path / "registry").mkdir()
-    _releases(tmp_path / "registry")
     _fleet(tmp_path / "fleet.db")
     settings = CloudSettings(
         repo=CLOUD_REPO,
         fleet=FLEET,
         state_dir=tmp_path,
-        registry=tmp_path / "registry",
         mqtt=MqttSettings(url=closed_port_url().replace("http://", "mqtt://")),
         tokens=[SecretStr(OPERATOR)],
         repo_poll_s=0,
@@ -248,13 +228,15 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
     from shared import bounds
 
     errors: list[str] = []
+    asked: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: asked.append(r.url.removeprefix(served.url)))
         page.goto(f"{served.url}/dashboard/#token={OPERATOR}")
-        page.wait_for_selector('#loop-versions tr[data-version="3"]', timeout=20_000)
+        page.wait_for_selector('#loop-versions tr[data-version="4"]', timeout=20_000)
         page.wait_for_selector('#loop-rollouts [data-rollout="2"]', timeout=20_000)
         # digits is served by three devices, kws by one
         assert page.eval_on_selector("#loop-model", "s => s.value") == "digits"
@@ -272,12 +254,17 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
         assert (v2["samples"], v2["escalation"], v2["audit"]) == ("2", "1", "1")
         assert (v2["label-cloud"], v2["label-none"], v2["devices"]) == ("1", "1", "dev-c 2")
 
-        # per version: v1 has audits only, v2 a shadow and audits, v3 a shadow only
+        # the samples of the panel's model only, a few devices each; no manifests read
+        assert "/fleet/samples/summary?model=digits&top=5" in asked
+        assert not [u for u in asked if u.startswith("/registry")]
+
+        # per version: v1 has audits only, v2 a shadow and audits, v3 a shadow only, v4
+        # audits without a guarantee; each interval at the delta the devices reported
         s1 = _cells(page, "loop-versions", 1)
         assert s1["shadow"] == "no shadow" and s1["audited"] == "6 wrong of 600 on 2 devices"
-        low, high = bounds.interval(6, 600, 0.05)
-        assert s1["error"] == f"1.0% [{100 * low:.1f}%, {100 * high:.1f}%] 95%"
-        assert s1["epsilon"] == "5.0% (δ 0.1, vs cloud)" and s1["verdict"] == "within ε"
+        low, high = bounds.interval(6, 600, 0.1)
+        assert s1["error"] == f"1.0% [{100 * low:.1f}%, {100 * high:.1f}%] 90%"
+        assert s1["epsilon"] == "5.0% (δ 0.1)" and s1["verdict"] == "within ε"
         s2 = _cells(page, "loop-versions", 2)
         assert (s2["shadow-samples"], s2["labelled"]) == ("132 on 2 devices", "132")
         assert s2["candidate-agreement"] == _pct(108, 132)
@@ -285,9 +272,14 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
         assert s2["diff"].startswith(f"−{100 * 12 / 132:.1f} pts [")
         assert s2["agreement-serving"] == _pct(102, 132) and s2["would-escalate"] == "0.0%"
         assert s2["audited"] == "10 wrong of 50 on 1 device" and s2["error"].startswith("20.0% [")
-        assert s2["epsilon"].startswith("2.0%") and s2["verdict"] == "above ε"
+        assert s2["error"].endswith(" 90%")
+        assert s2["epsilon"] == "2.0% (δ 0.1)" and s2["verdict"] == "above ε"
         s3 = _cells(page, "loop-versions", 3)
         assert s3["candidate-agreement"] == _pct(29, 30) and s3["audit"] == "no audits"
+        s4 = _cells(page, "loop-versions", 4)
+        assert s4["shadow"] == "no shadow" and s4["audited"] == "0 wrong of 20 on 1 device"
+        assert s4["error"].startswith("0.0% [0.0%, ") and s4["error"].endswith(" 95%")
+        assert (s4["epsilon"], s4["verdict"]) == ("–", "no ε in the manifest")
 
         # rollouts, newest first: the running shadow waits, the stopped one says why
         assert page.eval_on_selector_all(
@@ -323,6 +315,13 @@ def test_the_panel_shows_the_loop_of_the_most_served_model(served: Served) -> No
             "document.querySelector('#loop-rollouts').textContent === 'no rollouts of kws yet'"
         )
         assert page.eval_on_selector("#loop-model", "s => s.value") == "kws"
+        # a model in the fragment that the API would refuse: the most served one instead
+        asked.clear()
+        page.goto(f"{served.url}/dashboard/#token={OPERATOR}&model=no%20such")
+        page.reload()
+        page.wait_for_selector('#loop-versions tr[data-version="4"]', timeout=20_000)
+        assert page.eval_on_selector("#loop-model", "s => s.value") == "digits"
+        assert "/fleet/samples/summary?model=digits&top=5" in asked
         browser.close()
     assert errors == []
 

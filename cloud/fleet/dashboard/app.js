@@ -1,8 +1,7 @@
 "use strict";
 // The fleet dashboard: polls /fleet/summary and a page of /fleet/devices, draws with <canvas>;
-// every LOOP_EVERY polls, the learning loop of one model (/fleet/samples/summary, /fleet/loop,
-// the manifests' guarantees from /registry). No framework and no CDN: everything it needs is
-// in this file. Whatever the API says is put in the page as text (textContent), never as HTML.
+// every LOOP_EVERY polls, the learning loop of one model (/fleet/samples/summary?model=,
+// /fleet/loop). No framework and no CDN: everything it needs is in this file. Whatever the API says is put in the page as text (textContent), never as HTML.
 //
 // The fleet's data needs the operator's token when the server has some: open the page as
 // /dashboard/#token=... (a fragment never reaches the server, its logs or a Referer);
@@ -198,16 +197,13 @@ async function refresh() {
 // The loop's figures move at the pace of telemetry and uploads: polled every LOOP_EVERY
 // refreshes (10 s), or at once when the operator picks another model.
 const LOOP_EVERY = 5;
-const TOP_DEVICES = 5;  // devices named per version in the samples table
+const TOP_DEVICES = 5;  // devices named per version in the samples table (the API counts the rest)
 let ticks = 0;
 let lastSummary = null;
 // the operator's choice, kept in the fragment (a bookmark opens it); null: the model most
 // devices serve
 let loopModel = FRAGMENT.get("model");
 let loopRun = 0;  // the latest refreshLoop: an older one still under way draws nothing
-// "model@version" -> the manifest's routing.guarantee, or null (a release never changes)
-const guarantees = new Map();
-let registry = true;  // false once the server says it has no registry (no epsilon to show)
 
 function cell(tr, value, field, cls) {
   const td = text("td", value, cls);
@@ -241,14 +237,14 @@ function points(v) {
 }
 
 // The models to choose from, the most served first: those devices serve, then those with
-// samples only.
-function loopModels(summary, samples) {
+// samples only (names: the samples summary's model_names; none yet: []).
+function loopModels(summary, names) {
   const served = new Map();
   Object.entries(summary.versions).forEach(([key, n]) => {
     const model = key.slice(0, key.lastIndexOf(":"));
     served.set(model, (served.get(model) || 0) + n);
   });
-  samples.models.forEach(e => { if (!served.has(e.model)) { served.set(e.model, 0); } });
+  names.forEach(m => { if (!served.has(m)) { served.set(m, 0); } });
   return [...served.entries()]
     .sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))
     .map(e => e[0]);
@@ -277,24 +273,29 @@ function renderLoopSamples(entries) {
     ["escalation", "audit"].forEach(k => cell(tr, String(e.by_kind[k] || 0), k));
     ["cloud", "operator", "none"].forEach(k => cell(tr, String(e.by_label_source[k] || 0), "label-" + k));
     cell(tr, (e.bytes / 1024).toFixed(1), "kb");
+    // the API's top devices (the most samples first), e.devices of them in all
     const devices = Object.entries(e.by_device).sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
     const top = devices.slice(0, TOP_DEVICES).map(([d, n]) => d + " " + n).join(", ");
-    const more = devices.length > TOP_DEVICES ? " (+" + (devices.length - TOP_DEVICES) + " more)" : "";
+    const rest = e.devices - Math.min(devices.length, TOP_DEVICES);
+    const more = rest > 0 ? " (+" + rest + " more)" : "";
     cell(tr, top + more, "devices");
   });
   box.replaceChildren(t);
 }
 
-function guaranteeCells(tr, audit, g) {
-  if (!g) { cell(tr, "–", "epsilon", "muted"); cell(tr, registry ? "no ε in the manifest" : "no registry", "verdict", "muted"); return; }
-  cell(tr, pct(g.epsilon) + " (δ " + g.delta + ", vs " + g.reference + ")", "epsilon");
+// The manifest's epsilon as the devices reported it with their audits, against the
+// interval (at the manifest's delta: /fleet/loop computes it there).
+function guaranteeCells(tr, audit) {
+  const eps = audit.epsilon;
+  if (eps === null || eps === undefined) { cell(tr, "–", "epsilon", "muted"); cell(tr, "no ε in the manifest", "verdict", "muted"); return; }
+  cell(tr, pct(eps) + " (δ " + audit.delta + ")", "epsilon");
   let verdict = ["undecided: ε is inside the interval", "verdict-wait"];
-  if (audit.error_low !== null && audit.error_low > g.epsilon) { verdict = ["above ε", "verdict-fail"]; }
-  else if (audit.error_high !== null && audit.error_high <= g.epsilon) { verdict = ["within ε", "verdict-pass"]; }
+  if (audit.error_low !== null && audit.error_low > eps) { verdict = ["above ε", "verdict-fail"]; }
+  else if (audit.error_high !== null && audit.error_high <= eps) { verdict = ["within ε", "verdict-pass"]; }
   cell(tr, verdict[0], "verdict", verdict[1]);
 }
 
-function renderLoopVersions(model, versions) {
+function renderLoopVersions(versions) {
   const box = $("loop-versions");
   if (!versions.length) { box.replaceChildren(text("p", "no shadow or audit figures yet", "muted empty")); return; }
   const [t, body] = table(["version", "shadow runs", "labelled", "candidate vs cloud",
@@ -322,7 +323,7 @@ function renderLoopVersions(model, versions) {
       cell(tr, a.wrong + " wrong of " + a.audited + " on " + plural(a.devices, "device"), "audited");
       const level = Math.round(100 * (1 - a.delta));
       cell(tr, pct(a.error) + interval(a.error_low, a.error_high) + " " + level + "%", "error");
-      guaranteeCells(tr, a, guarantees.get(model + "@" + v.version));
+      guaranteeCells(tr, a);
     } else {
       wide(tr, "no audits", 4, "audit");
     }
@@ -370,34 +371,29 @@ function renderLoopRollouts(model, rollouts) {
   }));
 }
 
-// The manifests' guarantees of the versions with audits, each asked for once.
-async function loadGuarantees(model, versions) {
-  const missing = versions.filter(v => !guarantees.has(model + "@" + v));
-  if (!registry || !missing.length) { return; }
-  let releases;
-  try {
-    releases = new Set((await api("/registry/" + encodeURIComponent(model))).map(r => r.version));
-  } catch (err) {
-    registry = false;  // no registry on this server: no epsilon to show
-    return;
-  }
-  await Promise.all(missing.map(async v => {
-    let g = null;
-    if (releases.has(v)) {
-      const m = await api("/registry/" + encodeURIComponent(model) + "/" + v + "/manifest.json");
-      g = (m.routing && m.routing.guarantee) || null;
-    }
-    guarantees.set(model + "@" + v, g);
-  }));
+const IDENTIFIER = /^[A-Za-z0-9_-]{1,64}$/;  // shared/identifiers.py: what the API takes
+
+// The samples summary of one model (every model's when null), a few devices per version.
+function samplesOf(model) {
+  return api("/fleet/samples/summary?" + (model === null ? "" : "model=" + encodeURIComponent(model) + "&")
+    + "top=" + TOP_DEVICES);
 }
 
 async function refreshLoop(summary) {
   const run = ++loopRun;
   try {
-    const samples = await api("/fleet/samples/summary");
+    // asked for the model the panel will most likely show: the operator's, else the most
+    // served; asked again only when that guess is not among the models
+    const chosen = loopModel !== null && IDENTIFIER.test(loopModel) ? loopModel : null;
+    const guess = chosen !== null ? chosen : (loopModels(summary, [])[0] || null);
+    let samples = await samplesOf(guess);
     if (run !== loopRun) { return; }
-    const models = loopModels(summary, samples);
+    const models = loopModels(summary, samples.model_names);
     const model = loopModel !== null && models.includes(loopModel) ? loopModel : (models[0] || null);
+    if (model !== null && model !== guess) {
+      samples = await samplesOf(model);
+      if (run !== loopRun) { return; }
+    }
     renderModelChoice(models, model);
     if (model === null) {
       $("loop-samples").replaceChildren(text("p", "no samples yet", "muted empty"));
@@ -406,10 +402,9 @@ async function refreshLoop(summary) {
       return;
     }
     const loop = await api("/fleet/loop?model=" + encodeURIComponent(model));
-    await loadGuarantees(model, loop.versions.filter(v => v.audit).map(v => v.version));
     if (run !== loopRun) { return; }
     renderLoopSamples(samples.models.filter(e => e.model === model));
-    renderLoopVersions(model, loop.versions);
+    renderLoopVersions(loop.versions);
     renderLoopRollouts(model, loop.rollouts);
     $("loop-updated").textContent = model + ", updated " + new Date().toLocaleTimeString();
   } catch (err) {
