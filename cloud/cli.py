@@ -261,7 +261,20 @@ def _model_retrain(args: argparse.Namespace, cloud: CloudSettings) -> int:
 
     values: dict[str, Any] = load_toml(args.settings) if args.settings is not None else {}
     values["model"] = args.model
-    for key in ("data", "teacher", "out", "epochs", "seed", "max_field_samples", "max_escalation"):
+    for key in (
+        "data",
+        "teacher",
+        "out",
+        "epochs",
+        "seed",
+        "max_field_samples",
+        "max_escalation",
+        "serving_version",
+        "threshold_rule",
+        "match_tolerance",
+        "match_weighting",
+        "audit_rate",
+    ):
         if (value := getattr(args, key, None)) is not None:
             values[key] = value
     for flag, key in (("epsilon", "guarantee_epsilon"), ("delta", "guarantee_delta")):
@@ -292,7 +305,7 @@ def _model_retrain(args: argparse.Namespace, cloud: CloudSettings) -> int:
         from cloud.fleet.samples.store import SampleStore
         from cloud.fleet.store import open_store
 
-        current, _ = serving_release(registry, settings.model)
+        current, _ = serving_release(registry, settings.model, settings.serving_version)
         assert current.input is not None  # a v1 release (serving_release checks)
         state_dir = args.state_dir or cloud.state_dir
         store = open_store(args.database_url or cloud.database_url, state_dir)
@@ -322,6 +335,7 @@ def _model_retrain(args: argparse.Namespace, cloud: CloudSettings) -> int:
                 "version": manifest.version,
                 "sha256": manifest.edge.sha256,
                 "threshold": manifest.routing.threshold,
+                "chosen_by": report["routing"]["chosen_by"],
                 "report": str(settings.out / "report.json"),
             }
         )
@@ -456,6 +470,26 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--state-dir", type=Path, help="the sample store's folder (settings)")
     re_.add_argument("--database-url", help="the fleet store (default: settings)")
     re_.add_argument("--max-field-samples", type=int, help="the newest N (default 2000)")
+    re_.add_argument(
+        "--serving-version",
+        type=int,
+        help="the release the fleet serves: retrained and matched (default: the latest)",
+    )
+    re_.add_argument(
+        "--threshold-rule",
+        choices=("match", "budget"),
+        help="match (default): least escalation keeping the serving model's hybrid accuracy "
+        "on calibration data; budget: --max-escalation as optimize does",
+    )
+    re_.add_argument(
+        "--match-tolerance", type=float, help="hybrid accuracy match may give up (default 0)"
+    )
+    re_.add_argument(
+        "--match-weighting",
+        choices=("captured", "importance"),
+        help="field samples as captured (default), or audits weighted 1/--audit-rate",
+    )
+    re_.add_argument("--audit-rate", type=float, help="the devices' audit rate (0.02)")
     re_.add_argument("--max-escalation", help="escalation budget (0.2; none: no budget)")
     re_.add_argument("--hidden", help="edge hidden widths (default: the serving model's)")
     re_.add_argument("--epochs", type=int)

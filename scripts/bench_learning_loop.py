@@ -199,9 +199,11 @@ def retrain(
     max_escalation: str | None,
     hidden: str | None,
     samples: Path | None = None,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``tandem-cloud model retrain digits`` on the sample store (or ``samples``, a .npz);
-    the published version."""
+    """``tandem-cloud model retrain digits`` on the sample store (or ``samples``, a .npz),
+    against release 1 (what the agents serve: earlier seeds' candidates are never rolled
+    out), with ``extra`` flags; the published version."""
     run = out / f"retrain-seed{seed}{'-control' if samples is not None else ''}"
     shutil.rmtree(run, ignore_errors=True)
     cmd = [
@@ -232,6 +234,9 @@ def retrain(
         str(epochs),
         *(["--max-escalation", max_escalation] if max_escalation is not None else []),
         *(["--hidden", hidden] if hidden is not None else []),
+        "--serving-version",
+        "1",
+        *(extra or []),
     ]
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -311,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-escalation", help="the retrain's escalation budget (its default 0.2; none)"
     )
     parser.add_argument("--hidden", help="the candidate's hidden widths (default: serving's)")
+    parser.add_argument("--threshold-rule", choices=("match", "budget"), help="(default match)")
+    parser.add_argument("--match-tolerance", help="the match rule's tolerance (default 0)")
+    parser.add_argument("--match-weighting", choices=("captured", "importance"))
     parser.add_argument(
         "--control",
         action="store_true",
@@ -322,7 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.field <= shifted_digits.FIELD_SIZE:
         parser.error(f"--field: 1..{shifted_digits.FIELD_SIZE} (the issue's cap)")
-    name = "learning_loop" + (f"-hidden{args.hidden}" if args.hidden else "")
+    extra = [
+        item
+        for flag in ("threshold_rule", "match_tolerance", "match_weighting")
+        if (value := getattr(args, flag)) is not None
+        for item in (f"--{flag.replace('_', '-')}", str(value))
+    ]
+    name = (
+        "learning_loop"
+        + (f"-hidden{args.hidden}" if args.hidden else "")
+        + (f"-{args.threshold_rule}" if args.threshold_rule else "")
+        + (f"-{args.match_weighting}" if args.match_weighting else "")
+    )
     work = args.out / name
     work.mkdir(parents=True, exist_ok=True)
     stream = shifted_digits.make_stream(seed=args.stream_seed, field_size=args.field)
@@ -349,11 +368,22 @@ def main(argv: list[str] | None = None) -> int:
     candidates = []
     for seed in seeds:
         result = retrain(
-            work, registry, key, state, seed, args.epochs, args.max_escalation, args.hidden
+            work,
+            registry,
+            key,
+            state,
+            seed,
+            args.epochs,
+            args.max_escalation,
+            args.hidden,
+            extra=extra,
         )
         result["figures"] = measure(Path(result["bundle"]), sets, before)
         candidates.append(result)
-        print(f"retrain seed {seed}: release {result['version']} in {result['seconds']:.0f}s")
+        print(
+            f"retrain seed {seed}: release {result['version']} in {result['seconds']:.0f}s, "
+            f"threshold {result['threshold']:.3f} chosen by {result.get('chosen_by')}"
+        )
         if args.control:
             # the same retrain with (next to) no field data: what the recipe alone gives
             c = retrain(
@@ -366,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_escalation,
                 args.hidden,
                 control_samples(work),
+                extra,
             )
             c["figures"] = measure(Path(c["bundle"]), sets, before)
             result["control"] = c
@@ -431,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": args.epochs,
                 "hidden": args.hidden,
                 "max_escalation": args.max_escalation,
+                "flags": extra,
             },
         },
     )

@@ -143,3 +143,120 @@ def choose_threshold(
 
 def point_at(curve: list[CurvePoint], threshold: float) -> CurvePoint:
     return min(curve, key=lambda p: abs(p.threshold - threshold))
+
+
+@dataclass(frozen=True)
+class MatchPart:
+    """One part of the calibration data on which a candidate must keep the serving model's
+    hybrid accuracy: both models' probabilities as a device computes them (each with its
+    own temperature), the serving model's own threshold, the cloud model's probabilities
+    (an escalated request gets its answer), the labels to score against and, optionally, a
+    weight per sample (what share of the field each stands for)."""
+
+    name: str
+    candidate: np.ndarray
+    serving: np.ndarray
+    serving_threshold: float
+    cloud: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PartFigures:
+    name: str
+    n: int
+    weight: float
+    serving_hybrid: float
+    serving_escalation: float
+    candidate_hybrid: float
+    candidate_escalation: float
+
+
+@dataclass(frozen=True)
+class MatchedThreshold:
+    """The threshold ``choose_matching_threshold`` chose, whether every part was matched
+    there (``met``), and each part's figures at it."""
+
+    threshold: float
+    met: bool
+    tolerance: float
+    parts: list[PartFigures]
+
+
+def weighted_hybrid(
+    probs: np.ndarray,
+    threshold: float,
+    cloud: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Hybrid accuracy and escalation rate at ``threshold``, each sample counted ``weights``
+    times (once without)."""
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = float(w.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    esc = probs.max(axis=1) < threshold
+    ok = np.where(esc, cloud.argmax(axis=1) == labels, probs.argmax(axis=1) == labels)
+    return float((w * ok).sum() / total), float((w * esc).sum() / total)
+
+
+def choose_matching_threshold(
+    parts: list[MatchPart], tolerance: float = 0.0, thresholds: np.ndarray = THRESHOLDS
+) -> MatchedThreshold:
+    """The lowest threshold (so the fewest escalations, on any data) at which the
+    candidate's hybrid accuracy on every part is at least the serving model's on that part,
+    at its own threshold, less ``tolerance``; the candidate then escalates as little as it
+    can without giving up accuracy the fleet has today.
+
+    Why each part on its own rather than pooled: the parts are different populations (the
+    clean calibration split, and field samples that are mostly the serving model's hard
+    cases), and a gain on one must not pay for a loss on the other. Why a paired comparison
+    with the serving model rather than an absolute target: both models are scored on the
+    same samples against the same labels, so the way field samples were captured (mostly
+    escalations) biases both alike.
+
+    If no threshold matches every part: the one whose worst part falls short the least
+    (ties: the lowest), with ``met`` false. Parts without samples are left out.
+    """
+    used = [p for p in parts if len(p.labels)]
+    if not used:
+        raise ValueError("matching the serving model needs calibration samples")
+    targets = [
+        weighted_hybrid(p.serving, p.serving_threshold, p.cloud, p.labels, p.weights)[0]
+        for p in used
+    ]
+    grid = sorted({float(t) for t in np.asarray(thresholds).ravel()})
+    best: tuple[float, float] | None = None  # (worst shortfall, threshold)
+    chosen = None
+    for t in grid:
+        worst = max(
+            target - weighted_hybrid(p.candidate, t, p.cloud, p.labels, p.weights)[0]
+            for p, target in zip(used, targets, strict=True)
+        )
+        if worst <= tolerance + 1e-12:
+            chosen = t
+            break
+        if best is None or worst < best[0] - 1e-12:
+            best = (worst, t)
+    met = chosen is not None
+    if chosen is None:
+        assert best is not None
+        chosen = best[1]
+    figures = []
+    for p, target in zip(used, targets, strict=True):
+        s_esc = weighted_hybrid(p.serving, p.serving_threshold, p.cloud, p.labels, p.weights)[1]
+        c_acc, c_esc = weighted_hybrid(p.candidate, chosen, p.cloud, p.labels, p.weights)
+        figures.append(
+            PartFigures(
+                name=p.name,
+                n=len(p.labels),
+                weight=float(len(p.labels) if p.weights is None else np.sum(p.weights)),
+                serving_hybrid=target,
+                serving_escalation=s_esc,
+                candidate_hybrid=c_acc,
+                candidate_escalation=c_esc,
+            )
+        )
+    return MatchedThreshold(threshold=chosen, met=met, tolerance=tolerance, parts=figures)

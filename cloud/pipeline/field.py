@@ -4,8 +4,13 @@ where one was given, and (for benchmarks on synthetic shifts only) the true labe
 Two sources give the same ``FieldData``: the fleet's sample store
 (``cloud.fleet.samples.store.SampleStore.export``, what devices uploaded) and a ``.npz`` file
 (``x``, optionally ``label``: operator labels, -1 for none; optionally ``truth``: true labels,
-used for reporting only, never for training). NumPy only: it is written by the command's
-process and read by the training process.
+used for reporting only, never for training; optionally ``kind``: "escalation" or "audit", as
+the device captured it). NumPy only: it is written by the command's process and read by the
+training process.
+
+The training process orders the samples by id (``by_id``) before its seeded split, so a
+candidate depends on which samples were captured, not on the order they arrived in (two
+devices' uploads interleave differently from one run to the next).
 
 Labels a device claimed are never used: at retrain time every sample is labelled by the
 teacher (the cloud model), unless an operator labelled it (``label_source == "operator"``),
@@ -24,6 +29,8 @@ import numpy as np
 from shared.errors import ContractError
 
 OPERATOR = "operator"
+#: a captured sample's ``kind`` (``shared.samples.SampleMeta.kind``); "" when not known
+ESCALATION, AUDIT = "escalation", "audit"
 
 
 @dataclass(frozen=True)
@@ -32,20 +39,34 @@ class FieldData:
     operator_label: np.ndarray  # int64 [n], -1: no operator label
     ids: np.ndarray  # str [n]
     truth: np.ndarray | None = None  # int64 [n]: reporting only (synthetic benchmarks)
+    kind: np.ndarray | None = None  # str [n]: "escalation" | "audit" | "" (not known)
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def kinds(self) -> np.ndarray:
+        """Each sample's kind ("" where the source did not say)."""
+        return np.full(len(self), "") if self.kind is None else self.kind.astype(str)
+
+    def take(self, index: np.ndarray | slice) -> FieldData:
+        truth = None if self.truth is None else self.truth[index]
+        kind = None if self.kind is None else self.kind[index]
+        return FieldData(self.x[index], self.operator_label[index], self.ids[index], truth, kind)
 
     def newest(self, n: int) -> FieldData:
         """The last ``n`` (sources list oldest first)."""
         if len(self) <= n:
             return self
-        cut = slice(len(self) - n, None)
-        truth = None if self.truth is None else self.truth[cut]
-        return FieldData(self.x[cut], self.operator_label[cut], self.ids[cut], truth)
+        return self.take(slice(len(self) - n, None))
+
+    def by_id(self) -> FieldData:
+        """The same samples ordered by id (a stable sort: equal ids keep their order)."""
+        return self.take(np.argsort(self.ids.astype(str), kind="stable"))
 
     def save(self, path: Path) -> None:
         extra: dict[str, Any] = {} if self.truth is None else {"truth": self.truth}
+        if self.kind is not None:
+            extra["kind"] = self.kind.astype(str)
         np.savez(path, x=self.x, label=self.operator_label, ids=self.ids, **extra)
 
 
@@ -66,19 +87,26 @@ def load_npz(path: Path) -> FieldData:
                 if "ids" in f
                 else np.asarray([f"npz-{i}" for i in range(n)])
             )
+            kind = np.asarray(f["kind"]).astype(str) if "kind" in f else None
     except (OSError, KeyError, ValueError) as exc:
         raise ContractError(
             f"{path} is not a field-sample file (x[, label, truth]): {exc}"
         ) from None
-    if x.ndim != 2 or len(label) != n or len(ids) != n or (truth is not None and len(truth) != n):
-        raise ContractError(f"{path}: x must be [n, features] and label/truth/ids of length n")
-    return FieldData(x, label, ids, truth)
+    if (
+        x.ndim != 2
+        or len(label) != n
+        or len(ids) != n
+        or (truth is not None and len(truth) != n)
+        or (kind is not None and len(kind) != n)
+    ):
+        raise ContractError(f"{path}: x must be [n, features] and label/truth/ids/kind of length n")
+    return FieldData(x, label, ids, truth, kind)
 
 
 def from_samples(samples: Sequence[Any], features: int) -> tuple[FieldData, int]:
     """``FieldSample``s of the store (duck-typed: ``cloud.fleet`` is not imported here), and
     how many were skipped (encoded images, or rows that are not ``features`` long)."""
-    rows, labels, ids = [], [], []
+    rows, labels, ids, kinds = [], [], [], []
     skipped = 0
     for s in samples:
         x = getattr(s, "features", None)
@@ -89,11 +117,14 @@ def from_samples(samples: Sequence[Any], features: int) -> tuple[FieldData, int]
         operator = getattr(s, "label_source", None) == OPERATOR and s.label is not None
         labels.append(int(s.label) if operator else -1)
         ids.append(str(s.id))
+        kinds.append(str(getattr(s, "kind", "") or ""))
     if not rows:
         return FieldData(
             np.zeros((0, features), np.float32), np.zeros(0, np.int64), np.zeros(0, str)
         ), skipped
-    return FieldData(np.stack(rows), np.asarray(labels, np.int64), np.asarray(ids)), skipped
+    return FieldData(
+        np.stack(rows), np.asarray(labels, np.int64), np.asarray(ids), kind=np.asarray(kinds)
+    ), skipped
 
 
 @dataclass(frozen=True)
@@ -116,6 +147,16 @@ def split_field(n: int, test_share: float, calib_share: float, seed: int) -> Fie
         calib=np.sort(perm[n_test : n_test + n_calib]),
         test=np.sort(perm[:n_test]),
     )
+
+
+def capture_weights(kinds: np.ndarray, audit_rate: float) -> np.ndarray:
+    """Importance weights that make captured samples stand for the requests they came from:
+    an escalation is captured whenever it happens (weight 1), an audit is a random
+    ``audit_rate`` share of the confident answers, so each stands for ``1 / audit_rate`` of
+    them; a sample of unknown kind counts once."""
+    if not 0.0 < audit_rate <= 1.0:
+        raise ValueError(f"audit_rate must be in (0, 1], got {audit_rate}")
+    return np.where(np.asarray(kinds).astype(str) == AUDIT, 1.0 / audit_rate, 1.0)
 
 
 def teacher_labels(field: FieldData, teacher_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,12 @@ calibration split, the threshold for the escalation budget and accuracy target, 
 one shipped. ``optimize`` and ``retrain`` both call ``fit_routing``, so a retrained model is
 calibrated exactly as the first one was. NumPy only.
 
+A retrain has a third rule, and uses it by default (``rule="match"``): the threshold
+escalating least at which the candidate keeps the serving model's hybrid accuracy on each
+part of the calibration data (``calibrate.choose_matching_threshold``). A budget says how
+much may escalate, not how much accuracy that costs; on a shifted field the budget's
+threshold gave up to 2 points of hybrid accuracy (docs/benchmarks.md, "One cycle").
+
 Why the guaranteed threshold wins when asked for rather than the stricter of the two: the
 guarantee is a promise the agent checks live (``Telemetry.audit``), and raising the
 threshold above it only escalates more without changing what is promised; the budget's
@@ -12,6 +18,7 @@ threshold is reported beside it, so an operator sees what the promise costs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -31,13 +38,30 @@ class RoutingTarget:
     guarantee_epsilon: float | None = None
     guarantee_delta: float = 0.1
     guarantee_reference: Literal["cloud", "labels"] = "cloud"
+    #: "budget": ``max_escalation``/``min_relative_accuracy``; "match": keep the serving
+    #: model's hybrid accuracy (needs ``ServingReference``s); the guarantee wins over both
+    rule: Literal["budget", "match"] = "budget"
+    match_tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServingReference:
+    """The serving model on a part of the calibration split (``rows``): its probabilities
+    there as a device computes them, its threshold, the labels to score against and the
+    samples' weights; the "match" rule keeps its hybrid accuracy on each part."""
+
+    name: str
+    rows: np.ndarray
+    probs: np.ndarray
+    threshold: float
+    weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class FittedRouting:
     routing: RoutingDefaults
     temperature: float
-    chosen_by: Literal["budget", "guarantee"]
+    chosen_by: Literal["budget", "match", "guarantee"]
     budget_threshold: float
     budget_met: bool
     guarantee: GuaranteedThreshold | None
@@ -46,6 +70,7 @@ class FittedRouting:
     operating: calibrate.OperatingPoint
     calib_curve: list[calibrate.CurvePoint]
     test_curve: list[calibrate.CurvePoint]
+    matched: calibrate.MatchedThreshold | None = None
 
     def section(self) -> dict[str, Any]:
         """The report's view (JSON-ready)."""
@@ -55,6 +80,8 @@ class FittedRouting:
             "budget_threshold": self.budget_threshold,
             "budget_met_on_calib": self.budget_met,
         }
+        if self.matched is not None:
+            out["match"] = asdict(self.matched)
         if self.guarantee is not None:
             out["guarantee"] = {
                 **asdict(self.guarantee),
@@ -87,9 +114,13 @@ def fit_routing(
     cloud_probs: dict[str, np.ndarray],
     y: dict[str, np.ndarray],
     target: RoutingTarget,
+    serving: Sequence[ServingReference] = (),
 ) -> FittedRouting:
     """``logits``/``cloud_probs``/``y`` by split, "calib" and "test": fits on "calib" only,
-    and measures the result on "test"."""
+    and measures the result on "test". ``serving``: the serving model on parts of "calib"
+    (the "match" rule; reported beside any rule when given)."""
+    if target.rule == "match" and not serving:
+        raise ValueError("the match rule needs the serving model's answers on calibration data")
     temperature = calibrate.fit_temperature(logits["calib"], y["calib"])
     probs = {k: calibrate.softmax(v, temperature) for k, v in logits.items()}
     cloud_calib_acc = float((cloud_probs["calib"].argmax(axis=1) == y["calib"]).mean())
@@ -98,9 +129,28 @@ def fit_routing(
     budget, budget_met = calibrate.choose_threshold(
         calib_curve, cloud_calib_acc, target.max_escalation, target.min_relative_accuracy
     )
+    matched = None
+    if serving:
+        matched = calibrate.choose_matching_threshold(
+            [
+                calibrate.MatchPart(
+                    name=ref.name,
+                    candidate=probs["calib"][ref.rows],
+                    serving=ref.probs,
+                    serving_threshold=ref.threshold,
+                    cloud=cloud_probs["calib"][ref.rows],
+                    labels=y["calib"][ref.rows],
+                    weights=ref.weights,
+                )
+                for ref in serving
+            ],
+            target.match_tolerance,
+        )
     guaranteed, held_out = None, None
-    chosen_by: Literal["budget", "guarantee"] = "budget"
+    chosen_by: Literal["budget", "match", "guarantee"] = "budget"
     threshold, met = budget, budget_met
+    if target.rule == "match" and matched is not None:
+        threshold, met, chosen_by = matched.threshold, matched.met, "match"
     if target.guarantee_epsilon is not None:
         ref = target.guarantee_reference
         guaranteed = choose_guaranteed_threshold(
@@ -140,4 +190,5 @@ def fit_routing(
         operating=operating,
         calib_curve=calib_curve,
         test_curve=test_curve,
+        matched=matched,
     )

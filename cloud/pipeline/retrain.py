@@ -10,13 +10,16 @@ Two processes, because TensorFlow and the TFLite runtime clash in one (native co
   packages ``out/bundle`` like ``tandem-cloud model package`` does (the artifact run in the
   real TFLite runtime, golden samples checked, signed, published);
 - the training process (``python -m cloud.pipeline.retrain JOB``, ``train_candidate``):
-  the teacher labels every field sample (operator labels win), the field samples are cut
-  (seeded) into training, calibration and held-out shares, a model of the serving one's
-  architecture is distilled on the original training split plus the field's share, the
-  int8 model is calibrated on the original calibration split plus the field's share (so the
-  threshold fits the field: budget and/or guarantee, ``operating.fit_routing``), and the
-  serving and candidate models are measured side by side on the original held-out split and
-  the field's held-out share; ``report.json`` says it all.
+  the teacher labels every field sample (operator labels win), the field samples, ordered
+  by id, are cut (seeded) into training, calibration and held-out shares, a model of the
+  serving one's architecture is distilled on the original training split plus the field's
+  share, the int8 model is calibrated on the original calibration split plus the field's
+  share (``operating.fit_routing``): by default the threshold is the one escalating least
+  at which the candidate keeps the serving model's hybrid accuracy on each of the two
+  (the serving model run in the TFLite runtime on the same samples; ``threshold_rule``),
+  or the budget's, or the guaranteed one; and the serving and candidate models are
+  measured side by side on the original held-out split and the field's held-out share;
+  ``report.json`` says it all.
 
 Seeded by ``RetrainSettings.seed`` with the numerics pinned (``determinism.py``): the same
 inputs give the same candidate.
@@ -31,6 +34,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +57,18 @@ _URL = re.compile(r"^/registry/(?P<model>[^/]+)/(?P<version>\d+)/(?P<file>[^/]+)
 # ---------------------------------------------------------------- the command's process
 
 
-def serving_release(registry: Registry, model: str) -> tuple[Manifest, bytes]:
-    """The latest release of ``model`` and its artifact's bytes (checked against the
-    manifest's digest; a rollback release's artifact is read where its URL points)."""
+def serving_release(
+    registry: Registry, model: str, version: int | None = None
+) -> tuple[Manifest, bytes]:
+    """Release ``version`` of ``model`` (None: the latest) and its artifact's bytes (checked
+    against the manifest's digest; a rollback release's artifact is read where its URL
+    points)."""
     versions = registry.versions(model)
     if not versions:
         raise ContractError(f"{model} has no release in {registry.root} to retrain")
-    manifest = registry.manifest(model, versions[-1])
+    if version is not None and version not in versions:
+        raise ContractError(f"{model} has no release {version} in {registry.root}")
+    manifest = registry.manifest(model, versions[-1] if version is None else version)
     if (
         not manifest.is_v1
         or manifest.edge.format != "tflite"
@@ -96,7 +105,7 @@ def retrain_release(
     signed manifest and the report (also in ``out/report.json``)."""
     from cloud.releases.packaging import PackageRequest, package
 
-    current, blob = serving_release(registry, settings.model)
+    current, blob = serving_release(registry, settings.model, settings.serving_version)
     if len(field) == 0:
         raise ContractError(f"no field samples of {settings.model} to retrain on")
     out = settings.out
@@ -219,7 +228,8 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
     determinism.pin_numerics(settings.onednn)
     from cloud.pipeline import bundle, convert, measure, train
     from cloud.pipeline.data import Split, load_split
-    from cloud.pipeline.operating import RoutingTarget, fit_routing
+    from cloud.pipeline.field import capture_weights
+    from cloud.pipeline.operating import RoutingTarget, ServingReference, fit_routing
     from cloud.pipeline.run import golden_samples
 
     out = settings.out
@@ -228,7 +238,7 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
     if current.labels is None or current.cloud is None:
         raise ContractError(f"{current.model} {current.version} has no labels or cloud target")
     data = load_split(settings.data)
-    field = load_npz(out / "field.npz")
+    field = load_npz(out / "field.npz").by_id()
     classes = len(current.labels)
     features = data.train.x.shape[1]
     if field.x.shape[1] != features:
@@ -275,6 +285,28 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
         else "int8"
     )
     blob, runner = blobs[variant], runners[variant]
+    n_clean = len(data.calib)
+    serving_calib = _probabilities(serving_blob, current, calib_x, current.routing.temperature)
+    field_weights = (
+        capture_weights(field.kinds()[cut.calib], settings.audit_rate)
+        if settings.match_weighting == "importance"
+        else None
+    )
+    serving_refs = [
+        ServingReference(
+            "original calib",
+            np.arange(n_clean),
+            serving_calib[:n_clean],
+            current.routing.threshold,
+        ),
+        ServingReference(
+            "field calib",
+            np.arange(n_clean, len(calib_x)),
+            serving_calib[n_clean:],
+            current.routing.threshold,
+            field_weights,
+        ),
+    ]
     fitted = fit_routing(
         {"calib": runner.outputs(calib_x), "test": runner.outputs(data.test.x)},
         {"calib": calib_t, "test": t_probs["test"]},
@@ -285,7 +317,10 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
             guarantee_epsilon=settings.guarantee_epsilon,
             guarantee_delta=settings.guarantee_delta,
             guarantee_reference=settings.guarantee_reference,
+            rule=settings.threshold_rule,
+            match_tolerance=settings.match_tolerance,
         ),
+        serving_refs,
     )
 
     log.info("measuring the serving release and the candidate")
@@ -342,6 +377,7 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
             "calib": len(cut.calib),
             "test": len(cut.test),
             "labels": {"teacher": len(field) - operator, "operator": operator},
+            "kinds": dict(Counter(str(k) for k in field.kinds())),
             "truth": field.truth is not None,
         },
         "split": {

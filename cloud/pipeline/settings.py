@@ -103,6 +103,33 @@ class RetrainSettings(BaseModel):
     distill_temperature: float = Field(default=4.0, gt=0)
     distill_alpha: float = Field(default=0.7, ge=0, le=1)
     int8_io: bool = True
+    serving_version: int | None = Field(
+        default=None,
+        ge=1,
+        description="the release the fleet serves: retrained, and the one the candidate must "
+        "match (threshold_rule 'match') and is reported against; None: the latest",
+    )
+    threshold_rule: Literal["match", "budget"] = Field(
+        default="match",
+        description="'match': the threshold escalating least at which the candidate's hybrid "
+        "accuracy, on the calibration split and on the field's calibration share each, is at "
+        "least the serving model's at its own threshold (less match_tolerance); 'budget': "
+        "max_escalation and min_relative_accuracy, as optimize does. guarantee_epsilon, when "
+        "set, wins over both",
+    )
+    match_tolerance: float = Field(
+        default=0.0, ge=0, lt=1, description="hybrid accuracy the match rule may give up"
+    )
+    match_weighting: Literal["captured", "importance"] = Field(
+        default="captured",
+        description="the field's calibration share as captured (each sample once: mostly the "
+        "serving model's escalations), or importance-weighted to stand for the requests "
+        "served (an audit counts 1 / audit_rate times: unbiased, but a handful of audits "
+        "then carries half the weight)",
+    )
+    audit_rate: float = Field(
+        default=0.02, gt=0, le=1, description="the devices' audit rate (importance weighting)"
+    )
     max_escalation: float | None = Field(default=0.20, gt=0, le=1)
     min_relative_accuracy: float | None = Field(default=0.995, gt=0, le=1)
     guarantee_epsilon: float | None = Field(default=None, gt=0, lt=1)
