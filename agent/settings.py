@@ -194,7 +194,7 @@ class ShadowSettings(_Section):
         default=256, ge=1, description="observations waiting for the candidate; more: dropped"
     )
     audit_rate: float = Field(
-        default=0.2,
+        default=1.0,
         ge=0.0,
         le=1.0,
         description="while a shadow is installed, share of confident answers audited for it "

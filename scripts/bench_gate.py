@@ -8,19 +8,21 @@ needs TensorFlow), some on partly corrupted labels. Each one, the serving model
 pool (field pool and held-out set, ``shifted_digits.py``); a candidate's *field gap* is its
 agreement with the cloud minus the serving model's, on the requests a device labels (those
 the serving model escalates at its threshold, and an audit share of the rest), over the
-whole pool.
+whole pool; its *stream gap* the same on every request (what the field sees).
 
 Each trial is one shadow phase: requests are drawn from the pool at random, the shadow runs
 on every one (``shadow.sample_rate`` 1), a request is labelled when the serving model
-escalates it or the audit picks it, until ``--labelled`` labelled requests; the
+escalates it or the audit picks it (at the higher of ``--audit-rate``, the capture's, and
+``--shadow-audit-rate``, the agent's ``[shadow] audit_rate`` while a shadow is installed),
+until ``--labelled`` labelled requests; the
 ``ShadowStats`` counts (``samples``, ``agree_serving``, ``labelled``, ``agree_cloud``,
 ``serving_agree_cloud``, ``shadow_only_right``, ``serving_only_right``,
 ``would_escalate``) are summed into ``GateStats`` and ``decide`` is asked with that many
-``min_samples`` and the rollout's default margin (2 points). Reported: the share of trials
-stopped ("fail") per candidate.
+``min_samples`` and each margin (default: the rollout's default, and 2 points). Reported:
+the share of trials stopped ("fail") per candidate.
 
     python scripts/bench_gate.py [--trials 1000] [--labelled 300 --labelled 500]
-        [--margin 0.02] [--audit-rate 0.02] [--out out/bench]
+        [--margin 0.01] [--audit-rate 0.02] [--shadow-audit-rate 1.0] [--out out/bench]
 
 Prints a table; writes ``gate.json``. Candidate bundles are cached under
 ``out/bench/gate_models`` (delete it to retrain them).
@@ -44,7 +46,8 @@ import dataset
 import shifted_digits
 from results import write_json
 
-from cloud.fleet.gate import GateStats, decide
+from agent.settings import ShadowSettings
+from cloud.fleet.gate import DEFAULT_MARGIN, GateStats, decide
 from cloud.pipeline.data import Split
 
 HERE = Path(__file__).resolve().parent
@@ -162,13 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--labelled", type=int, action="append", help="labelled per trial")
-    parser.add_argument("--margin", type=float, action="append", help="default 0.02, 0.01, 0")
-    parser.add_argument("--audit-rate", type=float, default=0.02)
+    parser.add_argument(
+        "--margin", type=float, action="append", help="default: the rollout's, and 0.02"
+    )
+    parser.add_argument("--audit-rate", type=float, default=0.02, help="capture.audit_rate")
+    parser.add_argument(
+        "--shadow-audit-rate",
+        type=float,
+        action="append",
+        help="[shadow] audit_rate during the phase (default: the agent's; 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "bench")
     args = parser.parse_args(argv)
     sizes = args.labelled or [300, 500]
-    margins = args.margin or [0.02, 0.01, 0.0]
+    margins = args.margin or sorted({DEFAULT_MARGIN, 0.02}, reverse=True)
+    default_rate = ShadowSettings().audit_rate
+    rates = args.shadow_audit_rate if args.shadow_audit_rate is not None else [default_rate]
     stream = shifted_digits.make_stream()
     split = Split(
         np.concatenate([stream.field.x, stream.heldout.x]),
@@ -204,23 +217,28 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         row["pool_disagree_serving"] = float(np.mean(discordant))
+        row["stream_gap"] = float(
+            np.mean(a.edge == pool.cloud) - np.mean(pool.serving == pool.cloud)
+        )
         # what users get: accuracy against the truth on every request, not only labelled
         row["field_accuracy_gap"] = float(
             np.mean(a.edge == pool.y) - np.mean(pool.serving == pool.y)
         )
-        for n in sizes:
+        for rate, n in [(r, n) for r in rates for n in sizes]:
             rng = np.random.default_rng(
-                [args.seed, n, int(candidate.corrupt * 100), candidate.seed]
+                [args.seed, n, int(candidate.corrupt * 100), candidate.seed, int(rate * 1000)]
             )
+            audit = max(args.audit_rate, rate)
             stats = [
-                trial(pool, a.edge, escalates, threshold, n, args.audit_rate, rng)
-                for _ in range(args.trials)
+                trial(pool, a.edge, escalates, threshold, n, audit, rng) for _ in range(args.trials)
             ]
             for margin in margins:
                 states = [decide(st, n, margin).state for st in stats]
-                row["by_labelled"][f"{n}@{margin:g}"] = {
+                row["by_labelled"][key(rate, n, margin)] = {
                     "labelled": n,
                     "margin": margin,
+                    "shadow_audit_rate": rate,
+                    "requests": float(np.mean([st.samples for st in stats])),
                     "stopped": states.count("fail") / len(states),
                     "passed": states.count("pass") / len(states),
                     "waited": states.count("wait") / len(states),
@@ -237,15 +255,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.audit_rate:.0%} audits); serving agrees with the "
         f"cloud on {serving_agree:.1%} of labelled requests"
     )
-    for margin in margins:
-        print(f"\nmargin {margin:.0%}: share of shadow phases stopped (gate fail)")
-        print(table(rows, sizes, margin))
+    for rate in rates:
+        for margin in margins:
+            requests = [rows[0]["by_labelled"][key(rate, n, margin)]["requests"] for n in sizes]
+            print(
+                f"\nshadow audit rate {rate:g}, margin {margin:.1%}: share of shadow phases "
+                f"stopped (gate fail); requests per phase "
+                + ", ".join(f"{r:.0f}" for r in requests)
+            )
+            print(table(rows, sizes, rate, margin))
     write_json(
         args.out / "gate.json",
         {
             "trials": args.trials,
             "margins": margins,
             "audit_rate": args.audit_rate,
+            "shadow_audit_rates": rates,
             "threshold": threshold,
             "seed": args.seed,
             "rows": rows,
@@ -254,17 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def table(rows: list[dict[str, Any]], sizes: list[int], margin: float) -> str:
+def key(rate: float, n: int, margin: float) -> str:
+    return f"{n}@{margin:g}@{rate:g}"
+
+
+def table(rows: list[dict[str, Any]], sizes: list[int], rate: float, margin: float) -> str:
     head = (
-        f"{'candidate':<26}{'clean acc':>10}{'acc gap':>9}{'agree gap':>10}{'discord':>9}"
-        + "".join(f"{f'@{n} labelled':>14}" for n in sizes)
+        f"{'candidate':<26}{'clean acc':>10}{'acc gap':>9}{'agree gap':>10}{'stream gap':>11}"
+        f"{'discord':>9}" + "".join(f"{f'@{n} labelled':>14}" for n in sizes)
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = [r["by_labelled"][f"{n}@{margin:g}"]["stopped"] for n in sizes]
+        cells = [r["by_labelled"][key(rate, n, margin)]["stopped"] for n in sizes]
         lines.append(
             f"{r['candidate']:<26}{100 * r['clean_test_accuracy']:>9.1f}%"
             f"{100 * r['field_accuracy_gap']:>+8.1f}p{100 * r['field_gap']:>+9.1f}p"
+            f"{100 * r['stream_gap']:>+10.1f}p"
             f"{100 * r['pool_discordant']:>8.1f}%" + "".join(f"{100 * c:>13.1f}%" for c in cells)
         )
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
     tandem-cloud fleet rollout digits@5 [--group G | --devices a,b] [--canary 1|10%]
                                         [--waves 2] [--max-failure-rate 0] [--wave-timeout 300]
-                                        [--shadow [--gate-min-samples 300] [--gate-margin 0.02]
+                                        [--shadow [--gate-min-samples 500] [--gate-margin 0.01]
                                                   [--shadow-timeout-s 3600]]
     tandem-cloud fleet resume ID
     tandem-cloud fleet controller [--lease-ttl 15] [--poll 1]
@@ -40,6 +40,7 @@ from typing import Any
 
 from cloud.fleet import queries
 from cloud.fleet.controller import FleetController, default_holder, lease_name
+from cloud.fleet.gate import DEFAULT_MARGIN, DEFAULT_MIN_SAMPLES
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.listener import FleetListener
 from cloud.fleet.rollout import RolloutController, RolloutError
@@ -88,9 +89,14 @@ def add_fleet_parser(sub: Any) -> None:
                 action="store_true",
                 help="first run the release as a shadow on the canary, gated by field accuracy",
             )
-            p.add_argument("--gate-min-samples", type=int, default=300, help="labelled samples")
             p.add_argument(
-                "--gate-margin", type=float, default=0.02, help="how much worse may pass"
+                "--gate-min-samples",
+                type=int,
+                default=DEFAULT_MIN_SAMPLES,
+                help="labelled samples",
+            )
+            p.add_argument(
+                "--gate-margin", type=float, default=DEFAULT_MARGIN, help="how much worse may pass"
             )
             p.add_argument("--shadow-timeout-s", type=float, default=3600.0)
         elif p.prog.endswith("resume"):

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cloud.fleet import queries
-from cloud.fleet.gate import GateDecision, GateStats, decide
+from cloud.fleet.gate import DEFAULT_MARGIN, DEFAULT_MIN_SAMPLES, GateDecision, GateStats, decide
 from cloud.fleet.lease import Lease, LeaseLostError
 from cloud.fleet.store import FleetStore, Rollout
 from cloud.releases.packaging import rollback_release
@@ -255,8 +255,8 @@ class RolloutController:
         max_failure_rate: float = 0.0,
         wave_timeout_s: float = 300.0,
         shadow: bool = False,
-        gate_min_samples: int = 300,
-        gate_margin: float = 0.02,
+        gate_min_samples: int = DEFAULT_MIN_SAMPLES,
+        gate_margin: float = DEFAULT_MARGIN,
         shadow_timeout_s: float = 3600.0,
     ) -> int:
         """Record a rollout (or return the unfinished one for the same release). With
