@@ -255,7 +255,13 @@ class CaptureSettings(_Section):
     max_spool_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="samples kept on disk; oldest dropped"
     )
-    upload_interval_s: float = Field(default=60.0, gt=0, description="at most this between uploads")
+    upload_interval_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="at most this between uploads (sooner when max_batch are waiting); an "
+        "upload's HTTP request and answer cost about 0.5 kB whatever it carries, so 60 s "
+        "would spend 30 kB an hour on them alone",
+    )
     upload_url: str | None = Field(
         default=None, description="base URL of POST /fleet/samples; None: cloud.url"
     )
@@ -264,6 +270,27 @@ class CaptureSettings(_Section):
         description="this device's upload token (tandem-cloud fleet device-token DEVICE)",
     )
     max_batch: int = Field(default=64, ge=1, description="samples per upload at most")
+    include_probs: bool = Field(
+        default=False,
+        description="send both models' probability vectors with each sample (off: the "
+        "cloud relabels every sample with its teacher model at retrain time, so the "
+        "vectors serve nobody and cost more than the digits' 64-byte sample)",
+    )
+    max_samples_per_hour: int | None = Field(
+        default=240,
+        ge=1,
+        description="samples captured an hour at most, escalations and audits together, "
+        "audits first (a token bucket; the rest counted skipped_rate; None: no limit). 240 "
+        "keeps a device at 1 request/s on the shifted digits stream (about 1,400 "
+        "escalations an hour) near 15 kB an hour; a 2,000-sample retrain cycle then takes "
+        "2000 / (240 N) hours for a fleet of N capturing devices: 8.3 h for 1, 50 min for "
+        "10, 5 min for 100",
+    )
+    seed: int | None = Field(
+        default=None,
+        description="seed of the audit's random draw (None: random), so that a benchmark's "
+        "capture of the same stream can be repeated exactly",
+    )
     max_pending: int = Field(
         default=1024, ge=1, description="observations and audits waiting for a thread"
     )

@@ -137,6 +137,7 @@ def run_loop_demo(out: Path, broker_url: str, agents: int = 2, epochs: int = 120
                         "token": device_token(SECRET, FLEET, device),
                         "audit_rate": 0.05,
                         "upload_interval_s": 0.2,
+                        "max_samples_per_hour": None,  # hours of capture in seconds
                     },
                 )
             )

@@ -160,6 +160,9 @@ class CaptureState(_Msg):
     captured: int = Field(default=0, ge=0, description="samples written to the spool")
     duplicates: int = Field(default=0, ge=0, description="not written: already captured")
     skipped_budget: int = Field(default=0, ge=0, description="not written: byte budget spent")
+    skipped_rate: int = Field(
+        default=0, ge=0, description="not written: capture.max_samples_per_hour reached"
+    )
     dropped_full: int = Field(default=0, ge=0, description="oldest dropped: spool full")
     pending: int = Field(default=0, ge=0, description="in the spool, not yet uploaded")
     pending_bytes: int = Field(default=0, ge=0)

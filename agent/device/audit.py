@@ -82,15 +82,18 @@ class Audit:
         max_pending: int = 64,
         timeout_s: float = 5.0,
         rng: random.Random | None = None,
+        seed: int | None = None,
     ) -> None:
-        """``cloud``: the client audits go through (None: ``agent.cloud_client``)."""
+        """``cloud``: the client audits go through (None: ``agent.cloud_client``);
+        ``seed``: of the draw (``rng``'s, when none is given; None: from the OS), so that a
+        benchmark's capture of the same stream audits the same answers."""
         self.agent = agent
         #: Share of confident edge answers audited (the capture switch may change it).
         self.rate = rate
         self.cloud = cloud if cloud is not None else agent.cloud_client
         self.max_pending = max_pending
         self.timeout_s = timeout_s
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else random.Random(seed)
         #: While a shadow is installed: the share audited for it (the higher rate wins).
         self.shadow_rate = 0.0
         #: Called with each labelled copy, on the audit's thread.

@@ -18,12 +18,28 @@ new samples are not written (counted ``skipped_budget``): what the spool already
 waits for the allowance to grow (it does as the day's telemetry reserve shrinks, and at
 midnight), and the spool does not fill with a backlog that a metered link would pay for
 at once when the new day begins.
+
+What goes on the wire is kept small (``shared.samples``: the batch's shared fields once in
+its header, no ids): the probability vectors are left out unless ``include_probs`` (the
+cloud relabels every sample with its teacher at retrain time, so they serve nobody by
+default), confidences and the threshold are rounded to 4 decimals and times to the
+millisecond.
+
+``RateLimit``: at most ``max_samples_per_hour`` samples are written (a token bucket of a
+tenth of an hour's share, so at most 1.1 hours' worth in any hour); the rest are counted
+``skipped_rate``. Escalations and audits share the bucket, audits first: an escalation
+leaves a reserve of a quarter of the bucket that only audits may take. An audit is the
+rarer sample and the one the cloud was asked about for its own sake, and it is a random
+draw of confident answers, the only unbiased view of the edge's confident mistakes; the
+escalations that fill the rest of the allowance are a time-ordered share of the
+escalations (the first ones after each refill).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -44,11 +60,20 @@ log = logging.getLogger(__name__)
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png"}
 
 
+#: Decimals kept of a confidence, a probability and the threshold on the wire.
+DECIMALS = 4
+
+
 def sample(
-    obs: Observation, kind: SampleKind, cloud_model: str | None = None
+    obs: Observation,
+    kind: SampleKind,
+    cloud_model: str | None = None,
+    *,
+    include_probs: bool = False,
 ) -> tuple[SampleMeta, bytes] | None:
     """The upload's metadata and payload of one labelled observation (None: nothing the
-    format can carry, e.g. an image in a format other than JPEG/PNG)."""
+    format can carry, e.g. an image in a format other than JPEG/PNG). ``include_probs``:
+    keep both models' probability vectors (rounded like the confidences)."""
     if obs.features is not None:
         encoding, shape, payload = encode_features(obs.features)
         media_type = None
@@ -61,22 +86,18 @@ def sample(
         return None
     cloud = None
     if obs.cloud_index is not None and obs.cloud_confidence is not None:
-        cloud = Answer(
-            index=obs.cloud_index, confidence=_unit(obs.cloud_confidence), probs=obs.cloud_probs
-        )
+        cloud = _answer(obs.cloud_index, obs.cloud_confidence, obs.cloud_probs, include_probs)
     meta = SampleMeta(
         id=sample_id(payload),
         kind=kind,
         model=obs.model,
         version=obs.version,
-        ts=datetime.fromtimestamp(obs.ts, timezone.utc),
+        ts=datetime.fromtimestamp(round(obs.ts, 3), timezone.utc),
         encoding=encoding,
         shape=shape,
         media_type=media_type,  # type: ignore[arg-type]  # one of the two literals
         size=len(payload),
-        edge=Answer(
-            index=obs.edge_index, confidence=_unit(obs.edge_confidence), probs=obs.edge_probs
-        ),
+        edge=_answer(obs.edge_index, obs.edge_confidence, obs.edge_probs, include_probs),
         cloud=cloud,
         cloud_model=cloud_model,
         threshold=_unit(obs.threshold),
@@ -84,9 +105,46 @@ def sample(
     return meta, payload
 
 
+def _answer(index: int, confidence: float, probs: list[float] | None, keep: bool) -> Answer:
+    return Answer(
+        index=index,
+        confidence=_unit(confidence),
+        probs=[_unit(p) for p in probs] if keep and probs is not None else None,
+    )
+
+
 def _unit(value: float) -> float:
-    """Clamp to [0, 1]: float rounding may put a softmax's top a hair above 1."""
-    return min(max(float(value), 0.0), 1.0)
+    """Rounded to ``DECIMALS`` and clamped to [0, 1] (float rounding may put a softmax's
+    top a hair above 1)."""
+    return min(max(round(float(value), DECIMALS), 0.0), 1.0)
+
+
+class RateLimit:
+    """A token bucket of ``per_hour`` tokens an hour, holding a tenth of that at most (at
+    least 1), full at the start. ``take(priority=False)`` leaves a reserve of a quarter of
+    the bucket for ``take(priority=True)``."""
+
+    def __init__(self, per_hour: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_hour = per_hour
+        self.capacity = max(1.0, per_hour / 10)
+        self.reserve = self.capacity // 4
+        self.clock = clock
+        self.tokens = self.capacity
+        self._last = clock()
+
+    def take(self, priority: bool = False) -> bool:
+        now = self.clock()
+        elapsed = max(now - self._last, 0.0)
+        self._last = now
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.per_hour / 3600.0)
+        if self.tokens < 1.0 + (0.0 if priority else self.reserve):
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def give_back(self) -> None:
+        """A token taken for a sample that was not written after all."""
+        self.tokens = min(self.capacity, self.tokens + 1.0)
 
 
 class Capture:
@@ -99,10 +157,18 @@ class Capture:
         cloud_model: Callable[[Observation], str | None] = lambda obs: None,
         batch: int = 64,
         recent: int = 4096,
+        include_probs: bool = False,
+        max_samples_per_hour: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``cloud_model``: the cloud model's ref for an observation's sample; ``batch``:
-        pending samples that make a full upload (``on_full`` is called then)."""
+        pending samples that make a full upload (``on_full`` is called then);
+        ``max_samples_per_hour``: the ``RateLimit`` (None: none) on ``clock``."""
         self.spool = spool
+        self.include_probs = include_probs
+        self.rate_limit = (
+            RateLimit(max_samples_per_hour, clock) if max_samples_per_hour is not None else None
+        )
         self.switch = switch
         self.budget = budget
         self.cloud_model = cloud_model
@@ -112,6 +178,7 @@ class Capture:
         self.captured = 0
         self.duplicates = 0
         self.skipped_budget = 0
+        self.skipped_rate = 0
         self.dropped_full = 0
         self.unsupported = 0
         #: Incremented by the uploader.
@@ -148,7 +215,7 @@ class Capture:
             self._recent.popitem(last=False)
 
     def _take(self, obs: Observation, kind: SampleKind) -> None:
-        made = sample(obs, kind, self.cloud_model(obs))
+        made = sample(obs, kind, self.cloud_model(obs), include_probs=self.include_probs)
         if made is None:
             self.unsupported += 1
             return
@@ -160,9 +227,16 @@ class Capture:
             if self.budget is not None and self.budget.available() <= 0:
                 self.skipped_budget += 1
                 return
-            stored, dropped = self.spool.put(meta.id, meta.model_dump_json().encode(), payload)
+            limit = self.rate_limit
+            if limit is not None and not limit.take(priority=kind == "audit"):
+                self.skipped_rate += 1
+                return
+            doc = meta.model_dump_json(exclude_none=True).encode()
+            stored, dropped = self.spool.put(meta.id, doc, payload)
             self._remember(meta.id)
             if not stored:
+                if limit is not None:
+                    limit.give_back()
                 self.duplicates += 1
                 return
             self.captured += 1
@@ -179,6 +253,7 @@ class Capture:
             captured=self.captured,
             duplicates=self.duplicates,
             skipped_budget=self.skipped_budget,
+            skipped_rate=self.skipped_rate,
             dropped_full=self.dropped_full,
             pending=self.spool.pending,
             pending_bytes=self.spool.size_bytes,

@@ -179,6 +179,8 @@ class AgentService:
             budget=self.upload_budget,
             cloud_model=self._cloud_model,
             batch=c.max_batch,
+            include_probs=c.include_probs,
+            max_samples_per_hour=c.max_samples_per_hour,
         )
         # audits go on a cloud client of their own: counted apart, and never holding one
         # of the request path's connections
@@ -199,6 +201,7 @@ class AgentService:
             cloud=self.audit_cloud,
             max_pending=c.max_pending,
             timeout_s=c.audit_timeout_s,
+            seed=c.seed,
         )
         self.uploader: Uploader | None = None
         base = c.upload_url or s.cloud.url

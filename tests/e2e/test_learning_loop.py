@@ -90,6 +90,7 @@ class Loop:
                 "audit_rate": 0.05,
                 "upload_interval_s": 0.2,
                 "max_backoff_s": 0.5,
+                "max_samples_per_hour": None,  # hours of capture in seconds
             },
         )
         service = AgentService(settings)

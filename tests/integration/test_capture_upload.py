@@ -12,6 +12,7 @@ waits for capture; telemetry carries the ``capture`` and ``audit`` sections."""
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import sqlite3
 import subprocess
@@ -120,6 +121,7 @@ class Loop:
                 "max_backoff_s": 0.3,
                 "max_batch": 8,
                 "audit_rate": 0.0,
+                "max_samples_per_hour": None,
                 **capture,
             },
         )
@@ -303,6 +305,36 @@ def test_a_fixed_setting_outranks_the_switch(loop: Loop, digits: SplitData) -> N
     escalate(on, unsure[:3])
     wait_for(lambda: len(loop.samples("dev-4")) == 3, what="dev-4's samples")
     assert not service.capture.enabled and loop.samples("dev-3") == []
+
+
+def test_the_hourly_limit_and_the_seed_reach_the_agent(loop: Loop, digits: SplitData) -> None:
+    """``[capture] max_samples_per_hour``: 40 an hour is a bucket of 4 with 1 kept for
+    audits, so 3 of 6 escalations in a burst are captured and 3 counted ``skipped_rate``
+    in telemetry; ``seed``: two devices with the same seed audit the same answers."""
+    limited = loop.start("dev-1", enabled=True, max_samples_per_hour=40)
+    assert not limited.capture.include_probs
+    unsure, sure = split(limited, digits.test.x[:300])
+    escalate(limited, unsure[:6])
+    wait_for(lambda: limited.capture.uploaded == 3, what="3 uploaded")
+    wait_for(
+        lambda: any(t.capture is not None and t.capture.skipped_rate == 3 for t in loop.telemetry),
+        what="skipped_rate in telemetry",
+    )
+    assert len(loop.samples("dev-1")) == 3
+    # the draw of seed 11: one number per confident answer
+    draws = random.Random(11)
+    expected = sum(draws.random() < 0.5 for _ in range(20))
+    audited = []
+    for device in ("dev-2", "dev-3"):
+        service = loop.start(device, enabled=True, audit_rate=0.5, seed=11)
+        for row in sure[:20]:
+            assert service.agent.infer(row).source == "edge"
+        wait_for(
+            lambda d=device: len(loop.samples(d, "audit")) == expected,  # type: ignore[misc]
+            what=f"{expected} audits stored",
+        )
+        audited.append(sorted(x["id"] for x in loop.samples(device, "audit")))
+    assert audited[0] == audited[1]
 
 
 def test_upload_outage_loses_nothing(loop: Loop, digits: SplitData) -> None:

@@ -161,3 +161,20 @@ def test_an_observation_of_another_version_or_an_image_is_not_audited() -> None:
     audit.observe(image)
     audit.drain()
     assert cloud.calls == 0 and audit.skipped == 2
+
+
+def test_a_seed_repeats_the_draw() -> None:
+    """``[capture] seed``: the same observations are audited in two runs."""
+
+    def picks(seed: int | None) -> list[int]:
+        audit = Audit(agent_with(ScriptedCloud()), 0.3, seed=seed, max_pending=1000)
+        chosen = []
+        for i in range(200):
+            before = audit.pending
+            audit.observe(observation(x0=float(i)))
+            if audit.pending > before:
+                chosen.append(i)
+        return chosen
+
+    assert picks(5) == picks(5) and 30 < len(picks(5)) < 90
+    assert picks(5) != picks(6)

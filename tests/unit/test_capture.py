@@ -200,3 +200,75 @@ def test_a_fixed_setting_ignores_the_switch_and_says_so_once(
     assert (switch.enabled, switch.audit_rate) == (False, None)
     assert sum("ignored" in r.getMessage() for r in caplog.records) == 1
     assert not (tmp_path / "capture.json").exists()
+
+
+# ---------------------------------------------------------------- what goes on the wire
+
+
+def test_probabilities_stay_home_unless_asked_and_numbers_are_rounded(tmp_path: Path) -> None:
+    obs = dataclasses.replace(
+        observation(confidence=0.123456789, cloud=2),
+        cloud_confidence=0.987654321,
+        cloud_probs=[0.0123456, 0.0000001, 0.987654321],
+        threshold=0.85000002384,
+        ts=1_700_000_000.123456,
+    )
+    c = capture(tmp_path)
+    c.observe(obs)
+    meta = SampleMeta.model_validate_json(c.spool.oldest(1)[0][1])
+    assert meta.edge.probs is None and meta.cloud is not None and meta.cloud.probs is None
+    assert (meta.edge.confidence, meta.cloud.confidence, meta.threshold) == (0.1235, 0.9877, 0.85)
+    assert meta.ts.timestamp() == 1_700_000_000.123
+    kept = sample(obs, "escalation", include_probs=True)
+    assert kept is not None and kept[0].cloud is not None
+    assert kept[0].cloud.probs == [0.0123, 0.0, 0.9877]
+    assert kept[0].edge.probs == [0.1235, 0.4383, 0.4383]
+
+
+# -------------------------------------------------------------------------- rate limit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_hourly_limit_keeps_a_reserve_for_audits(tmp_path: Path) -> None:
+    clock = Clock()
+    # 360 an hour: a bucket of 36 (a tenth), 9 of them (a quarter) only for audits
+    c = capture(tmp_path, max_samples_per_hour=360, clock=clock)
+    for i in range(40):
+        c.observe(observation(confidence=0.4, cloud=2, x0=i))
+    assert (c.captured, c.skipped_rate) == (27, 13)
+    for i in range(12):
+        c.audited(dataclasses.replace(observation(x0=100 + i), cloud_index=0, cloud_confidence=0.9))
+    assert (c.captured, c.skipped_rate) == (36, 16)
+    clock.now += 10.0  # one token back (360 an hour): an audit may take it, not an escalation
+    c.observe(observation(confidence=0.4, cloud=2, x0=200))
+    assert c.skipped_rate == 17
+    c.audited(dataclasses.replace(observation(x0=201), cloud_index=0, cloud_confidence=0.9))
+    assert (c.captured, c.state().skipped_rate) == (37, 17)
+    # a duplicate is counted as one, not as skipped
+    c.observe(observation(confidence=0.4, cloud=2, x0=0))
+    assert (c.duplicates, c.skipped_rate) == (1, 17)
+
+
+def test_an_hour_of_escalations_stays_within_the_limit(tmp_path: Path) -> None:
+    clock = Clock()
+    c = capture(tmp_path, max_samples_per_hour=240, clock=clock)
+    for i in range(3600):  # an escalation a second for an hour
+        c.observe(observation(confidence=0.4, cloud=2, x0=i))
+        clock.now += 1.0
+    # the bucket's first 18 (24 less the audits' 6), then 240 an hour
+    assert 240 <= c.captured <= 240 + 24
+    assert c.captured + c.skipped_rate == 3600
+
+
+def test_no_limit_when_none(tmp_path: Path) -> None:
+    c = capture(tmp_path, max_samples_per_hour=None)
+    for i in range(500):
+        c.observe(observation(confidence=0.4, cloud=2, x0=i))
+    assert (c.captured, c.skipped_rate) == (500, 0)
