@@ -42,7 +42,7 @@ def test_a_shadow_audits_confident_answers_for_itself_and_captures_none(
         traffic.some()
         section = service.shadow.section()
         labelled += section["shadow"].labelled if section else 0
-        escalated = sum(r.source == "cloud" for r in traffic.results)
+        escalated = int(sum(r.source == "cloud" for r in traffic.results))
         return labelled > escalated + 10
 
     wait_for(audited, what="the shadow's labels from audits")
