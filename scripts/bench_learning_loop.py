@@ -21,7 +21,15 @@ answer bytes, headers included), per request served, times the assumed request r
 no rate of its own to borrow) for an hour.
 
     python scripts/bench_learning_loop.py [--devices 2] [--field 2000] [--seeds 7,8,9]
-        [--epochs 120] [--rate 1.0] [--out out/bench]
+        [--epochs 120] [--rate 1.0] [--max-samples-per-hour N] [--capture-only]
+        [--out out/bench]
+
+``--max-samples-per-hour`` (the agents' ``[capture]`` limit, 240 by default on a device):
+the bench's own capture has none unless given, since the retrain needs every sample of the
+2,000 requests it serves in seconds; given, the limit runs on the stream's time (a
+device's requests served / ``--rate``) and the uploads keep their default interval (what is
+left at the end is flushed), so the bytes per device-hour are the limited device's.
+Each agent's audit draw is seeded (``--stream-seed`` + its index): a capture repeats.
 
 Prints tables; writes ``learning_loop.json``. Takes a few minutes (one training per seed).
 """
@@ -53,8 +61,9 @@ from local_broker import local_broker
 from procs import CloudProcess
 from results import write_json
 
+from agent.device.capture import RateLimit
 from agent.device.service import AgentService
-from agent.settings import AgentSettings
+from agent.settings import AgentSettings, CaptureSettings
 from cloud.releases.registry import Registry
 from shared.mqtt import MqttSettings
 from shared.samples import device_token
@@ -67,8 +76,17 @@ TEACHER = CLOUD_REPO / "digits-cloud" / "1" / "model.onnx"
 
 
 def agent_settings(
-    out: Path, device: str, cloud_url: str, broker_url: str, trust: Path, audit_rate: float
+    out: Path,
+    device: str,
+    cloud_url: str,
+    broker_url: str,
+    trust: Path,
+    audit_rate: float,
+    max_samples_per_hour: int | None = None,
+    seed: int | None = None,
 ) -> AgentSettings:
+    """``max_samples_per_hour`` None: every sample (the retrain's capture, 2,000 requests
+    served in seconds); else the device's limit, with the default upload interval."""
     return AgentSettings(
         model_dir=shifted_digits.EDGE_DIR,
         device=device,
@@ -85,7 +103,9 @@ def agent_settings(
             "enabled": True,
             "token": device_token(SECRET, FLEET, device),
             "audit_rate": audit_rate,
-            "upload_interval_s": 1.0,
+            "max_samples_per_hour": max_samples_per_hour,
+            "seed": seed,  # the audit's draw: the same capture in every run
+            **({"upload_interval_s": 1.0} if max_samples_per_hour is None else {}),
         },
     )
 
@@ -101,17 +121,29 @@ def settled(services: list[AgentService], quiet_s: float = 1.5, timeout_s: float
         pending = sum(s.spool.pending for s in services)
         if now != last:
             last, since = now, time.monotonic()
-        elif pending == 0 and time.monotonic() - since >= quiet_s:
-            return
+        elif time.monotonic() - since >= quiet_s:
+            if pending == 0:
+                return
+            for s in services:  # what the upload interval would send later
+                if s.uploader is not None:
+                    s.uploader.notify()
         time.sleep(0.1)
     raise TimeoutError(f"samples still pending after {timeout_s:.0f}s")
 
 
 def capture_phase(
-    out: Path, stream: shifted_digits.ShiftedStream, devices: int, audit_rate: float, rate: float
+    out: Path,
+    stream: shifted_digits.ShiftedStream,
+    devices: int,
+    audit_rate: float,
+    rate: float,
+    max_samples_per_hour: int | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], Path, Path, Path]:
     """Broker, cloud, agents; the field pool through them; every sample stored. Returns the
-    capture figures and the registry, key and cloud state folders."""
+    capture figures and the registry, key and cloud state folders. With
+    ``max_samples_per_hour``, each agent's capture limit runs on the stream's own time (its
+    requests served / ``rate``), so the limit sees the request rate the figures are for."""
     for sub in ("keys", "registry", "agents", "cloud"):
         shutil.rmtree(out / sub, ignore_errors=True)
     _, trust, registry = prepare_registry(out, shifted_digits.EDGE_DIR)
@@ -132,15 +164,30 @@ def capture_phase(
             )
         )
         services = []
+        served = [0] * devices
         for i in range(devices):
             s = AgentService(
-                agent_settings(out, f"dev-{i}", cloud.url, broker.url, trust, audit_rate)
+                agent_settings(
+                    out,
+                    f"dev-{i}",
+                    cloud.url,
+                    broker.url,
+                    trust,
+                    audit_rate,
+                    max_samples_per_hour,
+                    seed + i,
+                )
             )
+            if max_samples_per_hour is not None:
+                s.capture.rate_limit = RateLimit(
+                    max_samples_per_hour, clock=lambda i=i: served[i] / rate
+                )
             s.start(wait_s=10)
             stack.callback(s.stop)
             services.append(s)
         sources, t0 = [], time.monotonic()
         for i, row in enumerate(stream.field.x):
+            served[i % devices] += 1
             sources.append(services[i % devices].agent.infer(row).source)
         serve_s = time.monotonic() - t0
         settled(services)
@@ -156,6 +203,8 @@ def capture_phase(
             cap_per_hour = max(0.0, budget.limit_bytes - day_of_telemetry) / 24
         requests = len(sources)
         sent = sum(b.sent + b.received for b in samples_bytes)
+        limit = max_samples_per_hour or CaptureSettings().max_samples_per_hour or 0
+        captured_per_request = sum(st.captured + st.skipped_rate for st in states) / requests
         per_request = sent / requests
         figures = {
             "devices": devices,
@@ -166,6 +215,8 @@ def capture_phase(
             "uploaded": sum(st.uploaded for st in states),
             "duplicates": sum(st.duplicates for st in states),
             "skipped_budget": sum(st.skipped_budget for st in states),
+            "skipped_rate": sum(st.skipped_rate for st in states),
+            "max_samples_per_hour": max_samples_per_hour,
             "stored": sum(m["samples"] for m in summary["models"]),
             "stored_by_kind": _by_kind(summary["models"]),
             "stored_payload_bytes": sum(m["bytes"] for m in summary["models"]),
@@ -175,6 +226,11 @@ def capture_phase(
             "bytes_per_captured_sample": sent / max(1, sum(st.uploaded for st in states)),
             "rate_per_s": rate,
             "bytes_per_device_hour": per_request * rate * 3600,
+            # a steady hour at the limit (no bucket to empty first): limit x bytes a sample
+            "limited_bytes_per_device_hour": min(captured_per_request * rate * 3600, float(limit))
+            * sent
+            / max(1, sum(st.uploaded for st in states)),
+            "limit_for_projection": limit,
             "daily_budget_bytes": budget.limit_bytes if budget is not None else None,
             "budget_cap_bytes_per_hour": cap_per_hour,
         }
@@ -326,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--audit-rate", type=float, default=0.02)
     parser.add_argument("--rate", type=float, default=1.0, help="requests/s a device serves")
+    parser.add_argument(
+        "--max-samples-per-hour",
+        type=int,
+        help="each device's [capture] limit, on the stream's time at --rate (default: none, "
+        "the retrain needs every sample; the default setting is 240)",
+    )
+    parser.add_argument(
+        "--capture-only", action="store_true", help="measure the capture and upload, no retrain"
+    )
     parser.add_argument("--out", type=Path, default=dataset.ROOT / "out" / "bench")
     args = parser.parse_args(argv)
     if not 0 < args.field <= shifted_digits.FIELD_SIZE:
@@ -345,8 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out / name
     work.mkdir(parents=True, exist_ok=True)
     stream = shifted_digits.make_stream(seed=args.stream_seed, field_size=args.field)
+    if args.max_samples_per_hour is not None:
+        work = work.with_name(f"{work.name}-limit{args.max_samples_per_hour}")
     capture, registry, key, state = capture_phase(
-        work, stream, args.devices, args.audit_rate, args.rate
+        work,
+        stream,
+        args.devices,
+        args.audit_rate,
+        args.rate,
+        args.max_samples_per_hour,
+        args.stream_seed,
     )
     print(
         f"capture: {capture['requests']} shifted requests through {args.devices} agents, "
@@ -356,9 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{capture['bytes_per_request']:.1f} B per request: "
         f"{capture['bytes_per_device_hour'] / 1000:.1f} kB per device-hour at "
         f"{args.rate:g} request/s (the daily budget shared with telemetry caps uploads at "
-        f"{(capture['budget_cap_bytes_per_hour'] or 0) / 1000:.1f} kB per hour sustained)",
+        f"{(capture['budget_cap_bytes_per_hour'] or 0) / 1000:.1f} kB per hour sustained); "
+        f"{capture['skipped_rate']} over the hourly limit; a steady hour at "
+        f"{capture['limit_for_projection']} samples: "
+        f"{capture['limited_bytes_per_device_hour'] / 1000:.1f} kB",
         flush=True,
     )
+    if args.capture_only:
+        write_json(work / "capture.json", {"stream_seed": args.stream_seed, "capture": capture})
+        return 0
     sets = {
         "shifted held-out": stream.heldout,
         "clean test": dataset.load().test,
