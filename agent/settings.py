@@ -282,7 +282,8 @@ class CaptureSettings(_Section):
         description="samples captured an hour at most, escalations and audits together, "
         "audits first (a token bucket; the rest counted skipped_rate; None: no limit). 240 "
         "keeps a device at 1 request/s on the shifted digits stream (about 1,400 "
-        "escalations an hour) near 15 kB an hour; a 2,000-sample retrain cycle then takes "
+        "escalations an hour) near 20 kB an hour (docs/benchmarks.md); a 2,000-sample "
+        "retrain cycle then takes "
         "2000 / (240 N) hours for a fleet of N capturing devices: 8.3 h for 1, 50 min for "
         "10, 5 min for 100",
     )
