@@ -1,4 +1,5 @@
-"""The README's main job, end to end: cloud server process, agent, three modes, the curve."""
+"""The README's main job, end to end: cloud server process, agent, three modes, the curve,
+the fleet's signed update, and one learning-loop cycle (fewer escalations after it)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,10 @@ def test_demo_prints_the_table_and_writes_the_curve(tmp_path: Path, broker: str)
     fleet = results["fleet"]  # the signed update reached every agent under traffic
     assert fleet["rollout"] == "COMPLETED" and fleet["serving"] == ["digits:2"]
     assert fleet["failed_during_update"] == 0 and fleet["requests_during_update"] > 0
+    # one learning-loop cycle: the retrained candidate passed its shadow gate, reached every
+    # agent, and they escalate less than before on the same held-out shifted requests
+    loop = results["learning_loop"]
+    assert loop is not None and 0 < loop["stored"] <= 2000
+    assert loop["rollout"] == "COMPLETED"
+    assert loop["serving"] == [f"digits:{loop['release']['version']}"]
+    assert loop["after"]["escalated"] < loop["before"]["escalated"]
