@@ -5,8 +5,9 @@ when the byte bound would be passed. It survives restarts and ``kill -9``: what 
 committed is uploaded by the next process.
 
 A sample's id (the SHA-256 of its payload) is the primary key: the same input captured
-twice is stored once. Each row holds the sample's metadata as the upload's JSON
-(``shared.samples.SampleMeta``) beside its payload bytes.
+twice is stored once. Each row holds the sample's complete metadata as JSON
+(``shared.samples.SampleMeta``, nulls left out) beside its payload bytes; the uploader
+makes each batch's compact wire form from them (``shared.samples.encode_upload``).
 """
 
 from __future__ import annotations
