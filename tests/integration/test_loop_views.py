@@ -50,6 +50,8 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
         telemetry("dev-1", 2, audit=_guaranteed(1, 100, 2, 0.05, 0.2)),
         telemetry("dev-2", 1, audit=_guaranteed(1, 50, 1, 0.05, 0.2)),
         telemetry("dev-3", 1, serving=2, audit=audit(2, 40, 4)),  # no guarantee
+        # a delta no interval can have (telemetry does not bound it): 95 %, not an error
+        telemetry("dev-4", 1, serving=3, audit=_guaranteed(3, 10, 1, 0.05, 1.5)),
     ]
     assert all(store.record_telemetry_many(FLEET, messages))
     rows = store.query("SELECT device, seq, epsilon, delta FROM audit_stats ORDER BY device, seq")
@@ -58,6 +60,7 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
         ("dev-1", 0.05, 0.2),
         ("dev-2", 0.05, 0.2),
         ("dev-3", None, None),
+        ("dev-4", 0.05, 1.5),
     ]
     by = {v["version"]: v["audit"] for v in queries.loop(store, FLEET, MODEL)["versions"]}
     one = by[1]
@@ -69,6 +72,9 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
     two = by[2]
     assert two["epsilon"] is None and two["delta"] == 0.05  # no guarantee: a 95 % interval
     assert (two["error_low"], two["error_high"]) == pytest.approx(bounds.interval(4, 40, 0.05))
+    three = by[3]
+    assert (three["epsilon"], three["delta"]) == (0.05, 0.05)
+    assert (three["error_low"], three["error_high"]) == pytest.approx(bounds.interval(1, 10, 0.05))
 
 
 def _item(seed: int, model: str = "digits", version: int = 1) -> tuple[SampleMeta, bytes]:
