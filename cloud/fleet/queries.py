@@ -420,7 +420,8 @@ def loop(store: FleetStore, fleet: str, model: str, delta: float = 0.05) -> dict
         " FROM audit_stats WHERE fleet = ? AND model = ? GROUP BY version",
         [fleet, model],
     ):
-        n, k = int(r["n"]), int(r["k"])
+        # telemetry does not hold a device to wrong <= audited: counted as all wrong, not a 500
+        n, k = int(r["n"]), min(int(r["k"]), int(r["n"]))
         # telemetry's delta is the device's word: one out of (0, 1) would make no interval
         reported = float(r["delta"]) if r["delta"] is not None else None
         at = reported if reported is not None and 0 < reported < 1 else delta

@@ -52,6 +52,8 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
         telemetry("dev-3", 1, serving=2, audit=audit(2, 40, 4)),  # no guarantee
         # a delta no interval can have (telemetry does not bound it): 95 %, not an error
         telemetry("dev-4", 1, serving=3, audit=_guaranteed(3, 10, 1, 0.05, 1.5)),
+        # more wrong than audited (telemetry does not check it either)
+        telemetry("dev-5", 1, serving=5, audit=audit(5, 2, 9)),
     ]
     assert all(store.record_telemetry_many(FLEET, messages))
     rows = store.query("SELECT device, seq, epsilon, delta FROM audit_stats ORDER BY device, seq")
@@ -61,6 +63,7 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
         ("dev-2", 0.05, 0.2),
         ("dev-3", None, None),
         ("dev-4", 0.05, 1.5),
+        ("dev-5", None, None),
     ]
     by = {v["version"]: v["audit"] for v in queries.loop(store, FLEET, MODEL)["versions"]}
     one = by[1]
@@ -75,6 +78,7 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
     three = by[3]
     assert (three["epsilon"], three["delta"]) == (0.05, 0.05)
     assert (three["error_low"], three["error_high"]) == pytest.approx(bounds.interval(1, 10, 0.05))
+    assert (by[5]["wrong"], by[5]["error"], by[5]["error_high"]) == (2, 1.0, 1.0)
 
 
 def _item(seed: int, model: str = "digits", version: int = 1) -> tuple[SampleMeta, bytes]:
