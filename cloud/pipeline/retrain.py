@@ -12,9 +12,10 @@ Two processes, because TensorFlow and the TFLite runtime clash in one (native co
 - the training process (``python -m cloud.pipeline.retrain JOB``, ``train_candidate``):
   the teacher labels every field sample (operator labels win), the field samples, ordered
   by id, are cut (seeded) into training, calibration and held-out shares, a model of the
-  serving one's architecture is distilled on the original training split plus the field's
-  share, the int8 model is calibrated on the original calibration split plus the field's
-  share (``operating.fit_routing``): by default the threshold is the one escalating least
+  serving one's architecture (each hidden layer at least ``min_hidden_width`` wide) is
+  distilled on the original training split plus the field's share, the int8 model is
+  calibrated on the original calibration split plus the field's share
+  (``operating.fit_routing``): by default the threshold is the one escalating least
   at which the candidate keeps the serving model's hybrid accuracy on each of the two
   (the serving model run in the TFLite runtime on the same samples; ``threshold_rule``),
   or the budget's, or the guaranteed one; and the serving and candidate models are
@@ -254,7 +255,10 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
     )
     rep = np.repeat(cut.train, settings.field_oversample)
 
-    hidden = settings.hidden or serving_hidden(serving_blob, features, classes) or [128, 64]
+    hidden = settings.hidden or [
+        max(w, settings.min_hidden_width)
+        for w in serving_hidden(serving_blob, features, classes) or [128, 64]
+    ]
     ts = train.TrainSettings(hidden=tuple(hidden), epochs=settings.epochs, seed=settings.seed)
     train_split = Split(
         np.concatenate([data.train.x, field.x[rep]]), np.concatenate([data.train.y, f_labels[rep]])

@@ -96,7 +96,16 @@ class RetrainSettings(BaseModel):
         default=1, ge=1, description="each field training sample is seen this many times"
     )
     hidden: list[int] | None = Field(
-        default=None, description="edge MLP hidden widths; None: the serving model's"
+        default=None,
+        description="edge MLP hidden widths; None: the serving model's, each widened to at "
+        "least min_hidden_width",
+    )
+    min_hidden_width: int = Field(
+        default=64,
+        ge=1,
+        description="with hidden None, the narrowest hidden layer the candidate gets: the "
+        "digits' serving 64-8-10 cannot learn the field and stay sure where it is right "
+        "(docs/benchmarks.md, 'One cycle'); 64-64-10 is 6.8 kB int8. 1: the serving widths",
     )
     epochs: int = Field(default=120, ge=1)
     seed: int = 7

@@ -1,7 +1,7 @@
 """``tandem-cloud model retrain`` for real, in child processes (TensorFlow never loads here):
 the factory digits model (int8, one hidden layer of 8) is release 1; field samples are the
 training digits with strong noise, a shift it never saw; the retrain
-distils a model of the same architecture on the split plus those samples labelled by the
+distils a model of the same depth (widened to 64) on the split plus those samples labelled by the
 teacher, with a guaranteed threshold, and publishes release 2. It verifies with the trust
 store, loads and answers in the agent's real TFLite backend, and its report shows the
 field: the candidate is better there than the serving model. The same inputs and seed give
@@ -123,7 +123,8 @@ def test_retrain_publishes_a_signed_candidate_that_does_better_in_the_field(
     assert registry.versions("digits") == [1, 2]
     manifest = registry.manifest("digits", 2)
     TrustStore.load(tmp_path / "trust.json").verify(manifest)
-    assert report["release"]["serving_version"] == 1 and report["hidden"] == [8]
+    # the serving 64-8-10 widened to min_hidden_width (64) by default
+    assert report["release"]["serving_version"] == 1 and report["hidden"] == [64]
     guarantee = manifest.routing.guarantee
     assert guarantee is not None and guarantee.epsilon == 0.05 and guarantee.reference == "cloud"
     assert report["routing"]["chosen_by"] == "guarantee"
