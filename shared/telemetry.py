@@ -128,6 +128,19 @@ class ShadowStats(_Msg):
     )
     dropped: int = Field(default=0, ge=0, description="sampled but not run (queue full)")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ShadowStats:
+        """Subsets no larger than their sets: the gate sums these counts."""
+        if max(self.agree_serving, self.would_escalate, self.labelled) > self.samples:
+            raise ValueError("agreement, escalation and label counts exceed the shadow's runs")
+        if max(self.agree_cloud, self.serving_agree_cloud) > self.labelled:
+            raise ValueError("agreement with the cloud exceeds the labelled runs")
+        if self.shadow_only_right > self.agree_cloud or self.serving_only_right > (
+            self.serving_agree_cloud
+        ):
+            raise ValueError("discordant counts exceed the agreements they are part of")
+        return self
+
 
 class FieldAccuracy(_Msg):
     """The serving edge model checked against the cloud on field data: the audit sample of
@@ -150,6 +163,18 @@ class FieldAccuracy(_Msg):
     violated: bool | None = Field(
         default=None, description="true: even the interval's lower end is above epsilon"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FieldAccuracy:
+        """Counts that cannot happen are the message's fault, refused at the collector (a
+        sum of them would otherwise reach the gate and the fleet's figures)."""
+        if self.wrong > self.audited or self.session_wrong > self.session_audited:
+            raise ValueError("more wrong answers than audited ones")
+        if self.delta is not None and not 0.0 < self.delta < 1.0:
+            raise ValueError("delta must be in (0, 1)")
+        if self.epsilon is not None and not 0.0 < self.epsilon < 1.0:
+            raise ValueError("epsilon must be in (0, 1)")
+        return self
 
 
 class CaptureState(_Msg):

@@ -26,6 +26,7 @@ from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
 from tests.shadow_sim import MODEL, audit, telemetry
 
 FLEET = "loopviews"
+NOW = datetime.now(timezone.utc).isoformat()
 T0 = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
 
 
@@ -50,12 +51,20 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
         telemetry("dev-1", 2, audit=_guaranteed(1, 100, 2, 0.05, 0.2)),
         telemetry("dev-2", 1, audit=_guaranteed(1, 50, 1, 0.05, 0.2)),
         telemetry("dev-3", 1, serving=2, audit=audit(2, 40, 4)),  # no guarantee
-        # a delta no interval can have (telemetry does not bound it): 95 %, not an error
-        telemetry("dev-4", 1, serving=3, audit=_guaranteed(3, 10, 1, 0.05, 1.5)),
-        # more wrong than audited (telemetry does not check it either)
-        telemetry("dev-5", 1, serving=5, audit=audit(5, 2, 9)),
     ]
     assert all(store.record_telemetry_many(FLEET, messages))
+    # rows no telemetry message can carry (its schema refuses them), written as an older
+    # collector might have: a delta no interval can have (95 %, not an error), and more
+    # wrong than audited (all wrong)
+    for device, version, audited, wrong, epsilon, delta in (
+        ("dev-4", 3, 10, 1, 0.05, 1.5),
+        ("dev-5", 5, 2, 9, None, None),
+    ):
+        store.execute(
+            "INSERT INTO audit_stats (fleet, device, session, seq, ts, received, model,"
+            " version, audited, wrong, epsilon, delta) VALUES (?, ?, 1, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (FLEET, device, NOW, NOW, MODEL, version, audited, wrong, epsilon, delta),
+        )
     rows = store.query("SELECT device, seq, epsilon, delta FROM audit_stats ORDER BY device, seq")
     assert [(r["device"], r["epsilon"], r["delta"]) for r in rows] == [
         ("dev-1", 0.05, 0.2),
