@@ -309,8 +309,9 @@ def _model_retrain(args: argparse.Namespace, cloud: CloudSettings) -> int:
         assert current.input is not None  # a v1 release (serving_release checks)
         state_dir = args.state_dir or cloud.state_dir
         store = open_store(args.database_url or cloud.database_url, state_dir)
-        samples = SampleStore(store, cloud.samples.root or state_dir / "samples").export(
-            args.fleet or cloud.fleet, settings.model
+        # only the newest the retrain keeps are read: the whole store would not fit in memory
+        samples = SampleStore(store, cloud.samples.root or state_dir / "samples").export_newest(
+            args.fleet or cloud.fleet, settings.model, settings.max_field_samples
         )
         field, skipped = from_samples(samples, current.input.shape[-1])
         if skipped:

@@ -5,6 +5,8 @@ operators' labels, the summary, and the export that training reads."""
 from __future__ import annotations
 
 import io
+import logging
+import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -211,3 +213,63 @@ def test_get_returns_the_bytes_and_a_lost_file_is_skipped(
     assert samples.get(FLEET, "dev-1", meta.id) is None
     assert [s.id for s in samples.export(FLEET, "digits")] == [feature_item(2)[0].id]
     assert "file is gone" in caplog.text
+
+
+def _file(tmp_path: Path, meta: SampleMeta) -> Path:
+    return tmp_path / "samples" / FLEET / meta.id[:2] / meta.id
+
+
+def test_a_file_is_fsynced_before_its_row_and_a_damaged_one_rewritten(
+    samples: SampleStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device deletes its copy on the 200: the file must be on disk by then (a power
+    loss must not leave a truncated file behind a row), and a file left truncated by one
+    is written again by the next upload of those bytes, not trusted for existing."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    meta, payload = feature_item(1)
+    samples.add(FLEET, "dev-1", [(meta, payload)])
+    assert len(synced) >= 2  # the file, and the folder holding its new name
+    # a crash's leftover: the file there, truncated, and no row (or another device's)
+    other, other_payload = feature_item(2)
+    _file(tmp_path, other).parent.mkdir(parents=True, exist_ok=True)
+    _file(tmp_path, other).write_bytes(other_payload[:10])
+    assert samples.add(FLEET, "dev-1", [(other, other_payload)]).stored == 1
+    assert _file(tmp_path, other).read_bytes() == other_payload
+    # same size, other bytes: the sha256 (the id) tells
+    _file(tmp_path, meta).write_bytes(bytes(len(payload)))
+    assert samples.add(FLEET, "dev-2", [(meta, payload)]).stored == 1
+    assert _file(tmp_path, meta).read_bytes() == payload
+
+
+def test_export_skips_damaged_files_and_says_so_once(
+    samples: SampleStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = [feature_item(i) for i in range(5)]
+    samples.add(FLEET, "dev-1", items)
+    _file(tmp_path, items[1][0]).write_bytes(items[1][1][:7])  # truncated: does not decode
+    _file(tmp_path, items[3][0]).write_bytes(bytes(64))  # decodes, but not those bytes
+    with caplog.at_level(logging.WARNING, logger="cloud.fleet.samples.store"):
+        out = samples.export(FLEET, "digits")
+    assert sorted(s.id for s in out) == sorted(items[i][0].id for i in (0, 2, 4))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 samples skipped" in warnings[0]
+
+
+def test_export_newest_keeps_the_last_n_oldest_first(samples: SampleStore, clock: Clock) -> None:
+    ids = []
+    for i in range(6):
+        clock.now = T0 + timedelta(minutes=i)  # received in this order
+        meta, payload = feature_item(i)
+        samples.add(FLEET, "dev-1", [(meta, payload)])
+        ids.append(meta.id)
+    samples.add(FLEET, "dev-1", [image_item()])  # another model's: not exported
+    assert [s.id for s in samples.export_newest(FLEET, "digits", 3)] == ids[3:]
+    assert [s.id for s in samples.export_newest(FLEET, "digits", 100)] == ids
+    assert samples.export_newest(FLEET, "digits", 0) == []

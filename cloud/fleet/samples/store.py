@@ -4,9 +4,10 @@ in the fleet store's ``samples`` table, with each device's daily quota in ``samp
 A payload's file is named by its id (the sha256 of its bytes, checked by
 ``shared.samples.decode_upload``), under ``root/<fleet>/<id[:2]>/``: the same bytes from two
 devices are one file, and a file once written never changes. It is written to a temporary
-name and renamed, so a reader never sees half a file; the index row is inserted after the
-file, so a row always has its file (a crash in between leaves an unindexed file, which the
-next upload of those bytes reuses).
+name, fsynced and renamed (and the folder fsynced), so a reader never sees half a file and
+the file is on disk before the 200 that lets the device delete its copy; the index row is
+inserted after the file, so a row always has its file (a crash in between leaves an
+unindexed file, which the next upload of those bytes reuses once its bytes are checked).
 
 Rows are keyed on (fleet, device, id): an upload retried after a lost answer stores nothing
 twice, and says how many it already had. Labels: a sample the cloud answered starts with the
@@ -23,6 +24,7 @@ conditional), so instances sharing a PostgreSQL store cannot together let a devi
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +39,7 @@ import numpy as np
 
 from cloud.fleet.queries import utc_text
 from cloud.fleet.store import FleetStore
-from shared.errors import InvalidRequestError
+from shared.errors import InvalidRequestError, TandemError
 from shared.identifiers import IDENTIFIER_RE, check_identifier
 from shared.samples import SampleMeta, UploadResult, decode_features
 
@@ -225,19 +227,30 @@ class SampleStore:
         return (int(rows[0]["bytes"]), int(rows[0]["samples"])) if rows else (0, 0)
 
     def _write(self, fleet: str, meta: SampleMeta, payload: bytes) -> str:
-        """The payload's file (relative to ``root``), written unless it exists."""
+        """The payload's file (relative to ``root``), durable before its row is inserted
+        (the device deletes its copy on the 200): written and fsynced under a temporary
+        name, renamed, then the folder fsynced. A file already there is kept only if it
+        holds these bytes (its size, then its sha256, which is the id): one truncated by a
+        crash before this fix, or damaged since, is written again."""
         rel = Path(fleet) / meta.id[:2] / meta.id
         path = self.root / rel
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                Path(tmp).replace(path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        if _holds(path, meta.id, len(payload)):
+            return rel.as_posix()
+        created = not path.parent.is_dir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if created:
+            _fsync_dir(path.parent.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            Path(tmp).replace(path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
         return rel.as_posix()
 
     @staticmethod
@@ -412,21 +425,45 @@ class SampleStore:
     def export(
         self, fleet: str, model: str, limit: int | None = None
     ) -> builtins.list[FieldSample]:
-        """The model's samples (every version), oldest first, decoded for training; a row
-        whose file is gone is skipped (and logged)."""
+        """The model's samples (every version), oldest first, decoded for training (the
+        first ``limit``, if given). A row whose file is gone or does not decode is skipped:
+        one damaged file must not stop a retrain (logged once per export, with the count)."""
         sql = "SELECT * FROM samples WHERE fleet=? AND model=? ORDER BY received, device, id"
         args: list[Any] = [fleet, model]
         if limit is not None:
             sql += " LIMIT ?"
             args.append(max(0, limit))
+        return self._decoded(self.store.query(sql, args))
+
+    def export_newest(self, fleet: str, model: str, n: int) -> builtins.list[FieldSample]:
+        """The model's ``n`` newest samples (by ``received``), returned oldest first: what
+        a retrain keeps, without reading the whole store into memory."""
+        rows = self.store.query(
+            "SELECT * FROM samples WHERE fleet=? AND model=?"
+            " ORDER BY received DESC, device DESC, id DESC LIMIT ?",
+            [fleet, model, max(0, n)],
+        )
+        rows.reverse()
+        return self._decoded(rows)
+
+    def _decoded(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[FieldSample]:
         out = []
-        for r in self.store.query(sql, args):
+        gone: builtins.list[str] = []
+        damaged: builtins.list[str] = []
+        for r in rows:
             data = self._read(r["path"])
             if data is None:
-                log.warning("sample %s of device %s: its file is gone", r["id"], r["device"])
+                gone.append(f"{r['device']}/{r['id']}")
                 continue
             meta = _meta(r)
-            features = decode_features(meta, data) if meta.encoding != "encoded" else None
+            if hashlib.sha256(data).hexdigest() != r["id"]:
+                damaged.append(f"{r['device']}/{r['id']} ({len(data)} bytes, not its sha256)")
+                continue
+            try:
+                features = decode_features(meta, data) if meta.encoding != "encoded" else None
+            except (TandemError, ValueError) as exc:
+                damaged.append(f"{r['device']}/{r['id']} ({exc})")
+                continue
             out.append(
                 FieldSample(
                     features=features,
@@ -442,6 +479,16 @@ class SampleStore:
                     media_type=r["media_type"],
                 )
             )
+        if gone:
+            log.warning(
+                "export: %d samples skipped, their file is gone (first: %s)", len(gone), gone[0]
+            )
+        if damaged:
+            log.warning(
+                "export: %d samples skipped, their file is damaged (first: %s)",
+                len(damaged),
+                damaged[0],
+            )
         return out
 
     def _read(self, rel: str) -> bytes | None:
@@ -449,6 +496,28 @@ class SampleStore:
             return (self.root / rel).read_bytes()
         except FileNotFoundError:
             return None
+
+
+def _holds(path: Path, sample_id: str, size: int) -> bool:
+    """Whether ``path`` holds the payload ``sample_id`` (its sha256) of ``size`` bytes."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sample_id
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def seconds_to_utc_midnight(now: datetime) -> float:
