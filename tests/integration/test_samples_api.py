@@ -477,3 +477,16 @@ def test_a_declared_huge_body_is_refused_unread(cloud: Cloud) -> None:
         response.begin()
         assert response.status == 413
         assert json.loads(response.read())["error"]
+
+
+def test_a_batch_over_the_whole_daily_quota_is_413_not_429(cloud: Cloud) -> None:
+    """429 would make the device wait until midnight and send the same batch again, for
+    ever: a batch no day's quota can hold is 413, which the uploader answers by halving."""
+    before = cloud.rejected("quota")
+    batch = [item(400 + i) for i in range(QUOTA_SAMPLES + 1)]
+    over = cloud.upload("dev-big-batch", batch)
+    assert over.status_code == 413, over.text
+    assert "Retry-After" not in over.headers and "on their own" in over.json()["error"]
+    assert cloud.rejected("quota") == before + 1
+    half = batch[: len(batch) // 2]
+    assert cloud.upload("dev-big-batch", half).json() == {"stored": len(half), "duplicates": 0}

@@ -5,10 +5,11 @@
   twice); 400 malformed; 401 no token, no or bad ``Tandem-Device``, or a token that is not
   that device's; 403 uploads off (no ``[samples] device_token_secret``) or a device
   uploading for another (its body's ``device`` is not the one its token is for); 413 over a
-  size cap (body, inflated body, header, a sample, samples per upload); 415 not
+  size cap (body, inflated body, header, a sample, samples per upload), or more samples or
+  bytes than the device's whole daily quota (a smaller batch may pass); 415 not
   ``application/vnd.tandem.samples``, or a content encoding other than gzip/deflate, or a
-  broken gzip stream; 429 past the device's daily quota, ``Retry-After`` the seconds to UTC
-  midnight (nothing of that upload is stored).
+  broken gzip stream; 429 the device's daily quota spent (this upload would pass it),
+  ``Retry-After`` the seconds to UTC midnight (nothing of that upload is stored).
 - ``GET /fleet/samples`` (``?model= &version= &device= &kind= &label_source= &limit=
   &after=``): a page of samples, oldest first, ``next`` the cursor of the next page;
 - ``GET /fleet/samples/summary`` (``?model= &top=``): per model and version (``model``'s
@@ -52,6 +53,7 @@ from cloud.fleet.samples.store import (
     DEFAULT_TOP,
     MAX_PAGE,
     MAX_TOP,
+    BatchOverQuotaError,
     QuotaExceededError,
     SampleStore,
 )
@@ -255,6 +257,8 @@ def samples_router(
                     quota_samples=settings.daily_quota_samples,
                 )
             )
+        except BatchOverQuotaError as exc:  # never accepted as it is: a smaller one may be
+            raise _RefusalError(413, "quota", exc.message) from None
         except QuotaExceededError as exc:
             retry = str(max(1, math.ceil(exc.retry_after_s)))
             raise _RefusalError(429, "quota", exc.message, {"Retry-After": retry}) from None

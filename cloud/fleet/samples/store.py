@@ -78,6 +78,12 @@ class QuotaExceededError(Exception):
         self.retry_after_s = retry_after_s
 
 
+class BatchOverQuotaError(QuotaExceededError):
+    """An upload larger than the device's whole daily quota: it would never be accepted,
+    whatever the hour, so the API answers 413 (the uploader halves its batch) rather than
+    429 (wait until midnight, then send the same batch again)."""
+
+
 @dataclass(frozen=True)
 class FieldSample:
     """One stored sample, for training. ``features`` is the decoded feature row (float32),
@@ -194,7 +200,7 @@ class SampleStore:
         max_samples = quota_samples if quota_samples is not None else 2**62
         retry = seconds_to_utc_midnight(now)
         if size > max_bytes or count > max_samples:
-            raise QuotaExceededError(
+            raise BatchOverQuotaError(
                 f"{count} samples of {size} bytes exceed device {device}'s daily quota "
                 f"({max_samples} samples, {max_bytes} bytes) on their own",
                 retry,
