@@ -11,10 +11,14 @@ batches of up to ``max_batch`` until the spool is empty. The answers:
 - 429: nothing until ``Retry-After`` has passed;
 - 401/403: the token is wrong or revoked: no upload until the agent restarts (ERROR,
   logged once); the spool keeps what it has (without a token nothing is sent at all);
-- 413: the batch is halved and sent again (the smaller size is kept for the session); a
-  single sample refused as too large is dropped (``rejected``);
-- 400, 415: the batch is malformed for this server and would be refused again: dropped
-  (``rejected``, WARNING);
+- 413: the batch is halved and each half sent (the smaller size is kept for the session);
+  a single sample refused as too large is dropped (``rejected``). A batch over the
+  device's whole daily quota is 413 too, so it shrinks until a day can hold it;
+- 400: one bad sample must not cost the good ones: the batch is sent in halves, down to
+  the single sample refused, which is dropped (``rejected``, WARNING);
+- 415: the upload's form is not this server's, whatever it carries: dropped (``rejected``);
+- a spooled row that no longer reads as a ``SampleMeta`` (a damaged spool, a stricter
+  schema after an upgrade) is dropped (``rejected``) before the batch is sent;
 - a network error, 5xx or another 4xx (a server without the route): sent again later,
   with a capped exponential backoff.
 
@@ -206,7 +210,9 @@ class Uploader:
                     self.device,
                 )
             return 0
-        items = [(SampleMeta.model_validate_json(meta), payload) for _, meta, payload in rows]
+        items, invalid = self._readable(rows)
+        if not items:
+            return invalid
         headers, body = encode_upload(self.device, items, token=self.token)
         if self.budget is not None:
             allowed = self.budget.available()
@@ -215,18 +221,73 @@ class Uploader:
                 fit = int(len(items) * allowed / cost) if allowed > 0 else 0
                 if fit < 1:
                     self.held_budget += 1
-                    return 0
+                    return invalid
                 items = items[:fit]
                 headers, body = encode_upload(self.device, items, token=self.token)
+        return invalid + self._send(items, headers, body)
+
+    def _readable(
+        self, rows: list[tuple[str, bytes, bytes]]
+    ) -> tuple[list[tuple[SampleMeta, bytes]], int]:
+        """The rows whose metadata is valid (this version's ``SampleMeta``, its size the
+        payload's), and how many were not: those are deleted and counted ``rejected``, or
+        one unreadable row (a damaged spool, a stricter schema after an upgrade) would fail
+        every round and stall the uploads behind it."""
+        items: list[tuple[SampleMeta, bytes]] = []
+        bad: list[str] = []
+        for sample_id, meta, payload in rows:
+            try:
+                parsed = SampleMeta.model_validate_json(meta)
+            except ValidationError as exc:
+                bad.append(sample_id)
+                why = f"{exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
+                log.warning("upload: spooled sample %s is unreadable (%s): dropped", sample_id, why)
+                continue
+            if parsed.size != len(payload):
+                bad.append(sample_id)
+                log.warning(
+                    "upload: spooled sample %s is %d bytes, its metadata says %d: dropped",
+                    sample_id,
+                    len(payload),
+                    parsed.size,
+                )
+                continue
+            items.append((parsed, payload))
+        if bad:
+            self.capture.spool.delete(bad)
+            self.capture.rejected += len(bad)
+        return items, len(bad)
+
+    def _send(
+        self,
+        items: list[tuple[SampleMeta, bytes]],
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> int:
+        """POST ``items``; the samples that left the spool (uploaded or rejected)."""
+        if headers is None or body is None:
+            headers, body = encode_upload(self.device, items, token=self.token)
         ids = [meta.id for meta, _ in items]
         try:
             reply = self.http.post(self.url, content=body, headers=headers, timeout=30.0)
         except httpx.HTTPError as exc:
             self._retry_later(f"{exc!r}")
             return 0
-        return self._answered(reply, ids)
+        return self._answered(reply, items, ids)
 
-    def _answered(self, reply: httpx.Response, ids: list[str]) -> int:
+    def _split(self, items: list[tuple[SampleMeta, bytes]]) -> int:
+        """Send each half on its own (a 400 or 413 on a batch of several): the good
+        samples go, a bad one ends alone and is dropped. The second half waits if the first
+        was told to (429, 401/403, a backoff)."""
+        mid = len(items) // 2
+        done = self._send(items[:mid])
+        if self.forbidden or self._clock() < self._not_before or self._stop.is_set():
+            return done
+        return done + self._send(items[mid:])
+
+    def _answered(
+        self, reply: httpx.Response, items: list[tuple[SampleMeta, bytes]], ids: list[str]
+    ) -> int:
         status = reply.status_code
         if status == 200:
             try:
@@ -255,9 +316,12 @@ class Uploader:
             )
             return 0
         if status == 413 and len(ids) > 1:
-            self.batch = max(1, len(ids) // 2)
+            self.batch = max(1, min(self.batch, len(ids) // 2))
             log.info("upload: %d samples too large (413); batches of %d now", len(ids), self.batch)
-            return self.upload_once()
+            return self._split(items)
+        if status == 400 and len(ids) > 1:
+            log.info("upload: %d samples refused as malformed (400); sent in halves", len(ids))
+            return self._split(items)
         if status in (400, 413, 415):
             self.capture.spool.delete(ids)
             self.capture.rejected += len(ids)
