@@ -490,3 +490,37 @@ def test_a_batch_over_the_whole_daily_quota_is_413_not_429(cloud: Cloud) -> None
     assert cloud.rejected("quota") == before + 1
     half = batch[: len(batch) // 2]
     assert cloud.upload("dev-big-batch", half).json() == {"stored": len(half), "duplicates": 0}
+
+
+def test_a_device_whose_batch_passes_its_quota_still_uploads_what_a_day_holds(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    """The real uploader against the real route, a batch (16) larger than the device's
+    daily quota (8): it shrinks on the 413 until a batch fits, stores what the day holds,
+    then waits on the 429 with the rest spooled (it used to wait, then resend the same
+    batch, for ever)."""
+    from agent.device.uploader import Uploader
+    from tests.unit.test_agent_core import Clock as MonoClock
+    from tests.unit.test_audit import observation
+    from tests.unit.test_capture import capture
+
+    c = capture(tmp_path)
+    for i in range(12):
+        c.observe(observation(cloud=2, x0=500 + i))
+    device = "dev-small-quota"
+    with httpx.Client() as http:
+        up = Uploader(
+            c,
+            http,
+            cloud.url,
+            device,
+            device_token(SECRET, FLEET, device),
+            max_batch=16,
+            clock=MonoClock(),
+        )
+        # 12 > 8: 413, halves of 6; the first stored, the second would pass the day's 8: 429
+        assert up.drain() == 6
+        assert up.drain() == 0  # waiting for Retry-After, not resending
+    assert (c.uploaded, c.rejected, c.spool.pending, up.batch) == (6, 0, 6, 6)
+    listed = cloud.http.get("/fleet/samples", params={"device": device}).json()["samples"]
+    assert len(listed) == 6
