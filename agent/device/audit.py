@@ -137,12 +137,15 @@ class Audit:
         self._thread = threading.Thread(target=self._run, name="tandem-audit", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """False when the thread is still busy after ``timeout_s`` (a cloud call)."""
         with self._ready:
             self._stop = True
             self._ready.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     @property
     def pending(self) -> int:

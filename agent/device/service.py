@@ -386,18 +386,25 @@ class AgentService:
             self.mqtt.start(wait_s=wait_s)
 
     def _stop_learning_loop(self) -> None:
-        """Observations still queued are captured (the spool keeps them for the next
-        start); audits under way are not waited for past a few seconds."""
+        """Producers first, the spool last: requests stop offering, the queue's thread
+        stops, what is still queued is captured on this thread (the spool keeps it for the
+        next start), then the audit's and the uploader's threads stop (audits under way are
+        not waited for past a few seconds). The spool is closed only once none of them can
+        write to it: a thread still busy after its join's timeout (a slow consumer, a cloud
+        call) leaves it open, logged (every sample written is committed already)."""
         self.agent.observer = None
-        self.observations.stop()
-        self.observations.drain()
-        self.audit.stop()
+        stopped = self.observations.stop()
+        self.observations.drain()  # safe beside a queue thread still busy
+        stopped = self.audit.stop() and stopped
         if self.uploader is not None:
-            self.uploader.stop()
+            stopped = self.uploader.stop() and stopped
             self.samples_http.close()
         if self.audit_cloud is not None:
             self.audit_cloud.close()
-        self.spool.close()
+        if stopped:
+            self.spool.close()
+        else:
+            log.warning("a learning-loop thread is still busy: the capture spool is left open")
 
     def stop(self) -> None:
         """Graceful: last telemetry out (briefly waiting for its ack), say offline ourselves

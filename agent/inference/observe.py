@@ -84,18 +84,31 @@ class ObservationQueue:
         self._thread = threading.Thread(target=self._run, name="tandem-observe", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """End the thread after the observation it is on (what is still queued stays for
+        ``drain``). False when it is still busy after ``timeout_s`` (a slow consumer): it
+        ends once that consumer returns, so what that consumer writes to must stay open."""
         with self._ready:
             self._stop = True
             self._ready.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def drain(self) -> None:
         """Hand every queued observation to the consumers now, on this thread (tests, and
-        ``stop`` callers that want nothing left behind)."""
-        while self._items:
-            self._dispatch(self._items.popleft())
+        ``stop`` callers that want nothing left behind). Safe beside the queue's own thread
+        (a ``stop`` that timed out): each observation is popped once, by one of them."""
+        self._drain(until_stopped=False)
+
+    def _drain(self, until_stopped: bool) -> None:
+        while not (until_stopped and self._stop):
+            try:
+                observation = self._items.popleft()
+            except IndexError:  # empty, or another thread took the last one
+                return
+            self._dispatch(observation)
 
     def _run(self) -> None:
         while True:
@@ -104,7 +117,7 @@ class ObservationQueue:
                     self._ready.wait(1.0)
                 if self._stop:
                     return
-            self.drain()
+            self._drain(until_stopped=True)
 
     def _dispatch(self, observation: Observation) -> None:
         for i, consume in enumerate(self.consumers):
