@@ -163,6 +163,17 @@ class FieldAccuracy(_Msg):
     violated: bool | None = Field(
         default=None, description="true: even the interval's lower end is above epsilon"
     )
+    dropped: int = Field(
+        default=0, ge=0, description="picked, not audited: the audit queue was full (session)"
+    )
+    failed: int = Field(
+        default=0, ge=0, description="picked, not audited: the cloud did not answer (session)"
+    )
+    skipped: int = Field(
+        default=0,
+        ge=0,
+        description="picked, not auditable: an image model, or a model swapped since (session)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FieldAccuracy:

@@ -30,8 +30,10 @@ The live check (``section``, telemetry ``audit``): per (model, version), audited
 ("not the cloud's top-1") per interval and per session, the session's error with its
 Clopper-Pearson interval at the manifest's ``delta`` (0.05 without a guarantee), and
 ``violated`` when even the interval's lower end is above the manifest's ``epsilon`` (logged
-once at WARNING when it turns so). With ``reference = "labels"`` the cloud stands in for
-the true label: the check then measures disagreement with the cloud.
+once at WARNING when it turns so); with the session's audits lost on the way (``dropped``:
+queue full, ``failed``: no cloud answer, ``skipped``: not auditable). With ``reference =
+"labels"`` the cloud stands in for the true label: the check then measures disagreement
+with the cloud.
 """
 
 from __future__ import annotations
@@ -270,16 +272,19 @@ class Audit:
 
     def section(self) -> dict[str, FieldAccuracy]:
         """Telemetry's ``audit`` for the serving model, closing the interval (``{}`` before
-        its first audit)."""
+        its first audit, unless some were dropped, failed or skipped: a device whose every
+        audit fails says so). The session's ``dropped``, ``failed`` and ``skipped`` ride in
+        it, whatever model they were about."""
         m = self.agent.model.manifest
+        lost = {"dropped": self.dropped, "failed": self.failed, "skipped": self.skipped}
         with self._lock:
             c = self._counts.get((m.model, m.version))
-            if c is None:
+            if c is None and not any(lost.values()):
                 return {}
-            out = _accuracy(m.model, m.version, c)
+            out = _accuracy(m.model, m.version, c or _Counts(guarantee=m.routing.guarantee))
             for counts in self._counts.values():
                 counts.audited = counts.wrong = 0
-        return {"audit": out}
+        return {"audit": out.model_copy(update=lost)}
 
 
 def _accuracy(model: str, version: int, c: _Counts) -> FieldAccuracy:

@@ -178,3 +178,28 @@ def test_a_seed_repeats_the_draw() -> None:
 
     assert picks(5) == picks(5) and 30 < len(picks(5)) < 90
     assert picks(5) != picks(6)
+
+
+def test_lost_audits_reach_telemetry_even_before_the_first_answer() -> None:
+    """Dropped, failed and skipped audits are counted in the ``audit`` section: a device
+    whose cloud never answers an audit says so, instead of sending no section at all."""
+    cloud = ScriptedCloud()
+    cloud.behaviour = "503"
+    audit = Audit(agent_with(cloud), 1.0, max_pending=2)
+    assert audit.section() == {}
+    for _ in range(3):
+        audit.observe(observation())  # two queued, one dropped
+    audit.drain()
+    section = audit.section()["audit"]
+    assert (section.dropped, section.failed, section.skipped) == (1, 2, 0)
+    assert (section.audited, section.session_audited, section.error) == (0, 0, None)
+    image = observation()
+    image.features, image.encoded = None, b"\xff\xd8\xff..."
+    audit.observe(image)  # an image model's: skipped
+    audit.observe(observation(version=2))  # not the serving model's: skipped
+    cloud.behaviour = "ok"
+    audit.observe(observation())
+    audit.drain()
+    section = audit.section()["audit"]
+    assert (section.dropped, section.failed, section.skipped) == (1, 2, 2)
+    assert (section.audited, section.session_audited) == (1, 1)
