@@ -31,6 +31,12 @@ device's requests served / ``--rate``) and the uploads keep their default interv
 left at the end is flushed), so the bytes per device-hour are the limited device's.
 Each agent's audit draw is seeded (``--stream-seed`` + its index): a capture repeats.
 
+The retrain is matched against release 1 (``--serving-version 1``: what the agents serve;
+earlier seeds' candidates are published but never rolled out) with its defaults unless
+``--hidden``, ``--max-escalation``, ``--threshold-rule match|budget``,
+``--match-tolerance`` or ``--match-weighting`` say otherwise; each configuration has its
+own work folder and json (``learning_loop-hidden32-budget.json``).
+
 Prints tables; writes ``learning_loop.json``. Takes a few minutes (one training per seed).
 """
 
