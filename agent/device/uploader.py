@@ -267,9 +267,17 @@ class Uploader:
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
     ) -> int:
-        """POST ``items``; the samples that left the spool (uploaded or rejected)."""
+        """POST ``items``; the samples that left the spool (uploaded or rejected). A part
+        of a split batch (no ``body`` given) is held back like a batch when the byte budget
+        cannot pay for it: splitting must not spend past it."""
         if headers is None or body is None:
             headers, body = encode_upload(self.device, items, token=self.token)
+            if (
+                self.budget is not None
+                and len(body) + REQUEST_OVERHEAD_BYTES > self.budget.available()
+            ):
+                self.held_budget += 1
+                return 0
         ids = [meta.id for meta, _ in items]
         try:
             reply = self.http.post(self.url, content=body, headers=headers, timeout=30.0)
@@ -281,10 +289,13 @@ class Uploader:
     def _split(self, items: list[tuple[SampleMeta, bytes]]) -> int:
         """Send each half on its own (a 400 or 413 on a batch of several): the good
         samples go, a bad one ends alone and is dropped. The second half waits if the first
-        was told to (429, 401/403, a backoff)."""
+        was told to (429, 401/403, a backoff) or the budget held it back."""
         mid = len(items) // 2
+        held = self.held_budget
         done = self._send(items[:mid])
         if self.forbidden or self._clock() < self._not_before or self._stop.is_set():
+            return done
+        if self.held_budget != held:  # the budget is spent: the rest waits too
             return done
         return done + self._send(items[mid:])
 

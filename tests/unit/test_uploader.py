@@ -259,3 +259,24 @@ def test_an_upload_the_budget_cannot_pay_for_waits_or_shrinks(tmp_path: Path) ->
     assert up.upload_once() == 2 and server.batches == [2]
     budget.left = 1_000_000
     assert up.drain() == 2
+
+
+def test_a_split_batch_does_not_spend_past_the_budget(tmp_path: Path) -> None:
+    """A 400's halves are sent only while the budget pays for them."""
+
+    class Left:
+        def __init__(self, wire: WireCounter) -> None:
+            self.wire, self.limit = wire, 0
+
+        def available(self) -> int:
+            return self.limit - self.wire.total(("samples",))
+
+    c, up, server, _, wire = setup(tmp_path, n=4, max_batch=4)
+    budget = Left(wire)
+    up.budget = budget  # type: ignore[assignment]
+    server.bad = {c.spool.oldest(4)[0][0]}
+    items = [(SampleMeta.model_validate_json(m), p) for _, m, p in c.spool.oldest(4)]
+    _, body = encode_upload("dev-1", items, token="tok")
+    budget.limit = len(body) + REQUEST_OVERHEAD_BYTES + 100  # the whole batch, once
+    assert up.drain() == 0
+    assert server.batches == [4] and up.held_budget == 1 and c.spool.pending == 4
