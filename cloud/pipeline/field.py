@@ -15,10 +15,17 @@ devices' uploads interleave differently from one run to the next).
 Labels a device claimed are never used: at retrain time every sample is labelled by the
 teacher (the cloud model), unless an operator labelled it (``label_source == "operator"``),
 which wins.
+
+The store is keyed on (fleet, device, id): the same payload uploaded by two devices is two
+rows. ``unique`` keeps one per id before the split, so no copy of a held-out or calibration
+sample is trained on (the held-out figures and the calibrated threshold, and the guarantee's
+assumption of calibration data independent of training, depend on it). ``check_labels``
+refuses operator labels that are not one of the model's classes.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,7 @@ import numpy as np
 
 from shared.errors import ContractError
 
+log = logging.getLogger(__name__)
 OPERATOR = "operator"
 #: a captured sample's ``kind`` (``shared.samples.SampleMeta.kind``); "" when not known
 ESCALATION, AUDIT = "escalation", "audit"
@@ -62,6 +70,35 @@ class FieldData:
     def by_id(self) -> FieldData:
         """The same samples ordered by id (a stable sort: equal ids keep their order)."""
         return self.take(np.argsort(self.ids.astype(str), kind="stable"))
+
+    def unique(self) -> FieldData:
+        """One sample per id, where each first occurs (sources list oldest first). A copy's
+        operator label is kept if any copy has one; copies with different operator labels
+        keep the smallest (deterministic: the same store gives the same candidate), logged
+        as a warning with the id and the labels."""
+        ids = self.ids.astype(str)
+        _, first = np.unique(ids, return_index=True)
+        if len(first) == len(self):
+            return self
+        keep = np.sort(first)
+        labels: dict[str, set[int]] = {}
+        for i, label in zip(ids.tolist(), self.operator_label.tolist()):
+            if label >= 0:
+                labels.setdefault(i, set()).add(int(label))
+        chosen = self.operator_label[keep].copy()
+        for j, i in enumerate(ids[keep].tolist()):
+            if i in labels:
+                chosen[j] = min(labels[i])
+                if len(labels[i]) > 1:
+                    log.warning(
+                        "field sample %s has copies with different operator labels %s: using %d",
+                        i,
+                        sorted(labels[i]),
+                        chosen[j],
+                    )
+        log.info("field samples: %d copies of %d ids dropped", len(self) - len(keep), len(keep))
+        out = self.take(keep)
+        return FieldData(out.x, chosen, out.ids, out.truth, out.kind)
 
     def save(self, path: Path) -> None:
         extra: dict[str, Any] = {} if self.truth is None else {"truth": self.truth}
@@ -103,9 +140,28 @@ def load_npz(path: Path) -> FieldData:
     return FieldData(x, label, ids, truth, kind)
 
 
+def check_labels(field: FieldData, classes: int) -> None:
+    """``ContractError`` naming the samples whose operator label is not one of the model's
+    ``classes`` (the store accepts any label below 1024): the retrain refuses rather than
+    guess what the operator meant; -1 is "no operator label"."""
+    bad = (field.operator_label < -1) | (field.operator_label >= classes)
+    if bad.any():
+        named = ", ".join(
+            f"{i} ({label})"
+            for i, label in zip(field.ids[bad][:10].tolist(), field.operator_label[bad].tolist())
+        )
+        more = f" and {int(bad.sum()) - 10} more" if bad.sum() > 10 else ""
+        raise ContractError(
+            f"{int(bad.sum())} field samples have an operator label outside the model's "
+            f"{classes} classes (0..{classes - 1}): {named}{more}; relabel them "
+            "(PUT /fleet/samples/{device}/{id}/label) and retrain"
+        )
+
+
 def from_samples(samples: Sequence[Any], features: int) -> tuple[FieldData, int]:
-    """``FieldSample``s of the store (duck-typed: ``cloud.fleet`` is not imported here), and
-    how many were skipped (encoded images, or rows that are not ``features`` long)."""
+    """``FieldSample``s of the store (duck-typed: ``cloud.fleet`` is not imported here), one
+    per id (``FieldData.unique``: two devices' copies of a payload are one sample), and how
+    many were skipped (encoded images, or rows that are not ``features`` long)."""
     rows, labels, ids, kinds = [], [], [], []
     skipped = 0
     for s in samples:
@@ -124,7 +180,7 @@ def from_samples(samples: Sequence[Any], features: int) -> tuple[FieldData, int]
         ), skipped
     return FieldData(
         np.stack(rows), np.asarray(labels, np.int64), np.asarray(ids), kind=np.asarray(kinds)
-    ), skipped
+    ).unique(), skipped
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ Two processes, because TensorFlow and the TFLite runtime clash in one (native co
   packages ``out/bundle`` like ``tandem-cloud model package`` does (the artifact run in the
   real TFLite runtime, golden samples checked, signed, published);
 - the training process (``python -m cloud.pipeline.retrain JOB``, ``train_candidate``):
-  the teacher labels every field sample (operator labels win), the field samples, ordered
-  by id, are cut (seeded) into training, calibration and held-out shares, a model of the
+  the teacher labels every field sample (operator labels win), the field samples, one per
+  id (copies two devices uploaded are one sample, ``FieldData.unique``) and ordered by id,
+  are cut (seeded) into training, calibration and held-out shares, a model of the
   serving one's architecture (each hidden layer at least ``min_hidden_width`` wide) is
   distilled on the original training split plus the field's share, the int8 model is
   calibrated on the original calibration split plus the field's share
@@ -41,7 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from cloud.pipeline.field import FieldData, load_npz, split_field, teacher_labels
+from cloud.pipeline.field import (
+    FieldData,
+    check_labels,
+    load_npz,
+    split_field,
+    teacher_labels,
+)
 from cloud.pipeline.settings import RetrainSettings
 from cloud.releases.registry import Registry
 from shared.errors import ContractError
@@ -103,12 +110,16 @@ def retrain_release(
     expires_days: float | None = 365.0,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Trains in a child process, then packages and publishes the candidate; returns its
-    signed manifest and the report (also in ``out/report.json``)."""
+    signed manifest and the report (also in ``out/report.json``). One sample per id
+    (``FieldData.unique``); an operator label outside the model's classes is refused
+    (``ContractError`` naming the samples, ``check_labels``) before anything is trained."""
     from cloud.releases.packaging import PackageRequest, package
 
     current, blob = serving_release(registry, settings.model, settings.serving_version)
     if len(field) == 0:
         raise ContractError(f"no field samples of {settings.model} to retrain on")
+    field = field.unique()
+    check_labels(field, len(current.labels or ()))  # serving_release checked there are some
     out = settings.out
     (out / "serving").mkdir(parents=True, exist_ok=True)
     (out / "serving" / "model.tflite").write_bytes(blob)
@@ -239,8 +250,9 @@ def train_candidate(settings: RetrainSettings) -> dict[str, Any]:
     if current.labels is None or current.cloud is None:
         raise ContractError(f"{current.model} {current.version} has no labels or cloud target")
     data = load_split(settings.data)
-    field = load_npz(out / "field.npz").by_id()
+    field = load_npz(out / "field.npz").unique().by_id()
     classes = len(current.labels)
+    check_labels(field, classes)
     features = data.train.x.shape[1]
     if field.x.shape[1] != features:
         raise ContractError(f"field samples have {field.x.shape[1]} features, the split {features}")
