@@ -199,6 +199,11 @@ class CaptureState(_Msg):
     skipped_rate: int = Field(
         default=0, ge=0, description="not written: capture.max_samples_per_hour reached"
     )
+    observations_dropped: int = Field(
+        default=0,
+        ge=0,
+        description="answers not looked at: the hand-over queue from requests was full",
+    )
     dropped_full: int = Field(default=0, ge=0, description="oldest dropped: spool full")
     pending: int = Field(default=0, ge=0, description="in the spool, not yet uploaded")
     pending_bytes: int = Field(default=0, ge=0)

@@ -184,6 +184,8 @@ class Capture:
         #: Incremented by the uploader.
         self.uploaded = 0
         self.rejected = 0
+        #: The observation queue's drop count (the service wires it; telemetry reports it).
+        self.queue_dropped: Callable[[], int] = lambda: 0
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._max_recent = recent
         self._lock = threading.Lock()  # the two producer threads
@@ -259,6 +261,7 @@ class Capture:
             pending_bytes=self.spool.size_bytes,
             uploaded=self.uploaded,
             rejected=self.rejected,
+            observations_dropped=self.queue_dropped(),
         )
 
     def section(self) -> dict[str, CaptureState]:

@@ -244,6 +244,7 @@ class AgentService:
         # --- learning loop end
         self.audit.on_labelled += labelled
         self.observations = ObservationQueue(consumers, c.max_pending)
+        self.capture.queue_dropped = lambda: self.observations.dropped
         # capture keeps only cloud-labelled answers: without a cloud nothing consumes
         if self.agent.cloud_configured:
             self.agent.observer = self.observations.offer

@@ -272,3 +272,13 @@ def test_no_limit_when_none(tmp_path: Path) -> None:
     for i in range(500):
         c.observe(observation(confidence=0.4, cloud=2, x0=i))
     assert (c.captured, c.skipped_rate) == (500, 0)
+
+
+def test_answers_the_queue_dropped_are_reported_even_with_capture_off(tmp_path: Path) -> None:
+    c = capture(tmp_path, enabled=False)
+    assert c.section() == {}
+    drops = [0]
+    c.queue_dropped = lambda: drops[0]
+    drops[0] = 3
+    section = c.section()["capture"]
+    assert section.observations_dropped == 3 and not section.enabled
