@@ -9,8 +9,10 @@ batches of up to ``max_batch`` until the spool is empty. The answers:
 
 - 200: the batch is deleted from the spool (``uploaded``);
 - 429: nothing until ``Retry-After`` has passed;
-- 401/403: the token is wrong or revoked: no upload until the agent restarts (ERROR,
-  logged once); the spool keeps what it has (without a token nothing is sent at all);
+- 401/403: the token is wrong or revoked, or the cloud does not take uploads yet: one try
+  an hour (``REFUSED_RETRY_S``: an operator who fixes the token or sets the cloud's secret
+  need not restart every device), ERROR logged once per refusal message; the spool keeps
+  what it has (without a token nothing is sent at all);
 - 413: the batch is halved and each half sent (the smaller size is kept for the session);
   a single sample refused as too large is dropped (``rejected``). A batch over the
   device's whole daily quota is 413 too, so it shrinks until a day can hold it;
@@ -55,6 +57,9 @@ DEFAULT_MESSAGE_BYTES = 700
 REQUEST_OVERHEAD_BYTES = 400
 SAMPLES_PATH = "/fleet/samples"
 MAX_RETRY_AFTER_S = 3600.0
+#: After a 401/403, the wait before the next try (a wrong token does not get better by
+#: retrying soon; an operator's fix should reach devices without a restart).
+REFUSED_RETRY_S = 3600.0
 
 
 def _utc_now() -> datetime:
@@ -141,8 +146,9 @@ class Uploader:
         self.max_backoff_s = max_backoff_s
         self.first_backoff_s = first_backoff_s
         self._clock = clock
-        #: True after a 401/403: nothing more is sent until the agent restarts.
+        #: True after a 401/403 until an upload is taken again: one try an hour meanwhile.
         self.forbidden = False
+        self._refusal: str | None = None
         self.failures = 0  # network errors and 5xx, in a row
         self.held_budget = 0  # rounds held back by the budget
         self._told_no_token = False
@@ -199,7 +205,7 @@ class Uploader:
     def upload_once(self) -> int:
         """One batch. Returns the samples that left the spool (uploaded or rejected), 0
         when nothing was sent or it must be sent again later."""
-        if self.forbidden or not self.capture.enabled or self._clock() < self._not_before:
+        if not self.capture.enabled or self._clock() < self._not_before:
             return 0
         rows = self.capture.spool.oldest(self.batch)
         if not rows:
@@ -312,6 +318,9 @@ class Uploader:
             for sample_id in ids:
                 self.capture.seen(sample_id)
             self.capture.uploaded += len(ids)
+            if self.forbidden:
+                log.info("uploads taken again after a refusal")
+            self.forbidden, self._refusal = False, None
             self.failures, self._backoff = 0, min(self.first_backoff_s, self.max_backoff_s)
             if result is not None and result.duplicates:
                 log.debug("upload: %d of %d were already in the cloud", result.duplicates, len(ids))
@@ -323,11 +332,16 @@ class Uploader:
             return 0
         if status in (401, 403):
             self.forbidden = True
-            log.error(
-                "upload refused (%d: %s): check capture.token; no more uploads until restart",
-                status,
-                message,
-            )
+            self._not_before = self._clock() + REFUSED_RETRY_S
+            if f"{status} {message}" != self._refusal:
+                self._refusal = f"{status} {message}"
+                log.error(
+                    "upload refused (%d: %s): check capture.token and the cloud's "
+                    "[samples] device_token_secret; trying again every %.0f s",
+                    status,
+                    message,
+                    REFUSED_RETRY_S,
+                )
             return 0
         if status == 413 and len(ids) > 1:
             self.batch = max(1, min(self.batch, len(ids) // 2))

@@ -15,6 +15,7 @@ import pytest
 from agent.device.capture import Capture
 from agent.device.uploader import (
     DEFAULT_MESSAGE_BYTES,
+    REFUSED_RETRY_S,
     REQUEST_OVERHEAD_BYTES,
     UploadBudget,
     Uploader,
@@ -134,13 +135,20 @@ def test_429_waits_for_retry_after(tmp_path: Path) -> None:
     assert up.drain() == 5
 
 
-def test_401_stops_uploads_for_good(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_401_waits_an_hour_then_resumes_once_the_cloud_takes_uploads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     c, up, server, clock, _ = setup(tmp_path)
-    server.statuses = [401]
+    server.statuses = [401, 403]
     assert up.drain() == 0 and up.forbidden
-    clock.t += 1e6
+    clock.t += REFUSED_RETRY_S - 1
     assert up.drain() == 0 and len(server.batches) == 1 and c.spool.pending == 5
-    assert sum(r.levelname == "ERROR" for r in caplog.records) == 1
+    clock.t += 2
+    assert up.drain() == 0 and len(server.batches) == 2  # one try an hour, refused again
+    clock.t += REFUSED_RETRY_S + 1
+    assert up.drain() == 5 and not up.forbidden  # the operator fixed it: no restart needed
+    assert c.spool.pending == 0
+    assert sum(r.levelname == "ERROR" for r in caplog.records) == 2  # once per message
 
 
 def test_413_halves_the_batch_then_drops_a_lone_sample(tmp_path: Path) -> None:
