@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ from cloud.releases.packaging import PackageRequest, package
 from cloud.releases.registry import Registry
 from shared.errors import ContractError
 from shared.manifest import Manifest
-from shared.samples import Answer, SampleMeta, encode_features, sample_id
 from shared.signing import SigningKey, TrustStore
 from tests.helpers import EDGE_INT8, MODELS, ROOT
+from tests.sample_items import feature_item
 
 DIGITS = MODELS / "data/digits.npz"
 TEACHER = MODELS / "cloud/digits-cloud/1/model.onnx"
@@ -67,10 +66,11 @@ def release_1(tmp_path: Path) -> tuple[Path, Path, Path]:
     return tmp_path / "registry", tmp_path / "op.key", tmp_path / "field.npz"
 
 
-def retrain(
-    registry: Path, key: Path, samples: Path | None, out: Path, *extra: str
-) -> dict[str, Any]:
-    source = ["--samples", str(samples)] if samples is not None else []
+def run_retrain(
+    registry: Path, key: Path, out: Path, *args: str
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``tandem-cloud model retrain digits`` in a child process (TensorFlow) on the digits
+    split and teacher with ``args``: the JSON line it printed, its report.json, its stdout."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -87,12 +87,7 @@ def retrain(
             str(TEACHER),
             "--key",
             str(key),
-            *source,
-            *extra,
-            "--epsilon",
-            "0.05",
-            "--delta",
-            "0.1",
+            *args,
             "--out",
             str(out),
         ],
@@ -106,9 +101,19 @@ def retrain(
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"model"'))
     printed, _ = json.JSONDecoder().raw_decode(line)
     report = json.loads((out / "report.json").read_text())
+    return dict(printed), dict(report), proc.stdout
+
+
+def retrain(
+    registry: Path, key: Path, samples: Path | None, out: Path, *extra: str
+) -> dict[str, Any]:
+    source = ["--samples", str(samples)] if samples is not None else []
+    printed, report, stdout = run_retrain(
+        registry, key, out, *source, *extra, "--epsilon", "0.05", "--delta", "0.1"
+    )
     assert printed["version"] == report["release"]["version"]
-    assert "before" in proc.stdout and "after" in proc.stdout  # the table
-    return dict(report)
+    assert "before" in stdout and "after" in stdout  # the table
+    return report
 
 
 def test_retrain_publishes_a_signed_candidate_that_does_better_in_the_field(
@@ -182,24 +187,6 @@ def test_retrain_reads_the_fleets_sample_store(
     assert report["field"]["samples"] == 120
     assert report["field"]["labels"] == {"teacher": 119, "operator": 1}
     assert Registry(registry_dir).versions("digits") == [1, 2]
-
-
-def feature_item(row: np.ndarray, i: int) -> tuple[SampleMeta, bytes]:
-    encoding, shape, payload = encode_features(row)
-    return SampleMeta(
-        id=sample_id(payload),
-        kind="escalation",
-        model="digits",
-        version=1,
-        ts=datetime(2026, 12, 1, 12, 0, i % 60, tzinfo=timezone.utc),
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
-        edge=Answer(index=1, confidence=0.3),
-        cloud=Answer(index=2, confidence=0.9),
-        cloud_model="digits-cloud",
-        threshold=0.85,
-    ), payload
 
 
 def test_retrain_refuses_without_field_samples_or_release(

@@ -6,57 +6,30 @@ so; and the candidate depends on which field samples there are, not on their ord
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cloud.releases.registry import Registry
-from tests.helpers import ROOT
-from tests.integration.test_retrain import DIGITS, TEACHER, release_1, shifted_digits
+from tests.integration.test_retrain import release_1, run_retrain, shifted_digits
 
 __all__ = ["release_1"]  # the fixture
 
 
 def retrain(registry: Path, key: Path, samples: Path, out: Path, *extra: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cloud.cli",
-            "model",
-            "retrain",
-            "digits",
-            "--registry",
-            str(registry),
-            "--data",
-            str(DIGITS),
-            "--teacher",
-            str(TEACHER),
-            "--key",
-            str(key),
-            "--samples",
-            str(samples),
-            "--epochs",
-            "20",
-            "--serving-version",
-            "1",
-            "--out",
-            str(out),
-            *extra,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    printed, report, _ = run_retrain(
+        registry,
+        key,
+        out,
+        "--samples",
+        str(samples),
+        "--epochs",
+        "20",
+        "--serving-version",
+        "1",
+        *extra,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"model"'))
-    printed, _ = json.JSONDecoder().raw_decode(line)
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
     assert printed["chosen_by"] == report["routing"]["chosen_by"]
     return report
 

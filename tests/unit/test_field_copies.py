@@ -7,7 +7,6 @@ Operator labels outside the model's classes are refused (``check_labels``)."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +16,7 @@ from cloud.fleet.samples.store import FieldSample, SampleStore
 from cloud.fleet.store import FleetStore
 from cloud.pipeline.field import FieldData, check_labels, from_samples, split_field
 from shared.errors import ContractError
-from shared.samples import Answer, SampleMeta, encode_features, sample_id
-
-
-def item(row: np.ndarray, i: int) -> tuple[SampleMeta, bytes]:
-    encoding, shape, payload = encode_features(row)
-    return SampleMeta(
-        id=sample_id(payload),
-        kind="escalation",
-        model="digits",
-        version=1,
-        ts=datetime(2026, 12, 1, 12, 0, i % 60, tzinfo=timezone.utc),
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
-        edge=Answer(index=1, confidence=0.3),
-        cloud=Answer(index=2, confidence=0.9),
-        cloud_model="digits-cloud",
-        threshold=0.85,
-    ), payload
+from tests.sample_items import feature_item
 
 
 def parts(field: FieldData) -> list[set[str]]:
@@ -51,7 +32,7 @@ def test_two_devices_uploading_the_same_rows_give_each_sample_once(tmp_path: Pat
     try:
         samples = SampleStore(store, tmp_path / "samples")
         rows = np.random.default_rng(1).integers(0, 17, (50, 64)).astype(np.float32)
-        items = [item(row, i) for i, row in enumerate(rows)]
+        items = [feature_item(row, i) for i, row in enumerate(rows)]
         for device in ("dev-1", "dev-2"):
             assert samples.add("plant", device, items).stored == 50
         assert samples.label("plant", "dev-2", items[0][0].id, 4)
