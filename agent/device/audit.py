@@ -42,7 +42,6 @@ import dataclasses
 import logging
 import random
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,7 +51,7 @@ from agent.errors import CloudError
 from agent.inference.cloud_client import CloudClient
 from agent.inference.confidence import score
 from agent.inference.core import Agent
-from agent.inference.observe import Observation
+from agent.inference.observe import BoundedWorker, Observation
 from shared import bounds
 from shared.manifest import Guarantee
 from shared.telemetry import FieldAccuracy
@@ -105,10 +104,10 @@ class Audit:
         self.dropped = 0  # queue full
         self.failed = 0  # the cloud did not answer
         self.skipped = 0  # not auditable (an image model, a model swapped since)
-        self._items: deque[tuple[Observation, bool]] = deque()  # (obs, ordinary audit)
-        self._ready = threading.Condition()
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        #: (observation, an ordinary audit: else a shadow's extra one)
+        self._queue: BoundedWorker[tuple[Observation, bool]] = BoundedWorker(
+            lambda item: self.audit(*item), max_pending, "tandem-audit"
+        )
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, int], _Counts] = {}
         self._failed_consumers: set[int] = set()
@@ -128,52 +127,23 @@ class Audit:
         if obs.features is None:
             self.skipped += 1
             return
-        with self._ready:
-            if len(self._items) >= self.max_pending:
-                self.dropped += 1
-                return
-            self._items.append((obs, draw < rate))
-            self._ready.notify()
+        if not self._queue.put((obs, draw < rate)):
+            self.dropped += 1
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tandem-audit", daemon=True)
-        self._thread.start()
+        self._queue.start()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """False when the thread is still busy after ``timeout_s`` (a cloud call)."""
-        with self._ready:
-            self._stop = True
-            self._ready.notify()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        return self._queue.stop(timeout_s)
 
     @property
     def pending(self) -> int:
-        return len(self._items)
+        return self._queue.pending
 
     def drain(self) -> None:
         """Audit everything queued now, on this thread (tests)."""
-        while True:
-            with self._ready:
-                if not self._items:
-                    return
-                obs, ordinary = self._items.popleft()
-            self.audit(obs, ordinary)
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._items and not self._stop:
-                    self._ready.wait(1.0)
-                if self._stop:
-                    return
-                obs, ordinary = self._items.popleft()
-            try:
-                self.audit(obs, ordinary)
-            except Exception:  # the audit thread must outlive any one audit
-                log.exception("audit failed")
+        self._queue.drain()
 
     # ---------------------------------------------------------------------- one audit
 

@@ -18,10 +18,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -55,39 +58,48 @@ class Observation:
 Observer = Callable[[Observation], None]
 
 
-class ObservationQueue:
-    """A bounded hand-over from request threads to the loop's consumers: ``offer`` is
-    O(1) and never blocks; one daemon thread calls every consumer on each observation, in
-    order. A consumer that raises is logged (once per consumer) and does not stop the
-    others."""
+class BoundedWorker(Generic[T]):
+    """A bounded hand-over to one daemon thread of its own: the learning loop's consumers
+    (the observation queue, the audit, the shadow) each sit behind one. ``put`` is O(1) and
+    never blocks: False when ``max_pending`` items wait (the caller counts the drop). The
+    thread calls ``handle`` on each item in order; one that raises is logged (the first
+    time) and the thread goes on."""
 
-    def __init__(self, consumers: list[Observer], max_pending: int = 1024) -> None:
-        self.consumers = consumers
+    def __init__(self, handle: Callable[[T], object], max_pending: int, name: str) -> None:
+        self.handle = handle
         self.max_pending = max_pending
-        self.dropped = 0
-        self._items: deque[Observation] = deque()
+        self.name = name
+        self._items: deque[T] = deque()
         self._ready = threading.Condition()
         self._stop = False
-        self._failed: set[int] = set()
+        self._failed = False
         self._thread: threading.Thread | None = None
 
-    def offer(self, observation: Observation) -> None:
-        """Queue one observation (dropped and counted when ``max_pending`` are waiting)."""
+    def put(self, item: T) -> bool:
         if len(self._items) >= self.max_pending:
-            self.dropped += 1
-            return
-        self._items.append(observation)
+            return False
+        self._items.append(item)
         with self._ready:
             self._ready.notify()
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        """Forget what is queued (not what is being handled)."""
+        self._items.clear()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tandem-observe", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
-        """End the thread after the observation it is on (what is still queued stays for
-        ``drain``). False when it is still busy after ``timeout_s`` (a slow consumer): it
-        ends once that consumer returns, so what that consumer writes to must stay open."""
+        """End the thread after the item it is on (what is still queued stays for
+        ``drain``). False when it is still busy after ``timeout_s`` (a slow ``handle``): it
+        ends once that returns, so what ``handle`` writes to must stay open."""
         with self._ready:
             self._stop = True
             self._ready.notify()
@@ -97,18 +109,23 @@ class ObservationQueue:
         return not self._thread.is_alive()
 
     def drain(self) -> None:
-        """Hand every queued observation to the consumers now, on this thread (tests, and
-        ``stop`` callers that want nothing left behind). Safe beside the queue's own thread
-        (a ``stop`` that timed out): each observation is popped once, by one of them."""
+        """Handle every queued item now, on this thread (tests, and ``stop`` callers that
+        want nothing left behind). Safe beside the worker's own thread (a ``stop`` that
+        timed out): each item is popped once, by one of them."""
         self._drain(until_stopped=False)
 
     def _drain(self, until_stopped: bool) -> None:
         while not (until_stopped and self._stop):
             try:
-                observation = self._items.popleft()
+                item = self._items.popleft()
             except IndexError:  # empty, or another thread took the last one
                 return
-            self._dispatch(observation)
+            try:
+                self.handle(item)
+            except Exception:  # the thread must outlive any one item
+                if not self._failed:
+                    self._failed = True
+                    log.exception("%s: handling an item failed (logged once)", self.name)
 
     def _run(self) -> None:
         while True:
@@ -119,11 +136,28 @@ class ObservationQueue:
                     return
             self._drain(until_stopped=True)
 
+
+class ObservationQueue(BoundedWorker[Observation]):
+    """The hand-over from request threads to the loop's consumers: ``offer`` is O(1) and
+    never blocks; one daemon thread calls every consumer on each observation, in order. A
+    consumer that raises is logged (once per consumer) and does not stop the others."""
+
+    def __init__(self, consumers: list[Observer], max_pending: int = 1024) -> None:
+        super().__init__(self._dispatch, max_pending, "tandem-observe")
+        self.consumers = consumers
+        self.dropped = 0
+        self._failed_consumers: set[int] = set()
+
+    def offer(self, observation: Observation) -> None:
+        """Queue one observation (dropped and counted when ``max_pending`` are waiting)."""
+        if not self.put(observation):
+            self.dropped += 1
+
     def _dispatch(self, observation: Observation) -> None:
         for i, consume in enumerate(self.consumers):
             try:
                 consume(observation)
             except Exception:
-                if i not in self._failed:
-                    self._failed.add(i)
+                if i not in self._failed_consumers:
+                    self._failed_consumers.add(i)
                     log.exception("an observation consumer failed (logged once)")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 
 from agent.inference.confidence import score
 from agent.inference.model import LoadedModel
-from agent.inference.observe import Observation
+from agent.inference.observe import BoundedWorker, Observation
 from agent.settings import ShadowSettings
 from shared.telemetry import ShadowStats
 
@@ -110,11 +109,11 @@ class ShadowRunner:
     def __init__(self, settings: ShadowSettings, rng: random.Random | None = None) -> None:
         self.settings = settings
         self._rng = rng or random.Random()
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()  # the current candidate and its counts
         self._current: _Candidate | None = None
-        self._pending: deque[tuple[_Candidate, Observation]] = deque()
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        self._queue: BoundedWorker[tuple[_Candidate, Observation]] = BoundedWorker(
+            lambda item: self._run_one(*item), settings.max_pending, "tandem-shadow"
+        )
         #: Called (on the installing thread) after each install and clear: the service
         #: hands the agent's answers over only while there is a shadow to give them to.
         self.listeners: list[Callable[[], None]] = []
@@ -141,7 +140,7 @@ class ShadowRunner:
         """Drop the shadow (and close its model); queued runs of it are skipped."""
         with self._lock:
             old, self._current = self._current, None
-            self._pending.clear()
+        self._queue.clear()
         if old is not None:
             old.close()
             log.info("shadow %s:%d cleared", old.name, old.version)
@@ -180,47 +179,23 @@ class ShadowRunner:
         return obs.model == candidate.name and obs.version < candidate.version
 
     def _offer(self, candidate: _Candidate, obs: Observation) -> None:
-        with self._lock:
-            if len(self._pending) >= self.settings.max_pending:
+        if not self._queue.put((candidate, obs)):
+            with self._lock:
                 candidate.counts.dropped += 1
-                return
-            self._pending.append((candidate, obs))
-            self._lock.notify()
 
     # --------------------------------------------------------------------- worker
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="tandem-shadow", daemon=True)
-        self._thread.start()
+        self._queue.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the worker and close the candidate."""
-        with self._lock:
-            self._stop = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._queue.stop(timeout_s)
         self.clear()
 
     def drain(self) -> None:
-        """Run every queued observation now, on this thread (tests; the worker's loop)."""
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return
-                candidate, obs = self._pending.popleft()
-            self._run_one(candidate, obs)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._pending and not self._stop:
-                    self._lock.wait(1.0)
-                if self._stop:
-                    return
-            self.drain()
+        """Run every queued observation now, on this thread (tests)."""
+        self._queue.drain()
 
     def _run_one(self, candidate: _Candidate, obs: Observation) -> None:
         with candidate.lock:
