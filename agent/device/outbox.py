@@ -11,11 +11,11 @@ Delivery is at-least-once; consumers deduplicate on (device, session, seq).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from agent.device.sqlite_queue import drop_oldest, open_queue
 from shared.mqtt import MqttClient
 from shared.topics import Topic
 
@@ -33,20 +33,11 @@ class Outbox:
     def __init__(
         self, path: Path, max_rows: int = 10_000, max_bytes: int = 16 * 1024 * 1024
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db, self._rows, self._bytes = open_queue(path, SCHEMA, "outbox")
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            rows, size = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox"
-            ).fetchone()
-            row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
-        self._rows, self._bytes = int(rows), int(size)
+        row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
         self._dropped = int(row[0]) if row else 0
         self._last_warning = -1e9
 
@@ -58,15 +49,15 @@ class Outbox:
                 "INSERT INTO outbox (topic, payload, size, created) VALUES (?,?,?,?)",
                 (topic, payload, len(payload), time.time()),
             )
-            self._rows += 1
-            self._bytes += len(payload)
-            dropped = 0
-            while self._rows > self.max_rows or (self._bytes > self.max_bytes and self._rows > 1):
-                row = self._db.execute("SELECT id, size FROM outbox ORDER BY id LIMIT 1").fetchone()
-                self._db.execute("DELETE FROM outbox WHERE id=?", (row[0],))
-                self._rows -= 1
-                self._bytes -= int(row[1])
-                dropped += 1
+            self._rows, self._bytes, dropped = drop_oldest(
+                self._db,
+                "outbox",
+                "id",
+                self._rows + 1,
+                self._bytes + len(payload),
+                self.max_rows,
+                self.max_bytes,
+            )
             if dropped:
                 self._dropped += dropped
                 self._db.execute(

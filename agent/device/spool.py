@@ -12,10 +12,11 @@ makes each batch's compact wire form from them (``shared.samples.encode_upload``
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from agent.device.sqlite_queue import drop_oldest, open_queue
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -26,18 +27,9 @@ CREATE TABLE IF NOT EXISTS samples (
 
 class Spool:
     def __init__(self, path: Path, max_bytes: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db, self._rows, self._bytes = open_queue(path, SCHEMA, "samples")
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            rows, size = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples"
-            ).fetchone()
-        self._rows, self._bytes = int(rows), int(size)
 
     def put(self, sample_id: str, meta: bytes, payload: bytes) -> tuple[bool, int]:
         """Store one sample. Returns (stored, how many of the oldest were dropped to make
@@ -54,14 +46,15 @@ class Spool:
                 if cur.rowcount == 0:
                     self._db.execute("COMMIT")
                     return False, 0
-                rows, total = self._rows + 1, self._bytes + size
-                dropped = 0
-                while total > self.max_bytes and rows > 1:
-                    seq, old = self._db.execute(
-                        "SELECT seq, size FROM samples ORDER BY seq LIMIT 1"
-                    ).fetchone()
-                    self._db.execute("DELETE FROM samples WHERE seq=?", (seq,))
-                    rows, total, dropped = rows - 1, total - int(old), dropped + 1
+                rows, total, dropped = drop_oldest(
+                    self._db,
+                    "samples",
+                    "seq",
+                    self._rows + 1,
+                    self._bytes + size,
+                    2**62,
+                    self.max_bytes,
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
