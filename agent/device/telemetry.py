@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from agent.inference.core import Agent
 from agent.inference.stats import RequestStats
 from shared.status import ModelVersion
 from shared.telemetry import CloudHealth, Histogram, OutboxState, Telemetry
+from shared.utc_day import seconds_to_utc_midnight
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,7 @@ class DailyBudget:
         return self.spent() >= self.limit_bytes
 
     def seconds_to_next_day(self) -> float:
-        now = self._now()
-        midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), now.tzinfo)
-        return max((midnight - now).total_seconds(), 0.0)
+        return seconds_to_utc_midnight(self._now())
 
 
 class TelemetryReporter:

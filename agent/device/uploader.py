@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 
 import httpx
 from pydantic import ValidationError
@@ -48,6 +48,7 @@ from pydantic import ValidationError
 from agent.device.capture import Capture
 from agent.device.wire import BUDGETED, WireCounter
 from shared.samples import SampleMeta, UploadResult, encode_upload
+from shared.utc_day import seconds_to_utc_midnight
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,7 @@ class UploadBudget:
         """Bytes held back for the rest of the day's telemetry."""
         if self.messages is None:
             return 0.0
-        now = self._now()
-        midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), now.tzinfo)
-        remaining_s = max((midnight - now).total_seconds(), 0.0)
+        remaining_s = seconds_to_utc_midnight(self._now())
         return remaining_s / self.telemetry_interval_s * self.message_cost()
 
     def available(self) -> int:

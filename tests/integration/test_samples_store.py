@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud.fleet.samples.store import QuotaExceededError, SampleStore, seconds_to_utc_midnight
+from cloud.fleet.samples.store import QuotaExceededError, SampleStore
 from cloud.fleet.store import FleetStore
 from shared.errors import InvalidRequestError
 from shared.samples import Answer, SampleMeta, encode_features, sample_id
+from shared.utc_day import seconds_to_utc_midnight
 
 FLEET = "samplefleet"
 T0 = datetime(2026, 12, 1, 23, 0, tzinfo=timezone.utc)

@@ -42,6 +42,7 @@ from cloud.fleet.store import FleetStore
 from shared.errors import InvalidRequestError, TandemError
 from shared.identifiers import IDENTIFIER_RE, check_identifier
 from shared.samples import SampleMeta, UploadResult, decode_features
+from shared.utc_day import seconds_to_utc_midnight
 
 log = logging.getLogger(__name__)
 
@@ -524,13 +525,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def seconds_to_utc_midnight(now: datetime) -> float:
-    """Seconds until the next UTC day, when a device's quota starts again."""
-    now = now.astimezone(timezone.utc)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (midnight - now).total_seconds()
 
 
 def _insert_sql(n_rows: int) -> str:
