@@ -99,6 +99,13 @@ _ITEMSIZE: dict[str, int] = {"uint8": 1, "float32": 4}
 _DTYPE: dict[str, str] = {"uint8": "u1", "float32": "<f4"}
 _MAGIC: dict[str, bytes] = {"image/jpeg": FORMATS["JPEG"], "image/png": FORMATS["PNG"]}
 _SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+def is_sample_id(text: str) -> bool:
+    """Whether ``text`` has the form of a sample id (64 lowercase hex digits)."""
+    return re.fullmatch(_SHA256_HEX[1:-1], text) is not None
+
+
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
 
 

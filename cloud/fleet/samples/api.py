@@ -76,6 +76,7 @@ from shared.samples import (
     UploadResult,
     check_device_token,
     decode_upload,
+    is_sample_id,
 )
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def samples_router(
         }
 
     def _known(device: str, sample: str) -> None:
-        if not (IDENTIFIER_RE.match(device) and _is_sha256(sample)):
+        if not (IDENTIFIER_RE.match(device) and is_sample_id(sample)):
             raise ModelNotFoundError(f"no sample {sample[:64]!r} of device {device[:64]!r}")
 
     @router.put("/fleet/samples/{device}/{sample}/label")
@@ -343,7 +344,3 @@ def samples_router(
 
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def _is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
