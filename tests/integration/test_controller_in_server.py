@@ -115,11 +115,25 @@ def processes() -> Iterator[list[subprocess.Popen[bytes] | subprocess.Popen[str]
             proc.stdout.close()
 
 
+def _print_logs(servers: list[ServeProcess], url: str, tmp: Path) -> None:
+    """The instances' logs and the rollout's plan, shown by pytest when the test failed."""
+    for server in servers:
+        print(f"--- {server.log.name} (pid {server.proc.pid})\n{server.log.read_text()}")
+    store = open_store(url, tmp)
+    try:
+        if store.rollouts(FLEET):
+            print("--- rollout 1:", store.rollout(1), store.waves(1))
+        print("--- jobs:", store.job_states(FLEET, "digits", 2))
+    finally:
+        store.close()
+
+
 def test_serve_instances_share_the_rollouts_and_take_over(
     fleet: Fleet,
     store_url: str,
     tmp_path: Path,
     processes: list[subprocess.Popen[bytes] | subprocess.Popen[str]],
+    request: pytest.FixtureRequest,
 ) -> None:
     fleet.release()  # digits@2
     for device in DEVICES:
@@ -129,6 +143,7 @@ def test_serve_instances_share_the_rollouts_and_take_over(
         with ManifestSpy(fleet) as spy:
             servers = [_start_serve(fleet, store_url, tmp_path, name) for name in ("a", "b")]
             processes += [s.proc for s in servers]
+            request.addfinalizer(lambda: _print_logs(servers, store_url, tmp_path))
             for server in servers:
                 wait_for(server.answers, timeout=60, what="the instance serving")
             wait_for(lambda: len(store.devices(FLEET)) == 5, what="births in the store")
