@@ -177,7 +177,7 @@ def test_killed_controller_is_taken_over_mid_wave(
 
             wait_for(
                 lambda: store.rollout(rid).state in ("COMPLETED", "ABORTED"),
-                timeout=60,
+                timeout=90,  # past the wave's 60 s: a stuck wave shows as ABORTED
                 what="the rollout finished by the second controller",
             )
             result = store.rollout(rid)

@@ -188,7 +188,7 @@ def test_serve_instances_share_the_rollouts_and_take_over(
 
             wait_for(
                 lambda: store.rollout(1).state in ("COMPLETED", "ABORTED"),
-                timeout=60,
+                timeout=90,  # past the wave's 60 s: a stuck wave shows as ABORTED
                 what="the rollout finished by the other instance",
             )
             result = store.rollout(1)
