@@ -54,7 +54,7 @@ def test_clients_connecting_while_others_subscribe_get_everything(
     messages to the others: each gets all of its own. Mosquitto never drops one. amqtt's
     race (``dictionary changed size during iteration`` in its connection handler, which
     dropped the client) never happens behind the guard; a client amqtt drops for another
-    reason reconnects by itself and must still get everything (CI saw one such drop in
+    reason reconnects by itself and must still get everything (a full run here saw one in
     thousands of connects, without the race's error)."""
     publisher = _client(local.url, "publisher")
     publisher.start(wait_s=5)
