@@ -35,9 +35,10 @@ from cloud.fleet.samples.store import SampleStore
 from cloud.fleet.store import FleetStore
 from cloud.settings import CloudSettings
 from shared.mqtt import MqttSettings
-from shared.samples import Answer, SampleMeta, encode_features, sample_id
+from shared.samples import Answer
 from shared.status import DeviceStatus, ModelVersion
 from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
+from tests.sample_items import feature_sample
 from tests.shadow_sim import audit, shadow_stats, telemetry
 
 FLEET = "bench"
@@ -75,22 +76,17 @@ def _build(state: Path, devices: int, samples: int) -> None:
     for i, name in enumerate(names):
         items = []
         for k in range(samples):
-            encoding, shape, payload = encode_features(rng.integers(0, 17, 64))
-            meta = SampleMeta(
-                id=sample_id(payload),
-                kind="escalation" if k % 4 else "audit",
-                model="digits",
-                version=1,
-                ts=T0,
-                encoding=encoding,
-                shape=shape,
-                size=len(payload),
-                edge=Answer(index=2, confidence=0.41),
-                cloud=Answer(index=5, confidence=0.97),
-                cloud_model="digits-cloud",
-                threshold=0.7,
+            items.append(
+                feature_sample(
+                    rng.integers(0, 17, 64),
+                    kind="escalation" if k % 4 else "audit",
+                    ts=T0,
+                    edge=Answer(index=2, confidence=0.41),
+                    cloud=Answer(index=5, confidence=0.97),
+                    cloud_model="digits-cloud",
+                    threshold=0.7,
+                )
             )
-            items.append((meta, payload))
         sample_store.add(FLEET, name, items)
         if i % 2000 == 0:
             print(f"  {i} devices stored", flush=True)

@@ -451,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     before = measure(shifted_digits.EDGE_DIR, sets)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     candidates = []
-    for seed in seeds:
-        result = retrain(
+
+    def measured_retrain(seed: int, samples: Path | None = None) -> dict[str, Any]:
+        """One retrain (on the field samples, or ``samples``), its model measured."""
+        out = retrain(
             work,
             registry,
             key,
@@ -461,9 +463,14 @@ def main(argv: list[str] | None = None) -> int:
             args.epochs,
             args.max_escalation,
             args.hidden,
-            extra=extra,
+            samples,
+            extra,
         )
-        result["figures"] = measure(Path(result["bundle"]), sets, before)
+        out["figures"] = measure(Path(out["bundle"]), sets, before)
+        return out
+
+    for seed in seeds:
+        result = measured_retrain(seed)
         candidates.append(result)
         print(
             f"retrain seed {seed}: release {result['version']} in {result['seconds']:.0f}s, "
@@ -471,20 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.control:
             # the same retrain with (next to) no field data: what the recipe alone gives
-            c = retrain(
-                work,
-                registry,
-                key,
-                state,
-                seed,
-                args.epochs,
-                args.max_escalation,
-                args.hidden,
-                control_samples(work),
-                extra,
-            )
-            c["figures"] = measure(Path(c["bundle"]), sets, before)
-            result["control"] = c
+            result["control"] = measured_retrain(seed, control_samples(work))
     print(table(before, candidates))
     for c in candidates:
         eq = c["figures"]["shifted held-out"]["at_equal_hybrid"]

@@ -15,7 +15,6 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -136,25 +135,18 @@ def _fleet(path: Path) -> None:
 
 
 def _item(seed: int, version: int, kind: str, cloud: bool = True) -> tuple[object, bytes]:
-    from shared.samples import Answer, SampleMeta, encode_features, sample_id
+    from shared.samples import Answer
+    from tests.sample_items import feature_sample
 
-    x = np.random.default_rng(seed).integers(0, 17, 64)
-    encoding, shape, payload = encode_features(x)
-    meta = SampleMeta(
-        id=sample_id(payload),
-        kind=kind,  # type: ignore[arg-type]
-        model="digits",
-        version=version,
-        ts=datetime(2026, 12, 1, 12, tzinfo=timezone.utc),
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
+    return feature_sample(
+        np.random.default_rng(seed).integers(0, 17, 64),
+        kind=kind,
         edge=Answer(index=2, confidence=0.41),
         cloud=Answer(index=5, confidence=0.97) if cloud else None,
+        version=version,
         cloud_model="digits-cloud",
         threshold=0.7,
     )
-    return meta, payload
 
 
 def _upload(url: str) -> None:

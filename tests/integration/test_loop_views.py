@@ -20,9 +20,10 @@ from cloud.fleet.store import FleetStore, open_store
 from cloud.settings import CloudSettings
 from shared import bounds
 from shared.mqtt import MqttSettings
-from shared.samples import Answer, SampleMeta, encode_features, sample_id
+from shared.samples import Answer, SampleMeta
 from shared.telemetry import FieldAccuracy
 from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
+from tests.sample_items import feature_sample
 from tests.shadow_sim import MODEL, audit, telemetry
 
 FLEET = "loopviews"
@@ -91,23 +92,15 @@ def test_loop_reports_each_versions_guarantee_and_its_interval_at_delta(
 
 
 def _item(seed: int, model: str = "digits", version: int = 1) -> tuple[SampleMeta, bytes]:
-    x = (np.arange(64) * (seed + 1) + seed // 17) % 17
-    encoding, shape, payload = encode_features(x)
-    meta = SampleMeta(
-        id=sample_id(payload),
-        kind="escalation",
+    return feature_sample(
+        (np.arange(64) * (seed + 1) + seed // 17) % 17,
+        ts=T0,
+        cloud=Answer(index=7, confidence=0.9),
         model=model,
         version=version,
-        ts=T0,
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
-        edge=Answer(index=1, confidence=0.3),
-        cloud=Answer(index=7, confidence=0.9),
         cloud_model="digits-cloud",
         threshold=0.7,
     )
-    return meta, payload
 
 
 def _fill(samples: SampleStore) -> None:

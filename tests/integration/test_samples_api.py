@@ -40,6 +40,7 @@ from shared.samples import (
 )
 from tests.helpers import CLOUD_REPO, closed_port_url, serve_in_thread
 from tests.prometheus import sample
+from tests.sample_items import feature_sample
 
 FLEET = "samplefleet"
 SECRET = "device-secret-for-tests"
@@ -101,23 +102,15 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
 
 
 def item(seed: int, kind: str = "escalation") -> tuple[SampleMeta, bytes]:
-    x = np.random.default_rng(seed).integers(0, 17, 64)
-    encoding, shape, payload = encode_features(x)
-    meta = SampleMeta(
-        id=sample_id(payload),
-        kind=kind,  # type: ignore[arg-type]
-        model="digits",
-        version=1,
+    return feature_sample(
+        np.random.default_rng(seed).integers(0, 17, 64),
+        kind=kind,
         ts=T0,
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
         edge=Answer(index=2, confidence=0.41),
         cloud=Answer(index=5, confidence=0.97),
         cloud_model="digits-cloud",
         threshold=0.7,
     )
-    return meta, payload
 
 
 def test_upload_is_stored_once_and_listed(cloud: Cloud) -> None:

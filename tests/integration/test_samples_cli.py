@@ -16,9 +16,10 @@ from cloud.fleet.samples.store import SampleStore
 from cloud.fleet.store import FleetStore
 from shared import topics
 from shared.commands import CaptureCommand
-from shared.samples import Answer, SampleMeta, check_device_token, encode_features, sample_id
+from shared.samples import Answer, check_device_token
 from tests.fleet import retained_json
 from tests.mosquitto import Mosquitto
+from tests.sample_items import feature_sample
 
 FLEET = "clifleet"
 SECRET = "cli-secret"
@@ -51,20 +52,15 @@ def test_samples_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     store = FleetStore(tmp_path / "fleet.db")
     samples = SampleStore(store, tmp_path / "samples")
     for i, kind in enumerate(["escalation", "escalation", "audit"]):
-        encoding, shape, payload = encode_features(np.full(64, i))
-        meta = SampleMeta(
-            id=sample_id(payload),
-            kind=kind,  # type: ignore[arg-type]
-            model="digits",
-            version=2,
+        item = feature_sample(
+            np.full(64, i),
+            kind=kind,
             ts=datetime.now(timezone.utc),
-            encoding=encoding,
-            shape=shape,
-            size=len(payload),
             edge=Answer(index=1, confidence=0.5),
             cloud=Answer(index=3, confidence=0.9) if kind == "escalation" else None,
+            version=2,
         )
-        samples.add(FLEET, "dev-1", [(meta, payload)])
+        samples.add(FLEET, "dev-1", [item])
     store.close()
     args = ["fleet", "samples", "--fleet", FLEET, "--state-dir", str(tmp_path)]
     assert cloud_main(args) == 0

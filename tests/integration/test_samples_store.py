@@ -19,8 +19,9 @@ from PIL import Image
 from cloud.fleet.samples.store import QuotaExceededError, SampleStore
 from cloud.fleet.store import FleetStore
 from shared.errors import InvalidRequestError
-from shared.samples import Answer, SampleMeta, encode_features, sample_id
+from shared.samples import Answer, SampleMeta, sample_id
 from shared.utc_day import seconds_to_utc_midnight
+from tests.sample_items import feature_sample
 
 FLEET = "samplefleet"
 T0 = datetime(2026, 12, 1, 23, 0, tzinfo=timezone.utc)
@@ -54,23 +55,15 @@ def samples(fleet_store: FleetStore, tmp_path: Path, clock: Clock) -> SampleStor
 def feature_item(
     seed: int, *, kind: str = "escalation", version: int = 1, cloud: int | None = 7
 ) -> tuple[SampleMeta, bytes]:
-    x = (np.arange(64) * (seed + 1)) % 17
-    encoding, shape, payload = encode_features(x)
-    meta = SampleMeta(
-        id=sample_id(payload),
-        kind=kind,  # type: ignore[arg-type]
-        model="digits",
-        version=version,
+    return feature_sample(
+        (np.arange(64) * (seed + 1)) % 17,
+        kind=kind,
         ts=T0,
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
-        edge=Answer(index=1, confidence=0.3),
         cloud=Answer(index=cloud, confidence=0.9) if cloud is not None else None,
+        version=version,
         cloud_model="digits-cloud" if cloud is not None else None,
         threshold=0.7,
     )
-    return meta, payload
 
 
 def image_item() -> tuple[SampleMeta, bytes]:

@@ -48,13 +48,11 @@ from shared.samples import (
     CONTENT_TYPE,
     DEVICE_HEADER,
     Answer,
-    SampleMeta,
     device_token,
-    encode_features,
-    sample_id,
 )
 from shared.status import DeviceStatus, ModelVersion
 from tests.helpers import CLOUD_MODEL, CLOUD_REPO, EDGE_INT8, closed_port_url, serve_in_thread
+from tests.sample_items import feature_sample
 from tests.shadow_sim import audit, shadow_stats, telemetry
 
 pytestmark = pytest.mark.slow
@@ -205,16 +203,9 @@ def _seed(state: Path) -> dict[str, str]:
     store.update_rollout(
         rollout, state="RUNNING", phase="shadow", shadow_started="2000-01-01T00:00:00+00:00"
     )
-    encoding, shape, payload = encode_features(np.arange(64) % 17)
-    meta = SampleMeta(
-        id=sample_id(payload),
-        kind="escalation",
-        model="digits",
-        version=1,
+    meta, payload = feature_sample(
+        np.arange(64) % 17,
         ts=datetime(2026, 12, 1, tzinfo=timezone.utc),
-        encoding=encoding,
-        shape=shape,
-        size=len(payload),
         edge=Answer(index=2, confidence=0.4),
         cloud=Answer(index=5, confidence=0.9),
     )
