@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from cloud.app import create_app
 from cloud.pipeline.data import SplitData, load_split
@@ -14,6 +15,12 @@ from cloud.settings import CloudSettings
 from tests.helpers import CLOUD_REPO, DIGITS, serve_in_thread
 from tests.mosquitto import Mosquitto
 from tests.postgres import Postgres
+
+# Property tests draw new examples each run (that is how they find things), and a failure
+# prints the blob that replays it; generating examples on a loaded 2-core machine must not
+# fail a test by itself (``too_slow``).
+settings.register_profile("tandem", print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tandem")
 
 #: Accounts every test broker knows: the cloud's two, and devices dev-0 .. dev-9.
 BROKER_USERS = {"controller": "ctl-pw", "collector": "col-pw"} | {

@@ -425,9 +425,9 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
     assert isinstance(first, InferResponse) and isinstance(second, ServerBusyError)
     assert "1 requests waiting (limit 1)" in second.message
 
-    def peak_decoders(decoders: int) -> int:
+    def peak_decoders(decoders: int, wait_s: float) -> int:
         """Decodes running at once, of 3 requests, with ``DECODERS`` = ``decoders``: each
-        waits (a little) for a second one to be decoding beside it."""
+        waits up to ``wait_s`` for a second one to be decoding beside it."""
         monkeypatch.setattr(batcher_module, "DECODERS", decoders)
         b = image_batcher(tmp_path)
         together = threading.Barrier(2)
@@ -441,7 +441,7 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
                 active += 1
                 peak = max(peak, active)
             try:
-                together.wait(timeout=0.5)
+                together.wait(timeout=wait_s)
             except threading.BrokenBarrierError:
                 together.reset()
             with lock:
@@ -456,8 +456,8 @@ def test_decoding_requests_count_in_the_queue_and_at_most_decoders_run(
         asyncio.run(three())
         return peak
 
-    assert peak_decoders(2) == 2  # positive control: two do meet
-    assert peak_decoders(1) == 1
+    assert peak_decoders(2, wait_s=5.0) == 2  # positive control: two do meet
+    assert peak_decoders(1, wait_s=0.5) == 1  # each waits the whole time for nobody
 
 
 # ------------------------------------------------- an agent escalating pictures to it

@@ -392,7 +392,9 @@ def plain_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     doc=st.fixed_dictionaries(

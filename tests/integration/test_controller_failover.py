@@ -27,7 +27,10 @@ from shared.mqtt import MqttClient, MqttSettings
 from tests.fleet import FLEET, Fleet, retained_json, wait_for
 from tests.helpers import ROOT
 
-TTL_S = 1.5
+#: the lease's ttl: long enough that a renewal stalled on a loaded 2-core machine does not
+#: hand the lease over before the kill (the tests assert it did not), short enough that the
+#: take-over after SIGKILL comes within seconds
+TTL_S = 4.0
 DEVICES = [f"dev-{i}" for i in range(5)]
 
 
@@ -76,6 +79,27 @@ def fleet_command(fleet: Fleet, url: str, tmp: Path, name: str, command: list[st
 def _start_controller(fleet: Fleet, url: str, tmp: Path, name: str) -> ControllerProcess:
     lease = ["--lease-ttl", str(TTL_S), "--poll", "0.1"]
     return fleet_command(fleet, url, tmp, name, ["controller", *lease])
+
+
+def print_rollout(url: str, tmp: Path) -> None:
+    """Rollout 1's row, its plan and every device's job states (for a failed test's log)."""
+    store = open_store(url, tmp)
+    try:
+        if store.rollouts(FLEET):
+            print("--- rollout 1:", store.rollout(1), store.waves(1))
+        print("--- jobs:", store.job_states(FLEET, "digits", 2))
+    finally:
+        store.close()
+
+
+def _print_controllers(controllers: list[ControllerProcess], url: str, tmp: Path) -> None:
+    """The controllers' output and logs and the rollout, shown by pytest when the test
+    failed."""
+    for name, c in zip("ab", controllers, strict=False):
+        log = tmp / f"{name}.log"
+        print(f"--- controller {name} (pid {c.proc.pid}) stdout:", *c.lines, sep="\n")
+        print(f"--- {log.name}\n{log.read_text() if log.exists() else ''}")
+    print_rollout(url, tmp)
 
 
 def take_offline(fleet: Fleet, store: FleetStore, device: str) -> None:
@@ -130,7 +154,11 @@ def controllers(tmp_path: Path) -> Iterator[list[ControllerProcess]]:
 
 
 def test_killed_controller_is_taken_over_mid_wave(
-    fleet: Fleet, store_url: str, tmp_path: Path, controllers: list[ControllerProcess]
+    fleet: Fleet,
+    store_url: str,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    request: pytest.FixtureRequest,
 ) -> None:
     fleet.release()  # digits@2
     for device in DEVICES:
@@ -141,6 +169,7 @@ def test_killed_controller_is_taken_over_mid_wave(
             controllers += [
                 _start_controller(fleet, store_url, tmp_path, name) for name in ("a", "b")
             ]
+            request.addfinalizer(lambda: _print_controllers(controllers, store_url, tmp_path))
             wait_for(lambda: len(store.devices(FLEET)) == 5, what="births in the store")
             # dev-2 goes away: the wave it is in cannot end until it is back
             take_offline(fleet, store, "dev-2")

@@ -30,6 +30,7 @@ from tests.integration.test_controller_failover import (
     FleetCommand,
     ManifestSpy,
     fleet_command,
+    print_rollout,
     take_offline,
 )
 
@@ -119,13 +120,7 @@ def _print_logs(servers: list[ServeProcess], url: str, tmp: Path) -> None:
     """The instances' logs and the rollout's plan, shown by pytest when the test failed."""
     for server in servers:
         print(f"--- {server.log.name} (pid {server.proc.pid})\n{server.log.read_text()}")
-    store = open_store(url, tmp)
-    try:
-        if store.rollouts(FLEET):
-            print("--- rollout 1:", store.rollout(1), store.waves(1))
-        print("--- jobs:", store.job_states(FLEET, "digits", 2))
-    finally:
-        store.close()
+    print_rollout(url, tmp)
 
 
 def test_serve_instances_share_the_rollouts_and_take_over(

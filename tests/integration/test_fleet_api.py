@@ -48,13 +48,17 @@ def test_agent_telemetry_reaches_the_fleet_api(
             state_dir=tmp_path / "dev-1",
             cloud={"url": str(cloud.base_url)},
             mqtt=MqttSettings(url=broker.url, username="dev-1", password=SecretStr("pw-1")),
-            telemetry={"interval_s": 0.2},
+            # one report, sent below: an idle one after it would be the device's latest
+            # (offload 0, no p95) and the figures asserted would race it
+            telemetry={"interval_s": 3600},
         )
     )
     service.start(wait_s=10)
     try:
         for x in digits.test.x[:200]:
             service.agent.infer(x, deadline_ms=2000)
+        assert service.telemetry is not None
+        service.telemetry.report()
         wait_for(
             lambda: (
                 sum(

@@ -100,7 +100,8 @@ def test_flapping_cloud_recovers_through_the_half_open_probe(digits: SplitData) 
     flaky = Flaky(create_app(CloudSettings(repo=CLOUD_REPO)))
     with (
         serve_in_thread(flaky) as url,
-        agent_for(url, breaker_failures=2, breaker_reset_s=0.2) as agent,
+        # the reset must outlast the five calls after the breaker opens, on a loaded machine
+        agent_for(url, breaker_failures=2, breaker_reset_s=1.0) as agent,
     ):
         unsure = _unsure_sample(agent, digits)
         for _cycle in range(3):
@@ -203,7 +204,8 @@ def test_a_cloud_that_keeps_failing_is_logged_once(
     caplog.set_level(logging.INFO, logger="agent.inference.core")
     with (
         serve_in_thread(no_binary) as url,
-        agent_for(url, {"binary": True}, breaker_failures=2, breaker_reset_s=0.05) as agent,
+        # longer than a stall between a probe's failure and the next check of the state
+        agent_for(url, {"binary": True}, breaker_failures=2, breaker_reset_s=0.5) as agent,
     ):
         unsure = _unsure_sample(agent, digits)
         breaker = agent.router.breaker

@@ -160,7 +160,10 @@ def _string_model(path: Path) -> None:
 @pytest.mark.parametrize(("binary_in", "binary_out"), COMBOS)
 def test_cloud_serves_bytes_tensors(tmp_path: Path, binary_in: bool, binary_out: bool) -> None:
     _string_model(tmp_path / "repo" / "words" / "1" / "model.onnx")
-    (tmp_path / "repo" / "words" / "config.toml").write_text("max_queue_delay_us = 20000\n")
+    (tmp_path / "repo" / "words" / "config.toml").write_text(
+        # the window is a real wait: a quiet queue would close the batch at once
+        "max_queue_delay_us = 20000\nclose_when_quiet = false\n"
+    )
     app = cloud_app(CloudSettings(repo=tmp_path / "repo", repo_poll_s=0))
     with serve_in_thread(app) as url:
         meta = _client(url).get_model_metadata("words")

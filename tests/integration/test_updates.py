@@ -186,7 +186,8 @@ def test_failed_health_watch_rolls_back(fleet: Fleet, digits: SplitData) -> None
 
 
 def test_most_specific_manifest_wins(fleet: Fleet) -> None:
-    fleet.start_agent("dev-0", group="lab")
+    # the two publishes below must land in one settle window: 0.2 s is a stall away
+    fleet.start_agent("dev-0", group="lab", settle_s=2.0)
     fleet.start_agent("dev-1", group="field")
     v2 = fleet.release()
     v3 = fleet.release(edge_dir=EDGE_INT8)

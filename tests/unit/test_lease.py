@@ -203,7 +203,7 @@ def test_controller_stops_acting_when_its_renewal_fails(
 
 
 def test_controllers_take_turns_by_the_lease(tmp_path: Path) -> None:
-    """Two ``FleetController``s on one store (real clock, short ttl): the holder runs the
+    """Two ``FleetController``s on one store (real clock): the holder runs the
     rollout, the other only waits; a stopped holder hands the lease over at once."""
     from cloud.fleet.controller import ControllerSettings, FleetController, lease_name
 
@@ -224,7 +224,8 @@ def test_controllers_take_turns_by_the_lease(tmp_path: Path) -> None:
         )
 
     mqtt.on_publish = device_reports
-    settings = ControllerSettings(lease_ttl_s=0.3, poll_s=0.02, wave_poll_s=0.01)
+    # a ttl well past a stalled renewal on a loaded machine: b must not take it mid-rollout
+    settings = ControllerSettings(lease_ttl_s=3.0, poll_s=0.02, wave_poll_s=0.01)
     said: dict[str, list[str]] = {"a": [], "b": []}
     a, b = (
         FleetController(
