@@ -196,13 +196,14 @@ class Capture:
         return self.switch.enabled
 
     def observe(self, obs: Observation) -> None:
-        """An observation from the queue: kept when the cloud answered it (an escalation)."""
-        if obs.escalated and self.enabled:
+        """An observation from the queue: kept when the cloud answered it (an escalation)
+        while capture was on (``CaptureSwitch.enabled_at``)."""
+        if obs.escalated and self.switch.enabled_at(obs.answered):
             self._take(obs, "escalation")
 
     def audited(self, obs: Observation) -> None:
-        """A labelled audit (``Audit.on_labelled``)."""
-        if obs.escalated and self.enabled:
+        """A labelled audit (``Audit.on_labelled``) of an answer given while capture was on."""
+        if obs.escalated and self.switch.enabled_at(obs.answered):
             self._take(obs, "audit")
 
     def seen(self, sample_id: str) -> None:

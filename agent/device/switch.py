@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +49,8 @@ class CaptureSwitch:
         self._lock = threading.Lock()
         self._scopes: dict[str, CaptureCommand] = self._load()
         self._told_fixed = False
+        #: ``time.monotonic()`` when capture last turned on (-inf: on since boot).
+        self._on_since = -math.inf
 
     def _load(self) -> dict[str, CaptureCommand]:
         try:
@@ -68,17 +72,33 @@ class CaptureSwitch:
     def command(self) -> CaptureCommand | None:
         """The fleet's command in force (the most specific scope present), or None."""
         with self._lock:
-            for scope in reversed(SCOPES):
-                if scope in self._scopes:
-                    return self._scopes[scope]
+            return self._command()
+
+    def _command(self) -> CaptureCommand | None:
+        for scope in reversed(SCOPES):
+            if scope in self._scopes:
+                return self._scopes[scope]
         return None
+
+    def _enabled(self) -> bool:
+        if self.fixed is not None:
+            return self.fixed
+        command = self._command()
+        return command is not None and command.enabled
 
     @property
     def enabled(self) -> bool:
-        if self.fixed is not None:
-            return self.fixed
-        command = self.command
-        return command is not None and command.enabled
+        with self._lock:
+            return self._enabled()
+
+    def enabled_at(self, answered: float) -> bool:
+        """Whether an answer given at ``answered`` (``time.monotonic()``) may be kept: capture
+        is on now and was on then. Consumers run behind a queue, so an answer given while
+        capture was off may be handled just after it turned on; the switch is a privacy
+        switch, and that answer must not be kept. (Conservative: after off-then-on, answers
+        of the earlier on-period still queued are dropped too.)"""
+        with self._lock:
+            return self._enabled() and answered >= self._on_since
 
     @property
     def audit_rate(self) -> float | None:
@@ -132,6 +152,7 @@ class CaptureSwitch:
         """Put (or with None, delete) ``scope``'s command, persist, tell the listeners."""
         before = (self.enabled, self.audit_rate)
         with self._lock:
+            was_on = self._enabled()
             if command is None:
                 if self._scopes.pop(scope, None) is None:
                     return
@@ -139,6 +160,8 @@ class CaptureSwitch:
                 return
             else:
                 self._scopes[scope] = command
+            if self._enabled() and not was_on:
+                self._on_since = time.monotonic()
             self._save()
         after = (self.enabled, self.audit_rate)
         if after != before:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -49,6 +50,8 @@ class Observation:
     threshold: float
     #: wall-clock time of the answer (``time.time()``)
     ts: float
+    #: ``time.monotonic()`` of the answer: capture keeps only answers given while it was on
+    answered: float = field(default_factory=time.monotonic)
 
     @property
     def escalated(self) -> bool:

@@ -130,6 +130,29 @@ def test_nothing_is_written_while_capture_is_off(tmp_path: Path) -> None:
     assert c.section()["capture"].pending == 1  # off, with samples waiting: said
 
 
+def test_an_answer_given_while_off_is_not_kept_once_the_switch_comes_on(tmp_path: Path) -> None:
+    """The consumers run behind a queue: an answer from before the switch came on may be
+    handled after it; it was given while capture was off and must not be kept."""
+    c = capture(tmp_path, enabled=None)
+    before = observation(confidence=0.3, cloud=2)  # answered while off, still queued
+    c.switch.on_message(topic("fleet"), ON, True)
+    c.observe(before)
+    c.audited(dataclasses.replace(before, reason="audit"))
+    assert (c.captured, c.spool.pending) == (0, 0)
+    c.observe(observation(confidence=0.4, cloud=2))  # answered while on: kept
+    assert c.captured == 1
+    # on, off, on: what was answered in the first on-period and is handled late is dropped
+    first = observation(confidence=0.5, cloud=2)
+    c.switch.on_message(topic("device"), OFF, True)
+    c.switch.on_message(topic("device"), b"", True)
+    c.observe(first)
+    assert c.captured == 1
+    # a device whose settings fix capture on keeps everything it answers
+    fixed = capture(tmp_path / "fixed", enabled=True)
+    fixed.observe(dataclasses.replace(before))
+    assert fixed.captured == 1
+
+
 def test_a_spent_budget_skips_writing(tmp_path: Path) -> None:
     budget = Budget(0)
     c = capture(tmp_path, budget=budget)
