@@ -80,16 +80,10 @@ class CaptureSwitch:
                 return self._scopes[scope]
         return None
 
-    def _enabled(self) -> bool:
-        if self.fixed is not None:
-            return self.fixed
-        command = self._command()
-        return command is not None and command.enabled
-
     @property
     def enabled(self) -> bool:
         with self._lock:
-            return self._enabled()
+            return self._state()[0]
 
     def enabled_at(self, answered: float) -> bool:
         """Whether an answer given at ``answered`` (``time.monotonic()``) may be kept: capture
@@ -98,15 +92,22 @@ class CaptureSwitch:
         switch, and that answer must not be kept. (Conservative: after off-then-on, answers
         of the earlier on-period still queued are dropped too.)"""
         with self._lock:
-            return self._enabled() and answered >= self._on_since
+            return self._state()[0] and answered >= self._on_since
 
     @property
     def audit_rate(self) -> float | None:
         """The fleet's audit rate in force (None: the device's own setting)."""
+        with self._lock:
+            return self._state()[1]
+
+    def _state(self) -> tuple[bool, float | None]:
+        """Enabled and the fleet's audit rate (the caller holds the lock)."""
         if self.fixed is not None:
-            return None
-        command = self.command
-        return command.audit_rate if command is not None else None
+            return self.fixed, None
+        command = self._command()
+        if command is None:
+            return False, None
+        return command.enabled, command.audit_rate
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         """The MQTT handler of the command topics (paho's thread: never raises)."""
@@ -150,9 +151,8 @@ class CaptureSwitch:
 
     def set(self, scope: str, command: CaptureCommand | None) -> None:
         """Put (or with None, delete) ``scope``'s command, persist, tell the listeners."""
-        before = (self.enabled, self.audit_rate)
         with self._lock:
-            was_on = self._enabled()
+            before = self._state()
             if command is None:
                 if self._scopes.pop(scope, None) is None:
                     return
@@ -160,10 +160,10 @@ class CaptureSwitch:
                 return
             else:
                 self._scopes[scope] = command
-            if self._enabled() and not was_on:
+            after = self._state()
+            if after[0] and not before[0]:
                 self._on_since = time.monotonic()
             self._save()
-        after = (self.enabled, self.audit_rate)
         if after != before:
             log.info(
                 "capture switch: %s (audit rate %s)",

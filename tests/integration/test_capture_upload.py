@@ -36,11 +36,12 @@ from cloud.settings import CloudSettings
 from shared import topics
 from shared.commands import CaptureCommand
 from shared.mqtt import MqttClient
-from shared.samples import device_token, encode_features, sample_id
+from shared.samples import device_token
 from shared.telemetry import Telemetry
 from tests.fleet import wait_for
 from tests.helpers import CLOUD_REPO, EDGE_INT8, ROOT, free_port, infer_body, serve_in_thread
 from tests.mosquitto import Mosquitto
+from tests.sample_items import feature_sample
 
 FLEET = "loop"
 SECRET = "loop-secret-for-tests"
@@ -204,7 +205,7 @@ def escalate(service: AgentService, rows: list[np.ndarray]) -> list[int]:
 
 def ids(rows: list[np.ndarray]) -> set[str]:
     """The sample ids the device gives these rows (the SHA-256 of their encoded bytes)."""
-    return {sample_id(encode_features(np.asarray(row, np.float32))[2]) for row in rows}
+    return {feature_sample(np.asarray(row, np.float32))[0].id for row in rows}
 
 
 def stored_ids(loop: Loop, device: str) -> set[str]:
